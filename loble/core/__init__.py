@@ -1,0 +1,115 @@
+"""Loble's sans-I/O core: every decision the load balancer makes, and no I/O.
+
+Nothing here opens a socket, reads a clock, starts a thread or touches the
+module-level ``random``: time comes in as ``now``, randomness as an injected
+``random.Random``, and decisions go out as actions (see ``_events``). The real
+daemon (``loble.io``) and the simulator (``loble.sim``) drive these same
+objects.
+"""
+
+from ._backend import Backend, Snapshot
+from ._balancers import (
+    BALANCERS,
+    Balancer,
+    LeastConnections,
+    PowerOfTwoChoices,
+    RoundRobin,
+    WeightedRandom,
+    make_balancer,
+)
+from ._config import (
+    ALGORITHMS,
+    BackendConfig,
+    BalancerConfig,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    LoggingConfig,
+    MetricsConfig,
+    RuntimeConfig,
+    TimeoutsConfig,
+    config_to_dict,
+    parse_address,
+    parse_config,
+)
+from ._connection import Connection, ConnInput, ConnState
+from ._control import ControlPlane
+from ._errors import ConfigError, LobleError, StateMachineError
+from ._events import (
+    Action,
+    BackendStateChanged,
+    CloseConnection,
+    ConnectBackend,
+    ConnectionClosed,
+    Event,
+    HealthReport,
+    Outcome,
+    Output,
+    ProbeBackend,
+    ShutdownFinished,
+    ShutdownStarted,
+    ShutdownWrite,
+    Side,
+    SnapshotPublished,
+    StopAccepting,
+)
+from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
+from ._process import ProcessInput, ProcessLifecycle, ProcessState
+from ._proxy import ProxyCore
+
+__all__ = [
+    "ALGORITHMS",
+    "BALANCERS",
+    "Action",
+    "Backend",
+    "BackendConfig",
+    "BackendHealth",
+    "BackendStateChanged",
+    "Balancer",
+    "BalancerConfig",
+    "CloseConnection",
+    "Config",
+    "ConfigError",
+    "ConnInput",
+    "ConnState",
+    "ConnectBackend",
+    "Connection",
+    "ConnectionClosed",
+    "ControlPlane",
+    "Event",
+    "HealthConfig",
+    "HealthInput",
+    "HealthReport",
+    "HealthState",
+    "LeastConnections",
+    "ListenerConfig",
+    "LobleError",
+    "LoggingConfig",
+    "MetricsConfig",
+    "Outcome",
+    "Output",
+    "PowerOfTwoChoices",
+    "ProbeBackend",
+    "ProcessInput",
+    "ProcessLifecycle",
+    "ProcessState",
+    "ProxyCore",
+    "RoundRobin",
+    "RuntimeConfig",
+    "ShutdownFinished",
+    "ShutdownStarted",
+    "ShutdownWrite",
+    "Side",
+    "Snapshot",
+    "SnapshotPublished",
+    "StateMachineError",
+    "StopAccepting",
+    "Thresholds",
+    "TimeoutsConfig",
+    "Transition",
+    "WeightedRandom",
+    "config_to_dict",
+    "make_balancer",
+    "parse_address",
+    "parse_config",
+]

@@ -1,0 +1,290 @@
+"""The lifecycle of one client connection.
+
+Theory of operation
+===================
+
+::
+
+    CONNECTING --CONNECT_OK--> ESTABLISHED
+    CONNECTING --CONNECT_FAILED / CONNECT_TIMEOUT--> CONNECTING (next backend)
+                                                  or CLOSED (CONNECT_FAILED)
+    ESTABLISHED --CLIENT_EOF--> CLIENT_DONE   (shut down the backend's write side)
+    ESTABLISHED --BACKEND_EOF--> BACKEND_DONE (shut down the client's write side)
+    CLIENT_DONE --BACKEND_EOF--> CLOSED (COMPLETED)
+    BACKEND_DONE --CLIENT_EOF--> CLOSED (COMPLETED)
+    any open state --error, IDLE_TIMEOUT or CUT--> CLOSED
+
+A connection starts by picking a backend. No backend eligible: it closes at
+once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
+
+* it reports ``CONNECTION_STARTED`` to that backend when it begins and
+  ``CONNECTION_FINISHED`` exactly once when it ends, so a backend's active
+  count covers connects in progress too;
+* it reports exactly one verdict, as HAProxy's ``observe layer4`` does:
+  ``PASSIVE_SUCCESS`` when the connect succeeds, ``PASSIVE_FAILURE`` when it is
+  refused or times out. A reset later in the stream ends the connection with
+  ``BACKEND_RESET`` but is not a health verdict. An attempt cut by a shutdown
+  before the backend answered reports no verdict: there was none;
+* a failed connect is retried on a backend not tried yet, up to
+  ``connect_retries`` more attempts (HAProxy's ``retries`` with
+  ``redispatch``). When no untried backend is eligible, or the retries are
+  spent, the connection closes with ``CONNECT_FAILED``.
+
+Half-close is exact: EOF from one side becomes "shut down the write side of
+the other" and the other direction keeps flowing until it ends too.
+
+Time: in ``CONNECTING`` the deadline is the connect timeout of the current
+attempt; in the open states it is ``idle_timeout`` after the last activity
+(:meth:`Connection.touch`). The owner (``ProxyCore``) keeps the timer and
+sends ``CONNECT_TIMEOUT`` or ``IDLE_TIMEOUT`` when :attr:`deadline` passes.
+
+The machine is :data:`TRANSITIONS`, one dict keyed by ``(state, input)``; a
+pair missing from it raises :class:`StateMachineError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection
+
+from ._backend import Backend
+from ._errors import StateMachineError
+from ._events import (
+    CloseConnection,
+    ConnectBackend,
+    ConnectionClosed,
+    HealthReport,
+    Outcome,
+    Output,
+    ShutdownWrite,
+    Side,
+)
+from ._health import HealthInput
+
+__all__ = ["TRANSITIONS", "ConnInput", "ConnState", "Connection"]
+
+
+class ConnState(enum.Enum):
+    CONNECTING = "connecting"
+    ESTABLISHED = "established"
+    CLIENT_DONE = "client_done"
+    """The client sent EOF; the backend -> client direction still flows."""
+    BACKEND_DONE = "backend_done"
+    """The backend sent EOF; the client -> backend direction still flows."""
+    CLOSED = "closed"
+
+
+class ConnInput(enum.Enum):
+    CONNECT_OK = "connect_ok"
+    CONNECT_FAILED = "connect_failed"
+    CONNECT_TIMEOUT = "connect_timeout"
+    CLIENT_EOF = "client_eof"
+    BACKEND_EOF = "backend_eof"
+    CLIENT_ERROR = "client_error"
+    BACKEND_ERROR = "backend_error"
+    IDLE_TIMEOUT = "idle_timeout"
+    CUT = "cut"
+
+
+Picker = Callable[[Collection[str]], "Backend | None"]
+"""Returns an eligible backend whose address is not in the given collection."""
+
+
+class Connection:
+    """One client connection, from accept to close."""
+
+    __slots__ = (
+        "attempt",
+        "backend",
+        "connect_retries",
+        "connect_timeout",
+        "connected_at",
+        "connection_id",
+        "deadline_at",
+        "idle_timeout",
+        "last_activity",
+        "opened_at",
+        "outcome",
+        "pick",
+        "state",
+        "timer_due",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        connection_id: int,
+        *,
+        pick: Picker,
+        connect_timeout: float,
+        idle_timeout: float,
+        connect_retries: int,
+    ) -> None:
+        self.connection_id = connection_id
+        self.pick = pick
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.connect_retries = connect_retries
+        self.state = ConnState.CONNECTING
+        self.backend: Backend | None = None
+        self.attempt = 0
+        self.tried: list[str] = []
+        self.opened_at = 0.0
+        self.connected_at: float | None = None
+        self.last_activity = 0.0
+        self.deadline_at = 0.0
+        self.outcome: Outcome | None = None
+        self.timer_due: float | None = None
+        """Due time of this connection's live entry in its owner's timer heap."""
+
+    def __repr__(self) -> str:
+        backend = self.backend.address if self.backend else None
+        return (
+            f"Connection({self.connection_id}, state={self.state.name}, "
+            f"backend={backend}, attempt={self.attempt})"
+        )
+
+    # -- entry points ----------------------------------------------------------
+
+    def open(self, now: float) -> list[Output]:
+        """Pick the first backend; called once, right after accept."""
+        if self.attempt:
+            raise StateMachineError(f"connection {self.connection_id}: opened twice")
+        self.opened_at = now
+        backend = self.pick(())
+        if backend is None:
+            return self._close(Outcome.NO_BACKEND, now)
+        return self._begin_attempt(backend, now)
+
+    def handle(self, conn_input: ConnInput, now: float) -> list[Output]:
+        rule = TRANSITIONS.get((self.state, conn_input))
+        if rule is None:
+            raise StateMachineError(
+                f"connection {self.connection_id}: can't handle {conn_input.name} "
+                f"when state={self.state.name}"
+            )
+        return rule(self, now)
+
+    def touch(self, now: float) -> None:
+        """Bytes moved: push the idle deadline back."""
+        self.last_activity = now
+
+    @property
+    def deadline(self) -> float | None:
+        """When this connection times out, if nothing happens before."""
+        if self.state is ConnState.CONNECTING:
+            return self.deadline_at
+        if self.state is ConnState.CLOSED:
+            return None
+        return self.last_activity + self.idle_timeout
+
+    @property
+    def timeout_input(self) -> ConnInput:
+        """The input to send when :attr:`deadline` has passed."""
+        if self.state is ConnState.CONNECTING:
+            return ConnInput.CONNECT_TIMEOUT
+        return ConnInput.IDLE_TIMEOUT
+
+    # -- internals ---------------------------------------------------------------
+
+    def _begin_attempt(self, backend: Backend, now: float) -> list[Output]:
+        self.backend = backend
+        self.attempt += 1
+        self.tried.append(backend.address)
+        self.state = ConnState.CONNECTING
+        self.deadline_at = now + self.connect_timeout
+        return [
+            HealthReport(address=backend.address, input=HealthInput.CONNECTION_STARTED),
+            ConnectBackend(connection_id=self.connection_id, attempt=self.attempt, backend=backend),
+        ]
+
+    def _end_attempt(self, verdict: HealthInput | None) -> list[Output]:
+        assert self.backend is not None
+        outputs: list[Output] = []
+        if verdict is not None:
+            outputs.append(HealthReport(address=self.backend.address, input=verdict))
+        outputs.append(
+            HealthReport(address=self.backend.address, input=HealthInput.CONNECTION_FINISHED)
+        )
+        return outputs
+
+    def _close(self, outcome: Outcome, now: float) -> list[Output]:
+        self.state = ConnState.CLOSED
+        self.outcome = outcome
+        return [
+            CloseConnection(connection_id=self.connection_id, outcome=outcome),
+            ConnectionClosed(
+                at=now,
+                connection_id=self.connection_id,
+                backend=self.backend.address if self.backend else None,
+                outcome=outcome,
+                attempts=self.attempt,
+                opened_at=self.opened_at,
+                connected_at=self.connected_at,
+            ),
+        ]
+
+
+# -- the rules -----------------------------------------------------------------
+
+Rule = Callable[[Connection, float], list[Output]]
+
+
+def _connect_ok(conn: Connection, now: float) -> list[Output]:
+    assert conn.backend is not None
+    conn.state = ConnState.ESTABLISHED
+    conn.connected_at = now
+    conn.last_activity = now
+    return [HealthReport(address=conn.backend.address, input=HealthInput.PASSIVE_SUCCESS)]
+
+
+def _connect_failed(conn: Connection, now: float) -> list[Output]:
+    outputs = conn._end_attempt(HealthInput.PASSIVE_FAILURE)
+    if conn.attempt <= conn.connect_retries:
+        backend = conn.pick(conn.tried)
+        if backend is not None:
+            return outputs + conn._begin_attempt(backend, now)
+    return outputs + conn._close(Outcome.CONNECT_FAILED, now)
+
+
+def _cut_connecting(conn: Connection, now: float) -> list[Output]:
+    return conn._end_attempt(None) + conn._close(Outcome.CUT, now)
+
+
+def _half_close(side_done: ConnState, shut: Side) -> Rule:
+    def rule(conn: Connection, now: float) -> list[Output]:
+        conn.state = side_done
+        conn.last_activity = now
+        return [ShutdownWrite(connection_id=conn.connection_id, side=shut)]
+
+    return rule
+
+
+def _end(outcome: Outcome) -> Rule:
+    def rule(conn: Connection, now: float) -> list[Output]:
+        return conn._end_attempt(None) + conn._close(outcome, now)
+
+    return rule
+
+
+_C, _E = ConnState.CONNECTING, ConnState.ESTABLISHED
+_CD, _BD = ConnState.CLIENT_DONE, ConnState.BACKEND_DONE
+_I = ConnInput
+
+TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
+    (_C, _I.CONNECT_OK): _connect_ok,
+    (_C, _I.CONNECT_FAILED): _connect_failed,
+    (_C, _I.CONNECT_TIMEOUT): _connect_failed,
+    (_C, _I.CUT): _cut_connecting,
+    (_E, _I.CLIENT_EOF): _half_close(_CD, Side.BACKEND),
+    (_E, _I.BACKEND_EOF): _half_close(_BD, Side.CLIENT),
+    (_CD, _I.BACKEND_EOF): _end(Outcome.COMPLETED),
+    (_BD, _I.CLIENT_EOF): _end(Outcome.COMPLETED),
+}
+"""Every legal ``(state, input)`` pair and the rule it runs."""
+
+for _state in (_E, _CD, _BD):
+    TRANSITIONS[(_state, _I.CLIENT_ERROR)] = _end(Outcome.CLIENT_RESET)
+    TRANSITIONS[(_state, _I.BACKEND_ERROR)] = _end(Outcome.BACKEND_RESET)
+    TRANSITIONS[(_state, _I.IDLE_TIMEOUT)] = _end(Outcome.IDLE_TIMEOUT)
+    TRANSITIONS[(_state, _I.CUT)] = _end(Outcome.CUT)

@@ -1,0 +1,181 @@
+"""What the core tells its driver: actions to carry out and events to record.
+
+The core never does I/O. Every entry point returns a list of outputs:
+
+* **actions** are orders: connect this client to that backend, shut down the
+  write side of the client, close the connection, probe a backend, stop
+  accepting. The driver carries each out and feeds the result back.
+* **events** are facts for logs, metrics and the simulator's invariant
+  checks: a backend changed state, a snapshot was published, a connection
+  ended with an outcome, shutdown began or ended.
+
+All are frozen, slotted, keyword-only dataclasses, one class per kind.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._backend import Backend
+from ._health import HealthInput, HealthState
+
+__all__ = [
+    "Action",
+    "BackendStateChanged",
+    "CloseConnection",
+    "ConnectBackend",
+    "ConnectionClosed",
+    "Event",
+    "HealthReport",
+    "Outcome",
+    "Output",
+    "ProbeBackend",
+    "ShutdownFinished",
+    "ShutdownStarted",
+    "ShutdownWrite",
+    "Side",
+    "SnapshotPublished",
+    "StopAccepting",
+]
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    BACKEND = "backend"
+
+
+class Outcome(enum.Enum):
+    """How a client connection ended; every accepted connection gets exactly one."""
+
+    COMPLETED = "completed"
+    """Both sides sent EOF: the normal end."""
+    NO_BACKEND = "no_backend"
+    """Refused at once: no backend was eligible."""
+    CONNECT_FAILED = "connect_failed"
+    """Every attempt (first try plus retries) was refused or timed out."""
+    CLIENT_RESET = "client_reset"
+    BACKEND_RESET = "backend_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    CUT = "cut"
+    """Still open at the drain deadline of a shutdown."""
+    REFUSED_SHUTTING_DOWN = "refused_shutting_down"
+    """Arrived after shutdown began (a race with closing the listener)."""
+
+
+# -- actions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectBackend:
+    """Open a connection to ``backend`` for client connection ``connection_id``.
+
+    ``attempt`` counts from 1. Report the result with the same attempt number;
+    a result for an attempt the core has given up on (timed out) is ignored.
+    """
+
+    connection_id: int
+    attempt: int
+    backend: Backend
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownWrite:
+    """Send EOF to ``side`` (``shutdown(SHUT_WR)``); the other direction keeps flowing."""
+
+    connection_id: int
+    side: Side
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseConnection:
+    """Close both sockets of the connection (and any pending connect attempt)."""
+
+    connection_id: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeBackend:
+    """Check ``backend`` (a TCP connect within ``timeout`` seconds) and report the result."""
+
+    backend: Backend
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopAccepting:
+    """Close the listening socket: shutdown has begun."""
+
+
+Action = ConnectBackend | ShutdownWrite | CloseConnection | ProbeBackend | StopAccepting
+
+
+# -- events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthReport:
+    """A connection attempt's report on its backend: started, finished, or a verdict.
+
+    The core applies it to the control plane itself, then passes it on, so a
+    driver can count active connections per backend without asking.
+    """
+
+    address: str
+    input: HealthInput
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendStateChanged:
+    at: float
+    address: str
+    old: HealthState
+    new: HealthState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotPublished:
+    at: float
+    version: int
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionClosed:
+    """One client connection's end, for the access log and the outcome counters."""
+
+    at: float
+    connection_id: int
+    backend: str | None
+    """The backend of the last attempt, or None if none was tried."""
+    outcome: Outcome
+    attempts: int
+    opened_at: float
+    connected_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownStarted:
+    at: float
+    in_flight: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownFinished:
+    at: float
+    cut: int
+    """Connections still open at the drain deadline, closed by force."""
+
+
+Event = (
+    HealthReport
+    | BackendStateChanged
+    | SnapshotPublished
+    | ConnectionClosed
+    | ShutdownStarted
+    | ShutdownFinished
+)
+Output = Action | Event

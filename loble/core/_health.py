@@ -1,0 +1,234 @@
+"""The backend health state machine.
+
+Theory of operation
+===================
+
+Every backend is in one of three states:
+
+* ``HEALTHY``: eligible for new connections; it is in the snapshot.
+* ``DRAINING``: judged bad while connections were still running on it. It
+  gets no new connections, and the ones it has run to completion.
+* ``UNHEALTHY``: judged bad and carrying nothing. It gets no client traffic;
+  only health probes reach it.
+
+::
+
+    HEALTHY --failure_threshold failures, active > 0--> DRAINING
+    HEALTHY --failure_threshold failures, active == 0--> UNHEALTHY
+    DRAINING --active connections reach 0--> UNHEALTHY
+    UNHEALTHY --success_threshold probe successes--> HEALTHY
+
+Six inputs drive it: a connection attempt started or finished on the backend
+(which keeps ``active_connections``), a passive success or failure (the
+verdict of a real connection attempt: it connected, or the connect was
+refused or timed out) and a probe success or failure (a health check).
+
+Rules that hold everywhere, and that this module alone enforces:
+
+* **No flapping.** Only a full run of consecutive outcomes moves a backend:
+  a success resets the failure count and a failure resets the success count.
+  Entering ``UNHEALTHY`` resets both, so a backend becomes eligible again only
+  after ``success_threshold`` consecutive successes seen *while* unhealthy.
+* **Safe draining.** A backend with active connections never becomes
+  ``UNHEALTHY``; it drains first. ``DRAINING`` and ``UNHEALTHY`` backends are
+  not in the snapshot, so a new connection starting on one is a driver bug
+  and raises :class:`StateMachineError`, as does any pair missing from the
+  table (h2's rule: illegal means "missing from the table").
+* **Recovery needs probes.** An ``UNHEALTHY`` backend carries no traffic, so
+  no passive outcome can ever reach it; only probes bring it back. Which
+  backends get probed, and when, is the control plane's job.
+
+Passive outcomes always arrive while their attempt is still counted active
+(the connection machine reports the verdict before "finished"), which is why
+passive rows for ``UNHEALTHY`` are absent: it has no attempts in flight.
+
+The whole machine is :data:`TRANSITIONS`, one dict keyed by
+``(state, input)``. Each value is a rule: a function of the backend's health
+record that updates its counters and returns the next state with the reason,
+or ``None`` to stay.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._errors import StateMachineError
+
+__all__ = [
+    "TRANSITIONS",
+    "BackendHealth",
+    "HealthInput",
+    "HealthState",
+    "Thresholds",
+    "Transition",
+]
+
+
+class HealthState(enum.Enum):
+    HEALTHY = "healthy"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+
+
+class HealthInput(enum.Enum):
+    CONNECTION_STARTED = "connection_started"
+    CONNECTION_FINISHED = "connection_finished"
+    PASSIVE_SUCCESS = "passive_success"
+    PASSIVE_FAILURE = "passive_failure"
+    PROBE_SUCCESS = "probe_success"
+    PROBE_FAILURE = "probe_failure"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """How many consecutive outcomes it takes to change state."""
+
+    failure_threshold: int = 3
+    success_threshold: int = 2
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.success_threshold < 1:
+            raise ValueError("thresholds must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition:
+    """A state change, with the reason a person reads in the log."""
+
+    old: HealthState
+    new: HealthState
+    reason: str
+
+
+class BackendHealth:
+    """The mutable health record of one backend; only the control plane holds it."""
+
+    __slots__ = (
+        "active_connections",
+        "address",
+        "consecutive_failures",
+        "consecutive_successes",
+        "state",
+        "thresholds",
+    )
+
+    def __init__(self, address: str, thresholds: Thresholds) -> None:
+        self.address = address
+        self.thresholds = thresholds
+        self.state = HealthState.HEALTHY
+        self.active_connections = 0
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"BackendHealth({self.address!r}, state={self.state.name}, "
+            f"active={self.active_connections}, failures={self.consecutive_failures}, "
+            f"successes={self.consecutive_successes})"
+        )
+
+    def handle(self, health_input: HealthInput) -> Transition | None:
+        """Apply one input; return the transition it caused, if any."""
+        rule = TRANSITIONS.get((self.state, health_input))
+        if rule is None:
+            raise StateMachineError(
+                f"backend {self.address}: can't handle {health_input.name} "
+                f"when state={self.state.name}"
+            )
+        old = self.state
+        outcome = rule(self)
+        if outcome is None:
+            return None
+        new, reason = outcome
+        self.state = new
+        if new is HealthState.UNHEALTHY:
+            # Recovery must be earned from scratch, while unhealthy.
+            self.consecutive_failures = 0
+            self.consecutive_successes = 0
+        return Transition(old=old, new=new, reason=reason)
+
+
+Rule = Callable[[BackendHealth], "tuple[HealthState, str] | None"]
+
+
+# -- the rules -------------------------------------------------------------
+
+
+def _started(health: BackendHealth) -> None:
+    health.active_connections += 1
+
+
+def _finished(health: BackendHealth) -> None:
+    if health.active_connections == 0:
+        raise StateMachineError(
+            f"backend {health.address}: can't handle CONNECTION_FINISHED "
+            f"with no active connection (state={health.state.name})"
+        )
+    health.active_connections -= 1
+
+
+def _count_success(health: BackendHealth) -> None:
+    health.consecutive_failures = 0
+    health.consecutive_successes += 1
+
+
+def _count_failure(health: BackendHealth) -> None:
+    health.consecutive_successes = 0
+    health.consecutive_failures += 1
+
+
+def _healthy_failure(health: BackendHealth) -> tuple[HealthState, str] | None:
+    _count_failure(health)
+    if health.consecutive_failures < health.thresholds.failure_threshold:
+        return None
+    reason = f"{health.consecutive_failures} consecutive failures"
+    if health.active_connections > 0:
+        return HealthState.DRAINING, f"{reason}, {health.active_connections} active"
+    return HealthState.UNHEALTHY, f"{reason}, no active connections"
+
+
+def _draining_finished(health: BackendHealth) -> tuple[HealthState, str] | None:
+    _finished(health)
+    if health.active_connections == 0:
+        return HealthState.UNHEALTHY, "drained: last active connection finished"
+    return None
+
+
+def _unhealthy_success(health: BackendHealth) -> tuple[HealthState, str] | None:
+    _count_success(health)
+    if health.consecutive_successes < health.thresholds.success_threshold:
+        return None
+    return HealthState.HEALTHY, f"{health.consecutive_successes} consecutive probe successes"
+
+
+def _stay(effect: Callable[[BackendHealth], None]) -> Rule:
+    def rule(health: BackendHealth) -> None:
+        effect(health)
+
+    rule.__name__ = effect.__name__
+    return rule
+
+
+_H, _D, _U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
+_I = HealthInput
+
+TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
+    (_H, _I.CONNECTION_STARTED): _stay(_started),
+    (_H, _I.CONNECTION_FINISHED): _stay(_finished),
+    (_H, _I.PASSIVE_SUCCESS): _stay(_count_success),
+    (_H, _I.PASSIVE_FAILURE): _healthy_failure,
+    (_H, _I.PROBE_SUCCESS): _stay(_count_success),
+    (_H, _I.PROBE_FAILURE): _healthy_failure,
+    # DRAINING: no CONNECTION_STARTED row; it is out of the snapshot.
+    (_D, _I.CONNECTION_FINISHED): _draining_finished,
+    (_D, _I.PASSIVE_SUCCESS): _stay(_count_success),
+    (_D, _I.PASSIVE_FAILURE): _stay(_count_failure),
+    (_D, _I.PROBE_SUCCESS): _stay(_count_success),
+    (_D, _I.PROBE_FAILURE): _stay(_count_failure),
+    # UNHEALTHY: carries no connection, so only probes reach it.
+    (_U, _I.PROBE_SUCCESS): _unhealthy_success,
+    (_U, _I.PROBE_FAILURE): _stay(_count_failure),
+}
+"""Every legal ``(state, input)`` pair and the rule it runs."""

@@ -1,0 +1,290 @@
+"""The whole load balancer as one sans-I/O object, for both drivers.
+
+:class:`ProxyCore` wires the pieces together: the control plane (health and
+snapshots), the configured balancer, one :class:`Connection` machine per
+client connection, the process lifecycle, and a single timer for connect
+timeouts, idle timeouts, probes and the drain deadline. The real daemon
+(``loble.io``) and the simulator (``loble.sim``) drive this same object, so
+every decision they make is made here:
+
+* call :meth:`start` once, then :meth:`accept` for each client;
+* report what the network did with :meth:`connected`,
+  :meth:`connect_failed`, :meth:`client_eof`, :meth:`backend_eof`,
+  :meth:`client_error`, :meth:`backend_error`, :meth:`touch` (bytes moved)
+  and :meth:`probe_result`;
+* ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes;
+* call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`.
+
+Each call returns a list of outputs: actions to carry out and events to log,
+in order. Reports for a connection the core has already closed, or for an
+attempt it has given up on, are stale and return nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Collection
+
+from ._backend import Backend, Snapshot
+from ._balancers import Balancer, make_balancer
+from ._config import Config
+from ._connection import Connection, ConnInput, ConnState
+from ._control import ControlPlane
+from ._events import (
+    CloseConnection,
+    ConnectionClosed,
+    HealthReport,
+    Outcome,
+    Output,
+    ShutdownFinished,
+    ShutdownStarted,
+    StopAccepting,
+)
+from ._process import ProcessInput, ProcessLifecycle, ProcessState
+
+__all__ = ["ProxyCore"]
+
+
+class ProxyCore:
+    def __init__(
+        self,
+        config: Config,
+        rng: random.Random,
+        *,
+        balancer: Balancer | None = None,
+    ) -> None:
+        self.config = config
+        self.control = ControlPlane(
+            (Backend(address=b.address, weight=b.weight) for b in config.backends),
+            config.health,
+        )
+        self.balancer = balancer or make_balancer(config.balancer.algorithm, rng)
+        self.process = ProcessLifecycle(config.timeouts.drain)
+        self.connections: dict[int, Connection] = {}
+        self._timers: list[tuple[float, int, int]] = []  # (due, sequence, connection_id)
+        self._sequence = 0
+        self._next_connection_id = 1
+        self.cut_count = 0
+
+    # -- reading -------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.control.snapshot
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.connections)
+
+    @property
+    def accepting(self) -> bool:
+        return self.process.accepting
+
+    @property
+    def stopped(self) -> bool:
+        return self.process.state is ProcessState.STOPPED
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Output]:
+        return list(self.control.start(now))
+
+    def accept(self, now: float) -> tuple[int, list[Output]]:
+        """A client connected: open its connection and pick a backend."""
+        connection_id = self._next_connection_id
+        self._next_connection_id += 1
+        if not self.process.accepting:
+            closed = ConnectionClosed(
+                at=now,
+                connection_id=connection_id,
+                backend=None,
+                outcome=Outcome.REFUSED_SHUTTING_DOWN,
+                attempts=0,
+                opened_at=now,
+                connected_at=None,
+            )
+            close = CloseConnection(connection_id=connection_id, outcome=closed.outcome)
+            return connection_id, [close, closed]
+        snapshot = self.control.snapshot  # taken once for the first pick
+        control = self.control
+        balancer = self.balancer
+
+        def pick(exclude: Collection[str]) -> Backend | None:
+            # The first attempt uses the snapshot taken at accept; a retry takes
+            # the current one, since time has passed and health may have moved.
+            current = snapshot if not exclude else control.snapshot
+            return balancer.pick(current, control.active_connections, exclude)
+
+        connection = Connection(
+            connection_id,
+            pick=pick,
+            connect_timeout=self.config.timeouts.connect,
+            idle_timeout=self.config.timeouts.idle,
+            connect_retries=self.config.balancer.connect_retries,
+        )
+        self.connections[connection_id] = connection
+        return connection_id, self._after(connection, connection.open(now), now)
+
+    def shutdown(self, now: float) -> list[Output]:
+        """SIGTERM/SIGINT: stop accepting and drain (a second call cuts at once)."""
+        was = self.process.state
+        cut = self.process.handle(ProcessInput.SHUTDOWN, now, self.in_flight)
+        outputs: list[Output] = []
+        if was is ProcessState.RUNNING:
+            outputs.append(StopAccepting())
+            outputs.append(
+                ShutdownStarted(
+                    at=now,
+                    in_flight=self.in_flight,
+                    deadline=now + self.config.timeouts.drain,
+                )
+            )
+            if self.stopped:
+                outputs.append(ShutdownFinished(at=now, cut=0))
+        if cut:
+            outputs.extend(self._cut_all(now))
+        return outputs
+
+    # -- connection reports ------------------------------------------------------------
+
+    def connected(self, connection_id: int, attempt: int, now: float) -> list[Output]:
+        return self._attempt_input(connection_id, attempt, ConnInput.CONNECT_OK, now)
+
+    def connect_failed(self, connection_id: int, attempt: int, now: float) -> list[Output]:
+        return self._attempt_input(connection_id, attempt, ConnInput.CONNECT_FAILED, now)
+
+    def client_eof(self, connection_id: int, now: float) -> list[Output]:
+        return self._input(connection_id, ConnInput.CLIENT_EOF, now)
+
+    def backend_eof(self, connection_id: int, now: float) -> list[Output]:
+        return self._input(connection_id, ConnInput.BACKEND_EOF, now)
+
+    def client_error(self, connection_id: int, now: float) -> list[Output]:
+        return self._input(connection_id, ConnInput.CLIENT_ERROR, now)
+
+    def backend_error(self, connection_id: int, now: float) -> list[Output]:
+        return self._input(connection_id, ConnInput.BACKEND_ERROR, now)
+
+    def touch(self, connection_id: int, now: float) -> None:
+        connection = self.connections.get(connection_id)
+        if connection is not None:
+            connection.last_activity = now
+
+    def probe_result(self, address: str, ok: bool, now: float) -> list[Output]:
+        return list(self.control.probe_result(address, ok, now))
+
+    # -- time ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`handle_timer` has something to do."""
+        candidates: list[float] = []
+        timers = self._timers
+        while timers:
+            due, _, connection_id = timers[0]
+            connection = self.connections.get(connection_id)
+            if connection is None or connection.timer_due != due:
+                heapq.heappop(timers)  # stale: the connection is gone or re-filed
+                continue
+            # The entry may be early (activity pushed the idle deadline back);
+            # handle_timer re-files it then, so reporting it early is harmless.
+            candidates.append(due)
+            break
+        probe = self.control.next_deadline()
+        if probe is not None:
+            candidates.append(probe)
+        if self.process.deadline is not None:
+            candidates.append(self.process.deadline)
+        return min(candidates) if candidates else None
+
+    def handle_timer(self, now: float) -> list[Output]:
+        outputs: list[Output] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            due, _, connection_id = heapq.heappop(timers)
+            connection = self.connections.get(connection_id)
+            if connection is None or connection.timer_due != due:
+                continue
+            connection.timer_due = None
+            deadline = connection.deadline
+            if deadline is None:
+                continue
+            if deadline > now:
+                self._file_timer(connection, deadline)
+                continue
+            outputs.extend(
+                self._after(connection, connection.handle(connection.timeout_input, now), now)
+            )
+        outputs.extend(self.control.handle_timer(now))
+        deadline = self.process.deadline
+        if (
+            deadline is not None
+            and deadline <= now
+            and self.process.handle(ProcessInput.DEADLINE, now, self.in_flight)
+        ):
+            outputs.extend(self._cut_all(now))
+        return outputs
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _input(self, connection_id: int, conn_input: ConnInput, now: float) -> list[Output]:
+        connection = self.connections.get(connection_id)
+        if connection is None:
+            return []
+        return self._after(connection, connection.handle(conn_input, now), now)
+
+    def _attempt_input(
+        self, connection_id: int, attempt: int, conn_input: ConnInput, now: float
+    ) -> list[Output]:
+        connection = self.connections.get(connection_id)
+        if (
+            connection is None
+            or connection.attempt != attempt
+            or connection.state is not ConnState.CONNECTING
+        ):
+            return []  # stale: that attempt timed out or the connection closed
+        return self._after(connection, connection.handle(conn_input, now), now)
+
+    def _after(self, connection: Connection, outputs: list[Output], now: float) -> list[Output]:
+        """Route health reports; forget a closed connection or file its next timer."""
+        routed = self._route(outputs, now)
+        if connection.state is ConnState.CLOSED:
+            del self.connections[connection.connection_id]
+            if self.process.state is ProcessState.DRAINING and not self.connections:
+                self.process.handle(ProcessInput.IDLE, now, 0)
+                routed.append(ShutdownFinished(at=now, cut=0))
+        else:
+            deadline = connection.deadline
+            if deadline is not None:
+                self._file_timer(connection, deadline)
+        return routed
+
+    def _route(self, outputs: list[Output], now: float) -> list[Output]:
+        """Apply each health report to the control plane, right after it, in order."""
+        control = self.control
+        routed: list[Output] = []
+        for output in outputs:
+            routed.append(output)
+            if type(output) is HealthReport:
+                routed.extend(control.apply(output.address, output.input, now))
+        return routed
+
+    def _file_timer(self, connection: Connection, due: float) -> None:
+        # One live heap entry per connection. An earlier entry already filed
+        # fires first and re-files the real deadline then, so idle activity
+        # (which only pushes the deadline later) costs no heap operation.
+        if connection.timer_due is not None and connection.timer_due <= due:
+            return
+        connection.timer_due = due
+        self._sequence += 1
+        heapq.heappush(self._timers, (due, self._sequence, connection.connection_id))
+
+    def _cut_all(self, now: float) -> list[Output]:
+        outputs: list[Output] = []
+        connections = list(self.connections.values())
+        self.connections.clear()
+        for connection in connections:
+            outputs.extend(self._route(connection.handle(ConnInput.CUT, now), now))
+        self.cut_count += len(connections)
+        outputs.append(ShutdownFinished(at=now, cut=len(connections)))
+        return outputs
