@@ -1,4 +1,10 @@
-"""The ``loble`` command line."""
+"""The ``loble`` command line.
+
+Each subsystem registers its own subcommands (``loble.io.cli``,
+``loble.sim.cli``), so this file stays a table of contents. Every command
+turns a :class:`LobleError` into one line on stderr and exit status 1: a user
+never sees a traceback for their own bad input.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +20,19 @@ from loble.core import LobleError, config_to_dict
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.path)
-    except LobleError as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 1
-    print(f"# {args.path}: valid; the effective configuration, defaults filled in:")
+    config = load_config(args.path)
     effective = config_to_dict(config)
     backends = effective.pop("backends")
+    print(f"# {args.path}: valid; the effective configuration, defaults filled in:")
     print(tomli_w.dumps(effective))
     print(tomli_w.dumps({"backends": backends}), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loble.io.cli import register as register_io
+    from loble.sim.cli import register as register_sim
+
     parser = argparse.ArgumentParser(
         prog="loble",
         description="An L4 TCP load balancer with a sans-I/O core.",
@@ -39,18 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file and print the effective configuration",
+        description="Validate PATH; print the effective configuration, or every error "
+        "one per line and exit 1.",
     )
     check.add_argument("path", metavar="PATH")
     check.set_defaults(handler=_check_config)
+    register_io(commands)
+    register_sim(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = args.handler
     try:
-        return int(handler(args))
+        return int(args.handler(args))
+    except LobleError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,1 @@
+"""The real daemon: Loble on anyio sockets, driving loble.core."""
