@@ -24,8 +24,9 @@ def _check_config(args: argparse.Namespace) -> int:
     effective = config_to_dict(config)
     backends = effective.pop("backends")
     print(f"# {args.path}: valid; the effective configuration, defaults filled in:")
-    print(tomli_w.dumps(effective))
-    print(tomli_w.dumps({"backends": backends}), end="")
+    print(tomli_w.dumps(effective), end="")
+    for backend in backends:  # as [[backends]] tables, like the file a user writes
+        print(f"\n[[backends]]\n{tomli_w.dumps(backend)}", end="")
     return 0
 
 

@@ -270,10 +270,11 @@ class ProxyCore:
         return routed
 
     def _file_timer(self, connection: Connection, due: float) -> None:
-        # One live heap entry per connection. An earlier entry already filed
-        # fires first and re-files the real deadline then, so idle activity
-        # (which only pushes the deadline later) costs no heap operation.
-        if connection.timer_due is not None and connection.timer_due <= due:
+        # One live heap entry per connection: filing a new due time makes the
+        # old entry stale (skipped when it surfaces). Activity (touch) does not
+        # file anything: the entry fires early and handle_timer re-files the
+        # real idle deadline, so the per-read cost is one float store.
+        if connection.timer_due == due:
             return
         connection.timer_due = due
         self._sequence += 1

@@ -1,0 +1,271 @@
+"""The connection lifecycle machine: every row, retries, exactly-once reports."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Collection
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loble.core import (
+    Backend,
+    CloseConnection,
+    ConnectBackend,
+    Connection,
+    ConnectionClosed,
+    ConnInput,
+    ConnState,
+    HealthInput,
+    HealthReport,
+    Outcome,
+    Output,
+    ShutdownWrite,
+    Side,
+    StateMachineError,
+)
+from loble.core._connection import TRANSITIONS
+
+BACKENDS = [Backend(address=f"10.0.0.{n}:80") for n in (1, 2, 3)]
+In = ConnInput
+S = ConnState
+
+
+def picker(backends: list[Backend]) -> object:
+    def pick(exclude: Collection[str]) -> Backend | None:
+        for backend in backends:
+            if backend.address not in exclude:
+                return backend
+        return None
+
+    return pick
+
+
+def make(retries: int = 2, backends: list[Backend] | None = None) -> Connection:
+    return Connection(
+        7,
+        pick=picker(BACKENDS if backends is None else backends),  # type: ignore[arg-type]
+        connect_timeout=5.0,
+        idle_timeout=60.0,
+        connect_retries=retries,
+    )
+
+
+def reports(outputs: list[Output]) -> list[tuple[str, HealthInput]]:
+    return [(o.address, o.input) for o in outputs if isinstance(o, HealthReport)]
+
+
+def actions(outputs: list[Output]) -> list[Output]:
+    return [o for o in outputs if not isinstance(o, (HealthReport, ConnectionClosed))]
+
+
+def established() -> Connection:
+    conn = make()
+    conn.open(0.0)
+    conn.handle(In.CONNECT_OK, 1.0)
+    return conn
+
+
+def in_state(state: ConnState) -> Connection:
+    conn = established()
+    if state is S.CLIENT_DONE:
+        conn.handle(In.CLIENT_EOF, 2.0)
+    elif state is S.BACKEND_DONE:
+        conn.handle(In.BACKEND_EOF, 2.0)
+    elif state is S.CONNECTING:
+        conn = make()
+        conn.open(0.0)
+    return conn
+
+
+A1 = "10.0.0.1:80"
+
+
+def test_open_picks_and_connects() -> None:
+    conn = make()
+    outputs = conn.open(0.0)
+    assert outputs == [
+        HealthReport(address=A1, input=HealthInput.CONNECTION_STARTED),
+        ConnectBackend(connection_id=7, attempt=1, backend=BACKENDS[0]),
+    ]
+    assert conn.state is S.CONNECTING
+    assert conn.deadline == 5.0
+    assert conn.timeout_input is In.CONNECT_TIMEOUT
+    with pytest.raises(StateMachineError, match="opened twice"):
+        conn.open(0.0)
+
+
+def test_no_backend_closes_at_once() -> None:
+    conn = make(backends=[])
+    outputs = conn.open(3.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.NO_BACKEND)]
+    closed = outputs[-1]
+    assert isinstance(closed, ConnectionClosed)
+    assert (closed.backend, closed.attempts, closed.outcome) == (None, 0, Outcome.NO_BACKEND)
+    assert conn.state is S.CLOSED
+    assert conn.deadline is None
+
+
+def test_connect_ok_reports_success_and_arms_idle_timeout() -> None:
+    conn = make()
+    conn.open(0.0)
+    assert conn.handle(In.CONNECT_OK, 1.5) == [
+        HealthReport(address=A1, input=HealthInput.PASSIVE_SUCCESS)
+    ]
+    assert conn.state is S.ESTABLISHED
+    assert conn.deadline == 61.5
+    assert conn.timeout_input is In.IDLE_TIMEOUT
+    conn.touch(30.0)
+    assert conn.deadline == 90.0
+
+
+@pytest.mark.parametrize("failure", [In.CONNECT_FAILED, In.CONNECT_TIMEOUT])
+def test_failed_connect_retries_on_a_different_backend(failure: ConnInput) -> None:
+    conn = make()
+    conn.open(0.0)
+    outputs = conn.handle(failure, 5.0)
+    assert outputs == [
+        HealthReport(address=A1, input=HealthInput.PASSIVE_FAILURE),
+        HealthReport(address=A1, input=HealthInput.CONNECTION_FINISHED),
+        HealthReport(address="10.0.0.2:80", input=HealthInput.CONNECTION_STARTED),
+        ConnectBackend(connection_id=7, attempt=2, backend=BACKENDS[1]),
+    ]
+    assert conn.deadline == 10.0
+    assert conn.tried == [A1, "10.0.0.2:80"]
+
+
+def test_retries_are_bounded() -> None:
+    conn = make(retries=1)
+    conn.open(0.0)
+    conn.handle(In.CONNECT_FAILED, 1.0)
+    outputs = conn.handle(In.CONNECT_FAILED, 2.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED)]
+    assert conn.attempt == 2
+
+
+def test_no_untried_backend_left_fails_the_connection() -> None:
+    conn = make(retries=5, backends=BACKENDS[:1])
+    conn.open(0.0)
+    outputs = conn.handle(In.CONNECT_FAILED, 1.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED)]
+
+
+def test_half_close_from_the_client_then_the_backend() -> None:
+    conn = established()
+    assert conn.handle(In.CLIENT_EOF, 2.0) == [ShutdownWrite(connection_id=7, side=Side.BACKEND)]
+    assert conn.state is S.CLIENT_DONE
+    outputs = conn.handle(In.BACKEND_EOF, 3.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED)]
+    assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
+    closed = outputs[-1]
+    assert isinstance(closed, ConnectionClosed)
+    assert (closed.opened_at, closed.connected_at, closed.at) == (0.0, 1.0, 3.0)
+
+
+def test_half_close_from_the_backend_then_the_client() -> None:
+    conn = established()
+    assert conn.handle(In.BACKEND_EOF, 2.0) == [ShutdownWrite(connection_id=7, side=Side.CLIENT)]
+    assert conn.state is S.BACKEND_DONE
+    outputs = conn.handle(In.CLIENT_EOF, 3.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED)]
+
+
+ENDINGS = [
+    (In.CLIENT_ERROR, Outcome.CLIENT_RESET),
+    (In.BACKEND_ERROR, Outcome.BACKEND_RESET),
+    (In.IDLE_TIMEOUT, Outcome.IDLE_TIMEOUT),
+    (In.CUT, Outcome.CUT),
+]
+
+
+@pytest.mark.parametrize("state", [S.ESTABLISHED, S.CLIENT_DONE, S.BACKEND_DONE])
+@pytest.mark.parametrize(("conn_input", "outcome"), ENDINGS)
+def test_open_states_end_on_errors_timeouts_and_cuts(
+    state: ConnState, conn_input: ConnInput, outcome: Outcome
+) -> None:
+    conn = in_state(state)
+    outputs = conn.handle(conn_input, 9.0)
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=outcome)]
+    assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
+    assert conn.outcome is outcome
+
+
+def test_cut_while_connecting_reports_no_verdict() -> None:
+    conn = in_state(S.CONNECTING)
+    outputs = conn.handle(In.CUT, 1.0)
+    assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CUT)]
+
+
+MISSING = sorted(
+    set(itertools.product(ConnState, ConnInput)) - set(TRANSITIONS),
+    key=lambda pair: (pair[0].value, pair[1].value),
+)
+
+
+@pytest.mark.parametrize(("state", "conn_input"), MISSING)
+def test_missing_pairs_raise(state: ConnState, conn_input: ConnInput) -> None:
+    if state is S.CLOSED:
+        conn = established()
+        conn.handle(In.CUT, 5.0)
+    else:
+        conn = in_state(state)
+    with pytest.raises(StateMachineError) as error:
+        conn.handle(conn_input, 10.0)
+    assert f"can't handle {conn_input.name} when state={state.name}" in str(error.value)
+
+
+def test_repr_names_state_and_backend() -> None:
+    assert "state=ESTABLISHED, backend=10.0.0.1:80, attempt=1" in repr(established())
+
+
+# -- exactly-once reports over random runs ---------------------------------------------
+
+
+@given(
+    st.lists(st.sampled_from(list(ConnInput)), max_size=30),
+    st.integers(min_value=0, max_value=3),
+    st.integers(min_value=0, max_value=3),
+)
+def test_each_attempt_starts_and_finishes_exactly_once(
+    inputs: list[ConnInput], retries: int, fleet: int
+) -> None:
+    conn = make(retries=retries, backends=BACKENDS[:fleet])
+    outputs = conn.open(0.0)
+    for step, conn_input in enumerate(inputs, start=1):
+        if conn.state is S.CLOSED:
+            break
+        if (conn.state, conn_input) in TRANSITIONS:
+            outputs += conn.handle(conn_input, float(step))
+    if conn.state is not S.CLOSED:
+        outputs += conn.handle(In.CUT, 1000.0)
+
+    started = Counter(a for a, i in reports(outputs) if i is HealthInput.CONNECTION_STARTED)
+    finished = Counter(a for a, i in reports(outputs) if i is HealthInput.CONNECTION_FINISHED)
+    assert started == finished
+    assert sum(started.values()) == conn.attempt
+    assert all(count == 1 for count in started.values())  # every retry is elsewhere
+    verdicts = [
+        i
+        for _, i in reports(outputs)
+        if i in (HealthInput.PASSIVE_SUCCESS, HealthInput.PASSIVE_FAILURE)
+    ]
+    assert len(verdicts) <= conn.attempt
+    assert verdicts.count(HealthInput.PASSIVE_SUCCESS) <= 1
+    # Each verdict comes before its attempt's CONNECTION_FINISHED.
+    open_attempt: str | None = None
+    for address, health_input in reports(outputs):
+        if health_input is HealthInput.CONNECTION_STARTED:
+            assert open_attempt is None
+            open_attempt = address
+        elif health_input is HealthInput.CONNECTION_FINISHED:
+            assert open_attempt == address
+            open_attempt = None
+        else:
+            assert open_attempt == address
+    assert open_attempt is None
+    closes = [o for o in outputs if isinstance(o, CloseConnection)]
+    assert len(closes) == 1
+    assert sum(isinstance(o, ConnectionClosed) for o in outputs) == 1

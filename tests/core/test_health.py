@@ -1,0 +1,253 @@
+"""The health state machine: every row of its table, then properties over random inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loble.core import BackendHealth, HealthInput, HealthState, StateMachineError, Thresholds
+from loble.core._health import TRANSITIONS
+
+H, D, U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
+In = HealthInput
+
+
+def make(
+    state: HealthState = H,
+    *,
+    active: int = 0,
+    failures: int = 0,
+    successes: int = 0,
+    failure_threshold: int = 3,
+    success_threshold: int = 2,
+) -> BackendHealth:
+    health = BackendHealth(
+        "10.0.0.1:80",
+        Thresholds(failure_threshold=failure_threshold, success_threshold=success_threshold),
+    )
+    health.state = state
+    health.active_connections = active
+    health.consecutive_failures = failures
+    health.consecutive_successes = successes
+    return health
+
+
+# -- every row of the table ---------------------------------------------------------
+
+# (state, input, setup, expected state, expected (active, failures, successes))
+ROWS = [
+    (H, In.CONNECTION_STARTED, {}, H, (1, 0, 0)),
+    (H, In.CONNECTION_FINISHED, {"active": 2}, H, (1, 0, 0)),
+    (H, In.PASSIVE_SUCCESS, {"failures": 2}, H, (0, 0, 1)),
+    (H, In.PASSIVE_FAILURE, {"successes": 5}, H, (0, 1, 0)),
+    (H, In.PROBE_SUCCESS, {"failures": 2}, H, (0, 0, 1)),
+    (H, In.PROBE_FAILURE, {"failures": 1}, H, (0, 2, 0)),
+    (D, In.CONNECTION_FINISHED, {"active": 2}, D, (1, 0, 0)),
+    (D, In.PASSIVE_SUCCESS, {"active": 1, "failures": 3}, D, (1, 0, 1)),
+    (D, In.PASSIVE_FAILURE, {"active": 1, "successes": 1}, D, (1, 1, 0)),
+    (D, In.PROBE_SUCCESS, {"active": 1}, D, (1, 0, 1)),
+    (D, In.PROBE_FAILURE, {"active": 1}, D, (1, 1, 0)),
+    (U, In.PROBE_SUCCESS, {}, U, (0, 0, 1)),
+    (U, In.PROBE_FAILURE, {"successes": 1}, U, (0, 1, 0)),
+]
+
+
+@pytest.mark.parametrize(("state", "health_input", "setup", "expected", "counters"), ROWS)
+def test_row_without_transition(
+    state: HealthState,
+    health_input: HealthInput,
+    setup: dict[str, int],
+    expected: HealthState,
+    counters: tuple[int, int, int],
+) -> None:
+    health = make(state, **setup)
+    assert health.handle(health_input) is None
+    assert health.state is expected
+    assert (
+        health.active_connections,
+        health.consecutive_failures,
+        health.consecutive_successes,
+    ) == counters
+
+
+def test_rows_cover_the_whole_table() -> None:
+    assert {(state, health_input) for state, health_input, *_ in ROWS} | {
+        (D, In.CONNECTION_FINISHED),
+        (U, In.PROBE_SUCCESS),
+    } == set(TRANSITIONS)
+
+
+@pytest.mark.parametrize("health_input", [In.PASSIVE_FAILURE, In.PROBE_FAILURE])
+def test_healthy_with_connections_drains_at_the_threshold(health_input: HealthInput) -> None:
+    health = make(active=2, failures=2)
+    transition = health.handle(health_input)
+    assert transition is not None
+    assert (transition.old, transition.new) == (H, D)
+    assert "3 consecutive failures, 2 active" in transition.reason
+    assert health.active_connections == 2
+
+
+@pytest.mark.parametrize("health_input", [In.PASSIVE_FAILURE, In.PROBE_FAILURE])
+def test_healthy_without_connections_goes_straight_to_unhealthy(
+    health_input: HealthInput,
+) -> None:
+    health = make(failures=2)
+    transition = health.handle(health_input)
+    assert transition is not None
+    assert (transition.old, transition.new) == (H, U)
+    # Entering UNHEALTHY resets both counts: recovery starts from scratch.
+    assert (health.consecutive_failures, health.consecutive_successes) == (0, 0)
+
+
+def test_draining_becomes_unhealthy_when_the_last_connection_finishes() -> None:
+    health = make(D, active=1, failures=4, successes=1)
+    transition = health.handle(In.CONNECTION_FINISHED)
+    assert transition is not None
+    assert (transition.old, transition.new, transition.reason) == (
+        D,
+        U,
+        "drained: last active connection finished",
+    )
+    assert (health.consecutive_failures, health.consecutive_successes) == (0, 0)
+
+
+def test_unhealthy_recovers_after_success_threshold_probe_successes() -> None:
+    health = make(U, successes=1)
+    transition = health.handle(In.PROBE_SUCCESS)
+    assert transition is not None
+    assert (transition.old, transition.new) == (U, H)
+    assert transition.reason == "2 consecutive probe successes"
+
+
+# -- illegal pairs ---------------------------------------------------------------------
+
+MISSING = sorted(
+    set(itertools.product(HealthState, HealthInput)) - set(TRANSITIONS),
+    key=lambda pair: (pair[0].value, pair[1].value),
+)
+
+
+def test_the_missing_pairs_are_the_ones_the_design_forbids() -> None:
+    assert set(MISSING) == {
+        (D, In.CONNECTION_STARTED),
+        (U, In.CONNECTION_STARTED),
+        (U, In.CONNECTION_FINISHED),
+        (U, In.PASSIVE_SUCCESS),
+        (U, In.PASSIVE_FAILURE),
+    }
+
+
+@pytest.mark.parametrize(("state", "health_input"), MISSING)
+def test_missing_pair_raises_naming_state_and_input(
+    state: HealthState, health_input: HealthInput
+) -> None:
+    health = make(state, active=1)
+    with pytest.raises(StateMachineError) as error:
+        health.handle(health_input)
+    assert f"can't handle {health_input.name} when state={state.name}" in str(error.value)
+    assert "10.0.0.1:80" in str(error.value)
+
+
+def test_finishing_a_connection_that_never_started_is_an_error() -> None:
+    with pytest.raises(StateMachineError, match="no active connection"):
+        make(H).handle(In.CONNECTION_FINISHED)
+
+
+def test_thresholds_below_one_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Thresholds(failure_threshold=0)
+
+
+def test_repr_shows_the_counters() -> None:
+    assert "state=DRAINING, active=1, failures=2" in repr(make(D, active=1, failures=2))
+
+
+# -- properties over random input sequences -------------------------------------------
+
+LEGAL_STEPS = st.lists(st.sampled_from(list(HealthInput)), max_size=200)
+
+
+def run_legal(health: BackendHealth, inputs: list[HealthInput]) -> list[tuple[object, ...]]:
+    """Feed the inputs a real driver could send; skip the ones the design forbids.
+
+    Returns (input, transition, (state, active, failures, successes) before, active
+    after) for each applied step.
+    """
+    trace: list[tuple[object, ...]] = []
+    for health_input in inputs:
+        if (health.state, health_input) not in TRANSITIONS:
+            continue
+        if health_input is In.CONNECTION_FINISHED and health.active_connections == 0:
+            continue
+        before = (
+            health.state,
+            health.active_connections,
+            health.consecutive_failures,
+            health.consecutive_successes,
+        )
+        transition = health.handle(health_input)
+        trace.append((health_input, transition, before, health.active_connections))
+        assert health.active_connections >= 0
+    return trace
+
+
+@given(
+    LEGAL_STEPS,
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=1, max_value=5),
+)
+def test_no_transition_without_a_full_run_of_consecutive_outcomes(
+    inputs: list[HealthInput], failure_threshold: int, success_threshold: int
+) -> None:
+    health = make(failure_threshold=failure_threshold, success_threshold=success_threshold)
+    # The last `threshold` outcome inputs before each transition out of HEALTHY
+    # (and back into it) must all be failures (successes).
+    outcomes: list[HealthInput] = []
+    since_unhealthy: list[HealthInput] = []
+    for health_input, transition, (old, *_rest), _after in run_legal(health, inputs):
+        if health_input in (
+            In.PASSIVE_SUCCESS,
+            In.PASSIVE_FAILURE,
+            In.PROBE_SUCCESS,
+            In.PROBE_FAILURE,
+        ):
+            outcomes.append(health_input)
+            if old is U:
+                since_unhealthy.append(health_input)
+        if transition is None:
+            continue
+        if transition.old is H:
+            tail = outcomes[-failure_threshold:]
+            assert len(tail) == failure_threshold
+            assert all(o in (In.PASSIVE_FAILURE, In.PROBE_FAILURE) for o in tail)
+        if transition.new is H:
+            tail = since_unhealthy[-success_threshold:]
+            assert len(tail) == success_threshold
+            assert all(o is In.PROBE_SUCCESS for o in tail)
+        if transition.new is U:
+            since_unhealthy = []
+
+
+@given(LEGAL_STEPS)
+def test_never_leaves_draining_with_active_connections(inputs: list[HealthInput]) -> None:
+    health = make()
+    for _input, transition, (_old, active, *_rest), active_after in run_legal(health, inputs):
+        if transition is not None and transition.old is D:
+            assert transition.new is U
+            assert (active, active_after) == (1, 0)
+        if transition is not None and transition.new is U:
+            assert active_after == 0
+
+
+@given(LEGAL_STEPS)
+def test_active_count_returns_to_zero_when_every_connection_finishes(
+    inputs: list[HealthInput],
+) -> None:
+    health = make()
+    run_legal(health, inputs)
+    while health.active_connections:
+        health.handle(In.CONNECTION_FINISHED)
+    assert health.state in (H, U)

@@ -1,0 +1,345 @@
+"""ProxyCore, the facade both drivers use: timers, stale reports, process draining."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loble.core import (
+    BackendStateChanged,
+    CloseConnection,
+    ConnectBackend,
+    ConnectionClosed,
+    HealthInput,
+    HealthReport,
+    HealthState,
+    Outcome,
+    Output,
+    ProbeBackend,
+    ProcessInput,
+    ProcessLifecycle,
+    ProcessState,
+    ProxyCore,
+    ShutdownFinished,
+    ShutdownStarted,
+    ShutdownWrite,
+    Side,
+    StateMachineError,
+    StopAccepting,
+    parse_config,
+)
+from loble.core._process import TRANSITIONS as PROCESS_TRANSITIONS
+
+A, B = "127.0.0.1:7001", "127.0.0.1:7002"
+
+
+def core(**sections: dict[str, object]) -> ProxyCore:
+    data: dict[str, object] = {"backends": [{"address": A}, {"address": B}]}
+    data.update(sections)
+    proxy = ProxyCore(parse_config(data), random.Random(1))
+    proxy.start(0.0)
+    return proxy
+
+
+def connect_of(outputs: list[Output]) -> ConnectBackend:
+    (connect,) = [o for o in outputs if isinstance(o, ConnectBackend)]
+    return connect
+
+
+def closed_of(outputs: list[Output]) -> ConnectionClosed:
+    (closed,) = [o for o in outputs if isinstance(o, ConnectionClosed)]
+    return closed
+
+
+def open_connection(proxy: ProxyCore, now: float = 0.0) -> int:
+    cid, outputs = proxy.accept(now)
+    proxy.connected(cid, connect_of(outputs).attempt, now)
+    return cid
+
+
+def test_a_whole_connection() -> None:
+    proxy = core()
+    cid, outputs = proxy.accept(1.0)
+    connect = connect_of(outputs)
+    assert connect.backend.address == A
+    assert proxy.control.active_connections(A) == 1
+    assert proxy.connected(cid, connect.attempt, 1.1) == [
+        HealthReport(address=A, input=HealthInput.PASSIVE_SUCCESS)
+    ]
+    proxy.touch(cid, 2.0)
+    assert proxy.client_eof(cid, 3.0) == [ShutdownWrite(connection_id=cid, side=Side.BACKEND)]
+    outputs = proxy.backend_eof(cid, 4.0)
+    assert closed_of(outputs).outcome is Outcome.COMPLETED
+    assert proxy.in_flight == 0
+    assert proxy.control.active_connections(A) == 0
+    # Reports for a connection that is gone are stale and ignored.
+    assert proxy.backend_eof(cid, 5.0) == []
+    assert proxy.connected(cid, 1, 5.0) == []
+    proxy.touch(cid, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("report", "outcome"),
+    [("client_error", Outcome.CLIENT_RESET), ("backend_error", Outcome.BACKEND_RESET)],
+)
+def test_resets_end_the_connection(report: str, outcome: Outcome) -> None:
+    proxy = core()
+    cid = open_connection(proxy)
+    assert closed_of(getattr(proxy, report)(cid, 1.0)).outcome is outcome
+
+
+def test_connect_timeout_retries_elsewhere_and_ignores_the_late_result() -> None:
+    proxy = core(timeouts={"connect": 2.0})
+    cid, outputs = proxy.accept(0.0)
+    first = connect_of(outputs)
+    assert proxy.next_deadline() == 2.0
+    assert proxy.handle_timer(1.9) == []
+    outputs = proxy.handle_timer(2.0)
+    second = connect_of(outputs)
+    assert (second.attempt, second.backend.address) == (2, B)
+    assert proxy.control.active_connections(A) == 0
+    # The first attempt's connect completes late: stale, nothing happens.
+    assert proxy.connected(cid, first.attempt, 2.5) == []
+    assert proxy.connect_failed(cid, first.attempt, 2.5) == []
+    assert proxy.connected(cid, second.attempt, 2.6) != []
+
+
+def test_a_refused_connect_is_retried_on_the_other_backend() -> None:
+    proxy = core()
+    cid, outputs = proxy.accept(0.0)
+    retry = connect_of(proxy.connect_failed(cid, connect_of(outputs).attempt, 0.1))
+    assert retry.backend.address == B
+    outputs = proxy.connect_failed(cid, retry.attempt, 0.2)
+    assert closed_of(outputs).outcome is Outcome.CONNECT_FAILED
+    assert closed_of(outputs).attempts == 2
+
+
+def test_idle_timeout_follows_activity() -> None:
+    proxy = core(timeouts={"idle": 10.0})
+    cid = open_connection(proxy, 0.0)
+    assert proxy.next_deadline() == 10.0
+    proxy.touch(cid, 8.0)
+    # The heap entry is early; firing it re-files the real deadline.
+    assert proxy.handle_timer(10.0) == []
+    assert proxy.next_deadline() == 18.0
+    outputs = proxy.handle_timer(18.0)
+    assert closed_of(outputs).outcome is Outcome.IDLE_TIMEOUT
+    assert proxy.next_deadline() is None
+
+
+def test_timers_of_closed_connections_are_dropped() -> None:
+    proxy = core(timeouts={"idle": 10.0})
+    cid = open_connection(proxy)
+    proxy.client_error(cid, 1.0)
+    assert proxy.next_deadline() is None
+    assert proxy.handle_timer(50.0) == []
+
+
+def test_no_backend_refuses_at_once() -> None:
+    proxy = core(health={"failure_threshold": 1})
+    for address in (A, B):
+        proxy.probe_result(address, False, 0.0)
+    assert proxy.snapshot.addresses == ()
+    _, outputs = proxy.accept(1.0)
+    assert [type(o) for o in outputs] == [CloseConnection, ConnectionClosed]
+    assert closed_of(outputs).outcome is Outcome.NO_BACKEND
+
+
+def test_probes_bring_an_unhealthy_backend_back() -> None:
+    proxy = core(health={"failure_threshold": 1, "success_threshold": 2, "probe_interval": 1.0})
+    proxy.probe_result(A, False, 0.0)
+    assert proxy.control.state(A) is HealthState.UNHEALTHY
+    for second in (1.0, 2.0):
+        assert proxy.next_deadline() == second
+        (probe,) = proxy.handle_timer(second)
+        assert isinstance(probe, ProbeBackend)
+        outputs = proxy.probe_result(probe.backend.address, True, second + 0.1)
+    assert any(isinstance(o, BackendStateChanged) for o in outputs)
+    assert proxy.snapshot.addresses == (A, B)
+
+
+# -- process draining -------------------------------------------------------------------
+
+
+def test_shutdown_with_nothing_in_flight_stops_at_once() -> None:
+    proxy = core()
+    outputs = proxy.shutdown(5.0)
+    assert outputs == [
+        StopAccepting(),
+        ShutdownStarted(at=5.0, in_flight=0, deadline=35.0),
+        ShutdownFinished(at=5.0, cut=0),
+    ]
+    assert proxy.stopped
+    assert proxy.shutdown(6.0) == []  # a late second signal changes nothing
+
+
+def test_shutdown_drains_then_stops_when_the_last_connection_ends() -> None:
+    proxy = core(timeouts={"drain": 30.0})
+    cid = open_connection(proxy)
+    outputs = proxy.shutdown(1.0)
+    assert outputs == [StopAccepting(), ShutdownStarted(at=1.0, in_flight=1, deadline=31.0)]
+    assert not proxy.accepting and not proxy.stopped
+    # A client racing the closed listener is refused and counted.
+    late, refused = proxy.accept(2.0)
+    assert closed_of(refused).outcome is Outcome.REFUSED_SHUTTING_DOWN
+    assert late not in proxy.connections
+    proxy.client_eof(cid, 3.0)
+    outputs = proxy.backend_eof(cid, 4.0)
+    assert outputs[-1] == ShutdownFinished(at=4.0, cut=0)
+    assert proxy.stopped
+    assert proxy.cut_count == 0
+
+
+def test_the_drain_deadline_cuts_what_remains() -> None:
+    proxy = core(timeouts={"drain": 10.0, "idle": 1000.0})
+    cid = open_connection(proxy)
+    cid2, connecting = proxy.accept(0.5)
+    proxy.shutdown(1.0)
+    assert proxy.next_deadline() == 5.5  # the connect timeout of cid2 comes first
+    proxy.connected(cid2, connect_of(connecting).attempt, 2.0)
+    assert proxy.next_deadline() == 11.0
+    outputs = proxy.handle_timer(11.0)
+    cuts = [o for o in outputs if isinstance(o, ConnectionClosed)]
+    assert {c.connection_id for c in cuts} == {cid, cid2}
+    assert all(c.outcome is Outcome.CUT for c in cuts)
+    assert outputs[-1] == ShutdownFinished(at=11.0, cut=2)
+    assert proxy.stopped and proxy.cut_count == 2
+    assert proxy.control.active_connections(A) + proxy.control.active_connections(B) == 0
+
+
+def test_a_second_shutdown_cuts_at_once() -> None:
+    proxy = core()
+    open_connection(proxy)
+    proxy.shutdown(1.0)
+    outputs = proxy.shutdown(2.0)
+    assert closed_of(outputs).outcome is Outcome.CUT
+    assert outputs[-1] == ShutdownFinished(at=2.0, cut=1)
+
+
+def test_process_table_rows_and_missing_pairs() -> None:
+    assert set(PROCESS_TRANSITIONS) == {
+        (ProcessState.RUNNING, ProcessInput.SHUTDOWN),
+        (ProcessState.DRAINING, ProcessInput.IDLE),
+        (ProcessState.DRAINING, ProcessInput.DEADLINE),
+        (ProcessState.DRAINING, ProcessInput.SHUTDOWN),
+        (ProcessState.STOPPED, ProcessInput.SHUTDOWN),
+    }
+    process = ProcessLifecycle(drain_timeout=5.0)
+    with pytest.raises(StateMachineError, match="can't handle IDLE when state=RUNNING"):
+        process.handle(ProcessInput.IDLE, 0.0, 0)
+    assert process.handle(ProcessInput.SHUTDOWN, 1.0, 3) is False
+    assert (process.state, process.deadline) == (ProcessState.DRAINING, 6.0)
+    assert process.handle(ProcessInput.DEADLINE, 6.0, 3) is True
+    assert process.state is ProcessState.STOPPED
+    with pytest.raises(StateMachineError, match="can't handle DEADLINE when state=STOPPED"):
+        process.handle(ProcessInput.DEADLINE, 7.0, 0)
+
+
+# -- properties: a random driver --------------------------------------------------------
+
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "accept",
+                "connected",
+                "connect_failed",
+                "client_eof",
+                "backend_eof",
+                "client_error",
+                "backend_error",
+                "probe_ok",
+                "probe_fail",
+                "timer",
+                "shutdown",
+            ]
+        ),
+        st.integers(min_value=0, max_value=20),
+    ),
+    max_size=120,
+)
+
+
+@given(STEPS, st.sampled_from(["round_robin", "random", "least_connections", "p2c"]))
+def test_random_drivers_keep_every_guarantee(steps: list[tuple[str, int]], algorithm: str) -> None:
+    proxy = core(
+        balancer={"algorithm": algorithm, "connect_retries": 1},
+        health={"failure_threshold": 2, "success_threshold": 2, "probe_interval": 1.0},
+        timeouts={"connect": 2.0, "idle": 5.0, "drain": 4.0},
+    )
+    now = 0.0
+    accepted: set[int] = set()
+    attempts: dict[int, int] = {}
+    outputs: list[Output] = []
+    probes: list[str] = []
+    for operation, pick in steps:
+        now += 0.25
+        live = sorted(proxy.connections)
+        target = live[pick % len(live)] if live else None
+        if operation == "accept":
+            cid, new = proxy.accept(now)
+            accepted.add(cid)
+        elif operation in ("connected", "connect_failed") and target is not None:
+            new = getattr(proxy, operation)(target, attempts.get(target, 0), now)
+        elif operation in ("client_eof", "backend_eof", "client_error", "backend_error"):
+            if target is None or proxy.connections[target].connected_at is None:
+                continue  # the driver reads neither side before the connect succeeds
+            conn = proxy.connections[target]
+            done = {"client_eof": "client_done", "backend_eof": "backend_done"}
+            if conn.state.value == done.get(operation):
+                continue  # EOF arrives once per side
+            new = getattr(proxy, operation)(target, now)
+        elif operation in ("probe_ok", "probe_fail") and probes:
+            new = proxy.probe_result(probes.pop(0), operation == "probe_ok", now)
+        elif operation == "timer":
+            deadline = proxy.next_deadline()
+            if deadline is None:
+                continue
+            now = max(now, deadline)
+            new = proxy.handle_timer(now)
+        elif operation == "shutdown":
+            new = proxy.shutdown(now)
+        else:
+            continue
+        for output in new:
+            if isinstance(output, ConnectBackend):
+                # Safe draining needs no check here: CONNECTION_STARTED on a
+                # backend that is not HEALTHY raises inside the core.
+                attempts[output.connection_id] = output.attempt
+            elif isinstance(output, ProbeBackend):
+                probes.append(output.backend.address)
+        outputs += new
+        # Active counts equal the attempts in flight, per backend.
+        in_flight = Counter(
+            c.backend.address for c in proxy.connections.values() if c.backend is not None
+        )
+        for address in (A, B):
+            assert proxy.control.active_connections(address) == in_flight[address]
+
+    # Finish: shut down and let the deadline cut the rest.
+    outputs += proxy.shutdown(now)
+    while not proxy.stopped:
+        deadline = proxy.next_deadline()
+        assert deadline is not None
+        now = max(now, deadline)
+        outputs += proxy.handle_timer(now)
+    closed = Counter(o.connection_id for o in outputs if isinstance(o, ConnectionClosed))
+    assert set(closed) == accepted
+    assert all(count == 1 for count in closed.values())
+    assert proxy.in_flight == 0
+    assert proxy.control.active_connections(A) == proxy.control.active_connections(B) == 0
+    started = Counter(
+        o.address
+        for o in outputs
+        if isinstance(o, HealthReport) and o.input is HealthInput.CONNECTION_STARTED
+    )
+    finished = Counter(
+        o.address
+        for o in outputs
+        if isinstance(o, HealthReport) and o.input is HealthInput.CONNECTION_FINISHED
+    )
+    assert started == finished
