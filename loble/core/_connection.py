@@ -8,6 +8,7 @@ Theory of operation
     CONNECTING --CONNECT_OK--> ESTABLISHED
     CONNECTING --CONNECT_FAILED / CONNECT_TIMEOUT--> CONNECTING (next backend)
                                                   or CLOSED (CONNECT_FAILED)
+    CONNECTING --CLIENT_ERROR or CUT--> CLOSED (no verdict on the backend)
     ESTABLISHED --CLIENT_EOF--> CLIENT_DONE   (shut down the backend's write side)
     ESTABLISHED --BACKEND_EOF--> BACKEND_DONE (shut down the client's write side)
     CLIENT_DONE --BACKEND_EOF--> CLOSED (COMPLETED)
@@ -25,6 +26,10 @@ once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
   refused or times out. A reset later in the stream ends the connection with
   ``BACKEND_RESET`` but is not a health verdict. An attempt cut by a shutdown
   before the backend answered reports no verdict: there was none;
+* a client that resets while its connect is pending ends the attempt with
+  no verdict too (the driver reports it only if it noticed: it does not read
+  the client before the backend is connected, so a client EOF can only come
+  after ``CONNECT_OK``);
 * a failed connect is retried on a backend not tried yet, up to
   ``connect_retries`` more attempts (HAProxy's ``retries`` with
   ``redispatch``). When no untried backend is eligible, or the retries are
@@ -247,8 +252,11 @@ def _connect_failed(conn: Connection, now: float) -> list[Output]:
     return outputs + conn._close(Outcome.CONNECT_FAILED, now)
 
 
-def _cut_connecting(conn: Connection, now: float) -> list[Output]:
-    return conn._end_attempt(None) + conn._close(Outcome.CUT, now)
+def _abort(outcome: Outcome) -> Rule:
+    def rule(conn: Connection, now: float) -> list[Output]:
+        return conn._end_attempt(None) + conn._close(outcome, now)
+
+    return rule
 
 
 def _half_close(side_done: ConnState, shut: Side) -> Rule:
@@ -256,13 +264,6 @@ def _half_close(side_done: ConnState, shut: Side) -> Rule:
         conn.state = side_done
         conn.last_activity = now
         return [ShutdownWrite(connection_id=conn.connection_id, side=shut)]
-
-    return rule
-
-
-def _end(outcome: Outcome) -> Rule:
-    def rule(conn: Connection, now: float) -> list[Output]:
-        return conn._end_attempt(None) + conn._close(outcome, now)
 
     return rule
 
@@ -275,16 +276,17 @@ TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CONNECT_OK): _connect_ok,
     (_C, _I.CONNECT_FAILED): _connect_failed,
     (_C, _I.CONNECT_TIMEOUT): _connect_failed,
-    (_C, _I.CUT): _cut_connecting,
+    (_C, _I.CLIENT_ERROR): _abort(Outcome.CLIENT_RESET),
+    (_C, _I.CUT): _abort(Outcome.CUT),
     (_E, _I.CLIENT_EOF): _half_close(_CD, Side.BACKEND),
     (_E, _I.BACKEND_EOF): _half_close(_BD, Side.CLIENT),
-    (_CD, _I.BACKEND_EOF): _end(Outcome.COMPLETED),
-    (_BD, _I.CLIENT_EOF): _end(Outcome.COMPLETED),
+    (_CD, _I.BACKEND_EOF): _abort(Outcome.COMPLETED),
+    (_BD, _I.CLIENT_EOF): _abort(Outcome.COMPLETED),
 }
 """Every legal ``(state, input)`` pair and the rule it runs."""
 
 for _state in (_E, _CD, _BD):
-    TRANSITIONS[(_state, _I.CLIENT_ERROR)] = _end(Outcome.CLIENT_RESET)
-    TRANSITIONS[(_state, _I.BACKEND_ERROR)] = _end(Outcome.BACKEND_RESET)
-    TRANSITIONS[(_state, _I.IDLE_TIMEOUT)] = _end(Outcome.IDLE_TIMEOUT)
-    TRANSITIONS[(_state, _I.CUT)] = _end(Outcome.CUT)
+    TRANSITIONS[(_state, _I.CLIENT_ERROR)] = _abort(Outcome.CLIENT_RESET)
+    TRANSITIONS[(_state, _I.BACKEND_ERROR)] = _abort(Outcome.BACKEND_RESET)
+    TRANSITIONS[(_state, _I.IDLE_TIMEOUT)] = _abort(Outcome.IDLE_TIMEOUT)
+    TRANSITIONS[(_state, _I.CUT)] = _abort(Outcome.CUT)

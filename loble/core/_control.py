@@ -107,7 +107,13 @@ class ControlPlane:
         return events
 
     def probe_result(self, address: str, ok: bool, now: float) -> list[Event]:
-        """Report the outcome of a :class:`ProbeBackend` action."""
+        """Report the outcome of a :class:`ProbeBackend` action.
+
+        A result for a probe that was not issued (or was already reported) is
+        ignored: only the schedule decides which outcomes count.
+        """
+        if address not in self._probe_in_flight:
+            return []
         self._probe_in_flight.discard(address)
         return self.apply(address, _PROBE_INPUT[ok], now)
 

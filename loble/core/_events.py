@@ -58,7 +58,7 @@ class Outcome(enum.Enum):
     BACKEND_RESET = "backend_reset"
     IDLE_TIMEOUT = "idle_timeout"
     CUT = "cut"
-    """Still open at the drain deadline of a shutdown."""
+    """Still open at the drain deadline of a shutdown, or at a second shutdown request."""
     REFUSED_SHUTTING_DOWN = "refused_shutting_down"
     """Arrived after shutdown began (a race with closing the listener)."""
 
@@ -70,8 +70,11 @@ class Outcome(enum.Enum):
 class ConnectBackend:
     """Open a connection to ``backend`` for client connection ``connection_id``.
 
-    ``attempt`` counts from 1. Report the result with the same attempt number;
-    a result for an attempt the core has given up on (timed out) is ignored.
+    ``attempt`` counts from 1. Report the result with the same attempt number.
+    A later ``ConnectBackend`` for the same connection, or its
+    ``CloseConnection``, abandons this attempt: the driver cancels the connect
+    and closes the socket if it still completes; the core ignores a result
+    for an abandoned attempt (the call returns no outputs).
     """
 
     connection_id: int

@@ -111,8 +111,10 @@ class ProxyCore:
         balancer = self.balancer
 
         def pick(exclude: Collection[str]) -> Backend | None:
-            # The first attempt uses the snapshot taken at accept; a retry takes
-            # the current one, since time has passed and health may have moved.
+            # The first attempt uses the snapshot taken at accept. A retry takes
+            # the snapshot current when the failure arrives (before that
+            # failure's own report is applied; the failed backend is excluded
+            # anyway), since time has passed and health may have moved.
             current = snapshot if not exclude else control.snapshot
             return balancer.pick(current, control.active_connections, exclude)
 
@@ -137,7 +139,7 @@ class ProxyCore:
                 ShutdownStarted(
                     at=now,
                     in_flight=self.in_flight,
-                    deadline=now + self.config.timeouts.drain,
+                    deadline=self.process.deadline if self.process.deadline is not None else now,
                 )
             )
             if self.stopped:
@@ -169,7 +171,7 @@ class ProxyCore:
     def touch(self, connection_id: int, now: float) -> None:
         connection = self.connections.get(connection_id)
         if connection is not None:
-            connection.last_activity = now
+            connection.touch(now)
 
     def probe_result(self, address: str, ok: bool, now: float) -> list[Output]:
         return list(self.control.probe_result(address, ok, now))

@@ -192,11 +192,14 @@ def test_open_states_end_on_errors_timeouts_and_cuts(
     assert conn.outcome is outcome
 
 
-def test_cut_while_connecting_reports_no_verdict() -> None:
+@pytest.mark.parametrize(
+    ("conn_input", "outcome"), [(In.CUT, Outcome.CUT), (In.CLIENT_ERROR, Outcome.CLIENT_RESET)]
+)
+def test_aborts_while_connecting_report_no_verdict(conn_input: ConnInput, outcome: Outcome) -> None:
     conn = in_state(S.CONNECTING)
-    outputs = conn.handle(In.CUT, 1.0)
+    outputs = conn.handle(conn_input, 1.0)
     assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CUT)]
+    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=outcome)]
 
 
 MISSING = sorted(

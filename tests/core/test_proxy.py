@@ -82,6 +82,19 @@ def test_a_whole_connection() -> None:
     proxy.touch(cid, 5.0)
 
 
+def test_a_client_reset_while_connecting_ends_the_attempt_without_a_verdict() -> None:
+    proxy = core()
+    cid, outputs = proxy.accept(0.0)
+    attempt = connect_of(outputs).attempt
+    outputs = proxy.client_error(cid, 0.5)
+    assert closed_of(outputs).outcome is Outcome.CLIENT_RESET
+    assert [o.input for o in outputs if isinstance(o, HealthReport)] == [
+        HealthInput.CONNECTION_FINISHED
+    ]
+    assert proxy.control.health(A).consecutive_failures == 0
+    assert proxy.connected(cid, attempt, 0.6) == []  # the abandoned attempt
+
+
 @pytest.mark.parametrize(
     ("report", "outcome"),
     [("client_error", Outcome.CLIENT_RESET), ("backend_error", Outcome.BACKEND_RESET)],
@@ -142,7 +155,7 @@ def test_timers_of_closed_connections_are_dropped() -> None:
 def test_no_backend_refuses_at_once() -> None:
     proxy = core(health={"failure_threshold": 1})
     for address in (A, B):
-        proxy.probe_result(address, False, 0.0)
+        proxy.control.apply(address, HealthInput.PROBE_FAILURE, 0.0)
     assert proxy.snapshot.addresses == ()
     _, outputs = proxy.accept(1.0)
     assert [type(o) for o in outputs] == [CloseConnection, ConnectionClosed]
@@ -151,7 +164,8 @@ def test_no_backend_refuses_at_once() -> None:
 
 def test_probes_bring_an_unhealthy_backend_back() -> None:
     proxy = core(health={"failure_threshold": 1, "success_threshold": 2, "probe_interval": 1.0})
-    proxy.probe_result(A, False, 0.0)
+    assert proxy.probe_result(A, False, 0.0) == []  # never probed: ignored
+    proxy.control.apply(A, HealthInput.PROBE_FAILURE, 0.0)
     assert proxy.control.state(A) is HealthState.UNHEALTHY
     for second in (1.0, 2.0):
         assert proxy.next_deadline() == second
@@ -170,7 +184,7 @@ def test_shutdown_with_nothing_in_flight_stops_at_once() -> None:
     outputs = proxy.shutdown(5.0)
     assert outputs == [
         StopAccepting(),
-        ShutdownStarted(at=5.0, in_flight=0, deadline=35.0),
+        ShutdownStarted(at=5.0, in_flight=0, deadline=5.0),
         ShutdownFinished(at=5.0, cut=0),
     ]
     assert proxy.stopped
