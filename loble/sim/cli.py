@@ -1,10 +1,168 @@
-"""Subcommands of this subsystem (filled in by its issue)."""
+"""``loble sim``: run a scenario, print the report, replay a failing seed.
+
+One run prints the report (rich tables, or ``--json``) and can write the
+trace (``--trace FILE``, one JSON line per event). ``--runs K`` runs seeds
+N..N+K-1 on a process pool (both cores by default), shows a progress bar on
+stderr, and for each failing seed prints the command that replays it. The exit
+status is 0 when every invariant held in every run, 3 when one failed, and 1
+for a bad scenario (one line per problem, from ``loble.__main__``).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import os
+import shlex
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loble.core import LobleError
+
+from ._engine import Simulation
+from ._report import build_report, render_report
+from ._scenario import Scenario, load_scenario
+
+__all__ = ["EXIT_INVARIANT_FAILED", "register", "replay_command", "run_seed"]
+
+EXIT_INVARIANT_FAILED = 3
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
-    """Add this subsystem's subcommands to the ``loble`` parser."""
+    """Add ``loble sim`` to the ``loble`` parser."""
+    sim = commands.add_parser(
+        "sim",
+        help="simulate a scenario: a config under clients and faults, in simulated time",
+        description="Run SCENARIO (a config.toml plus [sim] tables) in simulated time and "
+        "report what backends and clients saw and whether every invariant held.",
+    )
+    sim.add_argument("scenario", metavar="SCENARIO", help="a scenario .toml file")
+    sim.add_argument("--seed", type=int, default=None, help="the seed (default: sim.seed)")
+    sim.add_argument(
+        "--runs", type=int, default=1, metavar="K", help="run seeds N..N+K-1 (default 1)"
+    )
+    sim.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="J",
+        help="processes for --runs (default: the number of cores, at most 2)",
+    )
+    sim.add_argument("--trace", metavar="FILE", help="write one JSON line per event to FILE")
+    sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.set_defaults(handler=_handle)
+
+
+def replay_command(scenario_path: str, seed: int) -> str:
+    return f"loble sim {shlex.quote(scenario_path)} --seed {seed}"
+
+
+def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict[str, Any]:
+    """Run one seed and return its report (writing the trace, if asked)."""
+    record = None
+    if trace is not None:
+        write = trace.write
+
+        def record(entry: dict[str, Any]) -> None:
+            write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    return build_report(Simulation(scenario, seed, trace=record).run())
+
+
+def _handle(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    seed = scenario.sim.seed if args.seed is None else args.seed
+    if args.runs < 1:
+        raise LobleError(f"--runs: {args.runs} must be >= 1")
+    if seed < 0:
+        raise LobleError(f"--seed: {seed} must be >= 0")
+    if args.runs == 1:
+        return _single(args, scenario, seed)
+    if args.trace:
+        raise LobleError("--trace records one run: use it without --runs")
+    return _many(args, scenario, seed)
+
+
+def _single(args: argparse.Namespace, scenario: Scenario, seed: int) -> int:
+    if args.trace:
+        try:
+            with open(args.trace, "w", encoding="utf-8") as trace:
+                report = run_seed(scenario, seed, trace)
+        except OSError as error:
+            raise LobleError(f"--trace {args.trace}: {error.strerror or error}") from None
+    else:
+        report = run_seed(scenario, seed)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 120))
+        if not report["ok"]:
+            print(f"replay: {replay_command(args.scenario, seed)}")
+    return 0 if report["ok"] else EXIT_INVARIANT_FAILED
+
+
+def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
+    seeds = range(first_seed, first_seed + args.runs)
+    jobs = args.jobs or min(2, os.cpu_count() or 1)
+    reports: dict[int, dict[str, Any]] = {}
+    progress = Progress(
+        TextColumn(f"{Path(args.scenario).name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=args.json,
+    )
+    with progress:
+        task = progress.add_task("runs", total=len(seeds))
+        if jobs <= 1:
+            for seed in seeds:
+                reports[seed] = run_seed(scenario, seed)
+                progress.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                futures = {pool.submit(run_seed, scenario, seed): seed for seed in seeds}
+                for future in as_completed(futures):
+                    reports[futures[future]] = future.result()
+                    progress.advance(task)
+    failed = [seed for seed in seeds if not reports[seed]["ok"]]
+    if args.json:
+        summary = {
+            "scenario": scenario.name,
+            "seeds": [seeds[0], seeds[-1]],
+            "runs": len(seeds),
+            "failed_seeds": failed,
+            "reports": [reports[seed] for seed in seeds],
+        }
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(args.scenario, scenario, seeds, reports, failed)
+    return EXIT_INVARIANT_FAILED if failed else 0
+
+
+def _print_summary(
+    path: str,
+    scenario: Scenario,
+    seeds: range,
+    reports: dict[int, dict[str, Any]],
+    failed: list[int],
+) -> None:
+    totals: dict[str, int] = {}
+    for seed in seeds:
+        for outcome, count in reports[seed]["clients"]["outcomes"].items():
+            totals[outcome] = totals.get(outcome, 0) + count
+    seen = ", ".join(f"{outcome.replace('_', ' ')} {n}" for outcome, n in totals.items() if n)
+    print(f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}; clients: {seen}")
+    if not failed:
+        print("every invariant held in every run")
+        return
+    print(f"{len(failed)} of {len(seeds)} runs failed an invariant", file=sys.stdout)
+    for seed in failed:
+        first = next(row for row in reports[seed]["invariants"] if not row["held"])
+        print(f"seed {seed}: {first['first'][0] if first['first'] else first['name']}")
+        print(f"  replay: {replay_command(path, seed)}")

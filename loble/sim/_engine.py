@@ -1,0 +1,492 @@
+"""The simulated world and the event loop that drives ``loble.core`` through it.
+
+Theory of operation
+===================
+
+One run is one seed. A single ``random.Random(seed)`` feeds everything that
+varies: client arrivals, durations, bytes, network latency, which connects a
+``reset`` backend cuts, and the core's own balancer. Nothing reads a clock,
+and nothing iterates a set or depends on hash order, so a seed fixes the
+whole run: the trace and the report are byte-identical on every replay.
+
+Time is a float of simulated seconds. Two sources of work interleave:
+
+* the simulator's heap of ``(time, sequence, kind, ...)`` entries, as in
+  SimPy: the sequence number makes ties FIFO, so two events at one instant
+  always run in the order they were scheduled;
+* the core's own timer, ``core.next_deadline()`` / ``core.handle_timer(now)``
+  (connect and idle timeouts, probes, the drain deadline). At a tie the
+  simulator's event runs first.
+
+Each event popped, and each core timer handled, is one *step*. After a step
+the :class:`~loble.sim._monitor.Monitor` checks the invariants, so a
+violation names the step it happened at.
+
+The world is a set of clients and backends around one :class:`ProxyCore`.
+The core's actions are carried out here: ``ConnectBackend`` becomes a connect
+that succeeds, is refused or hangs according to the backend's behaviour at
+that moment; ``ShutdownWrite`` makes the other side finish and close after a
+network delay; ``ProbeBackend`` becomes a probe result; ``CloseConnection``
+frees the backend's socket. The outcome goes back into the core as its next
+input. Reports the core finds stale (an attempt it has already timed out, a
+connection it has closed) come back as ``[]``; the world then closes the
+socket it opened, as a real driver would.
+
+A run ends when the process has stopped after a shutdown, when clients have
+stopped arriving (``sim.duration``) and no connection is open, or at
+``duration + settle`` at the latest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from typing import Any
+
+from loble.core import (
+    BackendStateChanged,
+    CloseConnection,
+    ConnectBackend,
+    ConnectionClosed,
+    HealthReport,
+    LobleError,
+    Output,
+    ProbeBackend,
+    ProxyCore,
+    ShutdownFinished,
+    ShutdownStarted,
+    ShutdownWrite,
+    Side,
+    SnapshotPublished,
+    StopAccepting,
+)
+
+from ._monitor import CORE_INPUTS, Monitor
+from ._scenario import ALL_BACKENDS, Fault, Scenario
+
+__all__ = ["SimBackend", "Simulation"]
+
+# Event kinds, indexes into the handler table.
+_ARRIVAL = 0
+_CONNECT_OK = 1
+_CONNECT_REFUSED = 2
+_CLIENT_EOF = 3
+_BACKEND_EOF = 4
+_BACKEND_RESET = 5
+_TOUCH = 6
+_PROBE_RESULT = 7
+_FAULT = 8
+_FAULT_END = 9
+_SHUTDOWN = 10
+_ARRIVALS_END = 11
+EVENT_NAMES = (
+    "arrival",
+    "connect_ok",
+    "connect_refused",
+    "client_eof",
+    "backend_eof",
+    "backend_reset",
+    "touch",
+    "probe_result",
+    "fault",
+    "fault_end",
+    "shutdown",
+    "arrivals_end",
+)
+
+# Behaviours as small ints: the connect decision is on the hot path.
+_UP, _CRASH, _BLACKHOLE, _RESET, _SLOW, _CAPACITY, _FLAPPING = range(7)
+_BEHAVIOUR_CODES = {
+    "up": _UP,
+    "recover": _UP,
+    "crash": _CRASH,
+    "blackhole": _BLACKHOLE,
+    "reset": _RESET,
+    "slow": _SLOW,
+    "capacity": _CAPACITY,
+    "flapping": _FLAPPING,
+}
+BEHAVIOUR_NAMES = ("up", "crash", "blackhole", "reset", "slow", "capacity", "flapping")
+
+
+class SimBackend:
+    """One simulated upstream server: its current behaviour and its open sockets."""
+
+    __slots__ = (
+        "address",
+        "behaviour",
+        "bytes",
+        "delay",
+        "flap_since",
+        "half_period",
+        "limit",
+        "open",
+        "probability",
+        "sockets",
+        "timeline",
+    )
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.behaviour = _UP
+        self.delay = 0.0
+        self.limit = 0
+        self.probability = 0.0
+        self.half_period = 1.0
+        self.flap_since = 0.0
+        self.open = 0
+        """Connections the server has accepted and not yet closed."""
+        self.sockets: dict[int, None] = {}
+        """Established client connections on it, by connection id, in order."""
+        self.bytes = 0.0
+        self.timeline: list[tuple[float, str]] = [(0.0, "up")]
+
+    def refuses(self, now: float) -> bool:
+        """Would a connect (or probe) arriving now be refused?"""
+        behaviour = self.behaviour
+        if behaviour == _CRASH:
+            return True
+        if behaviour == _CAPACITY:
+            return self.open >= self.limit
+        if behaviour == _FLAPPING:
+            return int((now - self.flap_since) / self.half_period) % 2 == 1
+        return False
+
+
+class Simulation:
+    """One run of a scenario with one seed."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int,
+        *,
+        trace: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        sim = scenario.sim
+        self.rng = random.Random(seed)
+        self.core = ProxyCore(scenario.config, self.rng)
+        self.monitor = Monitor(scenario.config, self.core)
+        self.backends = {b.address: SimBackend(b.address) for b in scenario.config.backends}
+        self.trace = trace
+        self.now = 0.0
+        self.ended_at = 0.0
+        self.arrived = 0
+        self.arrivals_done = False
+        self.shutting_down = False
+        self._heap: list[tuple[Any, ...]] = []
+        self._sequence = 0
+        self._latency = sim.network.latency.sampler(self.rng)
+        self._duration = sim.clients.duration.sampler(self.rng)
+        self._bytes = sim.clients.bytes.sampler(self.rng)
+        self._half_close = sim.clients.half_close
+        self._poisson = sim.clients.arrival == "poisson"
+        self._phases = [(0.0, sim.clients.rate)] + [
+            (phase.at, phase.rate) for phase in sim.clients.schedule
+        ]
+        idle = scenario.config.timeouts.idle
+        self._touch_every = idle / 2
+        self._socket_backend: dict[int, SimBackend] = {}
+        self._bytes_of: dict[int, float] = {}
+        monitor = self.monitor
+        self._dispatch: dict[type, Callable[[Any, float], None]] = {
+            HealthReport: monitor.health_report,
+            ConnectBackend: self._connect,
+            ConnectionClosed: monitor.connection_closed,
+            CloseConnection: self._close,
+            ShutdownWrite: self._shutdown_write,
+            BackendStateChanged: monitor.state_changed,
+            SnapshotPublished: monitor.snapshot_published,
+            ProbeBackend: self._probe,
+            StopAccepting: self._stop_accepting,
+            ShutdownStarted: monitor.shutdown_started,
+            ShutdownFinished: monitor.finished_shutdown,
+        }
+        if trace is not None:
+            self._dispatch = {
+                kind: self._traced(handler) for kind, handler in self._dispatch.items()
+            }
+        self._handlers: tuple[Callable[[tuple[Any, ...], float], None], ...] = (
+            self._on_arrival,
+            self._on_connect_ok,
+            self._on_connect_refused,
+            self._on_client_eof,
+            self._on_backend_eof,
+            self._on_backend_reset,
+            self._on_touch,
+            self._on_probe_result,
+            self._on_fault,
+            self._on_fault_end,
+            self._on_shutdown,
+            self._on_arrivals_end,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> Simulation:
+        """Run to the end; read :attr:`monitor` (or build a report) afterwards."""
+        sim = self.scenario.sim
+        self._schedule(0.0, _ARRIVAL, False)
+        self._schedule(sim.duration, _ARRIVALS_END)
+        for index, fault in enumerate(sim.faults):
+            self._schedule(fault.at, _FAULT, index)
+            if fault.until is not None:
+                self._schedule(fault.until, _FAULT_END, index)
+        if sim.shutdown_at is not None:
+            self._schedule(sim.shutdown_at, _SHUTDOWN)
+        try:
+            self._apply(self.core.start(0.0), 0.0)
+            self.monitor.end_step()
+            self._loop(sim.duration + sim.settle)
+        except LobleError as error:
+            # The core raises only on an input its tables have no row for: a
+            # driver or core bug, reported as a failed invariant, not a crash.
+            self.monitor.violate(CORE_INPUTS, f"{type(error).__name__}: {error}")
+        self.monitor.end_run()
+        return self
+
+    def _loop(self, horizon: float) -> None:
+        heap = self._heap
+        core = self.core
+        monitor = self.monitor
+        handlers = self._handlers
+        next_deadline = core.next_deadline
+        handle_timer = core.handle_timer
+        apply = self._apply
+        end_step = monitor.end_step
+        pop = heapq.heappop
+        trace = self.trace
+        step = 0
+        while True:
+            due = next_deadline()
+            if heap and (due is None or heap[0][0] <= due):
+                event = pop(heap)
+                now = event[0]
+                if now > horizon:
+                    break
+                step += 1
+                monitor.step = step
+                monitor.now = self.now = now
+                if trace is not None:
+                    trace(_event_record(step, now, event))
+                handlers[event[2]](event, now)
+            elif due is not None:
+                now = due
+                if now > horizon:
+                    break
+                step += 1
+                monitor.step = step
+                monitor.now = self.now = now
+                if trace is not None:
+                    trace({"step": step, "t": now, "event": "core_timer"})
+                apply(handle_timer(now), now)
+            else:
+                break
+            end_step()
+            if core.stopped or (self.arrivals_done and not core.connections):
+                break
+        self.ended_at = self.now
+
+    def _schedule(self, at: float, kind: int, *payload: Any) -> None:
+        self._sequence += 1
+        heapq.heappush(self._heap, (at, self._sequence, kind, *payload))
+
+    def _apply(self, outputs: list[Output], now: float) -> None:
+        dispatch = self._dispatch
+        for output in outputs:
+            dispatch[type(output)](output, now)
+
+    def _traced(self, handler: Callable[[Any, float], None]) -> Callable[[Any, float], None]:
+        trace = self.trace
+        assert trace is not None
+
+        def traced(output: Any, now: float) -> None:
+            trace({"step": self.monitor.step, "t": now, "output": type(output).__name__,
+                   **_fields(output)})  # fmt: skip
+            handler(output, now)
+
+        return traced
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def _on_arrival(self, event: tuple[Any, ...], now: float) -> None:
+        if event[3]:
+            self.arrived += 1
+            connection_id, outputs = self.core.accept(now)
+            self.monitor.accepted_connection(connection_id, outputs)
+            self._apply(outputs, now)
+        self._next_arrival(now)
+
+    def _next_arrival(self, now: float) -> None:
+        """Schedule the next client, or a wake-up at the next change of rate."""
+        phases = self._phases
+        while len(phases) > 1 and phases[1][0] <= now:
+            phases.pop(0)
+        rate = phases[0][1]
+        change = phases[1][0] if len(phases) > 1 else None
+        if rate > 0:
+            gap = self.rng.expovariate(rate) if self._poisson else 1.0 / rate
+            at = now + gap
+            if change is None or at < change:
+                if at < self.scenario.sim.duration:
+                    self._schedule(at, _ARRIVAL, True)
+                return
+        if change is not None and change < self.scenario.sim.duration:
+            # A Poisson process is memoryless, so restarting at the change is exact.
+            self._schedule(change, _ARRIVAL, False)
+
+    def _on_arrivals_end(self, event: tuple[Any, ...], now: float) -> None:
+        self.arrivals_done = True
+
+    def _on_client_eof(self, event: tuple[Any, ...], now: float) -> None:
+        self._apply(self.core.client_eof(event[3], now), now)
+
+    def _on_backend_eof(self, event: tuple[Any, ...], now: float) -> None:
+        self._apply(self.core.backend_eof(event[3], now), now)
+
+    def _on_backend_reset(self, event: tuple[Any, ...], now: float) -> None:
+        self._apply(self.core.backend_error(event[3], now), now)
+
+    def _on_touch(self, event: tuple[Any, ...], now: float) -> None:
+        connection_id, until = event[3], event[4]
+        if connection_id in self._socket_backend:
+            self.core.touch(connection_id, now)
+            if now + self._touch_every < until:
+                self._schedule(now + self._touch_every, _TOUCH, connection_id, until)
+
+    def _shutdown_write(self, action: ShutdownWrite, now: float) -> None:
+        # One side sent EOF; the other finishes what it was sending and closes.
+        if action.side is Side.BACKEND:
+            backend = self._socket_backend.get(action.connection_id)
+            delay = backend.delay if backend is not None and backend.behaviour == _SLOW else 0.0
+            self._schedule(now + self._latency() + delay, _BACKEND_EOF, action.connection_id)
+        else:
+            self._schedule(now + self._latency(), _CLIENT_EOF, action.connection_id)
+
+    def _close(self, action: CloseConnection, now: float) -> None:
+        backend = self._socket_backend.pop(action.connection_id, None)
+        if backend is not None:
+            backend.open -= 1
+            del backend.sockets[action.connection_id]
+            backend.bytes += self._bytes_of.pop(action.connection_id)
+
+    # -- backends ------------------------------------------------------------------------------
+
+    def _connect(self, action: ConnectBackend, now: float) -> None:
+        backend = self.backends[action.backend.address]
+        behaviour = backend.behaviour
+        if behaviour == _BLACKHOLE:
+            return  # the SYN goes nowhere: the core's connect timeout decides
+        at = now + self._latency()
+        if backend.refuses(now):
+            self._schedule(at, _CONNECT_REFUSED, action.connection_id, action.attempt)
+            return
+        if behaviour == _SLOW:
+            at += backend.delay
+        backend.open += 1
+        self._schedule(at, _CONNECT_OK, action.connection_id, action.attempt, backend)
+
+    def _on_connect_ok(self, event: tuple[Any, ...], now: float) -> None:
+        connection_id, attempt, backend = event[3], event[4], event[5]
+        outputs = self.core.connected(connection_id, attempt, now)
+        if not outputs:
+            backend.open -= 1  # stale: the core gave up on this attempt; hang up
+            return
+        self._socket_backend[connection_id] = backend
+        backend.sockets[connection_id] = None
+        self._bytes_of[connection_id] = self._bytes()
+        self._apply(outputs, now)
+        duration = self._duration()
+        end = now + duration
+        if backend.behaviour == _RESET and self.rng.random() < backend.probability:
+            self._schedule(now + duration * self.rng.random(), _BACKEND_RESET, connection_id)
+        elif self.rng.random() < self._half_close:
+            self._schedule(end, _CLIENT_EOF, connection_id)
+        else:
+            self._schedule(end, _BACKEND_EOF, connection_id)
+        if duration > self._touch_every:
+            self._schedule(now + self._touch_every, _TOUCH, connection_id, end)
+
+    def _on_connect_refused(self, event: tuple[Any, ...], now: float) -> None:
+        self._apply(self.core.connect_failed(event[3], event[4], now), now)
+
+    def _probe(self, action: ProbeBackend, now: float) -> None:
+        backend = self.backends[action.backend.address]
+        timeout = action.timeout
+        rtt = self._latency()
+        if backend.behaviour == _BLACKHOLE:
+            at, ok = now + timeout, False
+        elif backend.refuses(now):
+            at, ok = now + min(rtt, timeout), False
+        else:
+            if backend.behaviour == _SLOW:
+                rtt += backend.delay
+            at, ok = (now + rtt, True) if rtt < timeout else (now + timeout, False)
+        self._schedule(at, _PROBE_RESULT, backend.address, ok)
+
+    def _on_probe_result(self, event: tuple[Any, ...], now: float) -> None:
+        address, ok = event[3], event[4]
+        self.monitor.probe_result(address, ok)
+        self._apply(self.core.probe_result(address, ok, now), now)
+
+    def _on_fault(self, event: tuple[Any, ...], now: float) -> None:
+        fault = self.scenario.sim.faults[event[3]]
+        for backend in self._targets(fault):
+            self._set_behaviour(backend, fault, fault.behaviour, now)
+
+    def _on_fault_end(self, event: tuple[Any, ...], now: float) -> None:
+        fault = self.scenario.sim.faults[event[3]]
+        for backend in self._targets(fault):
+            self._set_behaviour(backend, fault, "up", now)
+
+    def _targets(self, fault: Fault) -> list[SimBackend]:
+        if fault.backend == ALL_BACKENDS:
+            return list(self.backends.values())
+        return [self.backends[fault.backend]]
+
+    def _set_behaviour(self, backend: SimBackend, fault: Fault, name: str, now: float) -> None:
+        code = _BEHAVIOUR_CODES[name]
+        backend.behaviour = code
+        backend.delay = fault.delay
+        backend.limit = fault.limit
+        backend.probability = fault.probability
+        backend.half_period = fault.period / 2
+        backend.flap_since = now
+        backend.timeline.append((now, BEHAVIOUR_NAMES[code]))
+        if code == _CRASH:
+            # A crashed process takes its connections with it: each client sees a reset.
+            for connection_id in backend.sockets:
+                self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+
+    # -- the process ---------------------------------------------------------------------------
+
+    def _on_shutdown(self, event: tuple[Any, ...], now: float) -> None:
+        self._apply(self.core.shutdown(now), now)
+
+    def _stop_accepting(self, action: StopAccepting, now: float) -> None:
+        # The listener closes. Clients still arriving race with it and reach
+        # accept(), which must refuse them: the monitor checks it does.
+        self.shutting_down = True
+
+
+def _event_record(step: int, now: float, event: tuple[Any, ...]) -> dict[str, Any]:
+    arguments = [item.address if isinstance(item, SimBackend) else item for item in event[3:]]
+    return {"step": step, "t": now, "event": EVENT_NAMES[event[2]], "args": arguments}
+
+
+def _fields(output: Any) -> dict[str, Any]:
+    """An output as JSON-ready data: enums by value, a backend by its address."""
+    data: dict[str, Any] = {}
+    for name in output.__slots__:
+        value = getattr(output, name)
+        if hasattr(value, "address"):
+            value = value.address
+        elif hasattr(value, "value") and not isinstance(value, (int, float)):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[name] = value
+    return data

@@ -1,0 +1,300 @@
+"""The invariant checker: watches the core from the outside, at every step.
+
+The monitor sees only what any driver sees: the outputs of each core call,
+the probe results the simulator feeds in, and read-only state
+(``control.snapshot``, ``control.state``, ``control.active_connections``,
+``connections``). It never calls a core decision function and holds no copy
+of the health or connection machines. It keeps its own tally of what it
+observed and checks, at each output and at the end of each step, that the
+tally satisfies Loble's guarantees:
+
+* **safe draining**: a connection never starts on a backend the monitor last
+  saw ``DRAINING`` or ``UNHEALTHY``; a backend never becomes ``UNHEALTHY``
+  while the monitor counts attempts active on it.
+* **no flapping**: every transition is one of the four in the design and is
+  backed by its full run of consecutive outcomes, counted from the verdicts
+  and probe results the monitor saw.
+* **no churn**: a snapshot is published exactly when the set of ``HEALTHY``
+  backends changes, with the next version and that set.
+* **conservation**: every accepted connection ends exactly once; attempts
+  started and finished balance per backend, against the core's own counts.
+* **graceful shutdown**: nothing is cut before the drain deadline, nothing is
+  accepted after shutdown begins, and the drain never overruns its deadline.
+
+It also keeps what the report shows (outcomes, latencies, the timeline), since
+those are the same observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loble.core import (
+    BackendStateChanged,
+    CloseConnection,
+    Config,
+    ConnectionClosed,
+    HealthInput,
+    HealthReport,
+    HealthState,
+    Outcome,
+    Output,
+    ProxyCore,
+    ShutdownFinished,
+    ShutdownStarted,
+    SnapshotPublished,
+)
+
+__all__ = ["INVARIANTS", "Monitor", "Violation"]
+
+SAFE_DRAINING = "safe draining"
+NO_FLAPPING = "no flapping"
+NO_CHURN = "no churn"
+CONSERVATION = "conservation"
+GRACEFUL_SHUTDOWN = "graceful shutdown"
+CORE_INPUTS = "core accepted every input"
+INVARIANTS = (SAFE_DRAINING, NO_FLAPPING, NO_CHURN, CONSERVATION, GRACEFUL_SHUTDOWN, CORE_INPUTS)
+
+_KEPT_VIOLATIONS = 5
+_H, _D, _U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
+_STARTED = HealthInput.CONNECTION_STARTED
+_FINISHED = HealthInput.CONNECTION_FINISHED
+_SUCCESS = HealthInput.PASSIVE_SUCCESS
+_FAILURE = HealthInput.PASSIVE_FAILURE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Violation:
+    invariant: str
+    step: int
+    at: float
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: step {self.step} at t={self.at:.6f}: {self.message}"
+
+
+class Monitor:
+    """Observes one run; :attr:`violations` is empty when every invariant held."""
+
+    def __init__(self, config: Config, core: ProxyCore) -> None:
+        self.core = core
+        self.addresses = tuple(backend.address for backend in config.backends)
+        self.failure_threshold = config.health.failure_threshold
+        self.success_threshold = config.health.success_threshold
+        self.step = 0
+        self.now = 0.0
+        self.state = dict.fromkeys(self.addresses, _H)
+        self.active = dict.fromkeys(self.addresses, 0)
+        self.started = dict.fromkeys(self.addresses, 0)
+        self.finished = dict.fromkeys(self.addresses, 0)
+        self.passive_failures = dict.fromkeys(self.addresses, 0)
+        self.probe_failures = dict.fromkeys(self.addresses, 0)
+        self.probes = dict.fromkeys(self.addresses, 0)
+        self.resets = dict.fromkeys(self.addresses, 0)
+        self.consecutive_failures = dict.fromkeys(self.addresses, 0)
+        self.consecutive_successes = dict.fromkeys(self.addresses, 0)
+        self.version: int | None = None
+        self.published: tuple[str, ...] = ()
+        self.membership_changed = False
+        self.open: dict[int, None] = {}
+        """Accepted connections not yet seen to end (a dict: ordered, unlike a set)."""
+        self.accepted = 0
+        self.outcomes = dict.fromkeys(Outcome, 0)
+        self.connect_latencies: list[float] = []
+        self.timeline: list[BackendStateChanged] = []
+        self.shutdown: ShutdownStarted | None = None
+        self.shutdown_finished: ShutdownFinished | None = None
+        self.violation_counts = dict.fromkeys(INVARIANTS, 0)
+        self.violations: list[Violation] = []
+
+    def violate(self, invariant: str, message: str) -> None:
+        self.violation_counts[invariant] += 1
+        if self.violation_counts[invariant] <= _KEPT_VIOLATIONS:
+            self.violations.append(
+                Violation(invariant=invariant, step=self.step, at=self.now, message=message)
+            )
+
+    # -- inputs the driver fed the core ----------------------------------------------
+
+    def accepted_connection(self, connection_id: int, outputs: Sequence[Output]) -> None:
+        self.accepted += 1
+        self.open[connection_id] = None
+        if self.shutdown is not None and not (
+            len(outputs) == 2
+            and type(outputs[0]) is CloseConnection
+            and outputs[0].outcome is Outcome.REFUSED_SHUTTING_DOWN
+        ):
+            self.violate(
+                GRACEFUL_SHUTDOWN,
+                f"connection {connection_id} accepted after shutdown began: {outputs!r}",
+            )
+
+    def probe_result(self, address: str, ok: bool) -> None:
+        self.probes[address] += 1
+        if ok:
+            self._success(address)
+        else:
+            self.probe_failures[address] += 1
+            self._failure(address)
+
+    # -- outputs, in order ---------------------------------------------------------------
+
+    def health_report(self, report: HealthReport, now: float) -> None:
+        address, health_input = report.address, report.input
+        if health_input is _STARTED:
+            if self.state[address] is not _H:
+                self.violate(
+                    SAFE_DRAINING,
+                    f"a connection started on {address} while {self.state[address].name}",
+                )
+            self.started[address] += 1
+            self.active[address] += 1
+        elif health_input is _FINISHED:
+            self.finished[address] += 1
+            self.active[address] -= 1
+            if self.active[address] < 0:
+                self.violate(CONSERVATION, f"{address}: more attempts finished than started")
+        elif health_input is _SUCCESS:
+            self._success(address)
+        else:
+            self.passive_failures[address] += 1
+            self._failure(address)
+
+    def state_changed(self, event: BackendStateChanged, now: float) -> None:
+        address, old, new = event.address, event.old, event.new
+        self.timeline.append(event)
+        seen = self.state[address]
+        if old is not seen:
+            self.violate(NO_FLAPPING, f"{address} left {old.name} but was {seen.name}")
+        if old is _H and new in (_D, _U):
+            failures = self.consecutive_failures[address]
+            if failures < self.failure_threshold:
+                self.violate(
+                    NO_FLAPPING,
+                    f"{address} {old.name}->{new.name} after {failures} consecutive failures "
+                    f"(threshold {self.failure_threshold})",
+                )
+        elif old is _U and new is _H:
+            successes = self.consecutive_successes[address]
+            if successes < self.success_threshold:
+                self.violate(
+                    NO_FLAPPING,
+                    f"{address} {old.name}->{new.name} after {successes} consecutive successes "
+                    f"(threshold {self.success_threshold})",
+                )
+        elif not (old is _D and new is _U):
+            self.violate(NO_FLAPPING, f"{address} {old.name}->{new.name} is not a transition")
+        if new is _U:
+            if self.active[address]:
+                self.violate(
+                    SAFE_DRAINING,
+                    f"{address} became UNHEALTHY with {self.active[address]} active",
+                )
+            self.consecutive_failures[address] = 0
+            self.consecutive_successes[address] = 0
+        elif new is _D and not self.active[address]:
+            self.violate(SAFE_DRAINING, f"{address} DRAINING with nothing active")
+        self.state[address] = new
+        self.membership_changed = True
+
+    def snapshot_published(self, event: SnapshotPublished, now: float) -> None:
+        if self.version is not None:
+            if event.version != self.version + 1:
+                self.violate(NO_CHURN, f"version {event.version} published after {self.version}")
+            if event.addresses == self.published:
+                self.violate(NO_CHURN, f"version {event.version} has unchanged membership")
+        expected = self._healthy()
+        if event.addresses != expected:
+            self.violate(
+                NO_CHURN,
+                f"version {event.version} lists {list(event.addresses)}, healthy are "
+                f"{list(expected)}",
+            )
+        self.version = event.version
+        self.published = event.addresses
+        self.membership_changed = False
+
+    def connection_closed(self, event: ConnectionClosed, now: float) -> None:
+        connection_id, outcome = event.connection_id, event.outcome
+        if self.open.pop(connection_id, 0) is not None:
+            self.violate(CONSERVATION, f"connection {connection_id} ended twice or never opened")
+        self.outcomes[outcome] += 1
+        if event.connected_at is not None:
+            self.connect_latencies.append(event.connected_at - event.opened_at)
+        if outcome is Outcome.BACKEND_RESET and event.backend is not None:
+            self.resets[event.backend] += 1
+        elif outcome is Outcome.CUT:
+            shutdown = self.shutdown
+            if shutdown is None or event.at < shutdown.deadline:
+                self.violate(GRACEFUL_SHUTDOWN, f"connection {connection_id} cut before deadline")
+        elif outcome is Outcome.REFUSED_SHUTTING_DOWN and self.shutdown is None:
+            self.violate(GRACEFUL_SHUTDOWN, f"connection {connection_id} refused while running")
+
+    def shutdown_started(self, event: ShutdownStarted, now: float) -> None:
+        if self.shutdown is not None:
+            self.violate(GRACEFUL_SHUTDOWN, "shutdown started twice")
+        self.shutdown = event
+
+    def finished_shutdown(self, event: ShutdownFinished, now: float) -> None:
+        shutdown = self.shutdown
+        if shutdown is None:
+            self.violate(GRACEFUL_SHUTDOWN, "shutdown finished before it started")
+        elif event.at > shutdown.deadline:
+            self.violate(GRACEFUL_SHUTDOWN, f"drain overran its deadline {shutdown.deadline}")
+        if self.shutdown_finished is not None:
+            self.violate(GRACEFUL_SHUTDOWN, "shutdown finished twice")
+        self.shutdown_finished = event
+
+    # -- checks at the end of a step and of the run -----------------------------------------
+
+    def end_step(self) -> None:
+        if self.membership_changed:
+            # A state change that kept membership (DRAINING -> UNHEALTHY) publishes nothing.
+            self.membership_changed = False
+            if self._healthy() != self.published:
+                self.violate(NO_CHURN, "membership changed without a new snapshot")
+        if self.core.control.snapshot.version != self.version:
+            self.violate(
+                NO_CHURN,
+                f"snapshot version {self.core.control.snapshot.version} was never published",
+            )
+
+    def end_run(self) -> None:
+        """Compare the tally with the core's read-only state once the run stops."""
+        core = self.core
+        for address in self.addresses:
+            if self.started[address] - self.finished[address] != self.active[address]:
+                self.violate(CONSERVATION, f"{address}: started and finished do not balance")
+            if core.control.active_connections(address) != self.active[address]:
+                self.violate(
+                    CONSERVATION,
+                    f"{address}: core counts {core.control.active_connections(address)} "
+                    f"active, observed {self.active[address]}",
+                )
+            if core.control.state(address) is not self.state[address]:
+                self.violate(NO_FLAPPING, f"{address}: a state change was not reported")
+        if list(self.open) != sorted(core.connections):
+            self.violate(
+                CONSERVATION,
+                f"{len(self.open)} connections observed open, the core has {core.in_flight}",
+            )
+        if sum(self.outcomes.values()) + len(self.open) != self.accepted:
+            self.violate(CONSERVATION, "outcomes plus open do not add up to accepted")
+        if core.stopped and (self.open or any(self.active.values())):
+            self.violate(CONSERVATION, "the process stopped with connections open")
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _success(self, address: str) -> None:
+        self.consecutive_failures[address] = 0
+        self.consecutive_successes[address] += 1
+
+    def _failure(self, address: str) -> None:
+        self.consecutive_successes[address] = 0
+        self.consecutive_failures[address] += 1
+
+    def _healthy(self) -> tuple[str, ...]:
+        state = self.state
+        return tuple(address for address in self.addresses if state[address] is _H)

@@ -1,0 +1,215 @@
+"""What a run tells a person (rich tables) or a program (``--json``).
+
+:func:`build_report` turns a finished :class:`Simulation` into plain data, the
+one source for both forms, so the table and the JSON can never disagree.
+Everything in it is derived from simulated time and the seed, never from the
+wall clock, so the same run gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from loble.core import HealthState, Outcome
+
+from ._engine import Simulation
+from ._monitor import INVARIANTS
+
+__all__ = ["build_report", "percentile", "render_report"]
+
+_TIMELINE_ROWS = 40
+"""The table shows this many state changes; ``--json`` and ``--trace`` have all."""
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty list."""
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _round(value: float) -> float:
+    return round(value, 6)
+
+
+def build_report(simulation: Simulation) -> dict[str, Any]:
+    monitor = simulation.monitor
+    scenario = simulation.scenario
+    config = scenario.config
+    end = simulation.ended_at
+    backends = []
+    for backend_config in config.backends:
+        address = backend_config.address
+        world = simulation.backends[address]
+        backends.append(
+            {
+                "address": address,
+                "weight": backend_config.weight,
+                "connections": monitor.started[address],
+                "connect_failures": monitor.passive_failures[address],
+                "probes": monitor.probes[address],
+                "probe_failures": monitor.probe_failures[address],
+                "resets": monitor.resets[address],
+                "bytes": int(world.bytes),
+                "final_state": monitor.state[address].value,
+                "seconds_in_state": _time_in_state(simulation, address, end),
+                "behaviours": [[_round(at), name] for at, name in world.timeline],
+            }
+        )
+    latencies = sorted(monitor.connect_latencies)
+    latency: dict[str, Any] = {"count": len(latencies)}
+    if latencies:
+        for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)):
+            latency[label] = _round(percentile(latencies, fraction) * 1000)
+    shutdown: dict[str, Any] | None = None
+    if monitor.shutdown is not None:
+        finished = monitor.shutdown_finished
+        shutdown = {
+            "at": _round(monitor.shutdown.at),
+            "deadline": _round(monitor.shutdown.deadline),
+            "in_flight": monitor.shutdown.in_flight,
+            "finished_at": None if finished is None else _round(finished.at),
+            "cut": None if finished is None else finished.cut,
+        }
+    invariants = []
+    for name in INVARIANTS:
+        count = monitor.violation_counts[name]
+        invariants.append(
+            {
+                "name": name,
+                "held": count == 0,
+                "violations": count,
+                "first": [str(v) for v in monitor.violations if v.invariant == name],
+            }
+        )
+    return {
+        "scenario": scenario.name,
+        "seed": simulation.seed,
+        "ok": not monitor.violations,
+        "simulated_seconds": _round(end),
+        "steps": monitor.step,
+        "config": {
+            "algorithm": config.balancer.algorithm,
+            "connect_retries": config.balancer.connect_retries,
+            "failure_threshold": config.health.failure_threshold,
+            "success_threshold": config.health.success_threshold,
+            "probe_interval": config.health.probe_interval,
+            "probe_timeout": config.health.probe_timeout,
+            "active_probes": config.health.active,
+            "connect_timeout": config.timeouts.connect,
+            "idle_timeout": config.timeouts.idle,
+            "drain_timeout": config.timeouts.drain,
+        },
+        "backends": backends,
+        "timeline": [
+            {
+                "at": _round(change.at),
+                "address": change.address,
+                "old": change.old.value,
+                "new": change.new.value,
+                "reason": change.reason,
+            }
+            for change in monitor.timeline
+        ],
+        "clients": {
+            "arrived": simulation.arrived,
+            "outcomes": {outcome.value: monitor.outcomes[outcome] for outcome in Outcome},
+            "in_flight_at_end": len(monitor.open),
+            "connect_latency_ms": latency,
+        },
+        "shutdown": shutdown,
+        "invariants": invariants,
+    }
+
+
+def _time_in_state(simulation: Simulation, address: str, end: float) -> dict[str, float]:
+    seconds = dict.fromkeys((state.value for state in HealthState), 0.0)
+    state, since = HealthState.HEALTHY, 0.0
+    for change in simulation.monitor.timeline:
+        if change.address == address:
+            seconds[state.value] += change.at - since
+            state, since = change.new, change.at
+    seconds[state.value] += max(0.0, end - since)
+    return {name: _round(value) for name, value in seconds.items()}
+
+
+def render_report(report: dict[str, Any], console: Console) -> None:
+    """Print a report for people."""
+    verdict = "[green]every invariant held[/]" if report["ok"] else "[bold red]FAILED[/]"
+    console.print(
+        f"[bold]{report['scenario']}[/] seed {report['seed']}: "
+        f"{report['simulated_seconds']:.3f} s simulated in {report['steps']} steps, {verdict}"
+    )
+
+    backends = Table(title="Backends", title_justify="left")
+    for column in ("backend", "weight", "conns", "failed", "probes", "resets", "final"):
+        backends.add_column(column, justify="left" if column in ("backend", "final") else "right")
+    for state in HealthState:
+        backends.add_column(f"{state.value} s", justify="right")
+    for row in report["backends"]:
+        backends.add_row(
+            row["address"],
+            str(row["weight"]),
+            str(row["connections"]),
+            str(row["connect_failures"]),
+            f"{row['probes'] - row['probe_failures']}/{row['probes']}",
+            str(row["resets"]),
+            row["final_state"],
+            *(f"{row['seconds_in_state'][state.value]:.1f}" for state in HealthState),
+        )
+    console.print(backends)
+
+    timeline = Table(title="State timeline", title_justify="left")
+    for column in ("t (s)", "backend", "change", "reason"):
+        timeline.add_column(column, justify="right" if column == "t (s)" else "left")
+    for change in report["timeline"][:_TIMELINE_ROWS]:
+        timeline.add_row(
+            f"{change['at']:.3f}",
+            change["address"],
+            f"{change['old']} -> {change['new']}",
+            change["reason"],
+        )
+    hidden = len(report["timeline"]) - _TIMELINE_ROWS
+    if hidden > 0:
+        timeline.caption = f"{hidden} more in --json"
+    if report["timeline"]:
+        console.print(timeline)
+    else:
+        console.print("State timeline: every backend stayed healthy")
+
+    clients = report["clients"]
+    seen = Table(title="What clients saw", title_justify="left")
+    seen.add_column("outcome")
+    seen.add_column("connections", justify="right")
+    seen.add_row("arrived", str(clients["arrived"]))
+    for outcome, count in clients["outcomes"].items():
+        if count:
+            seen.add_row(outcome.replace("_", " "), str(count))
+    if clients["in_flight_at_end"]:
+        seen.add_row("still open at the end", str(clients["in_flight_at_end"]))
+    console.print(seen)
+    latency = clients["connect_latency_ms"]
+    if latency["count"]:
+        console.print(
+            f"Connect latency (ms): p50 {latency['p50']:.3f}  p90 {latency['p90']:.3f}  "
+            f"p99 {latency['p99']:.3f}  max {latency['max']:.3f}  ({latency['count']} connects)"
+        )
+    shutdown = report["shutdown"]
+    if shutdown is not None:
+        console.print(
+            f"Shutdown at {shutdown['at']:.3f} s with {shutdown['in_flight']} in flight, "
+            f"deadline {shutdown['deadline']:.3f} s: finished at {shutdown['finished_at']} s, "
+            f"{shutdown['cut']} cut"
+        )
+
+    invariants = Table(title="Invariants (checked at every step)", title_justify="left")
+    invariants.add_column("invariant")
+    invariants.add_column("held")
+    invariants.add_column("first violation")
+    for row in report["invariants"]:
+        held = "[green]yes[/]" if row["held"] else f"[red]no ({row['violations']})[/]"
+        invariants.add_row(row["name"], held, row["first"][0] if row["first"] else "")
+    console.print(invariants)

@@ -1,0 +1,395 @@
+"""Scenario files: a load-balancer config plus the ``[sim]`` world it runs in.
+
+A scenario is one TOML document. Everything outside ``[sim]`` is the
+load-balancer configuration in exactly the ``config.toml`` schema and goes
+through :func:`loble.core.parse_config` unchanged, so a user simulates their
+real config by pasting it, or by naming it with ``sim.config = "path"``
+(its sections are the base; sections in the scenario replace them whole).
+``[sim]`` describes the world: how long, the clients, the network and the
+fault schedule. It is validated with the config's own checker, so a bad
+scenario gets the same one-line, key-naming errors as a bad config, all of
+them in one :class:`ConfigError`.
+
+This module reads no clock and draws no random number: it only turns a
+document into frozen values (and each :class:`Distribution` into a sampler
+bound to the run's one ``random.Random``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loble.config import read_toml
+from loble.core import Config, ConfigError, parse_config
+from loble.core._config import _Checker, _choice, _integer, _seconds, _table
+
+__all__ = [
+    "BEHAVIOURS",
+    "ClientsConfig",
+    "Distribution",
+    "Fault",
+    "NetworkConfig",
+    "RatePhase",
+    "Scenario",
+    "SimConfig",
+    "load_scenario",
+    "parse_scenario",
+]
+
+BEHAVIOURS = ("up", "crash", "blackhole", "reset", "slow", "capacity", "flapping", "recover")
+"""What a backend does, switched on and off in time by the fault schedule.
+
+* ``up``: accepts connects and serves them.
+* ``crash``: connects and probes are refused; established connections are reset.
+* ``blackhole``: connects and probes hang (until the connect or probe timeout).
+* ``reset``: connects succeed, then a share (``probability``) is reset mid-stream.
+* ``slow``: ``delay`` seconds added to connects, probes and responses.
+* ``capacity``: refuses connects and probes beyond ``limit`` open connections.
+* ``flapping``: up for ``period / 2``, down (as ``crash``, without resets), repeat.
+* ``recover``: the same as ``up``; reads better at the end of a fault.
+"""
+
+ARRIVALS = ("poisson", "constant")
+DISTRIBUTIONS = ("constant", "exponential", "uniform", "lognormal")
+_DISTRIBUTION_KEYS: dict[str, tuple[str, ...]] = {
+    "constant": ("kind", "value"),
+    "exponential": ("kind", "mean"),
+    "uniform": ("kind", "low", "high"),
+    "lognormal": ("kind", "median", "sigma"),
+}
+_SIM_KEYS = ("config", "duration", "seed", "shutdown_at", "settle", "clients", "network", "faults")
+_CLIENT_KEYS = ("arrival", "rate", "schedule", "duration", "bytes", "half_close")
+_NETWORK_KEYS = ("latency",)
+_FAULT_KEYS = ("at", "until", "backend", "behaviour", "period", "limit", "delay", "probability")
+_PHASE_KEYS = ("at", "rate")
+ALL_BACKENDS = "*"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Distribution:
+    """A non-negative random quantity: seconds or bytes."""
+
+    kind: str = "constant"
+    value: float = 0.0
+    mean: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    median: float = 0.0
+    sigma: float = 0.0
+
+    def sampler(self, rng: random.Random) -> Callable[[], float]:
+        """A zero-argument function drawing from this distribution with ``rng``."""
+        if self.kind == "exponential":
+            rate = 1.0 / self.mean
+            expovariate = rng.expovariate
+            return lambda: expovariate(rate)
+        if self.kind == "uniform":
+            low, span, draw = self.low, self.high - self.low, rng.random
+            return lambda: low + span * draw()
+        if self.kind == "lognormal":
+            mu, sigma, lognormvariate = math.log(self.median), self.sigma, rng.lognormvariate
+            return lambda: lognormvariate(mu, sigma)
+        value = self.value
+        return lambda: value
+
+    @property
+    def maximum(self) -> float:
+        """The largest value it can draw (infinite for the unbounded kinds)."""
+        if self.kind == "constant":
+            return self.value
+        if self.kind == "uniform":
+            return self.high
+        return math.inf
+
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return f"{self.value:g}"
+        if self.kind == "exponential":
+            return f"exponential(mean={self.mean:g})"
+        if self.kind == "uniform":
+            return f"uniform({self.low:g}..{self.high:g})"
+        return f"lognormal(median={self.median:g}, sigma={self.sigma:g})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RatePhase:
+    """From ``at`` on, clients arrive at ``rate`` per second."""
+
+    at: float
+    rate: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientsConfig:
+    arrival: str = "poisson"
+    rate: float = 10.0
+    """Connections per second from t=0, until the first schedule phase."""
+    schedule: tuple[RatePhase, ...] = ()
+    duration: Distribution = Distribution(kind="exponential", mean=1.0)
+    """How long a connection carries data once connected."""
+    bytes: Distribution = Distribution(kind="constant", value=10_000.0)
+    half_close: float = 0.5
+    """Share of clients that send EOF first; the backend closes first for the rest."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkConfig:
+    latency: Distribution = Distribution(kind="constant", value=0.001)
+    """Round-trip time between the load balancer and a backend or client."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """From ``at`` (until ``until``, if given) ``backend`` behaves as ``behaviour``."""
+
+    at: float
+    backend: str
+    """A backend address, or ``*`` for every backend."""
+    behaviour: str
+    until: float | None = None
+    period: float = 10.0
+    limit: int = 100
+    delay: float = 0.5
+    probability: float = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    duration: float = 60.0
+    """Seconds during which clients arrive; the run then settles (see ``settle``)."""
+    seed: int = 1
+    shutdown_at: float | None = None
+    """When the process gets SIGTERM; it then drains for ``timeouts.drain``."""
+    settle: float = 600.0
+    """After ``duration``, at most this long for open connections to end."""
+    clients: ClientsConfig = ClientsConfig()
+    network: NetworkConfig = NetworkConfig()
+    faults: tuple[Fault, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    name: str
+    config: Config
+    sim: SimConfig
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file; every problem in one ConfigError."""
+    path = Path(path)
+    document = read_toml(path)
+    return parse_scenario(document, name=path.stem, base_dir=path.parent)
+
+
+def parse_scenario(
+    document: Mapping[str, Any], *, name: str = "scenario", base_dir: Path | None = None
+) -> Scenario:
+    """Validate a parsed scenario document (the ``config.toml`` schema plus ``[sim]``)."""
+    checker = _Checker()
+    lb_part = {key: value for key, value in document.items() if key != "sim"}
+    sim_table = _table(checker, "sim", document.get("sim"))
+    if "sim" not in document:
+        checker.error("sim", "missing: a scenario needs a [sim] table")
+    included = sim_table.get("config")
+    if included is not None:
+        if isinstance(included, str):
+            base = read_toml((base_dir or Path()) / included)
+            base.pop("sim", None)
+            lb_part = {**base, **lb_part}
+        else:
+            checker.error("sim.config", f"{included!r} is not a path to a config file")
+    config: Config | None = None
+    try:
+        config = parse_config(lb_part)
+    except ConfigError as error:
+        checker.errors.extend(error.errors)
+    addresses = _addresses(lb_part.get("backends"))
+    sim = _parse_sim(checker, sim_table, addresses)
+    if checker.errors or config is None:
+        raise ConfigError(checker.errors)
+    return Scenario(name=name, config=config, sim=sim)
+
+
+def _addresses(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        return ()
+    return tuple(
+        entry["address"]
+        for entry in raw
+        if isinstance(entry, Mapping) and isinstance(entry.get("address"), str)
+    )
+
+
+def _fraction(raw: Any) -> str | None:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return "is not a number"
+    if not 0.0 <= raw <= 1.0:
+        return "must be between 0 and 1"
+    return None
+
+
+def _number(raw: Any) -> str | None:
+    return _seconds(positive=False)(raw) or (None if raw >= 0 else "must be >= 0")
+
+
+def _parse_sim(
+    checker: _Checker, table: Mapping[str, Any], addresses: tuple[str, ...]
+) -> SimConfig:
+    checker.unknown_keys("sim", table, _SIM_KEYS)
+    defaults = SimConfig()
+    duration = float(checker.value("sim", table, "duration", defaults.duration, _seconds()))
+    seed = checker.value("sim", table, "seed", defaults.seed, _integer(0))
+    shutdown_at = checker.value("sim", table, "shutdown_at", None, _number)
+    settle = float(checker.value("sim", table, "settle", defaults.settle, _number))
+    clients = _parse_clients(checker, _table(checker, "sim.clients", table.get("clients")))
+    network_table = _table(checker, "sim.network", table.get("network"))
+    checker.unknown_keys("sim.network", network_table, _NETWORK_KEYS)
+    network = NetworkConfig(
+        latency=_distribution(
+            checker, "sim.network.latency", network_table, "latency", NetworkConfig().latency
+        )
+    )
+    faults = _parse_faults(checker, table.get("faults"), addresses)
+    return SimConfig(
+        duration=duration,
+        seed=seed,
+        shutdown_at=None if shutdown_at is None else float(shutdown_at),
+        settle=settle,
+        clients=clients,
+        network=network,
+        faults=faults,
+    )
+
+
+def _parse_clients(checker: _Checker, table: Mapping[str, Any]) -> ClientsConfig:
+    path = "sim.clients"
+    checker.unknown_keys(path, table, _CLIENT_KEYS)
+    defaults = ClientsConfig()
+    arrival = checker.value(path, table, "arrival", defaults.arrival, _choice(ARRIVALS))
+    rate = float(checker.value(path, table, "rate", defaults.rate, _number))
+    schedule: list[RatePhase] = []
+    raw_schedule = table.get("schedule", [])
+    if not isinstance(raw_schedule, list):
+        checker.error(f"{path}.schedule", f"{raw_schedule!r} is not an array of tables")
+        raw_schedule = []
+    for index, entry in enumerate(raw_schedule):
+        where = f"{path}.schedule[{index}]"
+        if not isinstance(entry, Mapping):
+            checker.error(where, f"{entry!r} is not a table")
+            continue
+        checker.unknown_keys(where, entry, _PHASE_KEYS)
+        if "at" not in entry or "rate" not in entry:
+            checker.error(where, "needs both 'at' and 'rate'")
+            continue
+        at = checker.value(where, entry, "at", None, _number)
+        phase_rate = checker.value(where, entry, "rate", None, _number)
+        if at is None or phase_rate is None:
+            continue
+        if schedule and at <= schedule[-1].at:
+            checker.error(f"{where}.at", f"{at!r} must be later than the phase before")
+            continue
+        schedule.append(RatePhase(at=float(at), rate=float(phase_rate)))
+    return ClientsConfig(
+        arrival=arrival,
+        rate=rate,
+        schedule=tuple(schedule),
+        duration=_distribution(checker, f"{path}.duration", table, "duration", defaults.duration),
+        bytes=_distribution(checker, f"{path}.bytes", table, "bytes", defaults.bytes),
+        half_close=float(checker.value(path, table, "half_close", defaults.half_close, _fraction)),
+    )
+
+
+def _distribution(
+    checker: _Checker, path: str, table: Mapping[str, Any], key: str, default: Distribution
+) -> Distribution:
+    """A bare number means a constant; a table names its ``kind`` and parameters."""
+    if key not in table:
+        return default
+    raw = table[key]
+    if not isinstance(raw, Mapping):
+        problem = _number(raw)
+        if problem is not None:
+            checker.error(path, f"{raw!r} {problem}")
+            return default
+        return Distribution(kind="constant", value=float(raw))
+    if "kind" not in raw:
+        checker.error(f"{path}.kind", f"missing: one of {', '.join(DISTRIBUTIONS)}")
+        return default
+    kind = raw["kind"]
+    problem = _choice(DISTRIBUTIONS)(kind)
+    if problem is not None:
+        checker.error(f"{path}.kind", f"{kind!r} {problem}")
+        return default
+    assert isinstance(kind, str)
+    valid = _DISTRIBUTION_KEYS[kind]
+    checker.unknown_keys(path, raw, valid)
+    before = len(checker.errors)
+    parameters: dict[str, float] = {}
+    for name in valid[1:]:
+        if name not in raw:
+            checker.error(f"{path}.{name}", f"missing: a {kind} distribution needs {name}")
+            continue
+        positive = name in ("mean", "median")
+        value = checker.value(path, raw, name, 0.0, _seconds() if positive else _number)
+        parameters[name] = float(value)
+    if kind == "uniform" and parameters.get("low", 0.0) > parameters.get("high", math.inf):
+        checker.error(f"{path}.high", f"{raw['high']!r} must be >= low")
+    if len(checker.errors) > before:
+        return default
+    return Distribution(kind=kind, **parameters)
+
+
+def _parse_faults(checker: _Checker, raw: Any, addresses: tuple[str, ...]) -> tuple[Fault, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        checker.error("sim.faults", f"{raw!r} is not an array of tables ([[sim.faults]])")
+        return ()
+    faults: list[Fault] = []
+    defaults = Fault(at=0.0, backend=ALL_BACKENDS, behaviour="up")
+    for index, entry in enumerate(raw):
+        path = f"sim.faults[{index}]"
+        if not isinstance(entry, Mapping):
+            checker.error(path, f"{entry!r} is not a table")
+            continue
+        checker.unknown_keys(path, entry, _FAULT_KEYS)
+        before = len(checker.errors)
+        for required in ("at", "backend", "behaviour"):
+            if required not in entry:
+                checker.error(
+                    f"{path}.{required}", "missing: every fault needs at, backend, behaviour"
+                )
+        at = float(checker.value(path, entry, "at", 0.0, _number))
+        backend = entry.get("backend", ALL_BACKENDS)
+        if "backend" in entry and backend != ALL_BACKENDS and backend not in addresses:
+            close = difflib.get_close_matches(str(backend), addresses, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            checker.error(f"{path}.backend", f"{backend!r} is not a backend address (or '*'){hint}")
+        behaviour = checker.value(path, entry, "behaviour", "up", _choice(BEHAVIOURS))
+        until = checker.value(path, entry, "until", None, _number)
+        if until is not None and until <= at:
+            checker.error(f"{path}.until", f"{until!r} must be later than at ({at:g})")
+        fault = Fault(
+            at=at,
+            backend=backend,
+            behaviour=behaviour,
+            until=None if until is None else float(until),
+            period=float(checker.value(path, entry, "period", defaults.period, _seconds())),
+            limit=checker.value(path, entry, "limit", defaults.limit, _integer(0)),
+            delay=float(checker.value(path, entry, "delay", defaults.delay, _number)),
+            probability=float(
+                checker.value(path, entry, "probability", defaults.probability, _fraction)
+            ),
+        )
+        if len(checker.errors) == before:
+            faults.append(fault)
+    return tuple(faults)
