@@ -1,0 +1,248 @@
+"""Prometheus metrics of one daemon, and the small HTTP endpoint that serves them.
+
+Counters and histograms are updated as the core's events go by; gauges
+(active connections, backend state, snapshot version, draining) are read from
+the core at scrape time by a collector, so they can never drift from the
+truth. Each daemon owns a private :class:`CollectorRegistry`, so several can
+run in one process. Every metric is documented in ``docs/metrics.md``.
+
+The endpoint runs on the daemon's own event loop (no thread): a scrape reads
+the core from the only thread that touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import anyio
+from anyio.abc import SocketListener, SocketStream
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from loble.core import (
+    BackendStateChanged,
+    ConnectBackend,
+    ConnectionClosed,
+    HealthInput,
+    HealthReport,
+    HealthState,
+    Outcome,
+    Output,
+    ProcessState,
+    ProxyCore,
+)
+
+from ._logging import log
+
+__all__ = ["TO_BACKEND", "TO_CLIENT", "Metrics", "serve_metrics"]
+
+TO_BACKEND = "to_backend"
+TO_CLIENT = "to_client"
+
+_CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_WITHOUT_BACKEND = (Outcome.NO_BACKEND, Outcome.REFUSED_SHUTTING_DOWN)
+_DURATION_BUCKETS = (0.001, 0.01, 0.1, 1, 10, 60, 300, 1800, 3600)
+
+
+class Metrics:
+    """The metric families of one daemon, in a registry of its own."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.connections = Counter(
+            "loble_connections",
+            "Client connections ended, by the backend of their last attempt and outcome.",
+            ("backend", "outcome"),
+            registry=registry,
+        )
+        self.no_backend = Counter(
+            "loble_no_backend_refusals",
+            "Clients closed at once because no backend was eligible.",
+            registry=registry,
+        )
+        self.retries = Counter(
+            "loble_connect_retries",
+            "Connect attempts after the first, by the backend retried on.",
+            ("backend",),
+            registry=registry,
+        )
+        self.connect_failures = Counter(
+            "loble_connect_failures",
+            "Connect attempts refused or timed out, by backend.",
+            ("backend",),
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "loble_backend_bytes",
+            "Bytes proxied, by backend and direction (to_backend or to_client).",
+            ("backend", "direction"),
+            unit="bytes",
+            registry=registry,
+        )
+        self.transitions = Counter(
+            "loble_health_transitions",
+            "Backend health state changes.",
+            ("backend", "from", "to"),
+            registry=registry,
+        )
+        self.probes = Counter(
+            "loble_probes",
+            "Health probes (TCP connects) by backend and result.",
+            ("backend", "result"),
+            registry=registry,
+        )
+        self.connect_time = Histogram(
+            "loble_backend_connect_duration_seconds",
+            "Time to establish a backend connection (successful attempts).",
+            ("backend",),
+            buckets=_CONNECT_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "loble_connection_duration_seconds",
+            "Client connection lifetime, accept to close.",
+            ("backend",),
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        # Every backend's series exist from the start, at zero, so a rate()
+        # over a fresh daemon and an absent series never mean different things.
+        for backend in core.config.backends:
+            address = backend.address
+            self.retries.labels(address)
+            self.connect_failures.labels(address)
+            self.bytes.labels(address, TO_BACKEND)
+            self.bytes.labels(address, TO_CLIENT)
+            for outcome in Outcome:
+                if outcome not in _WITHOUT_BACKEND:
+                    self.connections.labels(address, outcome.value)
+        self.connections.labels("", Outcome.NO_BACKEND.value)
+        registry.register(_CoreCollector(core))
+
+    def record(self, output: Output) -> None:
+        """Count one output of the core (most need nothing)."""
+        match output:
+            case ConnectionClosed():
+                backend = output.backend or ""
+                self.connections.labels(backend, output.outcome.value).inc()
+                if output.outcome is Outcome.NO_BACKEND:
+                    self.no_backend.inc()
+                if output.backend is not None:
+                    self.duration.labels(backend).observe(output.at - output.opened_at)
+            case HealthReport(input=HealthInput.PASSIVE_FAILURE):
+                self.connect_failures.labels(output.address).inc()
+            case ConnectBackend() if output.attempt > 1:
+                self.retries.labels(output.backend.address).inc()
+            case BackendStateChanged():
+                self.transitions.labels(output.address, output.old.value, output.new.value).inc()
+
+    def probe(self, address: str, ok: bool) -> None:
+        self.probes.labels(address, "success" if ok else "failure").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CoreCollector:
+    """Gauges read straight from the core when scraped."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self._core = core
+
+    def collect(self) -> Iterator[Metric]:
+        core = self._core
+        control = core.control
+        active = GaugeMetricFamily(
+            "loble_backend_active_connections",
+            "Connections on each backend, connecting or established.",
+            labels=("backend",),
+        )
+        state = GaugeMetricFamily(
+            "loble_backend_state",
+            "1 for the state each backend is in, 0 for the others.",
+            labels=("backend", "state"),
+        )
+        for address in control.backends:
+            active.add_metric((address,), control.active_connections(address))
+            current = control.state(address)
+            for health_state in HealthState:
+                state.add_metric((address, health_state.value), float(current is health_state))
+        yield active
+        yield state
+        yield GaugeMetricFamily(
+            "loble_connections_in_flight",
+            "Client connections open now, from accept to close.",
+            value=core.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "loble_snapshot_version",
+            "Version of the published snapshot; it changes only when membership does.",
+            value=core.snapshot.version,
+        )
+        yield GaugeMetricFamily(
+            "loble_snapshot_backends",
+            "Backends eligible for new connections (in the snapshot).",
+            value=len(core.snapshot),
+        )
+        yield GaugeMetricFamily(
+            "loble_draining",
+            "1 once shutdown has begun: not accepting, waiting for connections to finish.",
+            value=float(core.process.state is not ProcessState.RUNNING),
+        )
+
+
+# -- the endpoint ------------------------------------------------------------------
+
+_REQUEST_LIMIT = 8_192
+_REQUEST_TIMEOUT = 10.0
+
+
+async def serve_metrics(listener: SocketListener, metrics: Metrics, logger: logging.Logger) -> None:
+    """Answer ``GET /metrics`` on ``listener`` until cancelled."""
+    async with listener, anyio.create_task_group() as scrapes:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                log(logger, logging.WARNING, "metrics accept failed", error=str(error))
+                await anyio.sleep(0.1)  # e.g. out of file descriptors: let some close
+                continue
+            scrapes.start_soon(_answer, stream, metrics)
+
+
+async def _answer(stream: SocketStream, metrics: Metrics) -> None:
+    async with stream:
+        request = b""
+        with anyio.move_on_after(_REQUEST_TIMEOUT):
+            try:
+                while b"\r\n\r\n" not in request and len(request) < _REQUEST_LIMIT:
+                    request += await stream.receive(_REQUEST_LIMIT)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return
+        if b"\r\n\r\n" not in request:
+            return  # slow, huge or not HTTP: nothing worth answering
+        method, _, rest = request.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            status, content_type, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+        elif path in (b"/metrics", b"/"):
+            status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+        else:
+            status, content_type, body = "404 Not Found", "text/plain", b"try /metrics\n"
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            await stream.send(head if method == b"HEAD" else head + body)
+            await stream.send_eof()
+            # Wait for the scraper to close first: closing with its bytes unread
+            # would reset the connection and could lose the response.
+            with anyio.move_on_after(_REQUEST_TIMEOUT):
+                while True:
+                    await stream.receive(_REQUEST_LIMIT)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            return

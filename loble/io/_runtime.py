@@ -1,0 +1,46 @@
+"""Choosing the event loop: ``[runtime] backend`` is asyncio, uvloop or trio.
+
+All of Loble's I/O is written against anyio, so the choice is only which
+loop ``anyio.run`` starts. A runtime that is not installed is a user error
+with a one-line fix, never an ImportError traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from loble.core import ConfigError, RuntimeConfig
+
+__all__ = ["run", "runtime_options"]
+
+
+def runtime_options(runtime: RuntimeConfig) -> tuple[str, dict[str, Any]]:
+    """The anyio backend name and options for ``anyio.run``."""
+    if runtime.workers != 1:
+        raise ConfigError(
+            [f"runtime.workers: {runtime.workers} is not supported yet; this version runs 1"]
+        )
+    if runtime.backend == "trio":
+        _require("trio", "pip install trio")
+        return "trio", {}
+    if runtime.backend == "uvloop":
+        _require("uvloop", "pip install 'loble[uvloop]', or set backend = \"asyncio\"")
+        return "asyncio", {"use_uvloop": True}
+    return "asyncio", {}
+
+
+def _require(module: str, fix: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError([f"runtime.backend: '{module}' is not installed: {fix}"]) from None
+
+
+def run(main: Callable[[], Awaitable[object]], runtime: RuntimeConfig) -> None:
+    """Run ``main`` to completion on the configured event loop."""
+    backend, options = runtime_options(runtime)
+    anyio.run(main, backend=backend, backend_options=options)
