@@ -70,6 +70,8 @@ __all__ = ["TRANSITIONS", "ConnInput", "ConnState", "Connection"]
 
 
 class ConnState(enum.Enum):
+    __hash__ = object.__hash__  # identity hashing in C; see _health.HealthState
+
     CONNECTING = "connecting"
     ESTABLISHED = "established"
     CLIENT_DONE = "client_done"
@@ -80,6 +82,8 @@ class ConnState(enum.Enum):
 
 
 class ConnInput(enum.Enum):
+    __hash__ = object.__hash__
+
     CONNECT_OK = "connect_ok"
     CONNECT_FAILED = "connect_failed"
     CONNECT_TIMEOUT = "connect_timeout"
@@ -199,7 +203,7 @@ class Connection:
         self.state = ConnState.CONNECTING
         self.deadline_at = now + self.connect_timeout
         return [
-            HealthReport(address=backend.address, input=HealthInput.CONNECTION_STARTED),
+            HealthReport.of(backend.address, HealthInput.CONNECTION_STARTED),
             ConnectBackend(connection_id=self.connection_id, attempt=self.attempt, backend=backend),
         ]
 
@@ -207,10 +211,8 @@ class Connection:
         assert self.backend is not None
         outputs: list[Output] = []
         if verdict is not None:
-            outputs.append(HealthReport(address=self.backend.address, input=verdict))
-        outputs.append(
-            HealthReport(address=self.backend.address, input=HealthInput.CONNECTION_FINISHED)
-        )
+            outputs.append(HealthReport.of(self.backend.address, verdict))
+        outputs.append(HealthReport.of(self.backend.address, HealthInput.CONNECTION_FINISHED))
         return outputs
 
     def _close(self, outcome: Outcome, now: float) -> list[Output]:
@@ -240,7 +242,7 @@ def _connect_ok(conn: Connection, now: float) -> list[Output]:
     conn.state = ConnState.ESTABLISHED
     conn.connected_at = now
     conn.last_activity = now
-    return [HealthReport(address=conn.backend.address, input=HealthInput.PASSIVE_SUCCESS)]
+    return [HealthReport.of(conn.backend.address, HealthInput.PASSIVE_SUCCESS)]
 
 
 def _connect_failed(conn: Connection, now: float) -> list[Output]:

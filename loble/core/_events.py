@@ -128,6 +128,19 @@ class HealthReport:
     address: str
     input: HealthInput
 
+    @staticmethod
+    def of(address: str, health_input: HealthInput) -> HealthReport:
+        """The shared instance for this pair: reports are values, so the hot
+        path reuses them instead of allocating three per connection."""
+        key = (address, health_input)
+        report = _REPORTS.get(key)
+        if report is None:
+            report = _REPORTS[key] = HealthReport(address=address, input=health_input)
+        return report
+
+
+_REPORTS: dict[tuple[str, HealthInput], HealthReport] = {}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendStateChanged:

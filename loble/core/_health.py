@@ -67,12 +67,18 @@ __all__ = [
 
 
 class HealthState(enum.Enum):
+    # Members are singletons, so identity hashing is exact, and it runs in C:
+    # Enum's own __hash__ is Python code on the hot path of every table lookup.
+    __hash__ = object.__hash__
+
     HEALTHY = "healthy"
     DRAINING = "draining"
     UNHEALTHY = "unhealthy"
 
 
 class HealthInput(enum.Enum):
+    __hash__ = object.__hash__
+
     CONNECTION_STARTED = "connection_started"
     CONNECTION_FINISHED = "connection_finished"
     PASSIVE_SUCCESS = "passive_success"
@@ -203,32 +209,24 @@ def _unhealthy_success(health: BackendHealth) -> tuple[HealthState, str] | None:
     return HealthState.HEALTHY, f"{health.consecutive_successes} consecutive probe successes"
 
 
-def _stay(effect: Callable[[BackendHealth], None]) -> Rule:
-    def rule(health: BackendHealth) -> None:
-        effect(health)
-
-    rule.__name__ = effect.__name__
-    return rule
-
-
 _H, _D, _U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
 _I = HealthInput
 
 TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
-    (_H, _I.CONNECTION_STARTED): _stay(_started),
-    (_H, _I.CONNECTION_FINISHED): _stay(_finished),
-    (_H, _I.PASSIVE_SUCCESS): _stay(_count_success),
+    (_H, _I.CONNECTION_STARTED): _started,
+    (_H, _I.CONNECTION_FINISHED): _finished,
+    (_H, _I.PASSIVE_SUCCESS): _count_success,
     (_H, _I.PASSIVE_FAILURE): _healthy_failure,
-    (_H, _I.PROBE_SUCCESS): _stay(_count_success),
+    (_H, _I.PROBE_SUCCESS): _count_success,
     (_H, _I.PROBE_FAILURE): _healthy_failure,
     # DRAINING: no CONNECTION_STARTED row; it is out of the snapshot.
     (_D, _I.CONNECTION_FINISHED): _draining_finished,
-    (_D, _I.PASSIVE_SUCCESS): _stay(_count_success),
-    (_D, _I.PASSIVE_FAILURE): _stay(_count_failure),
-    (_D, _I.PROBE_SUCCESS): _stay(_count_success),
-    (_D, _I.PROBE_FAILURE): _stay(_count_failure),
+    (_D, _I.PASSIVE_SUCCESS): _count_success,
+    (_D, _I.PASSIVE_FAILURE): _count_failure,
+    (_D, _I.PROBE_SUCCESS): _count_success,
+    (_D, _I.PROBE_FAILURE): _count_failure,
     # UNHEALTHY: carries no connection, so only probes reach it.
     (_U, _I.PROBE_SUCCESS): _unhealthy_success,
-    (_U, _I.PROBE_FAILURE): _stay(_count_failure),
+    (_U, _I.PROBE_FAILURE): _count_failure,
 }
 """Every legal ``(state, input)`` pair and the rule it runs."""

@@ -31,12 +31,16 @@ __all__ = ["TRANSITIONS", "ProcessInput", "ProcessLifecycle", "ProcessState"]
 
 
 class ProcessState(enum.Enum):
+    __hash__ = object.__hash__  # identity hashing in C; see _health.HealthState
+
     RUNNING = "running"
     DRAINING = "draining"
     STOPPED = "stopped"
 
 
 class ProcessInput(enum.Enum):
+    __hash__ = object.__hash__
+
     SHUTDOWN = "shutdown"
     IDLE = "idle"
     """Nothing is in flight any more."""

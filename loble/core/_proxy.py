@@ -106,21 +106,9 @@ class ProxyCore:
             )
             close = CloseConnection(connection_id=connection_id, outcome=closed.outcome)
             return connection_id, [close, closed]
-        snapshot = self.control.snapshot  # taken once for the first pick
-        control = self.control
-        balancer = self.balancer
-
-        def pick(exclude: Collection[str]) -> Backend | None:
-            # The first attempt uses the snapshot taken at accept. A retry takes
-            # the snapshot current when the failure arrives (before that
-            # failure's own report is applied; the failed backend is excluded
-            # anyway), since time has passed and health may have moved.
-            current = snapshot if not exclude else control.snapshot
-            return balancer.pick(current, control.active_connections, exclude)
-
         connection = Connection(
             connection_id,
-            pick=pick,
+            pick=self._pick,
             connect_timeout=self.config.timeouts.connect,
             idle_timeout=self.config.timeouts.idle,
             connect_retries=self.config.balancer.connect_retries,
@@ -228,6 +216,14 @@ class ProxyCore:
         return outputs
 
     # -- internals ----------------------------------------------------------------------
+
+    def _pick(self, exclude: Collection[str]) -> Backend | None:
+        # Each attempt reads the snapshot once, when it picks: for the first
+        # attempt that is the instant of accept. A retry reads the snapshot
+        # current when the failure arrives (before that failure's own report
+        # is applied; the failed backend is excluded anyway).
+        control = self.control
+        return self.balancer.pick(control.snapshot, control.active_connections, exclude)
 
     def _input(self, connection_id: int, conn_input: ConnInput, now: float) -> list[Output]:
         connection = self.connections.get(connection_id)
