@@ -187,6 +187,7 @@ class Simulation:
         self._phases = [(0.0, sim.clients.rate)] + [
             (phase.at, phase.rate) for phase in sim.clients.schedule
         ]
+        self._scheduled_in_phase = 0
         idle = scenario.config.timeouts.idle
         self._touch_every = idle / 2
         self._socket_backend: dict[int, SimBackend] = {}
@@ -321,21 +322,30 @@ class Simulation:
         self._next_arrival(now)
 
     def _next_arrival(self, now: float) -> None:
-        """Schedule the next client, or a wake-up at the next change of rate."""
+        """Schedule the next client, or a wake-up at the next change of rate.
+
+        Constant arrivals are spaced exactly ``1 / rate`` from the start of their
+        phase (computed, not accumulated, so no rounding drift); Poisson gaps
+        are exponential, and a Poisson process is memoryless, so restarting it
+        at a change of rate is exact.
+        """
         phases = self._phases
         while len(phases) > 1 and phases[1][0] <= now:
             phases.pop(0)
-        rate = phases[0][1]
+            self._scheduled_in_phase = 0
+        start, rate = phases[0]
         change = phases[1][0] if len(phases) > 1 else None
         if rate > 0:
-            gap = self.rng.expovariate(rate) if self._poisson else 1.0 / rate
-            at = now + gap
+            if self._poisson:
+                at = now + self.rng.expovariate(rate)
+            else:
+                at = start + self._scheduled_in_phase / rate
+                self._scheduled_in_phase += 1
             if change is None or at < change:
                 if at < self.scenario.sim.duration:
                     self._schedule(at, _ARRIVAL, True)
                 return
         if change is not None and change < self.scenario.sim.duration:
-            # A Poisson process is memoryless, so restarting at the change is exact.
             self._schedule(change, _ARRIVAL, False)
 
     def _on_arrivals_end(self, event: tuple[Any, ...], now: float) -> None:

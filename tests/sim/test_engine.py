@@ -1,0 +1,206 @@
+"""The engine: determinism, and what each behaviour does to the core's inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loble.core import HealthState, Outcome
+from loble.sim import Scenario, Simulation, build_report, load_scenario
+from loble.sim.cli import run_seed
+
+from .conftest import SCENARIOS, scenario
+
+
+def fingerprint(loaded: Scenario, seed: int) -> tuple[str, str]:
+    trace = io.StringIO()
+    report = run_seed(loaded, seed, trace)
+    text = json.dumps(report, sort_keys=True)
+    return hashlib.sha256(trace.getvalue().encode()).hexdigest(), text
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_same_seed_same_trace_and_report(path: Path) -> None:
+    """madsim's check: run each shipped scenario twice and compare every byte."""
+    loaded = load_scenario(path)
+    first = fingerprint(loaded, 7)
+    assert fingerprint(loaded, 7) == first
+    assert fingerprint(loaded, 8) != first
+    assert json.loads(first[1])["ok"]
+
+
+def run(loaded: Scenario, seed: int = 1) -> dict[str, Any]:
+    return build_report(Simulation(loaded, seed).run())
+
+
+def outcomes(report: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in report["clients"]["outcomes"].items() if v}
+
+
+def backend(report: dict[str, Any], index: int) -> dict[str, Any]:
+    return dict(report["backends"][index])
+
+
+def test_all_up_completes_everything() -> None:
+    report = run(scenario())
+    assert report["ok"]
+    assert outcomes(report) == {"completed": report["clients"]["arrived"]}
+    assert report["timeline"] == []
+    assert report["clients"]["in_flight_at_end"] == 0
+
+
+def test_crash_takes_a_backend_out_and_recovery_brings_it_back() -> None:
+    fault = {"at": 2.0, "until": 5.0, "backend": "10.9.0.1:80", "behaviour": "crash"}
+    report = run(scenario(sim_faults=[fault]))
+    assert report["ok"]
+    changes = [(c["address"], c["new"]) for c in report["timeline"]]
+    assert ("10.9.0.1:80", "healthy") in changes
+    assert backend(report, 0)["connect_failures"] >= 2
+    assert backend(report, 0)["final_state"] == "healthy"
+    assert backend(report, 0)["behaviours"] == [[0.0, "up"], [2.0, "crash"], [5.0, "up"]]
+
+
+def test_blackhole_connects_time_out_and_are_retried() -> None:
+    fault = {"at": 0.0, "backend": "10.9.0.2:80", "behaviour": "blackhole"}
+    report = run(scenario(sim_faults=[fault]))
+    assert report["ok"]
+    assert report["clients"]["connect_latency_ms"]["max"] >= 500.0  # one timed-out attempt
+    assert backend(report, 1)["final_state"] == "unhealthy"
+    assert backend(report, 1)["probes"] == backend(report, 1)["probe_failures"] > 0
+
+
+def test_every_backend_down_refuses_clients_at_once() -> None:
+    fault = {"at": 0.0, "backend": "*", "behaviour": "crash"}
+    report = run(scenario(sim_faults=[fault]))
+    assert report["ok"]
+    seen = outcomes(report)
+    assert seen["no_backend"] > 0
+    assert seen.get("connect_failed", 0) > 0
+
+
+def test_slow_connects_beyond_the_timeout_come_back_stale() -> None:
+    # Connects answer after 0.8 s, the core gives up at 0.5 s: every report is
+    # stale, and the simulated backend hangs up the socket it opened.
+    fault = {"at": 0.0, "backend": "*", "behaviour": "slow", "delay": 0.8}
+    simulation = Simulation(scenario(sim_faults=[fault], sim_duration=3.0), 1).run()
+    report = build_report(simulation)
+    assert report["ok"]
+    assert outcomes(report).get("completed", 0) == 0
+    assert all(world.open == 0 for world in simulation.backends.values())
+
+
+def test_slow_backend_adds_latency_but_serves() -> None:
+    fault = {"at": 0.0, "backend": "*", "behaviour": "slow", "delay": 0.1}
+    report = run(scenario(sim_faults=[fault]))
+    assert report["ok"]
+    assert report["clients"]["connect_latency_ms"]["p50"] >= 100.0
+    assert outcomes(report) == {"completed": report["clients"]["arrived"]}
+
+
+def test_reset_behaviour_resets_a_share_of_streams() -> None:
+    fault = {"at": 0.0, "backend": "10.9.0.1:80", "behaviour": "reset", "probability": 1.0}
+    report = run(scenario(sim_faults=[fault]))
+    assert report["ok"]
+    assert backend(report, 0)["resets"] == outcomes(report)["backend_reset"] > 0
+    assert backend(report, 1)["resets"] == 0
+
+
+def test_capacity_limit_refuses_beyond_n() -> None:
+    fault = {"at": 0.0, "backend": "*", "behaviour": "capacity", "limit": 2}
+    report = run(scenario(sim_faults=[fault], sim_clients={"rate": 100.0, "duration": 1.0}))
+    assert report["ok"]
+    assert sum(b["connect_failures"] for b in report["backends"]) > 0
+    assert outcomes(report)["completed"] > 0
+
+
+def test_flapping_alternates() -> None:
+    fault = {"at": 1.0, "backend": "10.9.0.1:80", "behaviour": "flapping", "period": 4.0}
+    report = run(scenario(sim_faults=[fault], sim_duration=20.0))
+    assert report["ok"]
+    news = [c["new"] for c in report["timeline"] if c["address"] == "10.9.0.1:80"]
+    assert news.count("healthy") >= 2
+
+
+def test_shutdown_drains_then_cuts_at_the_deadline() -> None:
+    loaded = scenario(
+        sim_shutdown_at=3.0,
+        sim_clients={"rate": 20.0, "duration": {"kind": "uniform", "low": 0.5, "high": 10.0}},
+    )
+    report = run(loaded)
+    assert report["ok"]
+    shutdown = report["shutdown"]
+    assert shutdown["deadline"] == 8.0
+    assert shutdown["finished_at"] == 8.0
+    assert shutdown["cut"] == outcomes(report)["cut"] > 0
+    assert outcomes(report)["refused_shutting_down"] > 0
+    assert report["simulated_seconds"] == 8.0
+
+
+def test_shutdown_with_nothing_in_flight_stops_at_once() -> None:
+    report = run(scenario(sim_shutdown_at=0.0))
+    assert report["ok"]
+    assert report["shutdown"]["finished_at"] == 0.0
+    assert report["shutdown"]["cut"] == 0
+
+
+def test_constant_arrivals_and_a_rate_schedule() -> None:
+    loaded = scenario(
+        sim_clients={
+            "arrival": "constant",
+            "rate": 10.0,
+            "schedule": [{"at": 2.0, "rate": 0.0}, {"at": 5.0, "rate": 2.0}],
+        }
+    )
+    report = run(loaded)
+    # 10/s on [0, 2) then nothing until 5, then 2/s on [5, 10)
+    assert report["clients"]["arrived"] == 20 + 10
+
+
+def test_long_quiet_connections_are_kept_alive_by_touches() -> None:
+    loaded = scenario(
+        timeouts={"connect": 0.5, "idle": 1.0, "drain": 5.0},
+        sim_clients={"rate": 2.0, "duration": 3.0},
+    )
+    report = run(loaded)
+    assert report["ok"]
+    assert outcomes(report) == {"completed": report["clients"]["arrived"]}
+
+
+def test_the_settle_horizon_leaves_long_connections_open() -> None:
+    loaded = scenario(sim_settle=1.0, sim_clients={"rate": 2.0, "duration": 100.0})
+    report = run(loaded)
+    assert report["ok"]
+    assert report["clients"]["in_flight_at_end"] == report["clients"]["arrived"]
+    assert report["simulated_seconds"] <= 11.0
+
+
+def test_monitor_tally_matches_the_core_at_the_end() -> None:
+    fault = {"at": 1.0, "until": 4.0, "backend": "10.9.0.2:80", "behaviour": "crash"}
+    simulation = Simulation(scenario(sim_faults=[fault]), 3).run()
+    core, monitor = simulation.core, simulation.monitor
+    assert monitor.violations == []
+    for address in monitor.addresses:
+        assert monitor.state[address] is core.control.state(address)
+        assert monitor.active[address] == core.control.active_connections(address) == 0
+    assert monitor.state["10.9.0.2:80"] is HealthState.HEALTHY
+    assert sum(monitor.outcomes.values()) == monitor.accepted
+    assert monitor.outcomes[Outcome.COMPLETED] > 0
+
+
+def test_trace_lines_are_json_with_steps(tmp_path: Path) -> None:
+    trace = io.StringIO()
+    run_seed(scenario(sim_duration=1.0), 1, trace)
+    lines = [json.loads(line) for line in trace.getvalue().splitlines()]
+    assert lines[0]["output"] == "SnapshotPublished"
+    assert {"event", "output"} & set(lines[-1])
+    kinds = {line.get("event") or line["output"] for line in lines}
+    assert {"arrival", "ConnectBackend", "ConnectionClosed", "HealthReport"} <= kinds
+    connect = next(line for line in lines if line.get("output") == "ConnectBackend")
+    assert connect["backend"] in ("10.9.0.1:80", "10.9.0.2:80")
+    steps = [line["step"] for line in lines]
+    assert steps == sorted(steps)
