@@ -1,0 +1,265 @@
+"""Loopback test rig for the daemon: backends, clients, daemons, bounded waits.
+
+Everything runs on 127.0.0.1 with ports chosen by the OS. Tests never sleep
+to wait for something: :func:`wait_for` polls a condition with a bound and
+fails with the condition's description when the bound passes.
+
+With ``--import-mode=importlib`` a test module cannot import this file, so
+the rig reaches tests through one fixture, ``net``, whose attributes are the
+helpers below (``net.loopback()``, ``net.wait_for``, ``net.request``...).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import SocketStream, TaskGroup
+from prometheus_client.parser import text_string_to_metric_families
+
+from loble.core import parse_config
+from loble.io import Daemon
+
+WAIT_BOUND = 10.0
+"""Seconds any single condition may take before the test fails."""
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = WAIT_BOUND,
+    what: str = "",
+) -> None:
+    """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout``."""
+    with anyio.move_on_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.005)
+    raise AssertionError(f"not true within {timeout}s: {what or predicate}")
+
+
+async def read_all(stream: SocketStream) -> bytes:
+    """Read until EOF (a reset counts as EOF: the caller checks what arrived)."""
+    data = b""
+    while True:
+        try:
+            data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data
+
+
+async def request(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    """One client connection: send ``payload``, EOF, return everything answered."""
+    with anyio.fail_after(WAIT_BOUND):
+        async with await anyio.connect_tcp(*address) as stream:
+            try:
+                await stream.send(payload)
+                await stream.send_eof()
+            except (anyio.BrokenResourceError, OSError):
+                pass  # closed on us already: what arrived, if anything, tells
+            return await read_all(stream)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released: connects to it are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def reset(stream: SocketStream) -> None:
+    """Make the next close send RST, as a killed process's sockets do."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class TestBackend:
+    """A backend the test controls.
+
+    ``reply`` mode reads until the client's EOF, then answers ``name:`` plus
+    everything it read and closes: a reply proves the EOF arrived while the
+    other direction stayed open. ``greet`` mode sends ``name`` and EOF at once,
+    then records what the client sends until its EOF.
+    """
+
+    __test__ = False
+
+    def __init__(self, name: str, mode: str = "reply") -> None:
+        self.name = name
+        self.mode = mode
+        self.port = 0
+        self.accepted = 0
+        self.received: list[bytes] = []
+        self.open: set[SocketStream] = set()
+        self._scope: anyio.CancelScope | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def serve(self, port: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        (listener,) = multi.listeners
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tasks:
+            # Connections live outside the accept loop's scope: they outlive the listener.
+            with anyio.CancelScope() as self._scope:
+                async with multi:
+                    task_status.started()
+                    while True:
+                        stream = await listener.accept()
+                        self.accepted += 1
+                        self.open.add(stream)
+                        tasks.start_soon(self._handle, stream)
+
+    def stop_listening(self) -> None:
+        """New connects are refused from now on; open connections carry on."""
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def kill_connections(self) -> None:
+        for stream in list(self.open):
+            reset(stream)
+            await stream.aclose()
+
+    async def _handle(self, stream: SocketStream) -> None:
+        try:
+            if self.mode == "greet":
+                await stream.send(self.name.encode())
+                await stream.send_eof()
+                self.received.append(await read_all(stream))
+            else:
+                data = await read_all(stream)
+                self.received.append(data)
+                await stream.send(self.name.encode() + b":" + data)
+                await stream.send_eof()
+                await read_all(stream)  # close after the client, never with unread data
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.open.discard(stream)
+            await stream.aclose()
+
+
+class Capture(logging.Handler):
+    """Keeps each record's message and structured fields."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), dict(getattr(record, "fields", {}))))
+
+    def find(self, message: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            found
+            for msg, found in self.lines
+            if msg == message and all(found.get(k) == v for k, v in fields.items())
+        ]
+
+
+@dataclass
+class Loopback:
+    """Backends and daemons sharing one task group; everything stops on exit."""
+
+    tasks: TaskGroup
+    daemons: list[Daemon] = field(default_factory=list)
+    logs: Capture = field(default_factory=Capture)
+
+    async def backend(self, name: str, *, port: int = 0, mode: str = "reply") -> TestBackend:
+        backend = TestBackend(name, mode)
+        await self.tasks.start(backend.serve, port)
+        return backend
+
+    async def daemon(self, backends: list[str], **sections: dict[str, Any]) -> Daemon:
+        document: dict[str, Any] = {
+            "listener": {"address": "127.0.0.1:0"},
+            "backends": [{"address": address} for address in backends],
+        }
+        for name, values in sections.items():
+            if name == "weights":
+                for entry, weight in zip(document["backends"], values.values(), strict=True):
+                    entry["weight"] = weight
+            else:
+                document[name] = values
+        logger = logging.getLogger(f"loble.test.{len(self.daemons)}.{id(self)}")
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.addHandler(self.logs)
+        daemon = Daemon(parse_config(document), logger=logger)
+        self.daemons.append(daemon)
+        await self.tasks.start(_run_daemon, daemon)
+        return daemon
+
+
+async def _run_daemon(daemon: Daemon, *, task_status: Any) -> None:
+    await daemon.run(handle_signals=False, task_status=task_status)
+
+
+@asynccontextmanager
+async def _loopback() -> AsyncIterator[Loopback]:
+    async with anyio.create_task_group() as tasks:
+        rig = Loopback(tasks)
+        try:
+            yield rig
+        finally:
+            with anyio.CancelScope(shield=True), anyio.fail_after(WAIT_BOUND):
+                for daemon in rig.daemons:
+                    while not daemon.core.stopped:
+                        daemon.shutdown()  # twice if need be: cut what a test left open
+                    await wait_for(lambda d=daemon: d.open_connections == 0)
+            tasks.cancel_scope.cancel()
+
+
+async def scrape(address: tuple[str, int], path: str = "/metrics") -> tuple[str, str]:
+    """GET ``path``; return the status line and the body."""
+    with anyio.fail_after(WAIT_BOUND):
+        async with await anyio.connect_tcp(*address) as stream:
+            await stream.send(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            await stream.send_eof()
+            response = await read_all(stream)
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, keyed by name and label set."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class Net:
+    """The helpers, as the ``net`` fixture hands them to tests."""
+
+    loopback = staticmethod(_loopback)
+    wait_for = staticmethod(wait_for)
+    request = staticmethod(request)
+    read_all = staticmethod(read_all)
+    free_port = staticmethod(free_port)
+    reset = staticmethod(reset)
+    scrape = staticmethod(scrape)
+    samples = staticmethod(samples)
+
+
+@pytest.fixture
+def net() -> type[Net]:
+    return Net

@@ -1,0 +1,213 @@
+"""The daemon on real loopback sockets: balancing, half-close, retries, timeouts.
+
+Each test runs on asyncio and on trio (the ``anyio_backend`` fixture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+
+from loble.core import HealthState, Outcome
+
+pytestmark = pytest.mark.anyio
+
+
+def outcomes(daemon: Any, outcome: Outcome) -> float:
+    """How many connections ended with ``outcome``, summed over backends."""
+    counter = daemon.metrics.connections
+    return sum(
+        sample.value
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome.value
+    )
+
+
+def served_by(reply: bytes) -> str:
+    return reply.partition(b":")[0].decode()
+
+
+async def test_round_robin_spreads_over_three_backends(net: Any) -> None:
+    async with net.loopback() as lab:
+        backends = [await lab.backend(name) for name in ("a", "b", "c")]
+        daemon = await lab.daemon([b.address for b in backends])
+        replies = [await net.request(daemon.listen_address, b"x%d" % i) for i in range(30)]
+        assert Counter(served_by(reply) for reply in replies) == {"a": 10, "b": 10, "c": 10}
+        assert replies[0].endswith(b":x0")
+        await net.wait_for(lambda: daemon.core.in_flight == 0)
+        assert outcomes(daemon, Outcome.COMPLETED) == 30
+
+
+async def test_weights_set_the_share_of_each_backend(net: Any) -> None:
+    async with net.loopback() as lab:
+        backends = [await lab.backend(name) for name in ("a", "b", "c")]
+        daemon = await lab.daemon([b.address for b in backends], weights={"a": 3, "b": 2, "c": 1})
+        replies = [await net.request(daemon.listen_address) for _ in range(60)]
+        assert Counter(served_by(reply) for reply in replies) == {"a": 30, "b": 20, "c": 10}
+
+
+async def test_client_half_close_reaches_backend_and_reply_still_flows(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address])
+        # 1 MiB each way: more than any buffer, so backpressure is exercised too.
+        payload = bytes(range(256)) * 4096
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(payload[:1000])
+            await stream.send(payload[1000:])
+            await stream.send_eof()  # the backend answers only once this EOF arrives
+            reply = await net.read_all(stream)
+        assert reply == b"a:" + payload
+        await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
+
+
+async def test_backend_half_close_reaches_client_and_client_data_still_flows(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a", mode="greet")
+        daemon = await lab.daemon([backend.address])
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            assert await net.read_all(stream) == b"a"  # greeting, then the backend's EOF
+            await stream.send(b"after your EOF")
+            await net.wait_for(lambda: daemon.core.in_flight == 1)
+            await stream.send_eof()
+            await net.wait_for(lambda: backend.received == [b"after your EOF"])
+        await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
+
+
+async def test_refused_connect_is_retried_on_another_backend(net: Any) -> None:
+    async with net.loopback() as lab:
+        good = await lab.backend("good")
+        refused = f"127.0.0.1:{net.free_port()}"
+        daemon = await lab.daemon(
+            [refused, good.address],
+            health={"failure_threshold": 100},  # keep it eligible: every pick of it retries
+        )
+        replies = [await net.request(daemon.listen_address) for _ in range(6)]
+        assert {served_by(reply) for reply in replies} == {"good"}
+        retries = daemon.metrics.retries.labels(good.address)._value.get()
+        failures = daemon.metrics.connect_failures.labels(refused)._value.get()
+        assert retries == failures >= 3
+        assert outcomes(daemon, Outcome.COMPLETED) == 6
+        assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
+
+
+async def test_every_attempt_refused_closes_the_client(net: Any) -> None:
+    async with net.loopback() as lab:
+        refused = [f"127.0.0.1:{net.free_port()}" for _ in range(2)]
+        daemon = await lab.daemon(refused, health={"failure_threshold": 100})
+        assert await net.request(daemon.listen_address) == b""
+        await net.wait_for(lambda: outcomes(daemon, Outcome.CONNECT_FAILED) == 1)
+
+
+async def test_no_backend_eligible_closes_the_client_at_once_and_counts_it(net: Any) -> None:
+    async with net.loopback() as lab:
+        refused = f"127.0.0.1:{net.free_port()}"
+        daemon = await lab.daemon([refused], health={"failure_threshold": 1})
+        assert await net.request(daemon.listen_address) == b""  # connect refused: unhealthy
+        assert daemon.core.control.state(refused) is HealthState.UNHEALTHY
+        assert await net.request(daemon.listen_address) == b""
+        await net.wait_for(lambda: daemon.metrics.no_backend._value.get() == 1)
+        assert outcomes(daemon, Outcome.NO_BACKEND) == 1
+
+
+async def test_idle_connection_is_closed_on_both_sides(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address], timeouts={"idle": 0.2})
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"then silence")
+            assert await net.read_all(stream) == b""  # the daemon closed it
+        await net.wait_for(lambda: outcomes(daemon, Outcome.IDLE_TIMEOUT) == 1)
+        await net.wait_for(lambda: not backend.open)
+        assert backend.received == [b"then silence"]
+
+
+async def test_killed_backend_drains_goes_unhealthy_and_comes_back_through_probes(
+    net: Any,
+) -> None:
+    async with net.loopback() as lab:
+        a, b, c = [await lab.backend(name) for name in ("a", "b", "c")]
+        daemon = await lab.daemon(
+            [a.address, b.address, c.address],
+            health={"failure_threshold": 3, "success_threshold": 2, "probe_interval": 0.05},
+        )
+        state = daemon.core.control.state
+        # One long connection on each backend (round robin hands out one each).
+        long = [await anyio.connect_tcp(*daemon.listen_address) for _ in range(3)]
+        for index, stream in enumerate(long):
+            await stream.send(b"long%d" % index)
+        await net.wait_for(lambda: len(a.open) == len(b.open) == len(c.open) == 1)
+
+        # b dies: new connects are refused while its connection is still open.
+        b.stop_listening()
+        for _ in range(12):
+            assert served_by(await net.request(daemon.listen_address)) in ("a", "c")
+        assert state(b.address) is HealthState.DRAINING
+
+        # b's connections die with it: the one client there loses its connection.
+        await b.kill_connections()
+        await net.wait_for(lambda: outcomes(daemon, Outcome.BACKEND_RESET) == 1)
+        await net.wait_for(lambda: state(b.address) is HealthState.UNHEALTHY)
+        for _ in range(6):
+            assert served_by(await net.request(daemon.listen_address)) in ("a", "c")
+        # ...and it is the only one: the long connections on a and c complete.
+        answers = []
+        for stream in long:
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                await stream.send_eof()
+            answers.append(served_by(await net.read_all(stream)))
+            await stream.aclose()
+        assert sorted(answers) == ["", "a", "c"]
+
+        # b is back on its port: probes see it, and it takes traffic again.
+        await lab.backend("b", port=b.port)
+        await net.wait_for(lambda: state(b.address) is HealthState.HEALTHY)
+
+        async def b_answers() -> bool:
+            return served_by(await net.request(daemon.listen_address)) == "b"
+
+        await net.wait_for(b_answers)
+        moves = [(f["old"], f["new"]) for f in lab.logs.find("backend state changed")]
+        assert moves == [
+            ("healthy", "draining"),
+            ("draining", "unhealthy"),
+            ("unhealthy", "healthy"),
+        ]
+        assert outcomes(daemon, Outcome.BACKEND_RESET) == 1
+        assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
+
+
+async def test_file_descriptors_do_not_outlive_1000_connections(net: Any) -> None:
+    async with net.loopback() as lab:
+        backends = [await lab.backend(name) for name in ("a", "b", "c")]
+        daemon = await lab.daemon([b.address for b in backends])
+        await net.request(daemon.listen_address)  # the loop's own lazily made descriptors
+
+        def open_fds() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        def quiet() -> bool:
+            return daemon.open_connections == 0 and not any(b.open for b in backends)
+
+        await net.wait_for(quiet)
+        before = open_fds()
+        limit = anyio.Semaphore(20)
+        replies: list[bytes] = []
+
+        async def one(index: int) -> None:
+            async with limit:
+                replies.append(await net.request(daemon.listen_address, b"%d" % index))
+
+        async with anyio.create_task_group() as clients:
+            for index in range(1000):
+                clients.start_soon(one, index)
+        assert len(replies) == 1000 and all(b":" in reply for reply in replies)
+        await net.wait_for(quiet)
+        await net.wait_for(lambda: open_fds() == before, what=f"{open_fds()} fds, was {before}")
+        assert outcomes(daemon, Outcome.COMPLETED) == 1001
