@@ -117,10 +117,12 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self._connections: dict[int, _Connection] = {}
         self._access_log = config.logging.access_log
-        self._accepting = anyio.CancelScope()
+        self._accepting: anyio.CancelScope | None = None
         self._timer: anyio.CancelScope | None = None
         self._tasks: TaskGroup | None = None
         self._started = False
+        self._listeners: list[SocketListener] = []
+        self._metrics_listeners: list[SocketListener] = []
         self._shutdown_began = 0.0
 
     # -- reading -------------------------------------------------------------------
@@ -136,6 +138,28 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    async def bind(self) -> None:
+        """Open the listening sockets (``run`` does it if not done yet).
+
+        Raises :class:`LobleError` (one line) when an address cannot be bound.
+        Callers that start the daemon inside a task group bind first, so this
+        error reaches the user as itself rather than inside an exception group.
+        """
+        if self._listeners:
+            return
+        listeners = await self._listen(self.config.listener.address, "listener.address")
+        if self.config.metrics.enabled:
+            try:
+                self._metrics_listeners = await self._listen(
+                    self.config.metrics.address, "metrics.address"
+                )
+            except LobleError:
+                for listener in listeners:
+                    await listener.aclose()
+                raise
+        self._listeners = listeners
+        self.listen_addresses = [_local(listener) for listener in listeners]
+
     async def run(
         self,
         *,
@@ -148,19 +172,10 @@ class Daemon:
         """
         if self._started:
             raise LobleError("a Daemon runs once; make a new one")
+        await self.bind()
         self._started = True
-        listeners = await self._listen(self.config.listener.address, "listener.address")
-        metrics_listeners: Sequence[SocketListener] = ()
-        if self.config.metrics.enabled:
-            try:
-                metrics_listeners = await self._listen(
-                    self.config.metrics.address, "metrics.address"
-                )
-            except LobleError:
-                for listener in listeners:
-                    await listener.aclose()
-                raise
-        self.listen_addresses = [_local(listener) for listener in listeners]
+        self._accepting = anyio.CancelScope()
+        listeners, metrics_listeners = self._listeners, self._metrics_listeners
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             if handle_signals:
@@ -230,6 +245,7 @@ class Daemon:
     # -- accepting -----------------------------------------------------------------
 
     async def _accept_all(self, listeners: Sequence[SocketListener]) -> None:
+        assert self._accepting is not None
         try:
             with self._accepting:
                 async with anyio.create_task_group() as accepting:
@@ -295,6 +311,7 @@ class Daemon:
                     assert self._tasks is not None
                     self._tasks.start_soon(self._probe, output.backend, output.timeout)
                 case StopAccepting():
+                    assert self._accepting is not None
                     self._accepting.cancel()
                 case ConnectionClosed():
                     if self._access_log:

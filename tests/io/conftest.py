@@ -11,17 +11,24 @@ helpers below (``net.loopback()``, ``net.wait_for``, ``net.request``...).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import SocketStream, TaskGroup
+import tomli_w
+from anyio.abc import Process, SocketStream, TaskGroup
 from prometheus_client.parser import text_string_to_metric_families
 
 from loble.core import parse_config
@@ -37,15 +44,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]],
+    predicate: Callable[[], object],
     timeout: float = WAIT_BOUND,
     what: str = "",
 ) -> None:
-    """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout``."""
+    """Poll ``predicate`` (sync or async) until its result is truthy; fail after ``timeout``."""
     with anyio.move_on_after(timeout):
         while True:
             result = predicate()
-            if not isinstance(result, bool):
+            if inspect.isawaitable(result):
                 result = await result
             if result:
                 return
@@ -247,8 +254,77 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+class LobleProcess:
+    """``python -m loble ...`` as a child process, its stderr kept line by line."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    async def collect(self) -> None:
+        assert self.process.stderr is not None
+        pending = b""
+        async for chunk in self.process.stderr:
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            self.lines.extend(line.decode() for line in complete)
+
+    def json_lines(self, message: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("msg") == message:
+                    found.append(record)
+        return found
+
+    async def wait_json(self, message: str) -> dict[str, Any]:
+        """The first JSON log line with ``message``, once it has been written."""
+        try:
+            await wait_for(lambda: self.json_lines(message))
+        except AssertionError:
+            tail = "\n".join(self.lines[-20:])
+            raise AssertionError(f"no {message!r} line; stderr so far:\n{tail}") from None
+        return self.json_lines(message)[0]
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self) -> int:
+        with anyio.fail_after(WAIT_BOUND):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def loble_process(*args: str) -> AsyncIterator[LobleProcess]:
+    """Run ``loble ARGS`` (this interpreter); kill it if the test leaves it running."""
+    command = [sys.executable, "-m", "loble", *args]
+    async with await anyio.open_process(command, stdout=None, stderr=subprocess.PIPE) as process:
+        child = LobleProcess(process)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(child.collect)
+            try:
+                yield child
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+
+
+def write_config(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(document), encoding="utf-8")
+    return path
+
+
 class Net:
     """The helpers, as the ``net`` fixture hands them to tests."""
+
+    loble_process = staticmethod(loble_process)
+    write_config = staticmethod(write_config)
 
     loopback = staticmethod(_loopback)
     wait_for = staticmethod(wait_for)

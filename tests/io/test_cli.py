@@ -1,0 +1,104 @@
+"""`loble run` and `loble demo` turn bad input into one line, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from loble.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def restore_loble_logger() -> Iterator[None]:
+    """The commands configure the ``loble`` logger; leave it as other tests expect."""
+    logger = logging.getLogger("loble")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def config_file(tmp_path: Path, **sections: object) -> str:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "backends": [{"address": "127.0.0.1:9"}],
+        **sections,
+    }
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(document), encoding="utf-8")
+    return str(path)
+
+
+def one_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = one_error(capsys, ["run", "-c", str(tmp_path / "nope.toml")])
+    assert line.endswith("nope.toml: no such file")
+
+
+def test_invalid_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = config_file(tmp_path, balancer={"algorithm": "round_robbin"})
+    assert "did you mean 'round_robin'?" in one_error(capsys, ["run", "-c", path])
+
+
+def test_listener_address_in_use(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = config_file(tmp_path, listener={"address": f"127.0.0.1:{port}"})
+        line = one_error(capsys, ["run", "-c", path])
+    assert (
+        line
+        == f"error: listener.address: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_metrics_address_in_use(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = config_file(tmp_path, metrics={"enabled": True, "address": f"127.0.0.1:{port}"})
+        line = one_error(capsys, ["run", "-c", path])
+    assert line.startswith(f"error: metrics.address: cannot listen on 127.0.0.1:{port}")
+
+
+def test_uvloop_not_installed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
+    path = config_file(tmp_path, runtime={"backend": "uvloop"})
+    line = one_error(capsys, ["run", "-c", path])
+    assert line.startswith("error: runtime.backend: 'uvloop' is not installed: pip install")
+
+
+def test_more_than_one_worker_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = config_file(tmp_path, runtime={"workers": 2})
+    assert "runtime.workers: 2 is not supported yet" in one_error(capsys, ["run", "-c", path])
+
+
+def test_demo_backend_address_not_local(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = config_file(tmp_path, backends=[{"address": "192.0.2.1:9101"}])
+    line = one_error(capsys, ["demo", "-c", path, "--backends-only"])
+    assert line.startswith("error: demo backend backend-1: cannot listen on 192.0.2.1:9101: ")
+
+
+def test_demo_negative_rate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "--rate" in one_error(capsys, ["demo", "-c", config_file(tmp_path), "--rate", "-1"])

@@ -1,0 +1,148 @@
+"""Graceful shutdown: drain, the drain deadline, a second signal, and `loble run`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from loble.core import Outcome
+
+pytestmark = pytest.mark.anyio
+
+
+def count(daemon: Any, outcome: Outcome) -> float:
+    return sum(
+        sample.value
+        for metric in daemon.metrics.connections.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome.value
+    )
+
+
+async def refused(address: tuple[str, int]) -> bool:
+    try:
+        stream = await anyio.connect_tcp(*address)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def test_shutdown_drains_in_flight_connections_and_refuses_new_ones(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address])
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"before ")
+            await net.wait_for(lambda: len(backend.open) == 1)
+            daemon.shutdown()
+            await net.wait_for(lambda: refused(daemon.listen_address), what="listener closed")
+            assert not daemon.core.stopped
+            await stream.send(b"and after")
+            await stream.send_eof()
+            assert await net.read_all(stream) == b"a:before and after"
+        await net.wait_for(lambda: daemon.core.stopped)
+        assert lab.logs.find("shutdown finished", cut=0)
+        assert count(daemon, Outcome.COMPLETED) == 1
+
+
+async def test_drain_deadline_cuts_what_remains(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address], timeouts={"drain": 0.2})
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"never finished")
+            await net.wait_for(lambda: len(backend.open) == 1)
+            daemon.shutdown()
+            assert await net.read_all(stream) == b""  # cut at the deadline
+        await net.wait_for(lambda: daemon.core.stopped)
+        assert lab.logs.find("shutdown finished", cut=1)
+        assert count(daemon, Outcome.CUT) == 1
+        await net.wait_for(lambda: not backend.open)
+
+
+async def test_second_shutdown_cuts_at_once(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address], timeouts={"drain": 600})
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"x")
+            await net.wait_for(lambda: len(backend.open) == 1)
+            daemon.shutdown()
+            assert not daemon.core.stopped
+            daemon.shutdown()
+            assert daemon.core.stopped
+            assert await net.read_all(stream) == b""
+        assert lab.logs.find("shutdown finished", cut=1)
+
+
+async def test_shutdown_with_nothing_in_flight_stops_at_once(net: Any) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address])
+        daemon.shutdown()
+        assert daemon.core.stopped
+        await net.wait_for(lambda: refused(daemon.listen_address), what="listener closed")
+        assert lab.logs.find("shutdown finished", cut=0)
+
+
+async def _loble_run(net: Any, tmp_path: Path, backend: Any, runtime: str, **extra: Any) -> Any:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "timeouts": {"drain": 30},
+        "logging": {"format": "json", "level": "info"},
+        "runtime": {"backend": runtime},
+        "backends": [{"address": backend.address}],
+        **extra,
+    }
+    return net.loble_process("run", "-c", str(net.write_config(tmp_path / "c.toml", document)))
+
+
+async def test_loble_run_drains_on_sigterm_and_exits_0(
+    net: Any, tmp_path: Path, anyio_backend: str
+) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        async with await _loble_run(net, tmp_path, backend, anyio_backend) as child:
+            host, _, port = (await child.wait_json("listening"))["address"].rpartition(":")
+            address = (host, int(port))
+            async with await anyio.connect_tcp(*address) as stream:
+                await stream.send(b"long ")
+                await net.wait_for(lambda: len(backend.open) == 1)
+                child.signal(signal.SIGTERM)
+                await net.wait_for(
+                    lambda: child.json_lines("shutdown started: not accepting, draining")
+                )
+                await net.wait_for(lambda: refused(address), what="listener closed")
+                await stream.send(b"connection")
+                await stream.send_eof()
+                assert await net.read_all(stream) == b"a:long connection"
+            assert await child.exit_code() == 0
+            finished = child.json_lines("shutdown finished")
+            assert [line["cut"] for line in finished] == [0]
+            assert child.json_lines("stopped")
+            assert not child.has("Traceback")
+
+
+async def test_loble_run_second_signal_cuts_and_exits(
+    net: Any, tmp_path: Path, anyio_backend: str
+) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        async with await _loble_run(net, tmp_path, backend, anyio_backend) as child:
+            host, _, port = (await child.wait_json("listening"))["address"].rpartition(":")
+            async with await anyio.connect_tcp(host, int(port)) as stream:
+                await stream.send(b"x")
+                await net.wait_for(lambda: len(backend.open) == 1)
+                child.signal(signal.SIGINT)
+                await net.wait_for(
+                    lambda: child.json_lines("shutdown started: not accepting, draining")
+                )
+                child.signal(signal.SIGTERM)
+                assert await child.exit_code() == 0
+                assert await net.read_all(stream) == b""
+            assert [line["cut"] for line in child.json_lines("shutdown finished")] == [1]

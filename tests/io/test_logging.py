@@ -1,0 +1,67 @@
+"""Log lines: logfmt quoting, one JSON object per line, level from the config."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from loble.core import LoggingConfig
+from loble.io._logging import JsonFormatter, LogfmtFormatter, configure_logging, log
+
+
+def record(message: str, **fields: object) -> logging.LogRecord:
+    line = logging.LogRecord("loble", logging.WARNING, __file__, 1, message, None, None)
+    line.fields = fields
+    return line
+
+
+def test_logfmt_quotes_only_what_needs_it() -> None:
+    line = LogfmtFormatter().format(
+        record(
+            "backend state changed",
+            backend="127.0.0.1:9102",
+            reason='3 "bad" x=1',
+            n=3,
+            ok=True,
+            none=None,
+        )
+    )
+    assert line.startswith("ts=")
+    assert ' level=warning logger=loble msg="backend state changed" backend=127.0.0.1:9102 ' in line
+    assert line.endswith(' reason="3 \\"bad\\" x=1" n=3 ok=true none=""')
+
+
+def test_logfmt_keeps_a_record_on_one_line() -> None:
+    line = LogfmtFormatter().format(record("x", text="two\nlines", empty=""))
+    assert "\n" not in line
+    assert 'text="two\\nlines" empty=""' in line
+
+
+def test_json_is_one_object_per_line() -> None:
+    line = JsonFormatter().format(record("connection", client="127.0.0.1:5", bytes_to_client=6))
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["msg"] == "connection" and parsed["level"] == "warning"
+    assert parsed["bytes_to_client"] == 6 and parsed["client"] == "127.0.0.1:5"
+
+
+@pytest.fixture
+def loble_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("loble")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield logger
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def test_configure_logging_applies_format_and_level(loble_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logger = configure_logging(LoggingConfig(level="warning", format="json"), stream)
+    log(logger, logging.INFO, "hidden")
+    log(logger.getChild("demo"), logging.WARNING, "shown", n=1)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["msg"] == "shown"
+    assert json.loads(line)["logger"] == "loble.demo"

@@ -1,0 +1,109 @@
+"""The Prometheus endpoint, scraped and parsed as Prometheus would, and the access log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.anyio
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) -> None:
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        refused = f"127.0.0.1:{net.free_port()}"
+        daemon = await lab.daemon(
+            [a.address, refused],
+            metrics={"enabled": True, "address": "127.0.0.1:0"},
+            health={"failure_threshold": 1, "probe_interval": 600},
+            logging={"access_log": True},
+        )
+        # Round robin: a, then the refused one (retried on a; it goes unhealthy), then a.
+        for _ in range(3):
+            assert await net.request(daemon.listen_address) == b"a:ping"
+        await net.wait_for(lambda: daemon.core.in_flight == 0)
+        status, body = await net.scrape(daemon.metrics_address)
+        assert status == "HTTP/1.1 200 OK"
+        samples = net.samples(body)
+        assert (
+            value(samples, "loble_connections_total", backend=a.address, outcome="completed") == 3
+        )
+        assert (
+            value(samples, "loble_backend_bytes_total", backend=a.address, direction="to_backend")
+            == 12
+        )
+        assert (
+            value(samples, "loble_backend_bytes_total", backend=a.address, direction="to_client")
+            == 18
+        )
+        assert value(samples, "loble_connect_failures_total", backend=refused) == 1
+        assert value(samples, "loble_connect_retries_total", backend=a.address) == 1
+        # A connect that fails while counted active passes through draining: count arrivals.
+        into_unhealthy = [
+            count
+            for (name, labels), count in samples.items()
+            if name == "loble_health_transitions_total"
+            and ("backend", refused) in labels
+            and ("to", "unhealthy") in labels
+        ]
+        assert into_unhealthy == [1]
+        assert value(samples, "loble_backend_state", backend=refused, state="unhealthy") == 1
+        assert value(samples, "loble_backend_state", backend=refused, state="healthy") == 0
+        assert value(samples, "loble_backend_state", backend=a.address, state="healthy") == 1
+        assert value(samples, "loble_snapshot_version") == 2
+        assert value(samples, "loble_snapshot_backends") == 1
+        assert (
+            value(samples, "loble_backend_connect_duration_seconds_count", backend=a.address) == 3
+        )
+        assert value(samples, "loble_no_backend_refusals_total") == 0
+        assert value(samples, "loble_draining") == 0
+        assert value(samples, "loble_connections_in_flight") == 0
+
+        access = lab.logs.find("connection", backend=a.address, outcome="completed")
+        assert [(line["bytes_to_backend"], line["bytes_to_client"]) for line in access] == [
+            (4, 6)
+        ] * 3
+        assert all(line["client"].startswith("127.0.0.1:") for line in access)
+        assert [line["attempts"] for line in access] == [1, 2, 1]
+
+        # While draining: the endpoint still answers and shows the connection in flight.
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"x")
+            await net.wait_for(lambda: len(a.open) == 1)
+            daemon.shutdown()
+            samples = net.samples((await net.scrape(daemon.metrics_address))[1])
+            assert value(samples, "loble_draining") == 1
+            assert value(samples, "loble_connections_in_flight") == 1
+            assert value(samples, "loble_backend_active_connections", backend=a.address) == 1
+            await stream.send_eof()
+            assert await net.read_all(stream) == b"a:x"
+
+
+async def test_metrics_endpoint_answers_404_elsewhere(net: Any) -> None:
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address], metrics={"enabled": True, "address": "127.0.0.1:0"})
+        status, _ = await net.scrape(daemon.metrics_address, "/nope")
+        assert status == "HTTP/1.1 404 Not Found"
+
+
+async def test_every_metric_is_documented(net: Any) -> None:
+    documented = DOCS.read_text(encoding="utf-8")
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address])
+        families = list(text_string_to_metric_families(daemon.metrics.render().decode()))
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert len(names) >= 15
+    missing = sorted(name for name in names if f"`{name}`" not in documented)
+    assert not missing, f"not in docs/metrics.md: {missing}"
