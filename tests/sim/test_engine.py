@@ -204,3 +204,15 @@ def test_trace_lines_are_json_with_steps(tmp_path: Path) -> None:
     assert connect["backend"] in ("10.9.0.1:80", "10.9.0.2:80")
     steps = [line["step"] for line in lines]
     assert steps == sorted(steps)
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_skipping_deadline_questions_changes_nothing(path: Path) -> None:
+    """The loop skips next_deadline() when it can prove the answer; asking every step agrees."""
+    loaded = load_scenario(path)
+    fast, exact = io.StringIO(), io.StringIO()
+    Simulation(loaded, 3, trace=lambda e: fast.write(json.dumps(e) + "\n")).run()
+    Simulation(
+        loaded, 3, trace=lambda e: exact.write(json.dumps(e) + "\n"), peek_every_step=True
+    ).run()
+    assert fast.getvalue() == exact.getvalue()
