@@ -11,6 +11,8 @@ import dataclasses
 from functools import partial
 from typing import Any
 
+from prometheus_client import disable_created_metrics
+
 from loble.config import load_config
 from loble.core import Config, LobleError
 
@@ -61,8 +63,15 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     demo.set_defaults(handler=_demo)
 
 
+def _quiet_metrics() -> None:
+    # prometheus_client adds a "_created" timestamp series per counter, which
+    # Prometheus scrapes as noise; this process only serves Loble's metrics.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    _quiet_metrics()
     runtime_options(config.runtime)  # a missing runtime fails before any socket opens
     logger = configure_logging(config.logging)
     daemon = Daemon(config, logger=logger)
@@ -79,6 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
             config, logging=dataclasses.replace(config.logging, access_log=True)
         )
     runtime_options(config.runtime)
+    _quiet_metrics()
     logger = configure_logging(config.logging)
     if args.backends_only:
         run(partial(run_backends, config, logger.getChild("demo")), config.runtime)

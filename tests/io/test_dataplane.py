@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections import Counter
 from typing import Any
 
@@ -95,6 +96,27 @@ async def test_refused_connect_is_retried_on_another_backend(net: Any) -> None:
         assert retries == failures >= 3
         assert outcomes(daemon, Outcome.COMPLETED) == 6
         assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
+
+
+async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(net: Any) -> None:
+    with socket.socket() as blackhole, socket.socket() as filler:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        filler.connect(blackhole.getsockname())  # the one queue slot is taken: SYNs go unanswered
+        silent = f"127.0.0.1:{blackhole.getsockname()[1]}"
+        async with net.loopback() as lab:
+            good = await lab.backend("good")
+            daemon = await lab.daemon(
+                [silent, good.address],
+                timeouts={"connect": 0.2},
+                health={"failure_threshold": 100},
+            )
+            replies = [await net.request(daemon.listen_address) for _ in range(2)]
+            assert {served_by(reply) for reply in replies} == {"good"}
+            timed_out = daemon.metrics.connect_failures.labels(silent)._value.get()
+            assert daemon.metrics.retries.labels(good.address)._value.get() == timed_out >= 1
+            assert daemon.core.control.active_connections(silent) == 0
+            assert outcomes(daemon, Outcome.COMPLETED) == 2
 
 
 async def test_every_attempt_refused_closes_the_client(net: Any) -> None:
