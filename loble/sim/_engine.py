@@ -40,6 +40,7 @@ stopped arriving (``sim.duration``) and no connection is open, or at
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -180,7 +181,7 @@ class Simulation:
         self.arrivals_done = False
         self.shutting_down = False
         self._heap: list[tuple[Any, ...]] = []
-        self._sequence = 0
+        self._next_sequence = itertools.count(1).__next__
         self._latency = sim.network.latency.sampler(self.rng)
         self._duration = sim.clients.duration.sampler(self.rng)
         self._bytes = sim.clients.bytes.sampler(self.rng)
@@ -315,8 +316,8 @@ class Simulation:
         self.ended_at = self.now
 
     def _schedule(self, at: float, kind: int, *payload: Any) -> None:
-        self._sequence += 1
-        heapq.heappush(self._heap, (at, self._sequence, kind, *payload))
+        # The hot handlers inline this push (same tuple shape) to save a call.
+        heapq.heappush(self._heap, (at, self._next_sequence(), kind, *payload))
 
     def _apply(self, outputs: list[Output], now: float) -> None:
         dispatch = self._dispatch
@@ -366,7 +367,7 @@ class Simulation:
                 self._scheduled_in_phase += 1
             if change is None or at < change:
                 if at < self.scenario.sim.duration:
-                    self._schedule(at, _ARRIVAL, True)
+                    heapq.heappush(self._heap, (at, self._next_sequence(), _ARRIVAL, True))
                 return
         if change is not None and change < self.scenario.sim.duration:
             self._schedule(change, _ARRIVAL, False)
@@ -395,9 +396,10 @@ class Simulation:
         if action.side is Side.BACKEND:
             backend = self._socket_backend.get(action.connection_id)
             delay = backend.delay if backend is not None and backend.behaviour == _SLOW else 0.0
-            self._schedule(now + self._latency() + delay, _BACKEND_EOF, action.connection_id)
+            at, kind = now + self._latency() + delay, _BACKEND_EOF
         else:
-            self._schedule(now + self._latency(), _CLIENT_EOF, action.connection_id)
+            at, kind = now + self._latency(), _CLIENT_EOF
+        heapq.heappush(self._heap, (at, self._next_sequence(), kind, action.connection_id))
 
     def _close(self, action: CloseConnection, now: float) -> None:
         backend = self._socket_backend.pop(action.connection_id, None)
@@ -420,7 +422,15 @@ class Simulation:
         if behaviour == _SLOW:
             at += backend.delay
         backend.open += 1
-        self._schedule(at, _CONNECT_OK, action.connection_id, action.attempt, backend)
+        event = (
+            at,
+            self._next_sequence(),
+            _CONNECT_OK,
+            action.connection_id,
+            action.attempt,
+            backend,
+        )
+        heapq.heappush(self._heap, event)
 
     def _on_connect_ok(self, event: tuple[Any, ...], now: float) -> None:
         connection_id, attempt, backend = event[3], event[4], event[5]
@@ -436,10 +446,9 @@ class Simulation:
         end = now + duration
         if backend.behaviour == _RESET and self.rng.random() < backend.probability:
             self._schedule(now + duration * self.rng.random(), _BACKEND_RESET, connection_id)
-        elif self.rng.random() < self._half_close:
-            self._schedule(end, _CLIENT_EOF, connection_id)
         else:
-            self._schedule(end, _BACKEND_EOF, connection_id)
+            kind = _CLIENT_EOF if self.rng.random() < self._half_close else _BACKEND_EOF
+            heapq.heappush(self._heap, (end, self._next_sequence(), kind, connection_id))
         if duration > self._touch_every:
             self._schedule(now + self._touch_every, _TOUCH, connection_id, end)
 
