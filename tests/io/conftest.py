@@ -106,9 +106,10 @@ class TestBackend:
 
     __test__ = False
 
-    def __init__(self, name: str, mode: str = "reply") -> None:
+    def __init__(self, name: str, mode: str = "reply", host: str = "127.0.0.1") -> None:
         self.name = name
         self.mode = mode
+        self.host = host
         self.port = 0
         self.accepted = 0
         self.received: list[bytes] = []
@@ -117,10 +118,10 @@ class TestBackend:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def serve(self, port: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        multi = await anyio.create_tcp_listener(local_host=self.host, local_port=port)
         (listener,) = multi.listeners
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tasks:
@@ -189,14 +190,16 @@ class Loopback:
     daemons: list[Daemon] = field(default_factory=list)
     logs: Capture = field(default_factory=Capture)
 
-    async def backend(self, name: str, *, port: int = 0, mode: str = "reply") -> TestBackend:
-        backend = TestBackend(name, mode)
+    async def backend(
+        self, name: str, *, port: int = 0, mode: str = "reply", host: str = "127.0.0.1"
+    ) -> TestBackend:
+        backend = TestBackend(name, mode, host)
         await self.tasks.start(backend.serve, port)
         return backend
 
-    async def daemon(self, backends: list[str], **sections: dict[str, Any]) -> Daemon:
+    async def daemon(self, backends: list[str], **sections: Any) -> Daemon:
         document: dict[str, Any] = {
-            "listener": {"address": "127.0.0.1:0"},
+            "listener": {"address": sections.pop("listen", "127.0.0.1:0")},
             "backends": [{"address": address} for address in backends],
         }
         for name, values in sections.items():

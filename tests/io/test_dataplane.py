@@ -47,6 +47,17 @@ async def test_round_robin_spreads_over_three_backends(net: Any) -> None:
         assert outcomes(daemon, Outcome.COMPLETED) == 30
 
 
+async def test_ipv6_loopback_on_both_sides(net: Any) -> None:
+    async with net.loopback() as lab:
+        v6 = await lab.backend("six", host="::1")
+        v4 = await lab.backend("four")
+        daemon = await lab.daemon([v6.address, v4.address], listen="[::1]:0")
+        assert daemon.listen_address[0] == "::1"
+        replies = [await net.request(daemon.listen_address) for _ in range(4)]
+        assert Counter(served_by(reply) for reply in replies) == {"six": 2, "four": 2}
+        assert v6.address.startswith("[::1]:")
+
+
 async def test_weights_set_the_share_of_each_backend(net: Any) -> None:
     async with net.loopback() as lab:
         backends = [await lab.backend(name) for name in ("a", "b", "c")]
