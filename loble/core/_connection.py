@@ -22,8 +22,10 @@ once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
   ``CONNECTION_FINISHED`` exactly once when it ends, so a backend's active
   count covers connects in progress too;
 * it reports exactly one verdict, as HAProxy's ``observe layer4`` does:
-  ``PASSIVE_SUCCESS`` when the connect succeeds, ``PASSIVE_FAILURE`` when it is
-  refused or times out. A reset later in the stream ends the connection with
+  ``PASSIVE_SUCCESS`` when the connect succeeds (the attempt is active), and
+  ``PASSIVE_FAILURE`` when it is refused or times out, right *after* that
+  attempt's ``CONNECTION_FINISHED``, so the failure is weighed against the
+  backend's other connections only. A reset later in the stream ends the connection with
   ``BACKEND_RESET`` but is not a health verdict. An attempt cut by a shutdown
   before the backend answered reports no verdict: there was none;
 * a client that resets while its connect is pending ends the attempt with
@@ -207,13 +209,17 @@ class Connection:
             ConnectBackend(connection_id=self.connection_id, attempt=self.attempt, backend=backend),
         ]
 
-    def _end_attempt(self, verdict: HealthInput | None) -> list[Output]:
+    def _end_attempt(self, failure: bool = False) -> list[Output]:
         assert self.backend is not None
-        outputs: list[Output] = []
-        if verdict is not None:
-            outputs.append(HealthReport.of(self.backend.address, verdict))
-        outputs.append(HealthReport.of(self.backend.address, HealthInput.CONNECTION_FINISHED))
-        return outputs
+        address = self.backend.address
+        finished = HealthReport.of(address, HealthInput.CONNECTION_FINISHED)
+        if not failure:
+            return [finished]
+        # The failure verdict follows "finished": it is judged against the
+        # backend's *other* connections, so a backend that carries nothing
+        # else goes straight to UNHEALTHY instead of draining an attempt that
+        # has already ended.
+        return [finished, HealthReport.of(address, HealthInput.PASSIVE_FAILURE)]
 
     def _close(self, outcome: Outcome, now: float) -> list[Output]:
         self.state = ConnState.CLOSED
@@ -246,7 +252,7 @@ def _connect_ok(conn: Connection, now: float) -> list[Output]:
 
 
 def _connect_failed(conn: Connection, now: float) -> list[Output]:
-    outputs = conn._end_attempt(HealthInput.PASSIVE_FAILURE)
+    outputs = conn._end_attempt(failure=True)
     if conn.attempt <= conn.connect_retries:
         backend = conn.pick(conn.tried)
         if backend is not None:
@@ -256,7 +262,7 @@ def _connect_failed(conn: Connection, now: float) -> list[Output]:
 
 def _abort(outcome: Outcome) -> Rule:
     def rule(conn: Connection, now: float) -> list[Output]:
-        return conn._end_attempt(None) + conn._close(outcome, now)
+        return conn._end_attempt() + conn._close(outcome, now)
 
     return rule
 

@@ -38,9 +38,12 @@ Rules that hold everywhere, and that this module alone enforces:
   no passive outcome can ever reach it; only probes bring it back. Which
   backends get probed, and when, is the control plane's job.
 
-Passive outcomes always arrive while their attempt is still counted active
-(the connection machine reports the verdict before "finished"), which is why
-passive rows for ``UNHEALTHY`` are absent: it has no attempts in flight.
+A passive success arrives while its attempt is active (the connect just
+succeeded), so ``UNHEALTHY``, which carries nothing, never sees one. A
+passive failure arrives right after its attempt's "finished" (the connect
+was refused or timed out, so the attempt is over): it is weighed against the
+backend's *other* connections, and it can reach a backend that has just
+drained to ``UNHEALTHY``, where it only counts.
 
 The whole machine is :data:`TRANSITIONS`, one dict keyed by
 ``(state, input)``. Each value is a rule: a function of the backend's health
@@ -225,7 +228,9 @@ TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
     (_D, _I.PASSIVE_FAILURE): _count_failure,
     (_D, _I.PROBE_SUCCESS): _count_success,
     (_D, _I.PROBE_FAILURE): _count_failure,
-    # UNHEALTHY: carries no connection, so only probes reach it.
+    # UNHEALTHY: carries no connection: only probes, and the failure verdict
+    # of an attempt that ended as its backend drained, reach it.
+    (_U, _I.PASSIVE_FAILURE): _count_failure,
     (_U, _I.PROBE_SUCCESS): _unhealthy_success,
     (_U, _I.PROBE_FAILURE): _count_failure,
 }

@@ -127,8 +127,8 @@ def test_failed_connect_retries_on_a_different_backend(failure: ConnInput) -> No
     conn.open(0.0)
     outputs = conn.handle(failure, 5.0)
     assert outputs == [
-        HealthReport(address=A1, input=HealthInput.PASSIVE_FAILURE),
         HealthReport(address=A1, input=HealthInput.CONNECTION_FINISHED),
+        HealthReport(address=A1, input=HealthInput.PASSIVE_FAILURE),
         HealthReport(address="10.0.0.2:80", input=HealthInput.CONNECTION_STARTED),
         ConnectBackend(connection_id=7, attempt=2, backend=BACKENDS[1]),
     ]
@@ -257,17 +257,22 @@ def test_each_attempt_starts_and_finishes_exactly_once(
     ]
     assert len(verdicts) <= conn.attempt
     assert verdicts.count(HealthInput.PASSIVE_SUCCESS) <= 1
-    # Each verdict comes before its attempt's CONNECTION_FINISHED.
+    # A success comes while its attempt is open; a failure right after its
+    # attempt's CONNECTION_FINISHED, on the same backend.
     open_attempt: str | None = None
+    last_finished: str | None = None
     for address, health_input in reports(outputs):
         if health_input is HealthInput.CONNECTION_STARTED:
             assert open_attempt is None
-            open_attempt = address
+            open_attempt, last_finished = address, None
         elif health_input is HealthInput.CONNECTION_FINISHED:
             assert open_attempt == address
-            open_attempt = None
-        else:
+            open_attempt, last_finished = None, address
+        elif health_input is HealthInput.PASSIVE_SUCCESS:
             assert open_attempt == address
+        else:
+            assert (open_attempt, last_finished) == (None, address)
+            last_finished = None
     assert open_attempt is None
     closes = [o for o in outputs if isinstance(o, CloseConnection)]
     assert len(closes) == 1

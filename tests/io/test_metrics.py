@@ -48,7 +48,6 @@ async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) ->
         )
         assert value(samples, "loble_connect_failures_total", backend=refused) == 1
         assert value(samples, "loble_connect_retries_total", backend=a.address) == 1
-        # A connect that fails while counted active passes through draining: count arrivals.
         into_unhealthy = [
             count
             for (name, labels), count in samples.items()
