@@ -22,7 +22,6 @@ attempt it has given up on, are stale and return nothing.
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Collection
 
@@ -42,6 +41,7 @@ from ._events import (
     StopAccepting,
 )
 from ._process import ProcessInput, ProcessLifecycle, ProcessState
+from ._timers import TimerQueue
 
 __all__ = ["ProxyCore"]
 
@@ -62,8 +62,8 @@ class ProxyCore:
         self.balancer = balancer or make_balancer(config.balancer.algorithm, rng)
         self.process = ProcessLifecycle(config.timeouts.drain)
         self.connections: dict[int, Connection] = {}
-        self._timers: list[tuple[float, int, int]] = []  # (due, sequence, connection_id)
-        self._sequence = 0
+        # Connection deadlines, one lane per kind (see _timers): connect, idle.
+        self._timers = TimerQueue(lanes=2)
         self._next_connection_id = 1
         self.cut_count = 0
 
@@ -170,11 +170,11 @@ class ProxyCore:
         """The earliest time :meth:`handle_timer` has something to do."""
         candidates: list[float] = []
         timers = self._timers
-        while timers:
-            due, _, connection_id = timers[0]
+        while (head := timers.peek()) is not None:
+            due, connection_id = head
             connection = self.connections.get(connection_id)
             if connection is None or connection.timer_due != due:
-                heapq.heappop(timers)  # stale: the connection is gone or re-filed
+                timers.pop()  # stale: the connection is gone or re-filed
                 continue
             # The entry may be early (activity pushed the idle deadline back);
             # handle_timer re-files it then, so reporting it early is harmless.
@@ -190,8 +190,8 @@ class ProxyCore:
     def handle_timer(self, now: float) -> list[Output]:
         outputs: list[Output] = []
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            due, _, connection_id = heapq.heappop(timers)
+        while (head := timers.peek()) is not None and head[0] <= now:
+            due, connection_id = timers.pop()
             connection = self.connections.get(connection_id)
             if connection is None or connection.timer_due != due:
                 continue
@@ -268,15 +268,15 @@ class ProxyCore:
         return routed
 
     def _file_timer(self, connection: Connection, due: float) -> None:
-        # One live heap entry per connection: filing a new due time makes the
-        # old entry stale (skipped when it surfaces). Activity (touch) does not
+        # One live entry per connection: filing a new due time makes the old
+        # entry stale (skipped when it surfaces). Activity (touch) does not
         # file anything: the entry fires early and handle_timer re-files the
         # real idle deadline, so the per-read cost is one float store.
         if connection.timer_due == due:
             return
         connection.timer_due = due
-        self._sequence += 1
-        heapq.heappush(self._timers, (due, self._sequence, connection.connection_id))
+        lane = 0 if connection.state is ConnState.CONNECTING else 1
+        self._timers.push(due, connection.connection_id, lane)
 
     def _cut_all(self, now: float) -> list[Output]:
         outputs: list[Output] = []
