@@ -1,56 +1,323 @@
 """Moving bytes one way between two sockets: the only code that touches payload.
 
-:func:`copy_bytes` reads a bounded chunk, writes it, and only then reads
-again, so a reader that stops reading stops the copy, not Loble's memory:
-at most one chunk per direction is in Loble's hands (anyio's streams keep no
-unbounded buffer either: asyncio transports pause reading between receives
-and ``send`` waits until the write buffer has drained). It knows nothing of
-the core: it returns how the copy ended and the caller reports that.
+A :class:`OneWay` moves what it can from a source socket to a sink socket
+*without blocking*, and says what it is waiting for next: the source to
+become readable, the sink to become writable, or nothing because the copy
+ended (EOF, or an error on one side). Whoever drives it (readiness callbacks
+on asyncio, tasks waiting with ``wait_readable`` on trio) only waits and
+reports; this module knows nothing of the core or of event loops.
 
-This module is deliberately small so a faster copier (splice(2), readiness
-callbacks) can replace it behind the same function.
+Two ways to move bytes, chosen per daemon (:class:`CopyMethod`):
+
+* ``splice``: ``os.splice`` moves bytes socket -> pipe -> socket inside the
+  kernel; Python never sees the payload. The pipe is the buffer.
+* ``recv_into``: the portable fallback. ``recv_into`` a reusable buffer, then
+  ``send`` from it; no allocation per read.
+
+Both hold at most one bounded buffer per direction (a pipe, or a
+:data:`CHUNK_SIZE` buffer) and read again only once it has been written out,
+so a peer that stops reading stops the copy, never Loble's memory.
+
+Buffers are taken lazily: a direction holds a pipe or a buffer only while
+bytes are in flight in it. When a wakeup ends with the buffer empty (the
+common case: the sink took everything) the buffer goes back to a
+:class:`BufferPool` shared by the daemon, so an idle connection holds no pipe
+and no buffer, and a busy daemon makes a pipe once, not once per read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+import fcntl
+import os
+import socket
+import sys
 
-import anyio
-from anyio.abc import ByteReceiveStream, ByteSendStream
-
-__all__ = ["CHUNK_SIZE", "CopyEnd", "copy_bytes"]
+__all__ = [
+    "CHUNK_SIZE",
+    "SPLICE_AVAILABLE",
+    "BufferPool",
+    "CopyMethod",
+    "OneWay",
+    "Pumped",
+]
 
 CHUNK_SIZE = 65_536
-"""The most bytes held in memory per direction of one connection."""
+"""The most bytes held in memory per direction with ``recv_into``."""
 
-_STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+PIPE_SIZE = 262_144
+"""Pipe capacity asked for with ``splice``: bytes in flight per busy direction.
+
+Larger than the default 64 KiB so bulk transfers move more per system call;
+if the kernel refuses (``/proc/sys/fs/pipe-max-size``, or the per-user pipe
+budget), the pipe keeps its default size.
+"""
+
+POOL_LIMIT = 64
+"""Empty pipes or buffers kept for reuse; more are closed or dropped."""
+
+_ROUNDS = 8
+"""Reads per wakeup at most, so one busy connection cannot starve the others."""
+
+_FULL_READ = 32_768
+"""A read at least this large suggests more is waiting: read again at once.
+
+A smaller read means the socket was probably drained; asking again would
+most likely cost a system call that answers EAGAIN.
+"""
+
+SPLICE_AVAILABLE = hasattr(os, "splice") and sys.platform == "linux"
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-class CopyEnd(enum.Enum):
-    """Why a one-way copy stopped."""
+class CopyMethod(enum.Enum):
+    """How bytes move: in the kernel (``splice``) or through a buffer (``recv_into``)."""
 
+    SPLICE = "splice"
+    RECV_INTO = "recv_into"
+
+    @classmethod
+    def default(cls) -> CopyMethod:
+        return cls.SPLICE if SPLICE_AVAILABLE else cls.RECV_INTO
+
+
+class Pumped(enum.Enum):
+    """What a :meth:`OneWay.pump` is waiting for, or why the copy ended."""
+
+    READ = "read"
+    """Wait until the source is readable (nothing is held)."""
+    WRITE = "write"
+    """Wait until the sink is writable (bytes are held; do not read meanwhile)."""
     EOF = "eof"
     """The source sent EOF; everything before it reached the sink."""
     SOURCE_ERROR = "source_error"
     SINK_ERROR = "sink_error"
 
 
-async def copy_bytes(
-    source: ByteReceiveStream,
-    sink: ByteSendStream,
-    moved: Callable[[int], None],
-) -> CopyEnd:
-    """Copy until EOF or an error; call ``moved(n)`` after each chunk is written."""
-    while True:
-        try:
-            data = await source.receive(CHUNK_SIZE)
-        except anyio.EndOfStream:
-            return CopyEnd.EOF
-        except _STREAM_ERRORS:
-            return CopyEnd.SOURCE_ERROR
-        try:
-            await sink.send(data)
-        except _STREAM_ERRORS:
-            return CopyEnd.SINK_ERROR
-        moved(len(data))
+_READ = Pumped.READ
+_WRITE = Pumped.WRITE
+_EOF = Pumped.EOF
+_SOURCE_ERROR = Pumped.SOURCE_ERROR
+_SINK_ERROR = Pumped.SINK_ERROR
+
+
+class BufferPool:
+    """Empty pipes (``splice``) or buffers (``recv_into``) for directions to borrow.
+
+    Everything it hands out is either given back empty (kept, up to
+    :data:`POOL_LIMIT`) or discarded (a pipe with bytes in it is closed: its
+    bytes belonged to a connection that is gone). :meth:`close` closes what
+    it keeps; ``open_pipes`` counts every pipe made and not yet closed, so
+    tests can prove none outlives its connection.
+    """
+
+    def __init__(self, method: CopyMethod) -> None:
+        if method is CopyMethod.SPLICE and not SPLICE_AVAILABLE:
+            raise ValueError("splice(2) is not available on this platform")
+        self.method = method
+        self._pipes: list[tuple[int, int]] = []
+        self._buffers: list[memoryview] = []
+        self.open_pipes = 0
+
+    @property
+    def pooled(self) -> int:
+        """Empty pipes or buffers kept for reuse."""
+        return len(self._pipes) + len(self._buffers)
+
+    @property
+    def pooled_pipes(self) -> int:
+        return len(self._pipes)
+
+    def take_pipe(self) -> tuple[int, int]:
+        if self._pipes:
+            return self._pipes.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.open_pipes += 1
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        return read_end, write_end
+
+    def give_pipe(self, pipe: tuple[int, int]) -> None:
+        """Return an *empty* pipe."""
+        if len(self._pipes) < POOL_LIMIT:
+            self._pipes.append(pipe)
+        else:
+            self.discard_pipe(pipe)
+
+    def discard_pipe(self, pipe: tuple[int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.open_pipes -= 1
+
+    def take_buffer(self) -> memoryview:
+        if self._buffers:
+            return self._buffers.pop()
+        return memoryview(bytearray(CHUNK_SIZE))
+
+    def give_buffer(self, buffer: memoryview) -> None:
+        if len(self._buffers) < POOL_LIMIT:
+            self._buffers.append(buffer)
+
+    def close(self) -> None:
+        while self._pipes:
+            self.discard_pipe(self._pipes.pop())
+        self._buffers.clear()
+
+
+class OneWay:
+    """One direction of one connection: source socket to sink socket.
+
+    :meth:`pump` moves bytes until it would block and returns what to wait
+    for; :attr:`moved` is how many bytes that call wrote to the sink and
+    :attr:`total` how many since the start. Call :meth:`release` when the
+    connection closes (it gives back or discards what the direction holds).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_offset",
+        "_pipe",
+        "_pool",
+        "_splice",
+        "moved",
+        "pending",
+        "reported",
+        "sink",
+        "sink_fd",
+        "source",
+        "source_fd",
+        "total",
+    )
+
+    def __init__(self, source: socket.socket, sink: socket.socket, pool: BufferPool) -> None:
+        self.source = source
+        self.sink = sink
+        self.source_fd = source.fileno()
+        self.sink_fd = sink.fileno()
+        self._pool = pool
+        self._splice = pool.method is CopyMethod.SPLICE
+        self._pipe: tuple[int, int] | None = None
+        self._buffer: memoryview | None = None
+        self._offset = 0
+        self.pending = 0
+        """Bytes read from the source and not yet written to the sink."""
+        self.moved = 0
+        self.total = 0
+        self.reported = 0
+        """Of ``total``, how much the driver has already counted in its metrics."""
+
+    def pump(self) -> Pumped:
+        """Move what can move now; return what to wait for, or how the copy ended."""
+        if self._splice:
+            return self._pump_splice()
+        return self._pump_recv_into()
+
+    def _pump_splice(self) -> Pumped:
+        splice = os.splice
+        pipe = self._pipe
+        if pipe is None:
+            pipe = self._pipe = self._pool.take_pipe()
+        read_end, write_end = pipe
+        pending = self.pending
+        moved = 0
+        result = _READ
+        for _ in range(_ROUNDS):
+            if not pending:
+                try:
+                    read = splice(self.source_fd, write_end, PIPE_SIZE, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    result = _SOURCE_ERROR
+                    break
+                if not read:
+                    result = _EOF
+                    break
+                pending = read
+            else:
+                read = 0  # flushing what an earlier wakeup could not write
+            try:
+                written = splice(read_end, self.sink_fd, pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                result = _WRITE
+                break
+            except OSError:
+                result = _SINK_ERROR
+                break
+            moved += written
+            pending -= written
+            if pending:
+                result = _WRITE  # the sink's buffer is full: wait for it
+                break
+            if read < _FULL_READ:
+                break  # probably drained; level-triggered readiness calls again if not
+        self.pending = pending
+        self.moved = moved
+        self.total += moved
+        if not pending:
+            self._pipe = None
+            self._pool.give_pipe(pipe)
+        return result
+
+    def _pump_recv_into(self) -> Pumped:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = self._pool.take_buffer()
+        pending = self.pending
+        offset = self._offset
+        moved = 0
+        result = _READ
+        for _ in range(_ROUNDS):
+            if not pending:
+                try:
+                    read = self.source.recv_into(buffer)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    result = _SOURCE_ERROR
+                    break
+                if not read:
+                    result = _EOF
+                    break
+                pending, offset = read, 0
+            else:
+                read = 0
+            try:
+                written = self.sink.send(buffer[offset : offset + pending])
+            except BlockingIOError:
+                result = _WRITE
+                break
+            except OSError:
+                result = _SINK_ERROR
+                break
+            moved += written
+            pending -= written
+            offset += written
+            if pending:
+                result = _WRITE
+                break
+            if read < _FULL_READ:
+                break
+        self.pending = pending
+        self._offset = offset
+        self.moved = moved
+        self.total += moved
+        if not pending:
+            self._buffer = None
+            self._pool.give_buffer(buffer)
+        return result
+
+    def release(self) -> None:
+        """The connection is closing: give back (or discard) what this direction holds."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            if self.pending:
+                self._pool.discard_pipe(pipe)
+            else:
+                self._pool.give_pipe(pipe)
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            self._pool.give_buffer(buffer)
+        self.pending = 0

@@ -7,16 +7,21 @@ backend, when to retry, when a connection is idle and when draining ends all
 come out of :class:`loble.core.ProxyCore`, through one method,
 :meth:`Daemon._carry_out`, that every core call's outputs go through.
 
-Structure (anyio, on asyncio or trio):
+The per-connection work (accept, connect, move bytes, close) is done by a
+*data path*, one of two, both behind the same small interface
+(:class:`DataPath`) and both reporting through the ``Daemon`` methods in the
+"reports from the data path" section:
 
-* one main task group: the accept loop, the core's timer, the signal watcher,
-  the metrics endpoint, health probes, and one task per client connection;
-* per client connection a task group of its own holding the connect attempt
-  and the two one-way copies. The core's ``CloseConnection`` cancels that
-  group; the connection's task then closes both sockets in a shielded scope,
-  so no socket or task outlives its connection;
-* one timer task sleeps until ``core.next_deadline()``; any core call that
-  brings the deadline closer moves the timer's deadline.
+* ``callbacks`` (:mod:`._callbacks`, asyncio and uvloop): readiness callbacks
+  that stay registered (``loop.add_reader``) drive accepts, connects and
+  copies; a connection costs no task and no future, and a wakeup no
+  registration;
+* ``tasks`` (:mod:`._tasks`, any anyio backend; the default on trio): one
+  task group per connection, raw sockets and ``wait_readable``.
+
+Bytes move in :mod:`._copy` (``splice`` or ``recv_into``). The rest runs in
+one anyio task group: the timer (sleeps until ``core.next_deadline()``), the
+signal watcher, the metrics endpoint and health probes.
 
 The core is single-threaded and so is this driver: everything runs on the
 event loop's thread, including the metrics endpoint.
@@ -24,14 +29,19 @@ event loop's thread, including the metrics endpoint.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import math
+import os
 import random
 import signal
+import socket
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import anyio
-from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketListener, TaskGroup, TaskStatus
 
 from loble.core import (
     Backend,
@@ -54,52 +64,101 @@ from loble.core import (
     parse_address,
 )
 
-from ._copy import CopyEnd, copy_bytes
+from ._copy import SPLICE_AVAILABLE, BufferPool, CopyMethod, OneWay, Pumped
 from ._logging import log
 from ._metrics import TO_BACKEND, TO_CLIENT, Metrics, serve_metrics
 
-__all__ = ["Daemon", "format_address"]
+__all__ = ["COPY_ENV", "DATA_PATH_ENV", "Daemon", "DataPath", "format_address"]
 
-_ACCEPT_BACKOFF = 0.1
+COPY_ENV = "LOBLE_COPY"
+"""Environment variable: ``splice`` (default on Linux) or ``recv_into``."""
+
+DATA_PATH_ENV = "LOBLE_DATA_PATH"
+"""Environment variable: ``callbacks`` (default on asyncio/uvloop) or ``tasks``."""
+
+DATA_PATHS = ("callbacks", "tasks")
+
+ACCEPT_BACKOFF = 0.1
 """Seconds to pause accepting after an accept error such as EMFILE."""
+
+ACCEPT_BATCH = 64
+"""Connections accepted per wakeup of a listening socket at most."""
 
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+Addresses = list[tuple[int, Any]]
+"""``(family, sockaddr)`` pairs to try in order for one backend."""
+
+
 class _Connection:
-    """The driver's side of one client connection: its sockets and its tasks."""
+    """The driver's side of one client connection: its sockets and directions."""
 
     __slots__ = (
-        "attempt_scope",
+        "attempt",
         "backend",
         "backend_address",
-        "bytes_to_backend",
-        "bytes_to_client",
         "client",
         "connection_id",
+        "counters",
+        "handle",
         "peer",
-        "task_group",
+        "to_backend",
+        "to_client",
     )
 
-    def __init__(self, connection_id: int, client: SocketStream, peer: str) -> None:
+    def __init__(self, connection_id: int, client: socket.socket, peer: str, handle: Any) -> None:
         self.connection_id = connection_id
         self.client = client
         self.peer = peer
-        self.backend: SocketStream | None = None
+        self.handle = handle
+        """The data path's own state for this connection (e.g. its task group)."""
+        self.attempt: Any = None
+        """The data path's connect attempt in progress, if any."""
+        self.backend: socket.socket | None = None
         self.backend_address = ""
-        self.task_group: TaskGroup | None = None
-        self.attempt_scope: anyio.CancelScope | None = None
-        self.bytes_to_backend = 0
-        self.bytes_to_client = 0
+        self.to_backend: OneWay | None = None
+        self.to_client: OneWay | None = None
+        self.counters: tuple[Any, Any] | None = None
 
-    def stream(self, side: Side) -> SocketStream | None:
+    def socket(self, side: Side) -> socket.socket | None:
         return self.client if side is Side.CLIENT else self.backend
+
+    @property
+    def bytes_to_backend(self) -> int:
+        return self.to_backend.total if self.to_backend is not None else 0
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.to_client.total if self.to_client is not None else 0
+
+
+class DataPath(Protocol):
+    """What the daemon asks of a data path; see :mod:`._callbacks` and :mod:`._tasks`."""
+
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        """Accept on ``listeners`` until cancelled (the caller closes them)."""
+
+    def connect(self, connection: _Connection, action: ConnectBackend) -> None:
+        """Start the attempt (abandoning any earlier one); report through the daemon."""
+
+    def forward(self, connection: _Connection) -> None:
+        """The backend is connected: start both directions."""
+
+    def close(self, connection: _Connection) -> None:
+        """Close the connection's sockets and stop its work (the core ended it)."""
 
 
 class Daemon:
-    """One load balancer on real sockets; :meth:`run` serves until shutdown."""
+    """One load balancer on real sockets; :meth:`run` serves until shutdown.
+
+    ``copy`` and ``data_path`` choose how bytes move (see the module doc);
+    unset, they come from the ``LOBLE_COPY`` and ``LOBLE_DATA_PATH``
+    environment variables, else the fastest the platform and loop allow.
+    ``reuse_port`` sets ``SO_REUSEPORT`` on the listening sockets (workers).
+    """
 
     def __init__(
         self,
@@ -107,11 +166,21 @@ class Daemon:
         *,
         logger: logging.Logger | None = None,
         rng: random.Random | None = None,
+        copy: str | None = None,
+        data_path: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
         self.core = ProxyCore(config, rng or random.Random())
         self.metrics = Metrics(self.core)
+        self.metrics.before_render = self._count_bytes_in_flight
         self.logger = logger or logging.getLogger("loble")
+        self.copy_method = _copy_method(copy)
+        self.pool = BufferPool(self.copy_method)
+        self._data_path_name = _data_path_name(data_path)
+        self.data_path_name = ""
+        """The data path in use, once running: ``callbacks`` or ``tasks``."""
+        self.reuse_port = reuse_port
         self.listen_addresses: list[tuple[str, int]] = []
         """Where clients connect (the OS-chosen port when configured as 0)."""
         self.metrics_address: tuple[str, int] | None = None
@@ -124,6 +193,14 @@ class Daemon:
         self._listeners: list[SocketListener] = []
         self._metrics_listeners: list[SocketListener] = []
         self._shutdown_began = 0.0
+        self._path: DataPath | None = None
+        self._carrying = False
+        self._backlog: list[Output] = []
+        self._closing: dict[int, _Connection] = {}
+        self._counters: dict[str, tuple[Any, Any]] = {}
+        self._addresses: dict[str, Addresses | None] = {}
+        self.now: Callable[[], float] = anyio.current_time
+        """The core's clock: the event loop's monotonic time."""
 
     # -- reading -------------------------------------------------------------------
 
@@ -133,7 +210,7 @@ class Daemon:
 
     @property
     def open_connections(self) -> int:
-        """Client connections whose task is still running (sockets not yet closed)."""
+        """Client connections whose sockets are not yet closed."""
         return len(self._connections)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -147,7 +224,9 @@ class Daemon:
         """
         if self._listeners:
             return
-        listeners = await self._listen(self.config.listener.address, "listener.address")
+        listeners = await self._listen(
+            self.config.listener.address, "listener.address", reuse_port=self.reuse_port
+        )
         if self.config.metrics.enabled:
             try:
                 self._metrics_listeners = await self._listen(
@@ -176,43 +255,76 @@ class Daemon:
         self._started = True
         self._accepting = anyio.CancelScope()
         listeners, metrics_listeners = self._listeners, self._metrics_listeners
-        async with anyio.create_task_group() as tasks:
-            self._tasks = tasks
-            if handle_signals:
-                await tasks.start(self._watch_signals)
-            tasks.start_soon(self._run_timer)
-            tasks.start_soon(self._accept_all, listeners)
-            for listener in metrics_listeners:
-                self.metrics_address = _local(listener)
-                tasks.start_soon(serve_metrics, listener, self.metrics, self.logger)
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                self._path = self._make_path(tasks)
+                if handle_signals:
+                    await tasks.start(self._watch_signals)
+                tasks.start_soon(self._run_timer)
+                tasks.start_soon(self._accept_all, listeners)
+                for listener in metrics_listeners:
+                    self.metrics_address = _local(listener)
+                    tasks.start_soon(serve_metrics, listener, self.metrics, self.logger)
+                    log(
+                        self.logger,
+                        logging.INFO,
+                        "metrics endpoint",
+                        address=f"http://{format_address(*self.metrics_address)}/metrics",
+                    )
+                config = self.config
                 log(
                     self.logger,
                     logging.INFO,
-                    "metrics endpoint",
-                    address=f"http://{format_address(*self.metrics_address)}/metrics",
+                    "listening",
+                    address=", ".join(format_address(*a) for a in self.listen_addresses),
+                    balancer=config.balancer.algorithm,
+                    backends=len(config.backends),
+                    data_path=self.data_path_name,
+                    copy=self.copy_method.value,
                 )
-            config = self.config
-            log(
-                self.logger,
-                logging.INFO,
-                "listening",
-                address=", ".join(format_address(*a) for a in self.listen_addresses),
-                balancer=config.balancer.algorithm,
-                backends=len(config.backends),
-            )
-            self._carry_out(self.core.start(anyio.current_time()))
-            task_status.started()
+                self._carry_out(self.core.start(self.now()))
+                task_status.started()
+        finally:
+            self.pool.close()
         log(self.logger, logging.INFO, "stopped")
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown, as SIGTERM does; a second call cuts what remains."""
-        self._carry_out(self.core.shutdown(anyio.current_time()))
+        self._carry_out(self.core.shutdown(self.now()))
 
-    async def _listen(self, address: str, key: str) -> list[SocketListener]:
+    def _make_path(self, tasks: TaskGroup) -> DataPath:
+        library = _current_library()
+        name = self._data_path_name or ("callbacks" if library == "asyncio" else "tasks")
+        if name == "callbacks":
+            if library != "asyncio":
+                raise LobleError(f"{DATA_PATH_ENV}: 'callbacks' needs asyncio or uvloop")
+            from ._callbacks import CallbackPath
+
+            path: DataPath = CallbackPath(self)
+        else:
+            from ._tasks import TaskPath
+
+            path = TaskPath(self, tasks, library)
+        if library == "trio":
+            import trio
+
+            self.now = trio.current_time
+        else:
+            self.now = asyncio.get_running_loop().time
+        self.data_path_name = name
+        return path
+
+    async def _listen(
+        self, address: str, key: str, *, reuse_port: bool = False
+    ) -> list[SocketListener]:
         host, port = parse_address(address, allow_port_zero=True)
         try:
             multi = await anyio.create_tcp_listener(
-                local_host=host, local_port=port, backlog=self.config.listener.backlog
+                local_host=host,
+                local_port=port,
+                backlog=self.config.listener.backlog,
+                reuse_port=reuse_port,
             )
         except OSError as error:
             reason = error.strerror or str(error)
@@ -240,73 +352,195 @@ class Daemon:
             with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as timer:
                 self._timer = timer
                 await anyio.sleep_forever()
-            self._carry_out(core.handle_timer(anyio.current_time()))
-
-    # -- accepting -----------------------------------------------------------------
+            self._carry_out(core.handle_timer(self.now()))
 
     async def _accept_all(self, listeners: Sequence[SocketListener]) -> None:
-        assert self._accepting is not None
+        assert self._accepting is not None and self._path is not None
+        raw = []
+        for listener in listeners:
+            sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.setblocking(False)
+            raw.append(sock)
         try:
             with self._accepting:
-                async with anyio.create_task_group() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener)
+                await self._path.serve(raw)
         finally:
             # Closing the listening sockets is what makes new connects fail fast.
             with anyio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
 
-    async def _accept_loop(self, listener: SocketListener) -> None:
-        assert self._tasks is not None
-        while True:
-            try:
-                client = await listener.accept()
-            except OSError as error:
-                log(self.logger, logging.WARNING, "accept failed", error=str(error))
-                await anyio.sleep(_ACCEPT_BACKOFF)
-                continue
-            self._tasks.start_soon(self._serve_client, client)
+    # -- reports from the data path ---------------------------------------------------
 
-    async def _serve_client(self, client: SocketStream) -> None:
-        connection_id, outputs = self.core.accept(anyio.current_time())
-        connection = _Connection(connection_id, client, _peer(client) if self._access_log else "")
+    def accepted(self, client: socket.socket, handle: Any = None) -> _Connection:
+        """A client connected: register it and carry out the core's first orders."""
+        connection_id, outputs = self.core.accept(self.now())
+        connection = _Connection(
+            connection_id, client, _peer(client) if self._access_log else "", handle
+        )
         self._connections[connection_id] = connection
+        self._carry_out(outputs)
+        return connection
+
+    def accept_failed(self, error: OSError) -> None:
+        log(self.logger, logging.WARNING, "accept failed", error=str(error))
+
+    def addresses(self, backend: Backend) -> Addresses | None:
+        """Where to connect for ``backend`` if known without a lookup (an IP literal)."""
+        address = backend.address
         try:
-            async with anyio.create_task_group() as tasks:
-                connection.task_group = tasks
-                self._carry_out(outputs)
-                # Only the core ends a connection: its CloseConnection cancels this group.
-                await anyio.sleep_forever()
-        except Exception:
-            # A bug in this driver, not a network event: keep serving the others,
-            # and tell the core this connection is gone so its accounting stays right.
-            self.logger.exception("connection %d failed", connection_id)
-            self._carry_out(self.core.client_error(connection_id, anyio.current_time()))
-        finally:
-            del self._connections[connection_id]
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
-                if connection.backend is not None:
-                    await connection.backend.aclose()
+            return self._addresses[address]
+        except KeyError:
+            pass
+        try:
+            ip = ipaddress.ip_address(backend.host)
+        except ValueError:
+            found: Addresses | None = None  # a host name: looked up for each attempt
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            found = [(int(family), (str(ip), backend.port))]
+        self._addresses[address] = found
+        return found
+
+    def connected(
+        self,
+        connection: _Connection,
+        attempt: int,
+        backend: Backend,
+        sock: socket.socket,
+        started: float,
+    ) -> None:
+        """The attempt connected; forward both ways unless the core gave up on it."""
+        now = self.now()
+        outputs = self.core.connected(connection.connection_id, attempt, now)
+        if not outputs:  # stale: the core already gave up on this attempt
+            sock.close()
+            return
+        connection.attempt = None
+        connection.backend = sock
+        address = connection.backend_address = backend.address
+        counters = self._counters.get(address)
+        if counters is None:
+            labels = self.metrics.bytes.labels
+            counters = self._counters[address] = (
+                labels(address, TO_BACKEND),
+                labels(address, TO_CLIENT),
+            )
+        connection.counters = counters
+        pool = self.pool
+        connection.to_backend = OneWay(connection.client, sock, pool)
+        connection.to_client = OneWay(sock, connection.client, pool)
+        self.metrics.connect_time.labels(address).observe(now - started)
+        assert self._path is not None
+        self._path.forward(connection)
+        self._carry_out(outputs)
+
+    def connect_failed(self, connection: _Connection, attempt: int) -> None:
+        self._carry_out(self.core.connect_failed(connection.connection_id, attempt, self.now()))
+
+    def copy_ended(self, connection: _Connection, way: OneWay, end: Pumped) -> None:
+        """One direction stopped: tell the core how."""
+        core = self.core
+        connection_id = connection.connection_id
+        from_client = way is connection.to_backend
+        now = self.now()
+        if end is Pumped.EOF:
+            if from_client:
+                self._carry_out(core.client_eof(connection_id, now))
+            else:
+                self._carry_out(core.backend_eof(connection_id, now))
+            return
+        source, sink = (Side.CLIENT, Side.BACKEND) if from_client else (Side.BACKEND, Side.CLIENT)
+        failed = source if end is Pumped.SOURCE_ERROR else sink
+        self._carry_out(self._report_error(connection_id, failed, now))
+
+    def driver_failed(self, connection: _Connection) -> None:
+        """A bug in this driver, not a network event: keep serving the others,
+        and tell the core this connection is gone so its accounting stays right."""
+        self.logger.exception("connection %d failed", connection.connection_id)
+        self._carry_out(self.core.client_error(connection.connection_id, self.now()))
+
+    def forget(self, connection: _Connection) -> None:
+        """The connection's sockets are closed: count its last bytes, drop it."""
+        self._connections.pop(connection.connection_id, None)
+        counters = connection.counters
+        if counters is not None:
+            for way, counter in (
+                (connection.to_backend, counters[0]),
+                (connection.to_client, counters[1]),
+            ):
+                if way is not None:
+                    way.release()
+                    if way.total != way.reported:
+                        counter.inc(way.total - way.reported)
+                        way.reported = way.total
+
+    def _count_bytes_in_flight(self) -> None:
+        # Bytes are counted into the metric when a connection closes and,
+        # for the open ones, here, just before a scrape: one counter update
+        # per scrape instead of one per read.
+        for connection in self._connections.values():
+            counters = connection.counters
+            if counters is None:
+                continue
+            for way, counter in (
+                (connection.to_backend, counters[0]),
+                (connection.to_client, counters[1]),
+            ):
+                if way is not None and way.total != way.reported:
+                    counter.inc(way.total - way.reported)
+                    way.reported = way.total
 
     # -- carrying out the core's orders ---------------------------------------------
 
     def _carry_out(self, outputs: list[Output]) -> None:
-        """Do what the core asked, in order; record its events. Never blocks."""
+        """Do what the core asked, in order; record its events. Never blocks.
+
+        A report made while carrying out (e.g. a half-close that fails at once)
+        queues its outputs behind the current ones instead of interleaving.
+        """
+        if self._carrying:
+            self._backlog.extend(outputs)
+            return
+        self._carrying = True
+        try:
+            self._carry_out_list(outputs)
+            while self._backlog:
+                outputs, self._backlog = self._backlog, []
+                self._carry_out_list(outputs)
+        finally:
+            self._carrying = False
+            self._closing.clear()
+        if self.core.stopped:
+            assert self._tasks is not None
+            self._tasks.cancel_scope.cancel()
+            return
+        timer = self._timer
+        if timer is not None:
+            deadline = self.core.next_deadline()
+            if deadline is not None and deadline < timer.deadline:
+                timer.deadline = deadline
+
+    def _carry_out_list(self, outputs: list[Output]) -> None:
+        record = self.metrics.record
         for output in outputs:
-            self.metrics.record(output)
+            record(output)
             match output:
                 case ConnectBackend():
-                    self._start_attempt(output)
+                    connection = self._connections.get(output.connection_id)
+                    if connection is not None:
+                        assert self._path is not None
+                        self._path.connect(connection, output)
                 case ShutdownWrite():
                     connection = self._connections.get(output.connection_id)
-                    if connection is not None and connection.task_group is not None:
-                        connection.task_group.start_soon(self._send_eof, connection, output.side)
+                    if connection is not None:
+                        self._send_eof(connection, output.side)
                 case CloseConnection():
                     connection = self._connections.get(output.connection_id)
-                    if connection is not None and connection.task_group is not None:
-                        connection.task_group.cancel_scope.cancel()
+                    if connection is not None:
+                        assert self._path is not None
+                        self._closing[output.connection_id] = connection
+                        self._path.close(connection)
                 case ProbeBackend():
                     assert self._tasks is not None
                     self._tasks.start_soon(self._probe, output.backend, output.timeout)
@@ -352,111 +586,22 @@ class Daemon:
                         cut=output.cut,
                         took=round(output.at - self._shutdown_began, 3),
                     )
-        if self.core.stopped:
-            assert self._tasks is not None
-            self._tasks.cancel_scope.cancel()
-            return
-        timer = self._timer
-        if timer is not None:
-            deadline = self.core.next_deadline()
-            if deadline is not None and deadline < timer.deadline:
-                timer.deadline = deadline
-
-    def _start_attempt(self, action: ConnectBackend) -> None:
-        connection = self._connections.get(action.connection_id)
-        if connection is None or connection.task_group is None:
-            return
-        if connection.attempt_scope is not None:
-            connection.attempt_scope.cancel()  # the core gave up on the previous attempt
-        attempt_scope = anyio.CancelScope()
-        connection.attempt_scope = attempt_scope
-        connection.task_group.start_soon(
-            self._connect, connection, action.attempt, action.backend, attempt_scope
-        )
-
-    async def _connect(
-        self,
-        connection: _Connection,
-        attempt: int,
-        backend: Backend,
-        attempt_scope: anyio.CancelScope,
-    ) -> None:
-        core = self.core
-        connection_id = connection.connection_id
-        with attempt_scope:
-            started = anyio.current_time()
-            try:
-                stream = await anyio.connect_tcp(backend.host, backend.port)
-            except OSError:
-                self._carry_out(core.connect_failed(connection_id, attempt, anyio.current_time()))
-                return
-            now = anyio.current_time()
-            outputs = core.connected(connection_id, attempt, now)
-            if not outputs:  # stale: the core already gave up on this attempt
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-                return
-            connection.backend = stream
-            connection.backend_address = backend.address
-            connection.attempt_scope = None
-            self.metrics.connect_time.labels(backend.address).observe(now - started)
-            assert connection.task_group is not None
-            connection.task_group.start_soon(self._copy, connection, Side.CLIENT)
-            connection.task_group.start_soon(self._copy, connection, Side.BACKEND)
-            self._carry_out(outputs)
-
-    async def _copy(self, connection: _Connection, source_side: Side) -> None:
-        """Copy one direction until it ends, then report how it ended."""
-        core = self.core
-        connection_id = connection.connection_id
-        client, backend = connection.client, connection.backend
-        assert backend is not None
-        counter = self.metrics.bytes.labels(
-            connection.backend_address, TO_BACKEND if source_side is Side.CLIENT else TO_CLIENT
-        )
-        moved: Callable[[int], None]
-        if source_side is Side.CLIENT:
-            source, sink, sink_side = client, backend, Side.BACKEND
-
-            def moved(count: int) -> None:
-                connection.bytes_to_backend += count
-                counter.inc(count)
-                core.touch(connection_id, anyio.current_time())
-
-        else:
-            source, sink, sink_side = backend, client, Side.CLIENT
-
-            def moved(count: int) -> None:
-                connection.bytes_to_client += count
-                counter.inc(count)
-                core.touch(connection_id, anyio.current_time())
-
-        end = await copy_bytes(source, sink, moved)
-        now = anyio.current_time()
-        if end is CopyEnd.EOF:
-            if source_side is Side.CLIENT:
-                self._carry_out(core.client_eof(connection_id, now))
-            else:
-                self._carry_out(core.backend_eof(connection_id, now))
-        else:
-            failed = source_side if end is CopyEnd.SOURCE_ERROR else sink_side
-            self._carry_out(self._report_error(connection_id, failed, now))
 
     def _report_error(self, connection_id: int, side: Side, now: float) -> list[Output]:
         if side is Side.CLIENT:
             return self.core.client_error(connection_id, now)
         return self.core.backend_error(connection_id, now)
 
-    async def _send_eof(self, connection: _Connection, side: Side) -> None:
-        stream = connection.stream(side)
-        assert stream is not None
+    def _send_eof(self, connection: _Connection, side: Side) -> None:
+        # The direction into this socket has ended with nothing held (a copy
+        # reads EOF only once its buffer is empty), so EOF follows every byte.
+        sock = connection.socket(side)
+        assert sock is not None
         try:
-            await stream.send_eof()
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
             # The peer is gone (e.g. it reset): that ends the connection.
-            self._carry_out(
-                self._report_error(connection.connection_id, side, anyio.current_time())
-            )
+            self._carry_out(self._report_error(connection.connection_id, side, self.now()))
 
     async def _probe(self, backend: Backend, timeout: float) -> None:
         ok = False
@@ -471,10 +616,12 @@ class Daemon:
                     await stream.aclose()
         self.metrics.probe(backend.address, ok)
         log(self.logger, logging.DEBUG, "probe", backend=backend.address, ok=ok)
-        self._carry_out(self.core.probe_result(backend.address, ok, anyio.current_time()))
+        self._carry_out(self.core.probe_result(backend.address, ok, self.now()))
 
     def _log_access(self, closed: ConnectionClosed) -> None:
-        connection = self._connections.get(closed.connection_id)
+        connection = self._connections.get(closed.connection_id) or self._closing.get(
+            closed.connection_id
+        )
         connected_at = closed.connected_at
         connect_time = None if connected_at is None else round(connected_at - closed.opened_at, 6)
         log(
@@ -492,15 +639,44 @@ class Daemon:
         )
 
 
+def _copy_method(chosen: str | None) -> CopyMethod:
+    value = chosen if chosen is not None else os.environ.get(COPY_ENV, "")
+    if not value:
+        return CopyMethod.default()
+    try:
+        method = CopyMethod(value)
+    except ValueError:
+        options = ", ".join(m.value for m in CopyMethod)
+        raise LobleError(f"{COPY_ENV}: {value!r} is not one of {options}") from None
+    if method is CopyMethod.SPLICE and not SPLICE_AVAILABLE:
+        raise LobleError(f"{COPY_ENV}: 'splice' needs Linux; use 'recv_into'")
+    return method
+
+
+def _data_path_name(chosen: str | None) -> str:
+    value = chosen if chosen is not None else os.environ.get(DATA_PATH_ENV, "")
+    if value and value not in DATA_PATHS:
+        raise LobleError(f"{DATA_PATH_ENV}: {value!r} is not one of {', '.join(DATA_PATHS)}")
+    return value
+
+
+def _current_library() -> str:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"  # anyio runs on asyncio or trio
+    return "asyncio"
+
+
 def _local(listener: SocketListener) -> tuple[str, int]:
     address = listener.extra(anyio.abc.SocketAttribute.local_address)
     assert isinstance(address, tuple)
     return str(address[0]), int(address[1])
 
 
-def _peer(stream: SocketStream) -> str:
+def _peer(sock: socket.socket) -> str:
     try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        address = sock.getpeername()
     except OSError:
         return ""  # already reset by the peer
     if isinstance(address, tuple):

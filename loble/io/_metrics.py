@@ -13,7 +13,7 @@ the core from the only thread that touches it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 from anyio.abc import SocketListener, SocketStream
@@ -121,6 +121,8 @@ class Metrics:
                     self.connections.labels(address, outcome.value)
         self.connections.labels("", Outcome.NO_BACKEND.value)
         registry.register(_CoreCollector(core))
+        self.before_render: Callable[[], None] = lambda: None
+        """Called before each scrape: the daemon adds the bytes of open connections."""
 
     def record(self, output: Output) -> None:
         """Count one output of the core (most need nothing)."""
@@ -143,6 +145,7 @@ class Metrics:
         self.probes.labels(address, "success" if ok else "failure").inc()
 
     def render(self) -> bytes:
+        self.before_render()
         return generate_latest(self.registry)
 
 

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loble.core import parse_config
 from loble.io import Daemon
+from loble.io._copy import SPLICE_AVAILABLE
 
 WAIT_BOUND = 10.0
 """Seconds any single condition may take before the test fails."""
@@ -41,6 +42,25 @@ WAIT_BOUND = 10.0
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+DATA_PLANES = [
+    ("callbacks", "splice"),
+    ("callbacks", "recv_into"),
+    ("tasks", "splice"),
+    ("tasks", "recv_into"),
+]
+
+
+@pytest.fixture(params=DATA_PLANES, ids="-".join)
+def data_plane(request: pytest.FixtureRequest, anyio_backend: str) -> dict[str, str]:
+    """Every way the daemon can move bytes: pass it on as ``lab.daemon(..., **data_plane)``."""
+    data_path, copy = request.param
+    if data_path == "callbacks" and anyio_backend != "asyncio":
+        pytest.skip("the callbacks data path runs on asyncio only")
+    if copy == "splice" and not SPLICE_AVAILABLE:
+        pytest.skip("splice(2) is Linux only")
+    return {"data_path": data_path, "copy": copy}
 
 
 async def wait_for(
@@ -197,7 +217,14 @@ class Loopback:
         await self.tasks.start(backend.serve, port)
         return backend
 
-    async def daemon(self, backends: list[str], **sections: Any) -> Daemon:
+    async def daemon(
+        self,
+        backends: list[str],
+        *,
+        copy: str | None = None,
+        data_path: str | None = None,
+        **sections: Any,
+    ) -> Daemon:
         document: dict[str, Any] = {
             "listener": {"address": sections.pop("listen", "127.0.0.1:0")},
             "backends": [{"address": address} for address in backends],
@@ -212,7 +239,7 @@ class Loopback:
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
         logger.addHandler(self.logs)
-        daemon = Daemon(parse_config(document), logger=logger)
+        daemon = Daemon(parse_config(document), logger=logger, copy=copy, data_path=data_path)
         self.daemons.append(daemon)
         await self.tasks.start(_run_daemon, daemon)
         return daemon

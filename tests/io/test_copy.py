@@ -1,99 +1,191 @@
-"""The byte copier: bounded reads, and how each way of ending is reported."""
+"""The byte mover on real loopback sockets, with splice and with recv_into.
+
+A :class:`OneWay` never blocks; these tests drive it by hand, waiting for
+readiness with ``select`` (bounded), the way an event loop would.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import select
+import socket
+import struct
+from collections.abc import Iterator
 
-import anyio
 import pytest
 
-from loble.io._copy import CHUNK_SIZE, CopyEnd, copy_bytes
+from loble.io._copy import (
+    CHUNK_SIZE,
+    PIPE_SIZE,
+    SPLICE_AVAILABLE,
+    BufferPool,
+    CopyMethod,
+    OneWay,
+    Pumped,
+)
 
-pytestmark = pytest.mark.anyio
-
-
-class EndlessSource:
-    """Always has data; counts the reads (a fake: only the copier's view matters)."""
-
-    def __init__(self, *, fail_after: int | None = None) -> None:
-        self.reads = 0
-        self.fail_after = fail_after
-
-    async def receive(self, max_bytes: int = 65_536) -> bytes:
-        await anyio.lowlevel.checkpoint()
-        if self.fail_after is not None and self.reads == self.fail_after:
-            raise anyio.BrokenResourceError
-        self.reads += 1
-        return b"x" * max_bytes
-
-    async def aclose(self) -> None: ...
+BOUND = 10.0
+METHODS = [
+    pytest.param(CopyMethod.SPLICE, marks=pytest.mark.skipif(not SPLICE_AVAILABLE, reason="Linux")),
+    CopyMethod.RECV_INTO,
+]
 
 
-class GatedSink:
-    """Each send waits for a token: a peer that reads only when the test says."""
-
-    def __init__(self, *, fail: bool = False) -> None:
-        self.tokens, self._take = anyio.create_memory_object_stream[None](100)
-        self.pending = 0
-        self.written = 0
-        self.fail = fail
-
-    async def send(self, item: bytes) -> None:
-        self.pending += 1
-        await self._take.receive()
-        self.pending -= 1
-        if self.fail:
-            raise anyio.BrokenResourceError
-        self.written += len(item)
-
-    async def send_eof(self) -> None: ...
-
-    async def aclose(self) -> None: ...
+@pytest.fixture(params=METHODS, ids=lambda method: method.value)
+def pool(request: pytest.FixtureRequest) -> Iterator[BufferPool]:
+    pool = BufferPool(request.param)
+    yield pool
+    pool.close()
+    assert pool.open_pipes == 0
 
 
-async def test_reads_again_only_after_the_write_completed(net: Any) -> None:
-    source, sink = EndlessSource(), GatedSink()
-    moved: list[int] = []
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(copy_bytes, source, sink, moved.append)
-        for released in range(5):
-            # The copier is blocked writing chunk number released + 1...
-            await net.wait_for(
-                lambda n=released: sink.pending == 1 and sink.written == n * CHUNK_SIZE
-            )
-            # ...and has read that chunk and nothing more: a peer that does not
-            # read holds one chunk of Loble's memory, no more.
-            assert source.reads == released + 1
-            sink.tokens.send_nowait(None)
-        tasks.cancel_scope.cancel()
-    assert moved == [CHUNK_SIZE] * 5
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback pair: (connecting end, accepted end), both non-blocking."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    near.setblocking(False)
+    far.setblocking(False)
+    return near, far
 
 
-async def test_eof_ends_the_copy(net: Any) -> None:
-    class ShortSource:
-        def __init__(self) -> None:
-            self.chunks = [b"ab", b"c"]
-
-        async def receive(self, max_bytes: int = 65_536) -> bytes:
-            if not self.chunks:
-                raise anyio.EndOfStream
-            return self.chunks.pop(0)
-
-    sink = GatedSink()
-    for _ in range(2):
-        sink.tokens.send_nowait(None)
-    moved: list[int] = []
-    assert await copy_bytes(ShortSource(), sink, moved.append) is CopyEnd.EOF  # type: ignore[arg-type]
-    assert moved == [2, 1] and sink.written == 3
+@pytest.fixture
+def proxied(pool: BufferPool) -> Iterator[tuple[socket.socket, OneWay, socket.socket]]:
+    """client -> [OneWay] -> server; yields (client, way, server)."""
+    client, proxy_in = tcp_pair()
+    proxy_out, server = tcp_pair()
+    way = OneWay(proxy_in, proxy_out, pool)
+    yield client, way, server
+    way.release()
+    for sock in (client, proxy_in, proxy_out, server):
+        sock.close()
 
 
-async def test_source_error_and_sink_error_are_told_apart() -> None:
-    sink = GatedSink()
-    sink.tokens.send_nowait(None)
-    ended = await copy_bytes(EndlessSource(fail_after=1), sink, lambda n: None)  # type: ignore[arg-type]
-    assert ended is CopyEnd.SOURCE_ERROR
+def wait(readable: list[socket.socket], writable: list[socket.socket]) -> None:
+    ready = select.select(readable, writable, [], BOUND)
+    assert ready[0] or ready[1], "socket not ready within the bound"
 
-    failing = GatedSink(fail=True)
-    failing.tokens.send_nowait(None)
-    ended = await copy_bytes(EndlessSource(), failing, lambda n: None)  # type: ignore[arg-type]
-    assert ended is CopyEnd.SINK_ERROR
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_everything_arrives_then_eof(proxied: tuple[socket.socket, OneWay, socket.socket]) -> None:
+    client, way, server = proxied
+    payload = os.urandom(3 * PIPE_SIZE + 12_345)
+    received = bytearray()
+    sent = 0
+    while True:
+        if sent < len(payload):
+            with contextlib.suppress(BlockingIOError):  # the way pumps below: room comes
+                sent += client.send(payload[sent : sent + 100_000])
+            if sent == len(payload):
+                client.shutdown(socket.SHUT_WR)
+        end = way.pump()
+        while True:
+            try:
+                received += server.recv(1 << 20)
+            except BlockingIOError:
+                break
+        if end is Pumped.EOF:
+            break
+        if end is Pumped.READ and sent == len(payload):
+            wait([way.source], [])
+        assert end in (Pumped.READ, Pumped.WRITE)
+    assert bytes(received) == payload
+    assert way.total == len(payload)
+
+
+def test_reads_nothing_more_while_the_sink_does_not_read(
+    proxied: tuple[socket.socket, OneWay, socket.socket],
+) -> None:
+    client, way, server = proxied
+    client.setblocking(False)
+    chunk = b"x" * 65_536
+    # The server never reads: fill every buffer until the client cannot send.
+    while True:
+        try:
+            client.send(chunk)
+        except BlockingIOError:
+            end = way.pump()
+            if end is Pumped.WRITE:
+                break
+            assert end is Pumped.READ
+            try:
+                client.send(chunk)
+            except BlockingIOError:
+                wait([], [way.sink])  # only the sink can make progress now
+    held = way.pending
+    read = way.total + way.pending
+    assert 0 < held <= max(PIPE_SIZE, CHUNK_SIZE)
+    for _ in range(5):
+        assert way.pump() is Pumped.WRITE
+    # Nothing more was read from the source: the peer that stopped reading
+    # holds one bounded buffer of Loble's, no more.
+    assert way.total + way.pending == read
+    assert server.recv(1) == b"x"
+
+
+def test_source_reset_and_sink_reset_are_told_apart(pool: BufferPool) -> None:
+    client, proxy_in = tcp_pair()
+    proxy_out, server = tcp_pair()
+    way = OneWay(proxy_in, proxy_out, pool)
+    reset(client)
+    wait([proxy_in], [])
+    assert way.pump() is Pumped.SOURCE_ERROR
+    way.release()
+
+    client, proxy_in2 = tcp_pair()
+    proxy_out2, server2 = tcp_pair()
+    way = OneWay(proxy_in2, proxy_out2, pool)
+    reset(server2)
+    wait([proxy_out2], [])
+    client.send(b"to a backend that is gone")
+    wait([proxy_in2], [])
+    assert way.pump() is Pumped.SINK_ERROR
+    way.release()
+    for sock in (client, proxy_in, proxy_out, server, proxy_in2, proxy_out2):
+        sock.close()
+
+
+def test_an_idle_direction_holds_no_buffer_and_buffers_are_reused(pool: BufferPool) -> None:
+    pairs = [tcp_pair() for _ in range(4)]
+    first = OneWay(pairs[0][1], pairs[1][0], pool)
+    second = OneWay(pairs[2][1], pairs[3][0], pool)
+    for client, way in ((pairs[0][0], first), (pairs[2][0], second)):
+        client.send(b"hello")
+        wait([way.source], [])
+        assert way.pump() is Pumped.READ
+        assert way.total == 5 and way.pending == 0
+    # Both directions ran, one after the other, on the same pooled buffer.
+    assert pool.pooled == 1
+    expected_pipes = 1 if pool.method is CopyMethod.SPLICE else 0
+    assert pool.open_pipes == expected_pipes
+    for way in (first, second):
+        way.release()
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+
+
+def test_a_direction_closed_with_bytes_held_discards_its_pipe(pool: BufferPool) -> None:
+    client, proxy_in = tcp_pair()
+    proxy_out, server = tcp_pair()
+    proxy_out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    way = OneWay(proxy_in, proxy_out, pool)
+    client.setblocking(True)
+    client.sendall(b"y" * 200_000)
+    wait([proxy_in], [])
+    while way.pump() is not Pumped.WRITE:
+        wait([proxy_in], [])
+    assert way.pending > 0
+    way.release()
+    assert pool.pooled == (0 if pool.method is CopyMethod.SPLICE else 1)
+    assert pool.open_pipes == 0
+    for sock in (client, proxy_in, proxy_out, server):
+        sock.close()

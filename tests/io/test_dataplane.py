@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from loble.core import HealthState, Outcome
+from loble.io._copy import POOL_LIMIT
 
 pytestmark = pytest.mark.anyio
 
@@ -66,10 +67,12 @@ async def test_weights_set_the_share_of_each_backend(net: Any) -> None:
         assert Counter(served_by(reply) for reply in replies) == {"a": 30, "b": 20, "c": 10}
 
 
-async def test_client_half_close_reaches_backend_and_reply_still_flows(net: Any) -> None:
+async def test_client_half_close_reaches_backend_and_reply_still_flows(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a")
-        daemon = await lab.daemon([backend.address])
+        daemon = await lab.daemon([backend.address], **data_plane)
         # 1 MiB each way: more than any buffer, so backpressure is exercised too.
         payload = bytes(range(256)) * 4096
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
@@ -81,10 +84,12 @@ async def test_client_half_close_reaches_backend_and_reply_still_flows(net: Any)
         await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
 
 
-async def test_backend_half_close_reaches_client_and_client_data_still_flows(net: Any) -> None:
+async def test_backend_half_close_reaches_client_and_client_data_still_flows(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a", mode="greet")
-        daemon = await lab.daemon([backend.address])
+        daemon = await lab.daemon([backend.address], **data_plane)
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
             assert await net.read_all(stream) == b"a"  # greeting, then the backend's EOF
             await stream.send(b"after your EOF")
@@ -94,13 +99,16 @@ async def test_backend_half_close_reaches_client_and_client_data_still_flows(net
         await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
 
 
-async def test_refused_connect_is_retried_on_another_backend(net: Any) -> None:
+async def test_refused_connect_is_retried_on_another_backend(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     async with net.loopback() as lab:
         good = await lab.backend("good")
         refused = f"127.0.0.1:{net.free_port()}"
         daemon = await lab.daemon(
             [refused, good.address],
             health={"failure_threshold": 100},  # keep it eligible: every pick of it retries
+            **data_plane,
         )
         replies = [await net.request(daemon.listen_address) for _ in range(6)]
         assert {served_by(reply) for reply in replies} == {"good"}
@@ -111,7 +119,9 @@ async def test_refused_connect_is_retried_on_another_backend(net: Any) -> None:
         assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
 
 
-async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(net: Any) -> None:
+async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     with socket.socket() as blackhole, socket.socket() as filler:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(0)
@@ -123,6 +133,7 @@ async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(net: A
                 [silent, good.address],
                 timeouts={"connect": 0.2},
                 health={"failure_threshold": 100},
+                **data_plane,
             )
             replies = [await net.request(daemon.listen_address) for _ in range(2)]
             assert {served_by(reply) for reply in replies} == {"good"}
@@ -151,10 +162,12 @@ async def test_no_backend_eligible_closes_the_client_at_once_and_counts_it(net: 
         assert outcomes(daemon, Outcome.NO_BACKEND) == 1
 
 
-async def test_idle_connection_is_closed_on_both_sides(net: Any) -> None:
+async def test_idle_connection_is_closed_on_both_sides(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a")
-        daemon = await lab.daemon([backend.address], timeouts={"idle": 0.2})
+        daemon = await lab.daemon([backend.address], timeouts={"idle": 0.2}, **data_plane)
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
             await stream.send(b"then silence")
             assert await net.read_all(stream) == b""  # the daemon closed it
@@ -218,10 +231,12 @@ async def test_killed_backend_drains_goes_unhealthy_and_comes_back_through_probe
         assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
 
 
-async def test_file_descriptors_do_not_outlive_1000_connections(net: Any) -> None:
+async def test_file_descriptors_do_not_outlive_1000_connections(
+    net: Any, data_plane: dict[str, str]
+) -> None:
     async with net.loopback() as lab:
         backends = [await lab.backend(name) for name in ("a", "b", "c")]
-        daemon = await lab.daemon([b.address for b in backends])
+        daemon = await lab.daemon([b.address for b in backends], **data_plane)
         await net.request(daemon.listen_address)  # the loop's own lazily made descriptors
 
         def open_fds() -> int:
@@ -230,8 +245,12 @@ async def test_file_descriptors_do_not_outlive_1000_connections(net: Any) -> Non
         def quiet() -> bool:
             return daemon.open_connections == 0 and not any(b.open for b in backends)
 
+        def without_pooled_pipes() -> int:
+            # Empty pipes kept for reuse belong to the daemon, not to a connection.
+            return open_fds() - 2 * daemon.pool.open_pipes
+
         await net.wait_for(quiet)
-        before = open_fds()
+        before = without_pooled_pipes()
         limit = anyio.Semaphore(20)
         replies: list[bytes] = []
 
@@ -248,7 +267,41 @@ async def test_file_descriptors_do_not_outlive_1000_connections(net: Any) -> Non
                     clients.start_soon(one, index)
             assert len(replies) == 1000 and all(b":" in reply for reply in replies)
             await net.wait_for(quiet)
-            await net.wait_for(lambda: open_fds() == before, what=f"{open_fds()} fds, was {before}")
+            await net.wait_for(
+                lambda: without_pooled_pipes() == before,
+                what=f"{without_pooled_pipes()} fds, was {before}",
+            )
             gc.collect()
         assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
         assert outcomes(daemon, Outcome.COMPLETED) == 1001
+        # Every pipe still open is an empty one in the (bounded) pool.
+        assert daemon.pool.open_pipes == daemon.pool.pooled_pipes <= POOL_LIMIT
+
+
+def pipe_fds() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+async def test_pipes_are_taken_lazily_and_closed_when_the_daemon_stops(
+    net: Any, data_plane: dict[str, str]
+) -> None:
+    before = pipe_fds()
+    async with net.loopback() as lab:
+        backend = await lab.backend("a", mode="greet")
+        daemon = await lab.daemon([backend.address], **data_plane)
+        idle = [await anyio.connect_tcp(*daemon.listen_address) for _ in range(10)]
+        await net.wait_for(lambda: len(backend.open) == 10)
+        for stream in idle:
+            assert await net.read_all(stream) == b"a"  # greeting and EOF, then idle
+        # Ten open connections that moved bytes hold no pipe each: at most the
+        # pool's few, however many connections there are.
+        assert daemon.pool.open_pipes <= 1
+        for stream in idle:
+            await stream.aclose()
+        await net.wait_for(lambda: daemon.open_connections == 0)
+    assert daemon.pool.open_pipes == 0
+    await net.wait_for(lambda: pipe_fds() == before, what=f"{pipe_fds()} pipes, was {before}")

@@ -1,0 +1,243 @@
+"""The callback data path (asyncio, uvloop): readiness callbacks that stay registered.
+
+Every piece of per-connection work is a plain function the event loop calls
+when a socket is ready; no task, future or coroutine is created per
+connection, and none per wakeup:
+
+* each listening socket has a reader; it accepts up to
+  :data:`~._daemon.ACCEPT_BATCH` clients per wakeup;
+* a backend connect is a non-blocking ``connect`` and a one-shot writer that
+  fires when the handshake has finished;
+* each direction of an established connection has a reader on its source
+  that stays registered while bytes flow. Only backpressure changes the
+  registration: when the sink cannot take everything, the direction swaps its
+  reader for a writer on the sink until the held bytes are written, so a
+  peer that stops reading stops its direction (the pipe or buffer is full and
+  nothing more is read).
+
+Compare with awaiting ``wait_readable`` in a loop (the ``tasks`` path), which
+on asyncio adds a reader, creates a future and removes the reader on every
+single wait: ``docs/performance.md`` has the measured difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from loble.core import Backend, ConnectBackend
+
+from ._copy import OneWay, Pumped
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH
+
+if TYPE_CHECKING:
+    from ._daemon import Addresses, Daemon, _Connection
+
+__all__ = ["CallbackPath"]
+
+_READ = Pumped.READ
+_WRITE = Pumped.WRITE
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+"""accept() errors that concern one client only: skip it, accept the next."""
+
+
+class _Attempt:
+    """One connect attempt in progress: which addresses remain, and the socket."""
+
+    __slots__ = ("backend", "lookup", "number", "remaining", "sock", "started")
+
+    def __init__(self, number: int, backend: Backend, started: float) -> None:
+        self.number = number
+        self.backend = backend
+        self.started = started
+        self.remaining: Addresses = []
+        self.sock: socket.socket | None = None
+        self.lookup: asyncio.Future[Any] | None = None
+
+
+class CallbackPath:
+    """The data path of :mod:`._daemon` built on ``loop.add_reader``/``add_writer``."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._loop = asyncio.get_running_loop()
+        self._paused: asyncio.TimerHandle | None = None
+
+    # -- accepting -----------------------------------------------------------------
+
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        loop = self._loop
+        for listener in listeners:
+            loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if self._paused is not None:
+                self._paused.cancel()
+            for listener in listeners:
+                loop.remove_reader(listener.fileno())
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        accepted = self._daemon.accepted
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _ACCEPT_SKIP:
+                    continue
+                # e.g. out of file descriptors: pause, let some connections close.
+                self._daemon.accept_failed(error)
+                self._pause(listener)
+                return
+            client.setblocking(False)
+            client.setsockopt(*_NODELAY)
+            accepted(client)
+
+    def _pause(self, listener: socket.socket) -> None:
+        loop = self._loop
+        loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            self._paused = None
+            loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+
+        self._paused = loop.call_later(ACCEPT_BACKOFF, resume)
+
+    # -- connecting ----------------------------------------------------------------
+
+    def connect(self, connection: _Connection, action: ConnectBackend) -> None:
+        self._abandon(connection)
+        daemon = self._daemon
+        attempt = _Attempt(action.attempt, action.backend, daemon.now())
+        connection.attempt = attempt
+        addresses = daemon.addresses(action.backend)
+        if addresses is not None:
+            attempt.remaining = list(addresses)
+            self._try_next(connection, attempt)
+            return
+        # A host name: look it up (in the loop's thread pool) for this attempt.
+        backend = action.backend
+        lookup = asyncio.ensure_future(
+            self._loop.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+        )
+        attempt.lookup = lookup
+        lookup.add_done_callback(lambda done: self._looked_up(connection, attempt, done))
+
+    def _looked_up(
+        self, connection: _Connection, attempt: _Attempt, lookup: asyncio.Future[Any]
+    ) -> None:
+        if connection.attempt is not attempt or lookup.cancelled():
+            return
+        attempt.lookup = None
+        if lookup.exception() is None:
+            attempt.remaining = [(info[0], info[4]) for info in lookup.result()]
+        self._try_next(connection, attempt)
+
+    def _try_next(self, connection: _Connection, attempt: _Attempt) -> None:
+        """Connect to the next address of the attempt; report failure when none is left."""
+        while attempt.remaining:
+            family, address = attempt.remaining.pop(0)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(*_NODELAY)
+            error = sock.connect_ex(address)
+            if error == 0:
+                self._connected(connection, attempt, sock)
+                return
+            if error == errno.EINPROGRESS:
+                attempt.sock = sock
+                self._loop.add_writer(sock.fileno(), self._on_connect_done, connection, attempt)
+                return
+            sock.close()
+        connection.attempt = None
+        self._daemon.connect_failed(connection, attempt.number)
+
+    def _on_connect_done(self, connection: _Connection, attempt: _Attempt) -> None:
+        sock = attempt.sock
+        assert sock is not None
+        self._loop.remove_writer(sock.fileno())
+        attempt.sock = None
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            sock.close()
+            self._try_next(connection, attempt)
+            return
+        self._connected(connection, attempt, sock)
+
+    def _connected(self, connection: _Connection, attempt: _Attempt, sock: socket.socket) -> None:
+        connection.attempt = None
+        self._daemon.connected(connection, attempt.number, attempt.backend, sock, attempt.started)
+
+    def _abandon(self, connection: _Connection) -> None:
+        attempt: _Attempt | None = connection.attempt
+        if attempt is None:
+            return
+        connection.attempt = None
+        if attempt.lookup is not None:
+            attempt.lookup.cancel()
+        if attempt.sock is not None:
+            self._loop.remove_writer(attempt.sock.fileno())
+            attempt.sock.close()
+            attempt.sock = None
+
+    # -- forwarding ----------------------------------------------------------------
+
+    def forward(self, connection: _Connection) -> None:
+        add_reader = self._loop.add_reader
+        for way in (connection.to_backend, connection.to_client):
+            assert way is not None
+            add_reader(way.source_fd, self._on_readable, connection, way)
+
+    def _on_readable(self, connection: _Connection, way: OneWay) -> None:
+        try:
+            end = way.pump()
+            if way.moved:
+                self._daemon.core.touch(connection.connection_id, self._loop.time())
+            if end is _READ:
+                return  # the reader stays registered: the common case costs nothing more
+            loop = self._loop
+            loop.remove_reader(way.source_fd)
+            if end is _WRITE:
+                loop.add_writer(way.sink_fd, self._on_writable, connection, way)
+                return
+            self._daemon.copy_ended(connection, way, end)
+        except Exception:
+            self._daemon.driver_failed(connection)
+
+    def _on_writable(self, connection: _Connection, way: OneWay) -> None:
+        try:
+            end = way.pump()
+            if way.moved:
+                self._daemon.core.touch(connection.connection_id, self._loop.time())
+            if end is _WRITE:
+                return
+            loop = self._loop
+            loop.remove_writer(way.sink_fd)
+            if end is _READ:
+                loop.add_reader(way.source_fd, self._on_readable, connection, way)
+                return
+            self._daemon.copy_ended(connection, way, end)
+        except Exception:
+            self._daemon.driver_failed(connection)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self, connection: _Connection) -> None:
+        self._abandon(connection)
+        loop = self._loop
+        for sock in (connection.client, connection.backend):
+            if sock is None:
+                continue
+            fd = sock.fileno()
+            if fd >= 0:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+            sock.close()
+        self._daemon.forget(connection)
