@@ -40,8 +40,12 @@ __all__ = [
 ActiveCount = Callable[[str], int]
 """Active connections of a backend, by address."""
 
-_SCHEDULE_LIMIT = 65_536
-"""Longest round-robin period precomputed; beyond it, picks run the live algorithm."""
+_SCHEDULE_BUDGET = 200_000
+"""Most work (period x backends) spent precomputing a round-robin schedule.
+
+A rebuild runs inside accept whenever membership changes, which is when the
+balancer is under stress: beyond this budget (a few ms), picks run the live
+algorithm, O(backends) each, instead."""
 
 
 class Balancer(Protocol):
@@ -94,7 +98,7 @@ class RoundRobin:
         self._position = 0
         self._current = {backend.address: 0 for backend in snapshot.backends}
         total = sum(backend.weight for backend in snapshot.backends)
-        if 0 < total <= _SCHEDULE_LIMIT:
+        if total > 0 and total * len(snapshot.backends) <= _SCHEDULE_BUDGET:
             schedule: list[Backend] = []
             for _ in range(total):
                 backend = self._live_pick(snapshot.backends)

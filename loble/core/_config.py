@@ -133,9 +133,10 @@ _DEFAULT_METRICS = MetricsConfig()
 _DEFAULT_LOGGING = LoggingConfig()
 _DEFAULT_RUNTIME = RuntimeConfig()
 
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+# Host names as resolvers take them: DNS labels, plus the underscores that
+# container service names use, and an optional trailing dot (fully qualified).
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$)(?:{_LABEL})(?:\.{_LABEL})*\.?")
 
 
 def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
@@ -160,8 +161,13 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
             raise ValueError("has no port")
         if not host:
             raise ValueError("has no host")
-        if not _HOSTNAME.match(host):
-            raise ValueError(f"'{host}' is not a valid host name or IPv4 address")
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
+        if all(label.isdigit() for label in host.rstrip(".").split(".")):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not a valid IPv4 address") from None
     if not port_text.isdigit():
         raise ValueError(f"port '{port_text}' is not a number")
     port = int(port_text)
@@ -227,9 +233,15 @@ def _seconds(*, positive: bool = True) -> Callable[[Any], str | None]:
     def check(raw: Any) -> str | None:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             return "is not a number of seconds"
-        if not math.isfinite(raw):
+        try:
+            seconds = float(raw)
+        except OverflowError:
+            return "is too large"
+        if not math.isfinite(seconds):
             return "is not finite"
-        if positive and raw <= 0:
+        if seconds > 10**9:
+            return "is too large (more than 10^9 seconds)"
+        if positive and seconds <= 0:
             return "must be > 0 seconds"
         return None
 
@@ -296,7 +308,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _DEFAULT_LISTENER.address,
             _address(allow_port_zero=True),
         ),
-        backlog=checker.value("listener", table, "backlog", _DEFAULT_LISTENER.backlog, _integer(1)),
+        backlog=checker.value(
+            "listener", table, "backlog", _DEFAULT_LISTENER.backlog, _integer(1, 1_000_000)
+        ),
     )
 
     table = _section(checker, data, "balancer")
@@ -316,10 +330,18 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     table = _section(checker, data, "health")
     health = HealthConfig(
         failure_threshold=checker.value(
-            "health", table, "failure_threshold", _DEFAULT_HEALTH.failure_threshold, _integer(1)
+            "health",
+            table,
+            "failure_threshold",
+            _DEFAULT_HEALTH.failure_threshold,
+            _integer(1, 1_000),
         ),
         success_threshold=checker.value(
-            "health", table, "success_threshold", _DEFAULT_HEALTH.success_threshold, _integer(1)
+            "health",
+            table,
+            "success_threshold",
+            _DEFAULT_HEALTH.success_threshold,
+            _integer(1, 1_000),
         ),
         probe_interval=float(
             checker.value(

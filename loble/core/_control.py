@@ -46,7 +46,8 @@ class ControlPlane:
         # _probe_due holds the one live due time per probed backend.
         self._probe_heap: list[tuple[float, int, str]] = []
         self._probe_due: dict[str, float] = {}
-        self._probe_in_flight: set[str] = set()
+        self._probe_in_flight: dict[str, HealthState] = {}
+        """Backends with a probe out, and the state each was in when it was sent."""
         self._sequence = 0
         self._started = False
 
@@ -109,12 +110,16 @@ class ControlPlane:
     def probe_result(self, address: str, ok: bool, now: float) -> list[Event]:
         """Report the outcome of a :class:`ProbeBackend` action.
 
-        A result for a probe that was not issued (or was already reported) is
-        ignored: only the schedule decides which outcomes count.
+        A result for a probe that was not issued, was already reported, or was
+        sent before the backend last changed state is ignored: only probes of
+        the current state count towards leaving it.
         """
-        if address not in self._probe_in_flight:
+        sent_in = self._probe_in_flight.pop(address, None)
+        if sent_in is not self._health[address].state:
+            # Not issued, or issued before the backend changed state: a probe
+            # that left while it was healthy must not count as a success
+            # earned while unhealthy (the no-flapping rule).
             return []
-        self._probe_in_flight.discard(address)
         return self.apply(address, _PROBE_INPUT[ok], now)
 
     # -- probe timer -----------------------------------------------------------
@@ -141,7 +146,7 @@ class ControlPlane:
                 continue
             # One probe in flight per backend; the next is due an interval later.
             if address not in self._probe_in_flight:
-                self._probe_in_flight.add(address)
+                self._probe_in_flight[address] = self._health[address].state
                 probes.append(
                     ProbeBackend(
                         backend=self.backends[address],

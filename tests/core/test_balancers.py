@@ -19,7 +19,7 @@ from loble.core import (
     WeightedRandom,
     make_balancer,
 )
-from loble.core._balancers import _SCHEDULE_LIMIT
+from loble.core._balancers import _SCHEDULE_BUDGET
 
 
 def snapshot(*weights: int, version: int = 1) -> Snapshot:
@@ -58,11 +58,21 @@ def test_round_robin_without_weights_rotates() -> None:
 
 def test_round_robin_with_huge_weights_runs_the_live_algorithm() -> None:
     balancer = RoundRobin()
-    snap = snapshot(_SCHEDULE_LIMIT, _SCHEDULE_LIMIT)
+    snap = snapshot(_SCHEDULE_BUDGET, _SCHEDULE_BUDGET)
     counts = Counter(balancer.pick(snap, idle).address for _ in range(1000))  # type: ignore[union-attr]
     assert counts == {"10.0.0.1:80": 500, "10.0.0.2:80": 500}
     assert balancer.pick(snap, idle, exclude={"10.0.0.1:80"}).address == "10.0.0.2:80"  # type: ignore[union-attr]
     assert balancer.pick(snap, idle, exclude={"10.0.0.1:80", "10.0.0.2:80"}) is None
+
+
+def test_a_rebuild_never_costs_more_than_the_budget() -> None:
+    # 200 backends of weight 300: a 60,000-pick period times 200 backends
+    # would stall accept for seconds on every health change.
+    balancer = RoundRobin()
+    snap = snapshot(*[300] * 200)
+    counts = Counter(balancer.pick(snap, idle).address for _ in range(2_000))  # type: ignore[union-attr]
+    assert balancer._schedule == []
+    assert set(counts.values()) == {10}
 
 
 def test_round_robin_starts_over_when_the_snapshot_changes() -> None:

@@ -83,6 +83,16 @@ def test_integers_are_accepted_as_seconds() -> None:
         ({"backends": [{"address": "[::1]80"}]}, "'[::1]80' has no port"),
         ({"backends": [{"address": ":80"}]}, "has no host"),
         ({"backends": [{"address": "bad_host!:80"}]}, "is not a valid host name"),
+        ({"backends": [{"address": "10.0.0.1\n:80"}]}, "'10.0.0.1\\n' is not a valid host name"),
+        (
+            {"backends": [{"address": "999.300.1.1:80"}]},
+            "'999.300.1.1' is not a valid IPv4 address",
+        ),
+        (one_backend(timeouts={"connect": 10**400}), "timeouts.connect: 1000"),
+        (one_backend(timeouts={"connect": 10**400}), "is too large"),
+        (one_backend(timeouts={"idle": 1e12}), "timeouts.idle: 1000000000000.0 is too large"),
+        (one_backend(health={"failure_threshold": 10**400}), "must be <= 1000"),
+        (one_backend(listener={"backlog": 0}), "listener.backlog: 0 must be >= 1"),
         ({"backends": [{"address": "h:http"}]}, "port 'http' is not a number"),
         ({"backends": [{"address": "h:0"}]}, "port 0 is out of range 1-65535"),
         ({"backends": [{"address": "h:70000"}]}, "port 70000 is out of range"),
@@ -161,6 +171,8 @@ def test_listener_and_metrics_may_use_port_zero() -> None:
 def test_hostnames_and_ipv6_parse() -> None:
     assert parse_address("[::1]:8080") == ("::1", 8080)
     assert parse_address("backend.internal:80") == ("backend.internal", 80)
+    assert parse_address("my_service:80") == ("my_service", 80)  # a compose service name
+    assert parse_address("example.com.:80") == ("example.com.", 80)
     assert Backend(address="[::1]:8080").host == "::1"
     assert Backend(address="[::1]:8080").port == 8080
     assert Backend(address="example.org:1").host == "example.org"

@@ -128,6 +128,26 @@ def test_active_checks_probe_every_backend() -> None:
     assert len(control.handle_timer(2.0)) == 3
 
 
+def test_a_probe_sent_before_a_state_change_does_not_count_after_it() -> None:
+    control = plane(active=True, failure_threshold=1, success_threshold=1, probe_interval=2.0)
+    control.start(0.0)
+    assert len(control.handle_timer(2.0)) == 3  # A is probed while healthy
+    control.apply(A, In.CONNECTION_STARTED, 2.01)
+    control.apply(A, In.CONNECTION_FINISHED, 2.02)
+    control.apply(A, In.PASSIVE_FAILURE, 2.02)
+    assert control.state(A) is HealthState.UNHEALTHY
+    # The answer to the probe sent while healthy arrives: it proves nothing
+    # about the backend since it failed, so it must not bring it back.
+    assert control.probe_result(A, True, 2.03) == []
+    assert control.state(A) is HealthState.UNHEALTHY
+    # Becoming unhealthy re-armed A's schedule one interval later.
+    assert [p.backend.address for p in control.handle_timer(4.02)] == [A]
+    assert [type(e) for e in control.probe_result(A, True, 4.1)] == [
+        BackendStateChanged,
+        SnapshotPublished,
+    ]
+
+
 def test_a_failing_probe_keeps_the_backend_out() -> None:
     control = plane(failure_threshold=1, success_threshold=2, probe_interval=1.0)
     fail(control, A, 1)
