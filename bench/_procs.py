@@ -84,7 +84,7 @@ def wait_listening(port: int, started: Started | None, timeout: float) -> None:
         if started is not None and started.popen.poll() is not None:
             raise RuntimeError(
                 f"{started.name} exited with status {started.popen.returncode} "
-                f"before listening on {port}: {started.tail()}"
+                f"before listening on {port}: {started.tail(3)}"
             )
         time.sleep(0.02)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")

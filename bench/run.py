@@ -37,6 +37,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,6 +205,24 @@ def others_busy(seconds: float) -> float:
         return float("nan")
     busy = total - (idle1 - idle0) - (ours1 - ours0)
     return min(1.0, max(0.0, busy / total))
+
+
+def repo_state() -> dict[str, Any]:
+    """The commit measured, and whether loble/ had uncommitted changes (it moves under us)."""
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=20, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "loble_dirty": bool(git("status", "--porcelain", "--", "loble")),
+    }
 
 
 def loadavg() -> list[float]:
@@ -519,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="loble-bench-"))
     reg = Registry(workdir)
     started_at = dt.datetime.now()
+    repo_at_start = repo_state()
     bench = Bench(args, reg, console)
     failed = True
     try:
@@ -577,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": machine_info(),
+        "repo": {"start": repo_at_start, "end": repo_state()},
         "loadavg_end": loadavg(),
         "others_cpu_busy": background(bench.records),
         "settings": {
