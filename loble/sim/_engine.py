@@ -306,7 +306,9 @@ class Simulation:
                 monitor.now = self.now = now
                 if trace is not None:
                     trace({"step": step, "t": now, "event": "core_timer"})
+                monitor.timer_step = True
                 apply(handle_timer(now), now)
+                monitor.timer_step = False
                 floor = -infinity  # handle_timer re-files timers anywhere after now
             else:
                 break
@@ -376,9 +378,11 @@ class Simulation:
         self.arrivals_done = self.may_end = True
 
     def _on_client_eof(self, event: tuple[Any, ...], now: float) -> None:
+        self.monitor.activity(event[3], now)
         self._apply(self.core.client_eof(event[3], now), now)
 
     def _on_backend_eof(self, event: tuple[Any, ...], now: float) -> None:
+        self.monitor.activity(event[3], now)
         self._apply(self.core.backend_eof(event[3], now), now)
 
     def _on_backend_reset(self, event: tuple[Any, ...], now: float) -> None:
@@ -411,6 +415,7 @@ class Simulation:
     # -- backends ------------------------------------------------------------------------------
 
     def _connect(self, action: ConnectBackend, now: float) -> None:
+        self.monitor.connect_started(action, now)
         backend = self.backends[action.backend.address]
         behaviour = backend.behaviour
         if behaviour == _BLACKHOLE:
@@ -438,6 +443,7 @@ class Simulation:
         if not outputs:
             backend.open -= 1  # stale: the core gave up on this attempt; hang up
             return
+        self.monitor.connected(connection_id, now)
         self._socket_backend[connection_id] = backend
         backend.sockets[connection_id] = None
         self._bytes_of[connection_id] = self._bytes()

@@ -21,12 +21,29 @@ tally satisfies Loble's guarantees:
 * **graceful shutdown**: nothing is cut before the drain deadline, nothing is
   accepted after shutdown begins, and the drain never overruns its deadline.
 
+Safety alone lets a core that does nothing pass, so three checks watch that
+things *happen*, and on time:
+
+* **draining ends**: a backend the monitor counts ``DRAINING`` with no
+  attempt active at the end of a step should have become ``UNHEALTHY``.
+* **bounded retries**: per connection, attempts are numbered 1, 2, ... and
+  never exceed ``1 + connect_retries``; a retry never goes to a backend that
+  connection already tried.
+* **timeouts on time**: a connect the core gives up on from its timer is
+  abandoned no earlier than the attempt's start plus ``timeouts.connect``,
+  and no attempt is still connecting after that (checked at every step, as
+  connect deadlines come in order); an ``IDLE_TIMEOUT`` close comes exactly
+  at the last activity the driver reported plus ``timeouts.idle``; no
+  connection gets activity after its idle deadline passed, and none is left
+  connecting or idle past a deadline when the run ends.
+
 It also keeps what the report shows (outcomes, latencies, the timeline), since
 those are the same observations.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +51,7 @@ from loble.core import (
     BackendStateChanged,
     CloseConnection,
     Config,
+    ConnectBackend,
     ConnectionClosed,
     HealthInput,
     HealthReport,
@@ -53,8 +71,25 @@ NO_FLAPPING = "no flapping"
 NO_CHURN = "no churn"
 CONSERVATION = "conservation"
 GRACEFUL_SHUTDOWN = "graceful shutdown"
+DRAINING_ENDS = "draining ends"
+BOUNDED_RETRIES = "bounded retries"
+TIMEOUTS_ON_TIME = "timeouts on time"
 CORE_INPUTS = "core accepted every input"
-INVARIANTS = (SAFE_DRAINING, NO_FLAPPING, NO_CHURN, CONSERVATION, GRACEFUL_SHUTDOWN, CORE_INPUTS)
+INVARIANTS = (
+    SAFE_DRAINING,
+    NO_FLAPPING,
+    NO_CHURN,
+    CONSERVATION,
+    GRACEFUL_SHUTDOWN,
+    DRAINING_ENDS,
+    BOUNDED_RETRIES,
+    TIMEOUTS_ON_TIME,
+    CORE_INPUTS,
+)
+
+_LATE = 1e-9
+"""Slack for "not later than": the core's deadline and the monitor's are the
+same float sums, so this only absorbs a driver that rounds differently."""
 
 _KEPT_VIOLATIONS = 5
 _H, _D, _U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
@@ -83,6 +118,11 @@ class Monitor:
         self.addresses = tuple(backend.address for backend in config.backends)
         self.failure_threshold = config.health.failure_threshold
         self.success_threshold = config.health.success_threshold
+        self.connect_retries = config.balancer.connect_retries
+        self.connect_timeout = config.timeouts.connect
+        self.idle_timeout = config.timeouts.idle
+        self.timer_step = False
+        """Set by the driver while it applies the outputs of ``handle_timer``."""
         self.step = 0
         self.now = 0.0
         self.state = dict.fromkeys(self.addresses, _H)
@@ -106,6 +146,14 @@ class Monitor:
         self.timeline: list[BackendStateChanged] = []
         self.shutdown: ShutdownStarted | None = None
         self.shutdown_finished: ShutdownFinished | None = None
+        self.connecting: dict[int, tuple[int, float, tuple[str, ...]]] = {}
+        """Connections with an attempt in progress: (attempt, started at, backends tried)."""
+        self.connect_deadlines: deque[tuple[float, int, int]] = deque()
+        """(deadline, connection, attempt) for each attempt, in deadline order."""
+        self.last_activity: dict[int, float] = {}
+        """Connected connections: the last activity the driver reported."""
+        self.drained: list[str] = []
+        """Backends seen DRAINING with nothing active in this step."""
         self.violation_counts = dict.fromkeys(INVARIANTS, 0)
         self.violations: list[Violation] = []
 
@@ -131,6 +179,24 @@ class Monitor:
                 f"connection {connection_id} accepted after shutdown began: {outputs!r}",
             )
 
+    def connected(self, connection_id: int, now: float) -> None:
+        """The driver reported a connect the core took (it returned outputs)."""
+        self.connecting.pop(connection_id, None)
+        self.last_activity[connection_id] = now
+
+    def activity(self, connection_id: int, now: float) -> None:
+        """Bytes moved or EOF on a connection, about to be reported to the core."""
+        last = self.last_activity.get(connection_id)
+        if last is None:
+            return  # not connected, or already closed: the report is stale
+        if now > last + self.idle_timeout + _LATE:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id} still open at its first activity in "
+                f"{now - last:.6f} s, past its idle timeout at t={last + self.idle_timeout:.6f}",
+            )
+        self.last_activity[connection_id] = now
+
     def probe_result(self, address: str, ok: bool) -> None:
         self.probes[address] += 1
         if ok:
@@ -140,6 +206,42 @@ class Monitor:
             self._failure(address)
 
     # -- outputs, in order ---------------------------------------------------------------
+
+    def connect_started(self, action: ConnectBackend, now: float) -> None:
+        connection_id, attempt = action.connection_id, action.attempt
+        address = action.backend.address
+        previous = self.connecting.get(connection_id)
+        if previous is None:
+            tried: tuple[str, ...] = (address,)
+            if attempt != 1:
+                self.violate(
+                    BOUNDED_RETRIES,
+                    f"connection {connection_id}: attempt {attempt} with none in progress",
+                )
+        else:
+            number, started, tried = previous
+            if self.timer_step:
+                self._abandoned(connection_id, number, started, now)
+            if attempt != number + 1:
+                self.violate(
+                    BOUNDED_RETRIES,
+                    f"connection {connection_id}: attempt {attempt} follows attempt {number}",
+                )
+            if address in tried:
+                self.violate(
+                    BOUNDED_RETRIES,
+                    f"connection {connection_id}: attempt {attempt} retries {address}, "
+                    f"already tried ({', '.join(tried)})",
+                )
+            tried = (*tried, address)
+        if attempt > 1 + self.connect_retries:
+            self.violate(
+                BOUNDED_RETRIES,
+                f"connection {connection_id}: attempt {attempt} exceeds 1 + connect_retries "
+                f"({self.connect_retries})",
+            )
+        self.connecting[connection_id] = (attempt, now, tried)
+        self.connect_deadlines.append((now + self.connect_timeout, connection_id, attempt))
 
     def health_report(self, report: HealthReport, now: float) -> None:
         address, health_input = report.address, report.input
@@ -153,9 +255,12 @@ class Monitor:
             self.active[address] += 1
         elif health_input is _FINISHED:
             self.finished[address] += 1
-            self.active[address] -= 1
-            if self.active[address] < 0:
-                self.violate(CONSERVATION, f"{address}: more attempts finished than started")
+            active = self.active[address] = self.active[address] - 1
+            if active <= 0:
+                if active < 0:
+                    self.violate(CONSERVATION, f"{address}: more attempts finished than started")
+                elif self.state[address] is _D:
+                    self.drained.append(address)  # must be UNHEALTHY by the end of the step
         elif health_input is _SUCCESS:
             self._success(address)
         else:
@@ -221,6 +326,18 @@ class Monitor:
         if self.open.pop(connection_id, 0) is not None:
             self.violate(CONSERVATION, f"connection {connection_id} ended twice or never opened")
         self.outcomes[outcome] += 1
+        pending = self.connecting.pop(connection_id, None)
+        last = self.last_activity.pop(connection_id, None)
+        if event.attempts > 1 + self.connect_retries:
+            self.violate(
+                BOUNDED_RETRIES,
+                f"connection {connection_id} closed after {event.attempts} attempts "
+                f"(connect_retries {self.connect_retries})",
+            )
+        if outcome is Outcome.IDLE_TIMEOUT:
+            self._idle_timed_out(connection_id, last, now)
+        elif pending is not None and outcome is Outcome.CONNECT_FAILED and self.timer_step:
+            self._abandoned(connection_id, pending[0], pending[1], now)
         if event.connected_at is not None:
             self.connect_latencies.append(event.connected_at - event.opened_at)
         if outcome is Outcome.BACKEND_RESET and event.backend is not None:
@@ -250,6 +367,17 @@ class Monitor:
     # -- checks at the end of a step and of the run -----------------------------------------
 
     def end_step(self) -> None:
+        if self.drained:
+            for address in self.drained:
+                if self.state[address] is _D and not self.active[address]:
+                    self.violate(
+                        DRAINING_ENDS,
+                        f"{address} still DRAINING at the end of the step with nothing active",
+                    )
+            self.drained.clear()
+        deadlines = self.connect_deadlines
+        if deadlines and deadlines[0][0] + _LATE < self.now:
+            self._overdue_connects(deadlines, self.now)
         if self.membership_changed:
             # A state change that kept membership (DRAINING -> UNHEALTHY) publishes nothing.
             self.membership_changed = False
@@ -284,8 +412,60 @@ class Monitor:
             self.violate(CONSERVATION, "outcomes plus open do not add up to accepted")
         if core.stopped and (self.open or any(self.active.values())):
             self.violate(CONSERVATION, "the process stopped with connections open")
+        # Left at the end: nothing may wait on a deadline that has passed.
+        for connection_id, (attempt, started, _) in self.connecting.items():
+            if self.now > started + self.connect_timeout + _LATE:
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"connection {connection_id}: attempt {attempt} started at t={started:.6f} "
+                    f"still connecting when the run ended, past its connect timeout",
+                )
+        for connection_id, last in self.last_activity.items():
+            if self.now > last + self.idle_timeout + _LATE:
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"connection {connection_id} idle since t={last:.6f} still open when "
+                    f"the run ended, past its idle timeout",
+                )
 
     # -- internals ---------------------------------------------------------------------
+
+    def _abandoned(self, connection_id: int, attempt: int, started: float, now: float) -> None:
+        """The core's timer gave up on an attempt: not before its connect timeout."""
+        if now < started + self.connect_timeout:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id}: attempt {attempt} timed out after "
+                f"{now - started:.6f} s, before the connect timeout ({self.connect_timeout} s)",
+            )
+
+    def _idle_timed_out(self, connection_id: int, last: float | None, now: float) -> None:
+        if last is None:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id} closed for idleness before it connected",
+            )
+            return
+        due = last + self.idle_timeout
+        if not due <= now <= due + _LATE:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id} closed for idleness at t={now:.6f}, "
+                f"its idle deadline was t={due:.6f}",
+            )
+
+    def _overdue_connects(self, deadlines: deque[tuple[float, int, int]], now: float) -> None:
+        """Attempts whose connect deadline has passed must have ended."""
+        connecting = self.connecting
+        while deadlines and deadlines[0][0] + _LATE < now:
+            due, connection_id, attempt = deadlines.popleft()
+            pending = connecting.get(connection_id)
+            if pending is not None and pending[0] == attempt:
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"connection {connection_id}: attempt {attempt} still connecting "
+                    f"past its connect timeout at t={due:.6f}",
+                )
 
     def _success(self, address: str) -> None:
         self.consecutive_failures[address] = 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from loble.core import (
+    Backend,
     BackendStateChanged,
     CloseConnection,
+    ConnectBackend,
     ConnectionClosed,
     HealthInput,
     HealthReport,
@@ -19,10 +22,13 @@ from loble.core import (
     ShutdownStarted,
     SnapshotPublished,
     StateMachineError,
+    _connection,
+    _health,
+    _timers,
 )
-from loble.sim import Monitor, Simulation, build_report
+from loble.sim import INVARIANTS, Monitor, Scenario, Simulation, build_report, load_scenario
 
-from .conftest import scenario
+from .conftest import REPO, scenario
 
 A, B = "10.9.0.1:80", "10.9.0.2:80"
 H, D, U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
@@ -149,3 +155,190 @@ def test_a_core_exception_fails_the_run_instead_of_crashing(
     assert failed[0]["name"] == "core accepted every input"
     assert "StateMachineError" in failed[0]["first"][0]
     assert "step " in failed[0]["first"][0]
+
+
+# -- liveness and timing: a core that does nothing (or does it late) must fail ------------
+
+
+def failed(result: dict[str, Any]) -> list[str]:
+    return [row["name"] for row in result["invariants"] if not row["held"]]
+
+
+def first_violations(result: dict[str, Any], invariant: str) -> list[str]:
+    return list(result["invariants"][INVARIANTS.index(invariant)]["first"])
+
+
+def run_shipped(name: str, seed: int = 1) -> dict[str, Any]:
+    return build_report(Simulation(load_scenario(REPO / "scenarios" / f"{name}.toml"), seed).run())
+
+
+def test_a_draining_backend_that_never_drains_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reviewer's mutant: DRAINING counts its connections down and never moves on.
+    assert run_shipped("slow-drain")["ok"]
+    monkeypatch.setitem(
+        _health.TRANSITIONS, (D, HealthInput.CONNECTION_FINISHED), _health._finished
+    )
+    result = run_shipped("slow-drain")
+    assert failed(result) == ["draining ends"]
+    assert (
+        "10.0.2.1:5432 still DRAINING at the end of the step with nothing active"
+        in first_violations(result, "draining ends")[0]
+    )
+
+
+def test_connect_timeouts_that_never_fire_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reviewer's mutant: connect deadlines (lane 0 of the core's timer) are never filed.
+    file_timer = _timers.TimerQueue.push
+
+    def push(self: _timers.TimerQueue, due: float, key: int, lane: int) -> None:
+        if lane != 0:
+            file_timer(self, due, key, lane)
+
+    monkeypatch.setattr(_timers.TimerQueue, "push", push)
+    result = run_shipped("slow-drain")
+    assert failed(result) == ["timeouts on time"]
+    assert (
+        "still connecting past its connect timeout at t=16.200000"
+        in first_violations(result, "timeouts on time")[0]
+    )
+
+
+def every_backend_refuses(retries: int) -> Scenario:
+    backends = [{"address": f"10.9.0.{i}:80"} for i in range(1, 5)]
+    return scenario(
+        balancer={"connect_retries": retries},
+        health={"failure_threshold": 50, "success_threshold": 2, "probe_interval": 0.5},
+        backends=backends,
+        sim_duration=3.0,
+        sim_faults=[{"at": 1.0, "backend": "*", "behaviour": "crash"}],
+    )
+
+
+def test_ignoring_connect_retries_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reviewer's mutant, on a fleet where it shows: four backends all
+    # refusing and still in the snapshot, one retry allowed.
+    assert build_report(Simulation(every_backend_refuses(1), 1).run())["ok"]
+    make = _connection.Connection.__init__
+
+    def init(self: _connection.Connection, *args: Any, **kwargs: Any) -> None:
+        kwargs["connect_retries"] = 100
+        make(self, *args, **kwargs)
+
+    monkeypatch.setattr(_connection.Connection, "__init__", init)
+    result = build_report(Simulation(every_backend_refuses(1), 1).run())
+    assert failed(result) == ["bounded retries"]
+    assert (
+        "attempt 3 exceeds 1 + connect_retries (1)"
+        in first_violations(result, "bounded retries")[0]
+    )
+
+
+def test_a_retry_to_a_backend_already_tried_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def pick_any(self: ProxyCore, exclude: object) -> Backend | None:
+        return self.balancer.pick(self.control.snapshot, self.control.active_connections, ())
+
+    monkeypatch.setattr(ProxyCore, "_pick", pick_any)
+    result = build_report(Simulation(every_backend_refuses(3), 1).run())
+    assert "bounded retries" in failed(result)
+    assert any("already tried" in line for line in first_violations(result, "bounded retries"))
+
+
+def scaled_timeout(monkeypatch: pytest.MonkeyPatch, name: str, factor: float) -> None:
+    make = _connection.Connection.__init__
+
+    def init(self: _connection.Connection, *args: Any, **kwargs: Any) -> None:
+        kwargs[name] *= factor
+        make(self, *args, **kwargs)
+
+    monkeypatch.setattr(_connection.Connection, "__init__", init)
+
+
+BLACKHOLE = {"at": 0.0, "backend": "10.9.0.2:80", "behaviour": "blackhole"}
+
+
+def test_a_connect_timeout_that_fires_early_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaled_timeout(monkeypatch, "connect_timeout", 0.5)
+    result = build_report(Simulation(scenario(sim_faults=[BLACKHOLE]), 1).run())
+    assert failed(result) == ["timeouts on time"]
+    assert (
+        "timed out after 0.250000 s, before the connect timeout (0.5 s)"
+        in first_violations(result, "timeouts on time")[0]
+    )
+
+
+def quiet_backends(idle: float) -> Scenario:
+    # Clients connect in the first 0.3 s and send EOF 0.5 s later; by then the
+    # backends answer 3 s late: each connection sits idle past its timeout.
+    return scenario(
+        timeouts={"connect": 0.5, "idle": idle, "drain": 5.0},
+        sim_duration=0.3,
+        sim_clients={"rate": 20.0, "duration": 0.5, "half_close": 1.0},
+        sim_faults=[{"at": 0.3, "backend": "*", "behaviour": "slow", "delay": 3.0}],
+    )
+
+
+def test_idle_timeouts_fire_exactly_on_time() -> None:
+    result = build_report(Simulation(quiet_backends(1.0), 1).run())
+    assert result["ok"]
+    assert result["clients"]["outcomes"]["idle_timeout"] == result["clients"]["arrived"] > 0
+
+
+def test_an_idle_timeout_that_fires_early_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaled_timeout(monkeypatch, "idle_timeout", 0.4)
+    result = build_report(Simulation(quiet_backends(1.0), 1).run())
+    assert failed(result) == ["timeouts on time"]
+    assert "closed for idleness at t=" in first_violations(result, "timeouts on time")[0]
+
+
+def test_an_idle_timeout_that_never_fires_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    file_timer = _timers.TimerQueue.push
+
+    def push(self: _timers.TimerQueue, due: float, key: int, lane: int) -> None:
+        if lane != 1:
+            file_timer(self, due, key, lane)
+
+    monkeypatch.setattr(_timers.TimerQueue, "push", push)
+    result = build_report(Simulation(quiet_backends(1.0), 1).run())
+    assert failed(result) == ["timeouts on time"]
+    assert "past its idle timeout" in first_violations(result, "timeouts on time")[0]
+
+
+def test_attempt_bookkeeping_from_outputs(monitor: Monitor) -> None:
+    backend = Backend(address=A)
+    monitor.connect_started(ConnectBackend(connection_id=1, attempt=2, backend=backend), 0.0)
+    monitor.connect_started(ConnectBackend(connection_id=1, attempt=4, backend=backend), 0.0)
+    assert [v.message for v in monitor.violations] == [
+        "connection 1: attempt 2 with none in progress",
+        "connection 1: attempt 4 follows attempt 2",
+        f"connection 1: attempt 4 retries {A}, already tried ({A})",
+        "connection 1: attempt 4 exceeds 1 + connect_retries (2)",
+    ]
+    monitor.violations.clear()
+    idle = ConnectionClosed(
+        at=1.0,
+        connection_id=9,
+        backend=A,
+        outcome=Outcome.IDLE_TIMEOUT,
+        attempts=5,
+        opened_at=0.0,
+        connected_at=None,
+    )
+    monitor.accepted_connection(9, [])
+    monitor.connection_closed(idle, 1.0)
+    assert [v.invariant for v in monitor.violations] == ["bounded retries", "timeouts on time"]
+    assert "closed for idleness before it connected" in str(monitor.violations[1])
+    monitor.activity(42, 5.0)  # never connected: a stale report, nothing to check
+    assert len(monitor.violations) == 2
+
+
+def test_nothing_left_waiting_on_a_passed_deadline_at_the_end(monitor: Monitor) -> None:
+    backend = Backend(address=A)
+    monitor.connect_started(ConnectBackend(connection_id=1, attempt=1, backend=backend), 0.0)
+    monitor.connect_started(ConnectBackend(connection_id=2, attempt=1, backend=backend), 0.0)
+    monitor.connected(2, 0.001)
+    monitor.now = 100.0  # past both the connect (0.5 s) and the idle (30 s) timeouts
+    monitor.end_run()
+    messages = [str(v) for v in monitor.violations if v.invariant == "timeouts on time"]
+    assert len(messages) == 2
+    assert "attempt 1 started at t=0.000000 still connecting when the run ended" in messages[0]
+    assert "connection 2 idle since t=0.001000 still open when the run ended" in messages[1]
