@@ -120,8 +120,10 @@ class SimBackend:
         "behaviour",
         "bytes",
         "delay",
+        "fault",
         "flap_since",
         "half_period",
+        "incarnation",
         "limit",
         "open",
         "probability",
@@ -137,6 +139,11 @@ class SimBackend:
         self.probability = 0.0
         self.half_period = 1.0
         self.flap_since = 0.0
+        self.fault: int | None = None
+        """Index of the fault in force (the last one applied), or None."""
+        self.incarnation = 0
+        """Bumped when the server process dies (a crash), so an answer already
+        on its way from the old process is known to be void when it lands."""
         self.open = 0
         """Connections the server has accepted and not yet closed."""
         self.sockets: dict[int, None] = {}
@@ -243,12 +250,16 @@ class Simulation:
     def run(self) -> Simulation:
         """Run to the end; read :attr:`monitor` (or build a report) afterwards."""
         sim = self.scenario.sim
-        self._schedule(0.0, _ARRIVAL, False)
-        self._schedule(sim.duration, _ARRIVALS_END)
+        # Scheduled first, so at any instant the fault schedule changes before
+        # anything else happens then: every start in file order, then every
+        # end (an end that finds a later fault in force does nothing).
         for index, fault in enumerate(sim.faults):
             self._schedule(fault.at, _FAULT, index)
+        for index, fault in enumerate(sim.faults):
             if fault.until is not None:
                 self._schedule(fault.until, _FAULT_END, index)
+        self._schedule(0.0, _ARRIVAL, False)
+        self._schedule(sim.duration, _ARRIVALS_END)
         if sim.shutdown_at is not None:
             self._schedule(sim.shutdown_at, _SHUTDOWN)
         try:
@@ -481,14 +492,22 @@ class Simulation:
         self._apply(self.core.probe_result(address, ok, now), now)
 
     def _on_fault(self, event: tuple[Any, ...], now: float) -> None:
-        fault = self.scenario.sim.faults[event[3]]
+        index = event[3]
+        fault = self.scenario.sim.faults[index]
         for backend in self._targets(fault):
+            backend.fault = index
             self._set_behaviour(backend, fault, fault.behaviour, now)
 
     def _on_fault_end(self, event: tuple[Any, ...], now: float) -> None:
-        fault = self.scenario.sim.faults[event[3]]
+        # A fault lasts until the next fault on its backend or its own `until`,
+        # whichever comes first: a later fault has replaced it, so its end
+        # must not cancel that one.
+        index = event[3]
+        fault = self.scenario.sim.faults[index]
         for backend in self._targets(fault):
-            self._set_behaviour(backend, fault, "up", now)
+            if backend.fault == index:
+                backend.fault = None
+                self._set_behaviour(backend, fault, "up", now)
 
     def _targets(self, fault: Fault) -> list[SimBackend]:
         if fault.backend == ALL_BACKENDS:
