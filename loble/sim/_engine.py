@@ -402,9 +402,13 @@ class Simulation:
     def _on_touch(self, event: tuple[Any, ...], now: float) -> None:
         connection_id, until = event[3], event[4]
         if connection_id in self._socket_backend:
+            self.monitor.activity(connection_id, now)
             self.core.touch(connection_id, now)
-            if now + self._touch_every < until:
-                self._schedule(now + self._touch_every, _TOUCH, connection_id, until)
+            # Never at or before now: with an idle timeout below the clock's
+            # resolution, now + idle/2 == now and the run would stand still.
+            at = now + self._touch_every
+            if now < at < until:
+                self._schedule(at, _TOUCH, connection_id, until)
 
     def _shutdown_write(self, action: ShutdownWrite, now: float) -> None:
         # One side sent EOF; the other finishes what it was sending and closes.
@@ -484,10 +488,12 @@ class Simulation:
             if backend.behaviour == _SLOW:
                 rtt += backend.delay
             at, ok = (now + rtt, True) if rtt < timeout else (now + timeout, False)
-        self._schedule(at, _PROBE_RESULT, backend.address, ok)
+        self._schedule(at, _PROBE_RESULT, backend.address, ok, backend.epoch(now))
 
     def _on_probe_result(self, event: tuple[Any, ...], now: float) -> None:
         address, ok = event[3], event[4]
+        if ok and self.backends[address].epoch(now) != event[5]:
+            ok = False  # the server that answered died before the answer landed
         self.monitor.probe_result(address, ok)
         self._apply(self.core.probe_result(address, ok, now), now)
 
