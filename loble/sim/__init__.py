@@ -6,7 +6,7 @@ backends, faults and a network in simulated time, and a :class:`Monitor`
 checks Loble's invariants from the outside at every step.
 """
 
-from ._engine import SimBackend, Simulation
+from ._engine import SimBackend, Simulation, SimulationError
 from ._monitor import INVARIANTS, Monitor, Violation
 from ._report import build_report, render_report
 from ._scenario import (
@@ -35,6 +35,7 @@ __all__ = [
     "SimBackend",
     "SimConfig",
     "Simulation",
+    "SimulationError",
     "Violation",
     "build_report",
     "load_scenario",

@@ -67,7 +67,7 @@ from loble.core import (
 from ._monitor import CORE_INPUTS, Monitor
 from ._scenario import ALL_BACKENDS, Fault, Scenario
 
-__all__ = ["SimBackend", "Simulation"]
+__all__ = ["SimBackend", "Simulation", "SimulationError"]
 
 # Event kinds, indexes into the handler table.
 _ARRIVAL = 0
@@ -110,6 +110,10 @@ _BEHAVIOUR_CODES = {
     "flapping": _FLAPPING,
 }
 BEHAVIOUR_NAMES = ("up", "crash", "blackhole", "reset", "slow", "capacity", "flapping")
+
+
+class SimulationError(LobleError):
+    """A run could not go on (arithmetic overflow on an extreme scenario value)."""
 
 
 class SimBackend:
@@ -161,6 +165,16 @@ class SimBackend:
         if behaviour == _FLAPPING:
             return int((now - self.flap_since) / self.half_period) % 2 == 1
         return False
+
+    def epoch(self, now: float) -> int:
+        """Which life of the server answers at ``now``.
+
+        A crash starts a new life, and so does each down half of a flapping
+        period: a connect accepted by one life and delivered in another failed.
+        """
+        if self.behaviour == _FLAPPING:
+            return self.incarnation + (int((now - self.flap_since) / self.half_period) + 1) // 2
+        return self.incarnation
 
 
 class Simulation:
@@ -270,6 +284,14 @@ class Simulation:
             # The core raises only on an input its tables have no row for: a
             # driver or core bug, reported as a failed invariant, not a crash.
             self.monitor.violate(CORE_INPUTS, f"{type(error).__name__}: {error}")
+        except ArithmeticError as error:
+            # A value so extreme that float arithmetic gave up (the scenario
+            # check bounds every parameter; this is the backstop): one line
+            # that names the run, never a traceback.
+            raise SimulationError(
+                f"scenario {self.scenario.name!r}, seed {self.seed}: "
+                f"{type(error).__name__} at step {self.monitor.step}, t={self.now:.6f}: {error}"
+            ) from None
         self.monitor.end_run()
         return self
 
@@ -449,11 +471,18 @@ class Simulation:
             action.connection_id,
             action.attempt,
             backend,
+            backend.epoch(now),
         )
         heapq.heappush(self._heap, event)
 
     def _on_connect_ok(self, event: tuple[Any, ...], now: float) -> None:
         connection_id, attempt, backend = event[3], event[4], event[5]
+        if backend.epoch(now) != event[6]:
+            # The process that accepted this connect died (or flapped down)
+            # while the answer was on its way: the client sees the connect fail.
+            backend.open -= 1
+            self._apply(self.core.connect_failed(connection_id, attempt, now), now)
+            return
         outputs = self.core.connected(connection_id, attempt, now)
         if not outputs:
             backend.open -= 1  # stale: the core gave up on this attempt; hang up
@@ -470,7 +499,7 @@ class Simulation:
         else:
             kind = _CLIENT_EOF if self.rng.random() < self._half_close else _BACKEND_EOF
             heapq.heappush(self._heap, (end, self._next_sequence(), kind, connection_id))
-        if duration > self._touch_every:
+        if duration > self._touch_every and now + self._touch_every > now:
             self._schedule(now + self._touch_every, _TOUCH, connection_id, end)
 
     def _on_connect_refused(self, event: tuple[Any, ...], now: float) -> None:
@@ -522,6 +551,9 @@ class Simulation:
 
     def _set_behaviour(self, backend: SimBackend, fault: Fault, name: str, now: float) -> None:
         code = _BEHAVIOUR_CODES[name]
+        # Fold the lives a flapping server went through into its incarnation
+        # before the behaviour (and so epoch()) changes.
+        backend.incarnation = backend.epoch(now) + (1 if code == _CRASH else 0)
         backend.behaviour = code
         backend.delay = fault.delay
         backend.limit = fault.limit

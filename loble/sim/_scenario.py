@@ -70,6 +70,21 @@ _FAULT_KEYS = ("at", "until", "backend", "behaviour", "period", "limit", "delay"
 _PHASE_KEYS = ("at", "rate")
 ALL_BACKENDS = "*"
 
+SHORTEST = 1e-6
+"""Seconds: the shortest timeout, probe interval or flapping period a scenario
+may set. Below it, ``now + interval`` rounds back to ``now`` on the clock of a
+long run, and a periodic event would never move time forward."""
+SMALLEST_SCALE = 1e-9
+"""The smallest ``mean`` or ``median`` of a distribution (a rate of 10^9/s)."""
+LARGEST_SIGMA = 10.0
+"""Beyond it, a lognormal draw overflows a float (exp(8 * sigma) for the tail)."""
+_TIMINGS = (
+    ("timeouts", "connect"),
+    ("timeouts", "idle"),
+    ("health", "probe_interval"),
+    ("health", "probe_timeout"),
+)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Distribution:
@@ -212,6 +227,7 @@ def parse_scenario(
         config = parse_config(lb_part)
     except ConfigError as error:
         checker.errors.extend(error.errors)
+    _check_timings(checker, lb_part, config)
     addresses = _addresses(lb_part.get("backends"))
     sim = _parse_sim(checker, sim_table, addresses)
     if checker.errors or config is None:
@@ -239,6 +255,35 @@ def _fraction(raw: Any) -> str | None:
 
 def _number(raw: Any) -> str | None:
     return _seconds(positive=False)(raw) or (None if raw >= 0 else "must be >= 0")
+
+
+def _scale(raw: Any) -> str | None:
+    """A mean or median: positive, and not so small that its inverse overflows."""
+    problem = _seconds()(raw)
+    if problem is None and raw < SMALLEST_SCALE:
+        return f"must be >= {SMALLEST_SCALE:g}"
+    return problem
+
+
+def _period(raw: Any) -> str | None:
+    problem = _seconds()(raw)
+    if problem is None and raw < SHORTEST:
+        return f"must be >= {SHORTEST:g} seconds"
+    return problem
+
+
+def _check_timings(checker: _Checker, lb_part: Mapping[str, Any], config: Config | None) -> None:
+    """The simulator needs every periodic timing to move its clock forward."""
+    if config is None:
+        return
+    for section, key in _TIMINGS:
+        value = getattr(getattr(config, section), key)
+        if value < SHORTEST:
+            raw = lb_part[section][key]
+            checker.error(
+                f"{section}.{key}",
+                f"{raw!r} is too short to simulate (must be >= {SHORTEST:g} seconds)",
+            )
 
 
 def _parse_sim(
@@ -338,10 +383,14 @@ def _distribution(
         if name not in raw:
             checker.error(f"{path}.{name}", f"missing: a {kind} distribution needs {name}")
             continue
-        positive = name in ("mean", "median")
-        value = checker.value(path, raw, name, 0.0, _seconds() if positive else _number)
-        parameters[name] = float(value)
-    if kind == "uniform" and parameters.get("low", 0.0) > parameters.get("high", math.inf):
+        problem = (_scale if name in ("mean", "median") else _number)(raw[name])
+        if problem is not None:
+            checker.error(f"{path}.{name}", f"{raw[name]!r} {problem}")
+            continue
+        parameters[name] = float(raw[name])
+    if parameters.get("sigma", 0.0) > LARGEST_SIGMA:
+        checker.error(f"{path}.sigma", f"{raw['sigma']!r} must be <= {LARGEST_SIGMA:g}")
+    if "low" in parameters and "high" in parameters and parameters["low"] > parameters["high"]:
         checker.error(f"{path}.high", f"{raw['high']!r} must be >= low")
     if len(checker.errors) > before:
         return default
@@ -383,7 +432,7 @@ def _parse_faults(checker: _Checker, raw: Any, addresses: tuple[str, ...]) -> tu
             backend=backend,
             behaviour=behaviour,
             until=None if until is None else float(until),
-            period=float(checker.value(path, entry, "period", defaults.period, _seconds())),
+            period=float(checker.value(path, entry, "period", defaults.period, _period)),
             limit=checker.value(path, entry, "limit", defaults.limit, _integer(0)),
             delay=float(checker.value(path, entry, "delay", defaults.delay, _number)),
             probability=float(

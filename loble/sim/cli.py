@@ -5,7 +5,8 @@ trace (``--trace FILE``, one JSON line per event). ``--runs K`` runs seeds
 N..N+K-1 on a process pool (both cores by default), shows a progress bar on
 stderr, and for each failing seed prints the command that replays it. The exit
 status is 0 when every invariant held in every run, 3 when one failed, and 1
-for a bad scenario (one line per problem, from ``loble.__main__``).
+for a bad scenario or a run that cannot go on (one line per problem, from
+``loble.__main__``).
 """
 
 from __future__ import annotations
@@ -127,9 +128,15 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 futures = {pool.submit(run_seed, scenario, seed): seed for seed in seeds}
-                for future in as_completed(futures):
-                    reports[futures[future]] = future.result()
-                    progress.advance(task)
+                try:
+                    for future in as_completed(futures):
+                        reports[futures[future]] = future.result()
+                        progress.advance(task)
+                except LobleError:
+                    # A run that cannot go on (SimulationError) comes back as an
+                    # exception, not a worker's traceback: stop the rest, say it once.
+                    pool.shutdown(cancel_futures=True)
+                    raise
     failed = [seed for seed in seeds if not reports[seed]["ok"]]
     if args.json:
         summary = {

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from loble.__main__ import main
 from loble.core import ProxyCore, StateMachineError
+from loble.sim import Distribution
 from loble.sim.cli import EXIT_INVARIANT_FAILED, replay_command
 
 from .conftest import REPO
@@ -102,3 +105,27 @@ def test_user_errors_are_one_line_each(
     assert "--trace records one run" in capsys.readouterr().err
     assert main(["sim", short, "--trace", str(tmp_path / "no" / "dir" / "t")]) == 1
     assert "--trace" in capsys.readouterr().err
+
+
+def test_an_arithmetic_error_in_a_run_is_one_line_naming_the_run(
+    short: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every known overflow is refused by the scenario check; this is the backstop.
+    def overflowing(self: Distribution, rng: random.Random) -> Callable[[], float]:
+        def draw() -> float:
+            raise OverflowError("math range error")
+
+        return draw
+
+    monkeypatch.setattr(Distribution, "sampler", overflowing)
+    expected = (
+        "error: scenario 'short', seed 5: OverflowError at step 2, t=0.048762: math range error\n"
+    )
+    assert main(["sim", short, "--seed", "5"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == expected and captured.out == ""
+    for jobs in ("1", "2"):  # workers fork with the patch: no traceback from them either
+        assert main(["sim", short, "--runs", "3", "--seed", "5", "--jobs", jobs, "--json"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: scenario 'short', seed ") and "Traceback" not in err
+        assert len(err.splitlines()) == 1

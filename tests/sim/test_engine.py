@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -216,3 +217,112 @@ def test_skipping_deadline_questions_changes_nothing(path: Path) -> None:
         loaded, 3, trace=lambda e: exact.write(json.dumps(e) + "\n"), peek_every_step=True
     ).run()
     assert fast.getvalue() == exact.getvalue()
+
+
+# -- the fault schedule: a fault lasts until the next one on its backend, or its until ------
+
+
+def behaviours(faults: list[dict[str, Any]], seed: int = 1) -> list[list[Any]]:
+    report = run(scenario(sim_faults=faults), seed)
+    return list(backend(report, 0)["behaviours"])
+
+
+def test_an_until_does_not_cancel_a_later_fault_on_the_same_backend() -> None:
+    # /tmp/rv/overlap.toml: crash 2..6, then blackhole from 4 with no end.
+    faults = [
+        {"at": 2.0, "until": 6.0, "backend": "10.9.0.1:80", "behaviour": "crash"},
+        {"at": 4.0, "backend": "10.9.0.1:80", "behaviour": "blackhole"},
+    ]
+    assert behaviours(faults) == [[0.0, "up"], [2.0, "crash"], [4.0, "blackhole"]]
+
+
+def test_a_fault_starting_at_another_faults_until_stays_in_force() -> None:
+    # /tmp/rv/backtoback.toml: listed in either order, the result is the same.
+    crash = {"at": 2.0, "until": 5.0, "backend": "10.9.0.1:80", "behaviour": "crash"}
+    slow = {"at": 5.0, "backend": "10.9.0.1:80", "behaviour": "slow", "delay": 0.01}
+    expected = [[0.0, "up"], [2.0, "crash"], [5.0, "slow"]]
+    assert behaviours([slow, crash]) == behaviours([crash, slow]) == expected
+
+
+def test_an_until_still_ends_its_own_fault_and_a_star_fault_per_backend() -> None:
+    faults = [
+        {"at": 1.0, "until": 7.0, "backend": "*", "behaviour": "crash"},
+        {"at": 3.0, "until": 5.0, "backend": "10.9.0.2:80", "behaviour": "slow"},
+        # The same instant as the fault before it: the one listed later wins.
+        {"at": 3.0, "backend": "10.9.0.2:80", "behaviour": "reset"},
+    ]
+    report = run(scenario(sim_faults=faults))
+    assert backend(report, 0)["behaviours"] == [[0.0, "up"], [1.0, "crash"], [7.0, "up"]]
+    assert backend(report, 1)["behaviours"] == [
+        [0.0, "up"],
+        [1.0, "crash"],
+        [3.0, "slow"],
+        [3.0, "reset"],
+    ]
+
+
+# -- answers in flight when a backend dies ----------------------------------------------------
+
+
+def passive_successes(loaded: Scenario, address: str) -> list[float]:
+    trace = io.StringIO()
+    report = run_seed(loaded, 1, trace)
+    assert report["ok"]
+    return [
+        line["t"]
+        for line in map(json.loads, trace.getvalue().splitlines())
+        if line.get("output") == "HealthReport"
+        and line["address"] == address
+        and line["input"] == "passive_success"
+    ]
+
+
+def test_connects_in_flight_when_a_backend_crashes_fail() -> None:
+    # /tmp/rv/crashrace.toml: connects take 2 s to answer; the backend crashes at t=5.
+    loaded = scenario(
+        timeouts={"connect": 5.0, "idle": 30.0, "drain": 5.0},
+        sim_duration=8.0,
+        sim_clients={"rate": 20.0, "duration": 0.5},
+        sim_faults=[
+            {"at": 0.0, "backend": "10.9.0.1:80", "behaviour": "slow", "delay": 2.0},
+            {"at": 5.0, "backend": "10.9.0.1:80", "behaviour": "crash"},
+        ],
+    )
+    successes = passive_successes(loaded, "10.9.0.1:80")
+    assert successes and max(successes) < 5.0
+
+
+def test_connects_in_flight_when_a_backend_flaps_down_fail() -> None:
+    # Round trips of 0.3 s against a backend up 0.5 s, down 0.5 s: a connect
+    # sent late in an up half lands in the down half and must fail.
+    loaded = scenario(
+        sim_network={"latency": 0.3},
+        timeouts={"connect": 1.0, "idle": 30.0, "drain": 5.0},
+        sim_faults=[{"at": 0.0, "backend": "10.9.0.1:80", "behaviour": "flapping", "period": 1.0}],
+    )
+    successes = passive_successes(loaded, "10.9.0.1:80")
+    assert successes
+    assert all(int(at / 0.5) % 2 == 0 for at in successes)  # only ever while up
+
+
+# -- runs always move forward ------------------------------------------------------------------
+
+
+def test_an_idle_timeout_below_the_clock_resolution_still_finishes() -> None:
+    """/tmp/rv/tinyidle.toml: now + idle/2 == now used to touch forever at one instant."""
+    loaded = scenario(sim_duration=2.0)  # the scenario check refuses such an idle timeout
+    timeouts = dataclasses.replace(loaded.config.timeouts, idle=1e-300)
+    loaded = dataclasses.replace(
+        loaded, config=dataclasses.replace(loaded.config, timeouts=timeouts)
+    )
+    events = 0
+
+    def bounded(entry: dict[str, Any]) -> None:
+        nonlocal events
+        events += 1
+        if events > 20_000:
+            raise AssertionError("the run stopped moving forward")
+
+    report = build_report(Simulation(loaded, 1, trace=bounded).run())
+    assert report["ok"]
+    assert outcomes(report) == {"idle_timeout": report["clients"]["arrived"]}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loble.core import ConfigError
-from loble.sim import Distribution, load_scenario, parse_scenario
+from loble.sim import Distribution, Simulation, build_report, load_scenario, parse_scenario
 
 from .conftest import SCENARIOS, document, scenario
 
@@ -176,3 +176,43 @@ def test_distributions_sample_as_documented() -> None:
 def test_bare_number_is_a_constant() -> None:
     loaded = scenario(sim_network={"latency": 0.003})
     assert loaded.sim.network.latency == Distribution(kind="constant", value=0.003)
+
+
+def test_extreme_values_are_refused_with_one_line_each() -> None:
+    """/tmp/rv/sigma.toml and /tmp/rv/flap.toml crashed a run with OverflowError."""
+    doc = document(
+        sim_clients={
+            "duration": {"kind": "lognormal", "median": 1.0, "sigma": 1000.0},
+            "bytes": {"kind": "exponential", "mean": 1e-320},
+        },
+        sim_network={"latency": {"kind": "uniform", "low": 0.001, "high": "x"}},
+        sim_faults=[{"at": 1.0, "backend": "*", "behaviour": "flapping", "period": 1e-310}],
+    )
+    assert errors_of(doc) == [
+        "sim.clients.duration.sigma: 1000.0 must be <= 10",
+        "sim.clients.bytes.mean: 1e-320 must be >= 1e-09",
+        "sim.network.latency.high: 'x' is not a number of seconds",
+        "sim.faults[0].period: 1e-310 must be >= 1e-06 seconds",
+    ]
+
+
+def test_timings_too_short_to_simulate_are_refused() -> None:
+    """/tmp/rv/tinyidle.toml: an idle timeout of 1e-300 s made the run stand still."""
+    doc = document(
+        timeouts={"connect": 1e-7, "idle": 1e-300, "drain": 0.0},
+        health={"probe_interval": 5e-7, "probe_timeout": 1e-6},
+    )
+    assert errors_of(doc) == [
+        "timeouts.connect: 1e-07 is too short to simulate (must be >= 1e-06 seconds)",
+        "timeouts.idle: 1e-300 is too short to simulate (must be >= 1e-06 seconds)",
+        "health.probe_interval: 5e-07 is too short to simulate (must be >= 1e-06 seconds)",
+    ]
+
+
+def test_the_largest_accepted_values_run() -> None:
+    loaded = scenario(
+        sim_duration=1.0,
+        sim_clients={"duration": {"kind": "lognormal", "median": 1e9, "sigma": 10.0}},
+        sim_faults=[{"at": 0.0, "backend": "*", "behaviour": "flapping", "period": 1e-6}],
+    )
+    assert build_report(Simulation(loaded, 1).run())["ok"]
