@@ -32,6 +32,17 @@ input. Reports the core finds stale (an attempt it has already timed out, a
 connection it has closed) come back as ``[]``; the world then closes the
 socket it opened, as a real driver would.
 
+An answer is decided when its request is sent, and lands a round trip later.
+If the backend died in between (a crash, or a flapping backend's down half:
+:meth:`SimBackend.epoch` changed), the connect fails and the probe fails
+when they land, as they would against a real process that went away.
+
+Faults: each backend has at most one fault in force, the last one started;
+a fault's ``until`` puts the backend back ``up`` only if that fault is still
+the one in force. At one instant the fault schedule changes before anything
+else happens then (its events are scheduled first): every start, in file
+order, then every end.
+
 A run ends when the process has stopped after a shutdown, when clients have
 stopped arriving (``sim.duration``) and no connection is open, or at
 ``duration + settle`` at the latest.
