@@ -326,3 +326,20 @@ def test_an_idle_timeout_below_the_clock_resolution_still_finishes() -> None:
     report = build_report(Simulation(loaded, 1, trace=bounded).run())
     assert report["ok"]
     assert outcomes(report) == {"idle_timeout": report["clients"]["arrived"]}
+
+
+def test_a_probe_answered_by_a_backend_that_then_crashes_fails() -> None:
+    # Probes at t=1 and t=2 take 0.5 s to answer; the backend crashes at 2.2,
+    # while the second answer is on its way.
+    loaded = scenario(
+        health={"probe_interval": 1.0, "probe_timeout": 1.0, "active": True},
+        sim_duration=2.9,
+        sim_clients={"rate": 0.0},
+        sim_faults=[
+            {"at": 0.0, "backend": "10.9.0.1:80", "behaviour": "slow", "delay": 0.5},
+            {"at": 2.2, "backend": "10.9.0.1:80", "behaviour": "crash"},
+        ],
+    )
+    report = run(loaded)
+    assert report["ok"]
+    assert (backend(report, 0)["probes"], backend(report, 0)["probe_failures"]) == (2, 1)
