@@ -194,6 +194,7 @@ class CallbackPath:
         for way in (connection.to_backend, connection.to_client):
             assert way is not None
             add_reader(way.source_fd, self._on_readable, connection, way)
+            way.waiting = _READ
 
     def _on_readable(self, connection: _Connection, way: OneWay) -> None:
         try:
@@ -206,10 +207,12 @@ class CallbackPath:
             loop.remove_reader(way.source_fd)
             if end is _WRITE:
                 loop.add_writer(way.sink_fd, self._on_writable, connection, way)
+                way.waiting = _WRITE
                 return
+            way.waiting = None
             self._daemon.copy_ended(connection, way, end)
         except Exception:
-            self._daemon.driver_failed(connection)
+            self._failed(connection)
 
     def _on_writable(self, connection: _Connection, way: OneWay) -> None:
         try:
@@ -222,22 +225,41 @@ class CallbackPath:
             loop.remove_writer(way.sink_fd)
             if end is _READ:
                 loop.add_reader(way.source_fd, self._on_readable, connection, way)
+                way.waiting = _READ
                 return
+            way.waiting = None
             self._daemon.copy_ended(connection, way, end)
         except Exception:
-            self._daemon.driver_failed(connection)
+            self._failed(connection)
+
+    def _failed(self, connection: _Connection) -> None:
+        # A bug, so what is registered is unknown: unregister everything
+        # before the sockets close, or the selector would keep stale entries.
+        loop = self._loop
+        for sock in (connection.client, connection.backend):
+            if sock is not None and sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                loop.remove_writer(sock.fileno())
+        for way in (connection.to_backend, connection.to_client):
+            if way is not None:
+                way.waiting = None
+        self._daemon.driver_failed(connection)
 
     # -- closing -------------------------------------------------------------------
 
     def close(self, connection: _Connection) -> None:
         self._abandon(connection)
         loop = self._loop
-        for sock in (connection.client, connection.backend):
-            if sock is None:
+        # Only what is registered is unregistered: after both EOFs, nothing is.
+        for way in (connection.to_backend, connection.to_client):
+            if way is None:
                 continue
-            fd = sock.fileno()
-            if fd >= 0:
-                loop.remove_reader(fd)
-                loop.remove_writer(fd)
-            sock.close()
+            if way.waiting is _READ:
+                loop.remove_reader(way.source_fd)
+            elif way.waiting is _WRITE:
+                loop.remove_writer(way.sink_fd)
+            way.waiting = None
+        connection.client.close()
+        if connection.backend is not None:
+            connection.backend.close()
         self._daemon.forget(connection)

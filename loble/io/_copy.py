@@ -189,6 +189,7 @@ class OneWay:
         "source",
         "source_fd",
         "total",
+        "waiting",
     )
 
     def __init__(self, source: socket.socket, sink: socket.socket, pool: BufferPool) -> None:
@@ -207,6 +208,8 @@ class OneWay:
         self.total = 0
         self.reported = 0
         """Of ``total``, how much the driver has already counted in its metrics."""
+        self.waiting: Pumped | None = None
+        """The driver's note of what it waits for (e.g. which callback is registered)."""
 
     def pump(self) -> Pumped:
         """Move what can move now; return what to wait for, or how the copy ended."""

@@ -199,6 +199,27 @@ class Daemon:
         self._closing: dict[int, _Connection] = {}
         self._counters: dict[str, tuple[Any, Any]] = {}
         self._addresses: dict[str, Addresses | None] = {}
+        self._actions: dict[type, Callable[[Any], None]] = {
+            ConnectBackend: self._do_connect,
+            ShutdownWrite: self._do_shutdown_write,
+            CloseConnection: self._do_close,
+            ProbeBackend: self._do_probe,
+            StopAccepting: self._do_stop_accepting,
+            ConnectionClosed: self._do_closed,
+            BackendStateChanged: self._do_state_changed,
+            SnapshotPublished: self._do_snapshot,
+            ShutdownStarted: self._do_shutdown_started,
+            ShutdownFinished: self._do_shutdown_finished,
+        }
+        # The soonest any core call can file a timer for: a connect attempt
+        # (connect timeout), activity (idle timeout), a probe (probe interval),
+        # a shutdown (drain). While the timer is already due sooner than that,
+        # no call can bring it closer, so next_deadline() need not be asked
+        # (the simulator's loop relies on the same bound).
+        timeouts = config.timeouts
+        self._timer_lead = min(
+            timeouts.connect, timeouts.idle, timeouts.drain, config.health.probe_interval
+        )
         self.now: Callable[[], float] = anyio.current_time
         """The core's clock: the event loop's monotonic time."""
 
@@ -430,7 +451,7 @@ class Daemon:
         pool = self.pool
         connection.to_backend = OneWay(connection.client, sock, pool)
         connection.to_client = OneWay(sock, connection.client, pool)
-        self.metrics.connect_time.labels(address).observe(now - started)
+        self.metrics.connect_duration(address).observe(now - started)
         assert self._path is not None
         self._path.forward(connection)
         self._carry_out(outputs)
@@ -516,76 +537,93 @@ class Daemon:
             self._tasks.cancel_scope.cancel()
             return
         timer = self._timer
-        if timer is not None:
+        if timer is not None and timer.deadline > self.now() + self._timer_lead:
             deadline = self.core.next_deadline()
             if deadline is not None and deadline < timer.deadline:
                 timer.deadline = deadline
 
     def _carry_out_list(self, outputs: list[Output]) -> None:
         record = self.metrics.record
+        actions = self._actions
         for output in outputs:
             record(output)
-            match output:
-                case ConnectBackend():
-                    connection = self._connections.get(output.connection_id)
-                    if connection is not None:
-                        assert self._path is not None
-                        self._path.connect(connection, output)
-                case ShutdownWrite():
-                    connection = self._connections.get(output.connection_id)
-                    if connection is not None:
-                        self._send_eof(connection, output.side)
-                case CloseConnection():
-                    connection = self._connections.get(output.connection_id)
-                    if connection is not None:
-                        assert self._path is not None
-                        self._closing[output.connection_id] = connection
-                        self._path.close(connection)
-                case ProbeBackend():
-                    assert self._tasks is not None
-                    self._tasks.start_soon(self._probe, output.backend, output.timeout)
-                case StopAccepting():
-                    assert self._accepting is not None
-                    self._accepting.cancel()
-                case ConnectionClosed():
-                    if self._access_log:
-                        self._log_access(output)
-                case BackendStateChanged():
-                    log(
-                        self.logger,
-                        logging.INFO if output.new is HealthState.HEALTHY else logging.WARNING,
-                        "backend state changed",
-                        backend=output.address,
-                        old=output.old.value,
-                        new=output.new.value,
-                        reason=output.reason,
-                    )
-                case SnapshotPublished():
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "snapshot published",
-                        version=output.version,
-                        eligible=len(output.addresses),
-                        backends=",".join(output.addresses),
-                    )
-                case ShutdownStarted():
-                    self._shutdown_began = output.at
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "shutdown started: not accepting, draining",
-                        in_flight=output.in_flight,
-                        drain_timeout=self.config.timeouts.drain,
-                    )
-                case ShutdownFinished():
-                    log(
-                        self.logger,
-                        logging.WARNING if output.cut else logging.INFO,
-                        "shutdown finished",
-                        cut=output.cut,
-                        took=round(output.at - self._shutdown_began, 3),
-                    )
+            action = actions.get(type(output))
+            if action is not None:
+                action(output)
+
+    # One method per kind of output, found by type (most outputs, e.g. health
+    # reports, need nothing here): a dict lookup instead of a chain of
+    # isinstance checks, several times per connection.
+
+    def _do_connect(self, output: ConnectBackend) -> None:
+        connection = self._connections.get(output.connection_id)
+        if connection is not None:
+            assert self._path is not None
+            self._path.connect(connection, output)
+
+    def _do_shutdown_write(self, output: ShutdownWrite) -> None:
+        connection = self._connections.get(output.connection_id)
+        if connection is not None:
+            self._send_eof(connection, output.side)
+
+    def _do_close(self, output: CloseConnection) -> None:
+        connection = self._connections.get(output.connection_id)
+        if connection is not None:
+            assert self._path is not None
+            self._closing[output.connection_id] = connection
+            self._path.close(connection)
+
+    def _do_probe(self, output: ProbeBackend) -> None:
+        assert self._tasks is not None
+        self._tasks.start_soon(self._probe, output.backend, output.timeout)
+
+    def _do_stop_accepting(self, output: StopAccepting) -> None:
+        assert self._accepting is not None
+        self._accepting.cancel()
+
+    def _do_closed(self, output: ConnectionClosed) -> None:
+        if self._access_log:
+            self._log_access(output)
+
+    def _do_state_changed(self, output: BackendStateChanged) -> None:
+        log(
+            self.logger,
+            logging.INFO if output.new is HealthState.HEALTHY else logging.WARNING,
+            "backend state changed",
+            backend=output.address,
+            old=output.old.value,
+            new=output.new.value,
+            reason=output.reason,
+        )
+
+    def _do_snapshot(self, output: SnapshotPublished) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "snapshot published",
+            version=output.version,
+            eligible=len(output.addresses),
+            backends=",".join(output.addresses),
+        )
+
+    def _do_shutdown_started(self, output: ShutdownStarted) -> None:
+        self._shutdown_began = output.at
+        log(
+            self.logger,
+            logging.INFO,
+            "shutdown started: not accepting, draining",
+            in_flight=output.in_flight,
+            drain_timeout=self.config.timeouts.drain,
+        )
+
+    def _do_shutdown_finished(self, output: ShutdownFinished) -> None:
+        log(
+            self.logger,
+            logging.WARNING if output.cut else logging.INFO,
+            "shutdown finished",
+            cut=output.cut,
+            took=round(output.at - self._shutdown_began, 3),
+        )
 
     def _report_error(self, connection_id: int, side: Side, now: float) -> list[Output]:
         if side is Side.CLIENT:

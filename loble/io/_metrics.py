@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import anyio
 from anyio.abc import SocketListener, SocketStream
@@ -121,25 +122,62 @@ class Metrics:
                     self.connections.labels(address, outcome.value)
         self.connections.labels("", Outcome.NO_BACKEND.value)
         registry.register(_CoreCollector(core))
+        self._closed: dict[tuple[str, Outcome], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._connect_times: dict[str, Any] = {}
+        self._recorders: dict[type, Callable[[Any], None]] = {
+            ConnectionClosed: self._record_closed,
+            HealthReport: self._record_health,
+            ConnectBackend: self._record_connect,
+            BackendStateChanged: self._record_transition,
+        }
         self.before_render: Callable[[], None] = lambda: None
         """Called before each scrape: the daemon adds the bytes of open connections."""
 
     def record(self, output: Output) -> None:
         """Count one output of the core (most need nothing)."""
-        match output:
-            case ConnectionClosed():
-                backend = output.backend or ""
-                self.connections.labels(backend, output.outcome.value).inc()
-                if output.outcome is Outcome.NO_BACKEND:
-                    self.no_backend.inc()
-                if output.backend is not None:
-                    self.duration.labels(backend).observe(output.at - output.opened_at)
-            case HealthReport(input=HealthInput.PASSIVE_FAILURE):
-                self.connect_failures.labels(output.address).inc()
-            case ConnectBackend() if output.attempt > 1:
-                self.retries.labels(output.backend.address).inc()
-            case BackendStateChanged():
-                self.transitions.labels(output.address, output.old.value, output.new.value).inc()
+        # A dict keyed by type instead of a match: most outputs (health
+        # reports, connect orders) need nothing, and this runs several times
+        # per connection.
+        handler = self._recorders.get(type(output))
+        if handler is not None:
+            handler(output)
+
+    def _record_closed(self, output: ConnectionClosed) -> None:
+        backend = output.backend or ""
+        key = (backend, output.outcome)
+        counter = self._closed.get(key)
+        if counter is None:
+            counter = self._closed[key] = self.connections.labels(backend, output.outcome.value)
+        counter.inc()
+        if output.outcome is Outcome.NO_BACKEND:
+            self.no_backend.inc()
+        if output.backend is not None:
+            self.connection_duration(backend).observe(output.at - output.opened_at)
+
+    def _record_health(self, output: HealthReport) -> None:
+        if output.input is HealthInput.PASSIVE_FAILURE:
+            self.connect_failures.labels(output.address).inc()
+
+    def _record_connect(self, output: ConnectBackend) -> None:
+        if output.attempt > 1:
+            self.retries.labels(output.backend.address).inc()
+
+    def _record_transition(self, output: BackendStateChanged) -> None:
+        self.transitions.labels(output.address, output.old.value, output.new.value).inc()
+
+    def connection_duration(self, backend: str) -> Any:
+        histogram = self._durations.get(backend)
+        if histogram is None:
+            histogram = self._durations[backend] = self.duration.labels(backend)
+        return histogram
+
+    def connect_duration(self, backend: str) -> Any:
+        """The connect-time histogram of ``backend`` (label lookups cached)."""
+        histogram = self._connect_times.get(backend)
+        if histogram is None:
+            histogram = self._connect_times[backend] = self.connect_time.labels(backend)
+        return histogram
 
     def probe(self, address: str, ok: bool) -> None:
         self.probes.labels(address, "success" if ok else "failure").inc()
