@@ -43,6 +43,7 @@ those are the same observations.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,6 +151,8 @@ class Monitor:
         """Connections with an attempt in progress: (attempt, started at, backends tried)."""
         self.connect_deadlines: deque[tuple[float, int, int]] = deque()
         """(deadline, connection, attempt) for each attempt, in deadline order."""
+        self.connect_check_at = math.inf
+        """The oldest deadline in connect_deadlines plus slack: end_step's cheap test."""
         self.last_activity: dict[int, float] = {}
         """Connected connections: the last activity the driver reported."""
         self.drained: list[str] = []
@@ -241,7 +244,10 @@ class Monitor:
                 f"({self.connect_retries})",
             )
         self.connecting[connection_id] = (attempt, now, tried)
-        self.connect_deadlines.append((now + self.connect_timeout, connection_id, attempt))
+        due = now + self.connect_timeout
+        if not self.connect_deadlines:
+            self.connect_check_at = due + _LATE
+        self.connect_deadlines.append((due, connection_id, attempt))
 
     def health_report(self, report: HealthReport, now: float) -> None:
         address, health_input = report.address, report.input
@@ -326,14 +332,9 @@ class Monitor:
         if self.open.pop(connection_id, 0) is not None:
             self.violate(CONSERVATION, f"connection {connection_id} ended twice or never opened")
         self.outcomes[outcome] += 1
+        # (Its attempts were each checked by connect_started.)
         pending = self.connecting.pop(connection_id, None)
         last = self.last_activity.pop(connection_id, None)
-        if event.attempts > 1 + self.connect_retries:
-            self.violate(
-                BOUNDED_RETRIES,
-                f"connection {connection_id} closed after {event.attempts} attempts "
-                f"(connect_retries {self.connect_retries})",
-            )
         if outcome is Outcome.IDLE_TIMEOUT:
             self._idle_timed_out(connection_id, last, now)
         elif pending is not None and outcome is Outcome.CONNECT_FAILED and self.timer_step:
@@ -375,9 +376,8 @@ class Monitor:
                         f"{address} still DRAINING at the end of the step with nothing active",
                     )
             self.drained.clear()
-        deadlines = self.connect_deadlines
-        if deadlines and deadlines[0][0] + _LATE < self.now:
-            self._overdue_connects(deadlines, self.now)
+        if self.now > self.connect_check_at:
+            self._overdue_connects(self.now)
         if self.membership_changed:
             # A state change that kept membership (DRAINING -> UNHEALTHY) publishes nothing.
             self.membership_changed = False
@@ -454,9 +454,9 @@ class Monitor:
                 f"its idle deadline was t={due:.6f}",
             )
 
-    def _overdue_connects(self, deadlines: deque[tuple[float, int, int]], now: float) -> None:
+    def _overdue_connects(self, now: float) -> None:
         """Attempts whose connect deadline has passed must have ended."""
-        connecting = self.connecting
+        connecting, deadlines = self.connecting, self.connect_deadlines
         while deadlines and deadlines[0][0] + _LATE < now:
             due, connection_id, attempt = deadlines.popleft()
             pending = connecting.get(connection_id)
@@ -466,6 +466,7 @@ class Monitor:
                     f"connection {connection_id}: attempt {attempt} still connecting "
                     f"past its connect timeout at t={due:.6f}",
                 )
+        self.connect_check_at = deadlines[0][0] + _LATE if deadlines else math.inf
 
     def _success(self, address: str) -> None:
         self.consecutive_failures[address] = 0
