@@ -157,7 +157,8 @@ class Daemon:
     ``copy`` and ``data_path`` choose how bytes move (see the module doc);
     unset, they come from the ``LOBLE_COPY`` and ``LOBLE_DATA_PATH``
     environment variables, else the fastest the platform and loop allow.
-    ``reuse_port`` sets ``SO_REUSEPORT`` on the listening sockets (workers).
+    ``reuse_port`` sets ``SO_REUSEPORT`` on the listening sockets and
+    ``worker`` is this process's index, when it is one of several workers.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class Daemon:
         copy: str | None = None,
         data_path: str | None = None,
         reuse_port: bool = False,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.core = ProxyCore(config, rng or random.Random())
@@ -181,6 +183,7 @@ class Daemon:
         self.data_path_name = ""
         """The data path in use, once running: ``callbacks`` or ``tasks``."""
         self.reuse_port = reuse_port
+        self.worker = worker
         self.listen_addresses: list[tuple[str, int]] = []
         """Where clients connect (the OS-chosen port when configured as 0)."""
         self.metrics_address: tuple[str, int] | None = None
@@ -294,6 +297,7 @@ class Daemon:
                         address=f"http://{format_address(*self.metrics_address)}/metrics",
                     )
                 config = self.config
+                worker = {} if self.worker is None else {"worker": self.worker}
                 log(
                     self.logger,
                     logging.INFO,
@@ -303,6 +307,7 @@ class Daemon:
                     backends=len(config.backends),
                     data_path=self.data_path_name,
                     copy=self.copy_method.value,
+                    **worker,
                 )
                 self._carry_out(self.core.start(self.now()))
                 task_status.started()

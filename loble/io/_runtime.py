@@ -20,10 +20,6 @@ __all__ = ["run", "runtime_options"]
 
 def runtime_options(runtime: RuntimeConfig) -> tuple[str, dict[str, Any]]:
     """The anyio backend name and options for ``anyio.run``."""
-    if runtime.workers != 1:
-        raise ConfigError(
-            [f"runtime.workers: {runtime.workers} is not supported yet; this version runs 1"]
-        )
     if runtime.backend == "trio":
         _require("trio", "pip install trio")
         return "trio", {}

@@ -20,6 +20,7 @@ from ._daemon import Daemon
 from ._demo import run_backends, run_demo
 from ._logging import configure_logging
 from ._runtime import run, runtime_options
+from ._workers import run_workers, worker_config, worker_index
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -74,7 +75,12 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_metrics()
     runtime_options(config.runtime)  # a missing runtime fails before any socket opens
     logger = configure_logging(config.logging)
-    daemon = Daemon(config, logger=logger)
+    index = worker_index()
+    if index is None and config.runtime.workers > 1:
+        return run_workers(config, args.config, logger)
+    if index is not None:
+        config = worker_config(config, index)
+    daemon = Daemon(config, logger=logger, reuse_port=index is not None, worker=index)
     run(daemon.run, config.runtime)
     return 0
 

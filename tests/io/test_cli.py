@@ -87,13 +87,6 @@ def test_uvloop_not_installed(
     assert line.startswith("error: runtime.backend: 'uvloop' is not installed: pip install")
 
 
-def test_more_than_one_worker_is_refused(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    path = config_file(tmp_path, runtime={"workers": 2})
-    assert "runtime.workers: 2 is not supported yet" in one_error(capsys, ["run", "-c", path])
-
-
 def test_demo_backend_address_not_local(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = config_file(tmp_path, backends=[{"address": "192.0.2.1:9101"}])
     line = one_error(capsys, ["demo", "-c", path, "--backends-only"])

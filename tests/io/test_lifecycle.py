@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,66 @@ async def test_loble_run_second_signal_cuts_and_exits(
                 assert await child.exit_code() == 0
                 assert await net.read_all(stream) == b""
             assert [line["cut"] for line in child.json_lines("shutdown finished")] == [1]
+
+
+async def test_loble_run_with_two_workers_shares_the_port_and_drains_on_sigterm(
+    net: Any, tmp_path: Path, anyio_backend: str
+) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        document = {
+            "listener": {"address": "127.0.0.1:0"},
+            "logging": {"format": "json", "level": "info"},
+            "runtime": {"backend": anyio_backend, "workers": 2},
+            "metrics": {"enabled": True, "address": "127.0.0.1:0"},
+            "backends": [{"address": backend.address}],
+        }
+        path = net.write_config(tmp_path / "c.toml", document)
+        async with net.loble_process("run", "-c", str(path)) as child:
+            await net.wait_for(lambda: len(child.json_lines("listening")) == 2)
+            listening = child.json_lines("listening")
+            assert sorted(line["worker"] for line in listening) == [0, 1]
+            # Port 0 was resolved once by the supervisor: both workers share it.
+            assert len({line["address"] for line in listening}) == 1
+            host, _, port = listening[0]["address"].rpartition(":")
+            address = (host, int(port))
+            assert port != "0"
+            # Each worker serves its own metrics endpoint.
+            assert len({line["address"] for line in child.json_lines("metrics endpoint")}) == 2
+            for index in range(6):
+                assert await net.request(address, b"%d" % index) == b"a:%d" % index
+            async with await anyio.connect_tcp(*address) as stream:
+                await stream.send(b"long ")
+                await net.wait_for(lambda: len(backend.open) == 1)
+                child.signal(signal.SIGTERM)
+                await net.wait_for(
+                    lambda: len(child.json_lines("shutdown started: not accepting, draining")) == 2
+                )
+                await net.wait_for(lambda: refused(address), what="listeners closed")
+                await stream.send(b"connection")
+                await stream.send_eof()
+                assert await net.read_all(stream) == b"a:long connection"
+            assert await child.exit_code() == 0
+            assert [line["cut"] for line in child.json_lines("shutdown finished")] == [0, 0]
+            assert len(child.json_lines("stopped")) == 2
+            assert not child.has("Traceback")
+
+
+async def test_workers_that_cannot_start_make_the_supervisor_exit_1(
+    net: Any, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        document = {
+            "listener": {"address": f"127.0.0.1:{taken.getsockname()[1]}"},
+            "logging": {"format": "json"},
+            "runtime": {"workers": 2},
+            "backends": [{"address": "127.0.0.1:9"}],
+        }
+        path = net.write_config(tmp_path / "c.toml", document)
+        async with net.loble_process("run", "-c", str(path)) as child:
+            assert await child.exit_code() == 1
+            await net.wait_for(lambda: len(child.json_lines("worker failed")) == 2)
+            assert child.has("Address already in use")
+            assert not child.has("Traceback")

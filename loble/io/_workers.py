@@ -1,0 +1,161 @@
+"""``[runtime] workers = N``: N worker processes sharing the listening port.
+
+One Loble process is one event loop on one core. With ``workers = N`` the
+``loble run`` process becomes a small supervisor: it starts N copies of
+itself (the workers), each a complete, independent daemon with its own core,
+that listen on the same address with ``SO_REUSEPORT``, so the kernel spreads
+new connections over them.
+
+The supervisor:
+
+* resolves a listener port of 0 once, so every worker listens on the same
+  port: it binds (never listens on) a ``SO_REUSEPORT`` socket and keeps it
+  for its lifetime, which also keeps the port reserved;
+* forwards SIGTERM and SIGINT to every worker (a first signal drains, a
+  second cuts, exactly as with one process). Workers run in their own
+  session, so Ctrl-C in a terminal reaches them once, through the
+  supervisor; on Linux a worker also gets SIGTERM if the supervisor dies;
+* exits 0 once every worker has exited 0. If a worker fails (exits non-zero
+  or is killed) while no shutdown was asked for, the supervisor asks the
+  others to drain and exits 1.
+
+Metrics: each worker serves its own ``/metrics`` (its own core, its own
+counters); worker *k* listens on the metrics port + *k* (with port 0 each
+picks its own). Sum over workers in Prometheus.
+
+A worker learns its index and the resolved port from environment variables
+set by the supervisor (:data:`WORKER_ENV`, :data:`PORT_ENV`); they are an
+internal interface, not configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from types import FrameType
+
+from loble.core import Config, LobleError, parse_address
+
+from ._daemon import format_address
+from ._logging import log
+
+__all__ = ["PORT_ENV", "WORKER_ENV", "run_workers", "worker_config", "worker_index"]
+
+WORKER_ENV = "LOBLE_WORKER"
+"""Set by the supervisor in each worker: its index, 0 to N-1."""
+
+PORT_ENV = "LOBLE_WORKER_PORT"
+"""Set by the supervisor when it resolved a listener port of 0."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_index() -> int | None:
+    """This process's worker index, or None when it is not a worker."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value else None
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """The configuration worker ``index`` runs: resolved listener port, its metrics port."""
+    listener, metrics = config.listener, config.metrics
+    port = os.environ.get(PORT_ENV)
+    if port:
+        host, _ = parse_address(listener.address, allow_port_zero=True)
+        listener = dataclasses.replace(listener, address=format_address(host, int(port)))
+    host, metrics_port = parse_address(metrics.address, allow_port_zero=True)
+    if metrics_port:
+        metrics = dataclasses.replace(metrics, address=format_address(host, metrics_port + index))
+    return dataclasses.replace(config, listener=listener, metrics=metrics)
+
+
+def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int:
+    """Start ``config.runtime.workers`` workers; return the exit status."""
+    count = config.runtime.workers
+    environment = dict(os.environ)
+    reserved = _reserve_port(config.listener.address)
+    if reserved is not None:
+        environment[PORT_ENV] = str(reserved.getsockname()[1])
+    command = [sys.executable, "-m", "loble", "run", "-c", config_path]
+    workers: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for _, process in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    previous = {
+        signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        for index in range(count):
+            process = subprocess.Popen(
+                command,
+                env={**environment, WORKER_ENV: str(index)},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            workers[process.pid] = (index, process)
+        log(logger, logging.INFO, "workers started", workers=count, pids=sorted(workers))
+        failed = False
+        while workers:
+            pid, status = os.wait()
+            if pid not in workers:
+                continue
+            index, process = workers.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            process.returncode = code
+            if code != 0:
+                failed = True
+                log(logger, logging.ERROR, "worker failed", worker=index, pid=pid, status=code)
+                if not stopping:
+                    forward(signal.SIGTERM, None)  # drain the others, then exit 1
+        return 1 if failed else 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for _, process in workers.values():  # only on an exception: do not orphan them
+            process.kill()
+            process.wait()
+        if reserved is not None:
+            reserved.close()
+
+
+def _reserve_port(address: str) -> socket.socket | None:
+    host, port = parse_address(address, allow_port_zero=True)
+    if port:
+        return None
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        reserved = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise LobleError(f"listener.address: cannot listen on {address}: {error}") from None
+    try:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind(sockaddr)
+    except OSError as error:
+        reserved.close()
+        reason = error.strerror or str(error)
+        raise LobleError(f"listener.address: cannot listen on {address}: {reason}") from None
+    return reserved
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: a worker whose supervisor is
+    # killed (SIGKILL, OOM) gets SIGTERM and drains instead of living on.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
