@@ -7,6 +7,7 @@ scenario and a small seed, and replays with exactly that seed.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Any, cast
 
@@ -34,6 +35,9 @@ from loble.core import (
     parse_config,
 )
 from loble.sim import BEHAVIOURS, Monitor, Simulation, build_report, parse_scenario
+
+SCALE = 20 if os.environ.get("LOBLE_THOROUGH") else 1
+"""An explicit max_examples overrides the profile, so LOBLE_THOROUGH scales them here."""
 
 seconds = st.floats(min_value=0.05, max_value=2.0, allow_nan=False).map(lambda x: round(x, 3))
 
@@ -126,7 +130,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @given(document=scenarios(), seed=st.integers(0, 2**32 - 1))
-@settings(max_examples=60)
+@settings(max_examples=60 * SCALE)
 def test_every_invariant_holds_in_generated_scenarios(document: dict[str, Any], seed: int) -> None:
     report = build_report(Simulation(parse_scenario(document), seed).run())
     failed = [row["first"] for row in report["invariants"] if not row["held"]]
@@ -166,7 +170,7 @@ def recovery_bound(config: Config, max_duration: float, max_rtt: float) -> float
 
 
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
-@settings(max_examples=40)
+@settings(max_examples=40 * SCALE)
 def test_liveness_every_answering_backend_recovers_within_the_bound(
     data: st.DataObject, seed: int
 ) -> None:
@@ -312,5 +316,5 @@ class ControlPlaneMachine(RuleBasedStateMachine):
                 assert active > 0
 
 
-ControlPlaneMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40)
+ControlPlaneMachine.TestCase.settings = settings(max_examples=60 * SCALE, stateful_step_count=40)
 TestControlPlane = ControlPlaneMachine.TestCase
