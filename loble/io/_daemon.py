@@ -150,6 +150,9 @@ class DataPath(Protocol):
     def close(self, connection: _Connection) -> None:
         """Close the connection's sockets and stop its work (the core ended it)."""
 
+    def dispose(self) -> None:
+        """The daemon has stopped, every connection is closed: release the rest."""
+
 
 class Daemon:
     """One load balancer on real sockets; :meth:`run` serves until shutdown.
@@ -312,6 +315,8 @@ class Daemon:
                 self._carry_out(self.core.start(self.now()))
                 task_status.started()
         finally:
+            if self._path is not None:
+                self._path.dispose()
             self.pool.close()
         log(self.logger, logging.INFO, "stopped")
 

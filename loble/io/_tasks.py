@@ -56,6 +56,9 @@ class TaskPath:
             self._wait_readable = trio.lowlevel.wait_readable
             self._wait_writable = trio.lowlevel.wait_writable
 
+    def dispose(self) -> None:
+        pass  # holds nothing beyond its connections
+
     # -- accepting -----------------------------------------------------------------
 
     async def serve(self, listeners: Sequence[socket.socket]) -> None:
