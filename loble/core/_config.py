@@ -229,7 +229,13 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], str | 
     return check
 
 
-def _seconds(*, positive: bool = True) -> Callable[[Any], str | None]:
+_SHORTEST = 0.001
+"""The shortest timeout or interval: below a millisecond no clock or network
+means anything, and a period so small that ``now + period == now`` would never
+let time move on."""
+
+
+def _seconds(*, positive: bool = True, minimum: float | None = None) -> Callable[[Any], str | None]:
     def check(raw: Any) -> str | None:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             return "is not a number of seconds"
@@ -241,6 +247,8 @@ def _seconds(*, positive: bool = True) -> Callable[[Any], str | None]:
             return "is not finite"
         if seconds > 10**9:
             return "is too large (more than 10^9 seconds)"
+        if minimum is not None and seconds < minimum:
+            return f"must be at least {minimum} seconds"
         if positive and seconds <= 0:
             return "must be > 0 seconds"
         return None
@@ -345,12 +353,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         ),
         probe_interval=float(
             checker.value(
-                "health", table, "probe_interval", _DEFAULT_HEALTH.probe_interval, _seconds()
+                "health",
+                table,
+                "probe_interval",
+                _DEFAULT_HEALTH.probe_interval,
+                _seconds(minimum=_SHORTEST),
             )
         ),
         probe_timeout=float(
             checker.value(
-                "health", table, "probe_timeout", _DEFAULT_HEALTH.probe_timeout, _seconds()
+                "health",
+                table,
+                "probe_timeout",
+                _DEFAULT_HEALTH.probe_timeout,
+                _seconds(minimum=_SHORTEST),
             )
         ),
         active=checker.value("health", table, "active", _DEFAULT_HEALTH.active, _boolean),
@@ -359,9 +375,15 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     table = _section(checker, data, "timeouts")
     timeouts = TimeoutsConfig(
         connect=float(
-            checker.value("timeouts", table, "connect", _DEFAULT_TIMEOUTS.connect, _seconds())
+            checker.value(
+                "timeouts", table, "connect", _DEFAULT_TIMEOUTS.connect, _seconds(minimum=_SHORTEST)
+            )
         ),
-        idle=float(checker.value("timeouts", table, "idle", _DEFAULT_TIMEOUTS.idle, _seconds())),
+        idle=float(
+            checker.value(
+                "timeouts", table, "idle", _DEFAULT_TIMEOUTS.idle, _seconds(minimum=_SHORTEST)
+            )
+        ),
         drain=float(
             checker.value(
                 "timeouts", table, "drain", _DEFAULT_TIMEOUTS.drain, _seconds(positive=False)

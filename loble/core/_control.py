@@ -13,6 +13,7 @@ probe schedule.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable
 
 from ._backend import Backend, Snapshot
@@ -163,6 +164,8 @@ class ControlPlane:
 
     def _schedule_probe(self, address: str, now: float) -> None:
         due = now + self.health_config.probe_interval
+        if due <= now:  # an interval lost in float rounding: never re-arm at now
+            due = math.nextafter(now, math.inf)
         self._probe_due[address] = due
         self._sequence += 1
         heapq.heappush(self._probe_heap, (due, self._sequence, address))

@@ -117,7 +117,14 @@ def test_integers_are_accepted_as_seconds() -> None:
             one_backend(health={"success_threshold": True}),
             "health.success_threshold: True is not an integer",
         ),
-        (one_backend(health={"probe_interval": 0}), "health.probe_interval: 0 must be > 0 seconds"),
+        (
+            one_backend(health={"probe_interval": 0}),
+            "health.probe_interval: 0 must be at least 0.001 seconds",
+        ),
+        (
+            one_backend(health={"probe_interval": 1e-300}),
+            "health.probe_interval: 1e-300 must be at least",
+        ),
         (
             one_backend(health={"probe_timeout": "1s"}),
             "health.probe_timeout: '1s' is not a number of seconds",

@@ -204,3 +204,15 @@ def test_snapshot_version_changes_exactly_when_membership_changes(
             assert published == [
                 SnapshotPublished(at=float(step), version=after.version, addresses=eligible)
             ]
+
+
+def test_an_interval_lost_in_rounding_still_lets_time_move_on() -> None:
+    # Config refuses intervals under a millisecond; the schedule itself must
+    # not re-arm at `now` anyway, or handle_timer would never return.
+    control = ControlPlane([Backend(address=A)], HealthConfig(active=True, probe_interval=1e-300))
+    control.start(1.0)
+    first = control.next_deadline()
+    assert first is not None and first > 1.0
+    assert len(control.handle_timer(first)) == 1  # returns: it did not re-arm at `first`
+    second = control.next_deadline()
+    assert second is not None and second > first

@@ -202,10 +202,12 @@ def test_timings_too_short_to_simulate_are_refused() -> None:
         timeouts={"connect": 1e-7, "idle": 1e-300, "drain": 0.0},
         health={"probe_interval": 5e-7, "probe_timeout": 1e-6},
     )
+    # The config schema itself refuses timings under a millisecond.
     assert errors_of(doc) == [
-        "timeouts.connect: 1e-07 is too short to simulate (must be >= 1e-06 seconds)",
-        "timeouts.idle: 1e-300 is too short to simulate (must be >= 1e-06 seconds)",
-        "health.probe_interval: 5e-07 is too short to simulate (must be >= 1e-06 seconds)",
+        "health.probe_interval: 5e-07 must be at least 0.001 seconds",
+        "health.probe_timeout: 1e-06 must be at least 0.001 seconds",
+        "timeouts.connect: 1e-07 must be at least 0.001 seconds",
+        "timeouts.idle: 1e-300 must be at least 0.001 seconds",
     ]
 
 
