@@ -278,6 +278,8 @@ class Daemon:
         """
         if self._started:
             raise LobleError("a Daemon runs once; make a new one")
+        if self._data_path_name == "callbacks" and _current_library() != "asyncio":
+            raise LobleError(f"{DATA_PATH_ENV}: 'callbacks' needs asyncio or uvloop")
         await self.bind()
         self._started = True
         self._accepting = anyio.CancelScope()
@@ -328,8 +330,6 @@ class Daemon:
         library = _current_library()
         name = self._data_path_name or ("callbacks" if library == "asyncio" else "tasks")
         if name == "callbacks":
-            if library != "asyncio":
-                raise LobleError(f"{DATA_PATH_ENV}: 'callbacks' needs asyncio or uvloop")
             from ._callbacks import CallbackPath
 
             path: DataPath = CallbackPath(self)

@@ -12,6 +12,9 @@ import pytest
 import tomli_w
 
 from loble.__main__ import main
+from loble.core import parse_config
+from loble.io import Daemon
+from loble.io._copy import SPLICE_AVAILABLE, CopyMethod
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +98,31 @@ def test_demo_backend_address_not_local(capsys: pytest.CaptureFixture[str], tmp_
 
 def test_demo_negative_rate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert "--rate" in one_error(capsys, ["demo", "-c", config_file(tmp_path), "--rate", "-1"])
+
+
+def test_copy_and_data_path_variables_are_checked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = config_file(tmp_path)
+    monkeypatch.setenv("LOBLE_COPY", "sendfile")
+    line = one_error(capsys, ["run", "-c", path])
+    assert line == "error: LOBLE_COPY: 'sendfile' is not one of splice, recv_into"
+    monkeypatch.delenv("LOBLE_COPY")
+    monkeypatch.setenv("LOBLE_DATA_PATH", "threads")
+    line = one_error(capsys, ["run", "-c", path])
+    assert line == "error: LOBLE_DATA_PATH: 'threads' is not one of callbacks, tasks"
+    monkeypatch.setenv("LOBLE_DATA_PATH", "callbacks")
+    path = config_file(tmp_path, runtime={"backend": "trio"})
+    line = one_error(capsys, ["run", "-c", path])
+    assert line == "error: LOBLE_DATA_PATH: 'callbacks' needs asyncio or uvloop"
+
+
+def test_the_variables_choose_how_bytes_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config({"backends": [{"address": "127.0.0.1:9"}]})
+    monkeypatch.setenv("LOBLE_COPY", "recv_into")
+    daemon = Daemon(config)
+    assert daemon.copy_method is CopyMethod.RECV_INTO
+    monkeypatch.delenv("LOBLE_COPY")
+    expected = CopyMethod.SPLICE if SPLICE_AVAILABLE else CopyMethod.RECV_INTO
+    assert Daemon(config).copy_method is expected
+    assert Daemon(config, copy="recv_into").copy_method is CopyMethod.RECV_INTO

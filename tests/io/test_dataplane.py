@@ -305,3 +305,16 @@ async def test_pipes_are_taken_lazily_and_closed_when_the_daemon_stops(
         await net.wait_for(lambda: daemon.open_connections == 0)
     assert daemon.pool.open_pipes == 0
     await net.wait_for(lambda: pipe_fds() == before, what=f"{pipe_fds()} pipes, was {before}")
+
+
+async def test_environment_variables_choose_the_data_path_and_copy(
+    net: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOBLE_DATA_PATH", "tasks")
+    monkeypatch.setenv("LOBLE_COPY", "recv_into")
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address])
+        assert await net.request(daemon.listen_address) == b"a:ping"
+        assert (daemon.data_path_name, daemon.copy_method.value) == ("tasks", "recv_into")
+        assert lab.logs.find("listening", data_path="tasks", copy="recv_into")
