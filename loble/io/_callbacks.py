@@ -273,11 +273,16 @@ class CallbackPath:
         assert sock is not None
         self._remove_writer(sock.fileno())
         attempt.sock = None
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            sock.close()
-            self._try_next(connection, attempt)
-            return
-        self._connected(connection, attempt, sock)
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                sock.close()
+                self._try_next(connection, attempt)
+                return
+            self._connected(connection, attempt, sock)
+        except Exception:
+            if connection.backend is not sock:
+                sock.close()
+            self._failed(connection)
 
     def _connected(self, connection: _Connection, attempt: _Attempt, sock: socket.socket) -> None:
         connection.attempt = None
