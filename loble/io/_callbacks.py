@@ -39,7 +39,7 @@ import anyio
 from loble.core import Backend, ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, established
 
 if TYPE_CHECKING:
     from ._daemon import Addresses, Daemon, _Connection
@@ -257,7 +257,7 @@ class CallbackPath:
             sock.setblocking(False)
             sock.setsockopt(*_NODELAY)
             error = sock.connect_ex(address)
-            if error == 0:
+            if error == 0 or (error == errno.EINPROGRESS and established(sock)):
                 self._connected(connection, attempt, sock)
                 return
             if error == errno.EINPROGRESS:

@@ -89,6 +89,22 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def established(sock: socket.socket) -> bool:
+    """Whether a connect that answered EINPROGRESS has in fact completed.
+
+    On loopback (and for very near backends) the handshake usually finishes
+    inside ``connect`` itself: the backend's SYN-ACK is processed as the
+    call releases the socket. Asking costs one system call and saves a
+    writer registration, its removal and a wakeup; ``getpeername`` fails
+    with ENOTCONN while the handshake is still under way or has failed.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 Addresses = list[tuple[int, Any]]
 """``(family, sockaddr)`` pairs to try in order for one backend."""
 

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from loble.core import ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, established
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, _Connection
@@ -137,9 +137,11 @@ class TaskPath:
                     sock.setblocking(False)
                     sock.setsockopt(*_NODELAY)
                     error = sock.connect_ex(address)
-                    if error == errno.EINPROGRESS:
+                    if error == errno.EINPROGRESS and not established(sock):
                         await self._wait_writable(sock)
                         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    elif error == errno.EINPROGRESS:
+                        error = 0
                 except BaseException:
                     sock.close()
                     raise
