@@ -67,7 +67,7 @@ async def _accept(
     while True:
         try:
             stream = await listener.accept()
-        except OSError:
+        except (OSError, anyio.BrokenResourceError):  # trio: EMFILE is BrokenResourceError
             await anyio.sleep(0.1)  # out of file descriptors: let some close
             continue
         connections.start_soon(_answer, stream, name, address)

@@ -247,7 +247,8 @@ async def serve_metrics(listener: SocketListener, metrics: Metrics, logger: logg
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as error:
+            except (OSError, anyio.BrokenResourceError) as error:
+                # trio reports EMFILE from accept as BrokenResourceError, not OSError
                 log(logger, logging.WARNING, "metrics accept failed", error=str(error))
                 await anyio.sleep(0.1)  # e.g. out of file descriptors: let some close
                 continue

@@ -1,0 +1,177 @@
+"""Out of file descriptors: the daemon degrades and recovers, it never dies.
+
+Each test runs ``loble run`` in a child process whose RLIMIT_NOFILE is
+lowered before the daemon starts, then drives it from outside over loopback.
+Waits poll a condition with a bound (:func:`wait_until`); nothing sleeps to wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+BOUND = 10.0
+
+_PRELUDE = (
+    "import resource, sys\n"
+    "limit = int(sys.argv.pop(1))\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
+    "from loble.__main__ import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def wait_until(condition: Callable[[], object], what: str, bound: float = BOUND) -> None:
+    deadline = time.monotonic() + bound
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound}s: {what}")
+        time.sleep(0.01)  # polling interval of a bounded wait, not a wait in itself
+
+
+class Limited:
+    """``loble run`` with at most ``limit`` descriptors; stderr kept as JSON records."""
+
+    def __init__(self, tmp_path: Path, limit: int, document: dict[str, Any]) -> None:
+        document = {"logging": {"format": "json", "level": "debug"}, **document}
+        path = tmp_path / "config.toml"
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
+        command = [sys.executable, "-c", _PRELUDE, str(limit), "run", "-c", str(path)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
+        self.records: list[dict[str, Any]] = []
+        self.text: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_until(lambda: self.find("listening") or self.process.poll() is not None, "listening")
+        assert self.process.poll() is None, "\n".join(self.text)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.text.append(line)
+            with contextlib.suppress(ValueError):
+                self.records.append(json.loads(line))
+
+    def find(self, message: str) -> list[dict[str, Any]]:
+        return [r for r in list(self.records) if r.get("msg") == message]
+
+    def address(self, message: str, key: str = "address") -> tuple[str, int]:
+        text = str(self.find(message)[0][key]).removeprefix("http://").removesuffix("/metrics")
+        host, _, port = text.rpartition(":")
+        return host, int(port)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(BOUND)
+        finally:
+            self._reader.join(BOUND)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def limited(tmp_path: Path, limit: int, document: dict[str, Any]) -> Iterator[Limited]:
+    daemon = Limited(tmp_path, limit, document)
+    try:
+        yield daemon
+    finally:
+        daemon.kill()
+
+
+class Sink:
+    """A backend that answers ``ok:`` plus what it read once the client sends EOF."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    data += chunk
+                conn.sendall(b"ok:" + data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    backend = Sink()
+    yield backend
+    backend.close()
+
+
+def exchange(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    with socket.create_connection(address, timeout=BOUND) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_metrics_scrapes_at_the_descriptor_limit_do_not_kill_the_daemon(
+    tmp_path: Path, sink: Sink, runtime: str
+) -> None:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "backends": [{"address": sink.address}],
+        "metrics": {"enabled": True, "address": "127.0.0.1:0"},
+        "runtime": {"backend": runtime},
+    }
+    with limited(tmp_path, 40, document) as daemon:
+        metrics = daemon.address("metrics endpoint")
+        hogs: list[socket.socket] = []
+        try:
+            # Idle scrapes hold a descriptor each until the daemon runs out.
+            while not daemon.find("metrics accept failed") and len(hogs) < 100:
+                assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
+                hogs.append(socket.create_connection(metrics, timeout=BOUND))
+            wait_until(lambda: daemon.find("metrics accept failed"), "an accept failure")
+            assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
+        finally:
+            for hog in hogs:
+                hog.close()
+        proxied = daemon.address("listening")
+        wait_until(lambda: _answers(proxied), "the proxy serving again")
+        assert daemon.stop() == 0, "\n".join(daemon.text[-20:])
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    try:
+        return exchange(address) == b"ok:ping"
+    except OSError:
+        return False
