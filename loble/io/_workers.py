@@ -15,7 +15,9 @@ The supervisor:
   second cuts, exactly as with one process). Workers run in their own
   session, so Ctrl-C in a terminal reaches them once, through the
   supervisor; on Linux a worker also gets SIGTERM if the supervisor dies;
-* exits 0 once every worker has exited 0. If a worker fails (exits non-zero
+* exits 0 once every worker has exited 0, or, after a forwarded signal, was
+  killed by it (a worker still starting has no handler yet: the default
+  action ends it, with nothing to drain). If a worker fails (exits non-zero
   or is killed) while no shutdown was asked for, the supervisor asks the
   others to drain and exits 1.
 
@@ -86,13 +88,18 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
     command = [sys.executable, "-m", "loble", "run", "-c", config_path]
     workers: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
     stopping = False
+    forwarded: list[int] = []  # the signals passed on to the workers, in order
 
-    def forward(signum: int, frame: FrameType | None) -> None:
+    def send(signum: int) -> None:
         nonlocal stopping
         stopping = True
         for _, process in workers.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        forwarded.append(signum)  # asked from outside, unlike our own drain after a failure
+        send(signum)
 
     previous = {
         signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
@@ -106,6 +113,9 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
                 preexec_fn=_die_with_parent,
             )
             workers[process.pid] = (index, process)
+            if forwarded:  # a signal came while starting: this worker missed it
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(forwarded[-1])
         log(logger, logging.INFO, "workers started", workers=count, pids=sorted(workers))
         failed = False
         while workers:
@@ -115,11 +125,15 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
             index, process = workers.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             process.returncode = code
-            if code != 0:
+            if -code in forwarded:
+                # Killed by the signal we forwarded before it installed its handlers
+                # (it was still starting): it had nothing to drain, a clean stop.
+                log(logger, logging.INFO, "worker stopped while starting", worker=index, pid=pid)
+            elif code != 0:
                 failed = True
                 log(logger, logging.ERROR, "worker failed", worker=index, pid=pid, status=code)
                 if not stopping:
-                    forward(signal.SIGTERM, None)  # drain the others, then exit 1
+                    send(signal.SIGTERM)  # drain the others, then exit 1
         return 1 if failed else 0
     finally:
         for signum, handler in previous.items():

@@ -192,6 +192,23 @@ async def test_loble_run_with_two_workers_shares_the_port_and_drains_on_sigterm(
             assert not child.has("Traceback")
 
 
+async def test_sigterm_while_workers_are_starting_is_a_clean_stop(net: Any, tmp_path: Path) -> None:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "logging": {"format": "json"},
+        "runtime": {"workers": 2},
+        "backends": [{"address": "127.0.0.1:9"}],
+    }
+    path = net.write_config(tmp_path / "c.toml", document)
+    async with net.loble_process("run", "-c", str(path)) as child:
+        # The supervisor logs this right after the forks: the workers are still importing.
+        await child.wait_json("workers started")
+        child.signal(signal.SIGTERM)
+        assert await child.exit_code() == 0, "\n".join(child.lines)
+        assert not child.json_lines("worker failed")
+        assert not child.has("Traceback")
+
+
 async def test_workers_that_cannot_start_make_the_supervisor_exit_1(
     net: Any, tmp_path: Path
 ) -> None:
