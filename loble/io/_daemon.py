@@ -30,6 +30,7 @@ event loop's thread, including the metrics endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -37,6 +38,7 @@ import os
 import random
 import signal
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -52,6 +54,7 @@ from loble.core import (
     ConnectionClosed,
     HealthState,
     LobleError,
+    Outcome,
     Output,
     ProbeBackend,
     ProxyCore,
@@ -107,6 +110,20 @@ def established(sock: socket.socket) -> bool:
 
 Addresses = list[tuple[int, Any]]
 """``(family, sockaddr)`` pairs to try in order for one backend."""
+
+
+_RESETS = frozenset({Outcome.CLIENT_RESET, Outcome.BACKEND_RESET})
+"""Outcomes passed on as a reset: an orderly FIN would make a truncated stream look complete."""
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def _reset_on_close(connection: _Connection) -> None:
+    """Make closing the connection's sockets send RST instead of FIN."""
+    for sock in (connection.client, connection.backend):
+        if sock is not None and sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
 
 
 class _Connection:
@@ -597,6 +614,8 @@ class Daemon:
         if connection is not None:
             assert self._path is not None
             self._closing[output.connection_id] = connection
+            if output.outcome in _RESETS:
+                _reset_on_close(connection)
             self._path.close(connection)
 
     def _do_probe(self, output: ProbeBackend) -> None:

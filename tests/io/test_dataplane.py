@@ -176,6 +176,56 @@ async def test_idle_connection_is_closed_on_both_sides(
         assert backend.received == [b"then silence"]
 
 
+async def reset_or_eof(stream: Any) -> str:
+    """Read until the stream ends; say how: ``"eof"`` (FIN) or ``"reset"`` (RST)."""
+    while True:
+        try:
+            await stream.receive()
+        except anyio.EndOfStream:
+            return "eof"
+        except (anyio.BrokenResourceError, ConnectionResetError):
+            return "reset"
+
+
+async def test_a_backend_reset_reaches_the_client_as_a_reset(
+    net: Any, data_plane: dict[str, str]
+) -> None:
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address], **data_plane)
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"upload")
+            await net.wait_for(lambda: len(backend.open) == 1)
+            await backend.kill_connections()
+            with anyio.fail_after(10):
+                assert await reset_or_eof(stream) == "reset"  # a FIN would look complete
+        await net.wait_for(lambda: outcomes(daemon, Outcome.BACKEND_RESET) == 1)
+
+
+async def test_a_client_reset_reaches_the_backend_as_a_reset(
+    net: Any, data_plane: dict[str, str]
+) -> None:
+    ended: list[str] = []
+
+    async def backend(stream: Any) -> None:
+        async with stream:
+            ended.append(await reset_or_eof(stream))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, net.loopback() as lab:  # the rig stops before the listener closes
+        lab.tasks.start_soon(listener.serve, backend)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        daemon = await lab.daemon([f"127.0.0.1:{port}"], **data_plane)
+        stream = await anyio.connect_tcp(*daemon.listen_address)
+        await stream.send(b"truncated upl")
+        await net.wait_for(lambda: daemon.open_connections == 1)
+        net.reset(stream)
+        await stream.aclose()
+        await net.wait_for(lambda: outcomes(daemon, Outcome.CLIENT_RESET) == 1)
+        await net.wait_for(lambda: ended)
+        assert ended == ["reset"]  # a FIN would make the upload look whole
+
+
 async def test_killed_backend_drains_goes_unhealthy_and_comes_back_through_probes(
     net: Any,
 ) -> None:
