@@ -206,9 +206,13 @@ class CallbackPath:
                 self._daemon.accept_failed(error)
                 self._pause(listener)
                 return
-            client.setblocking(False)
-            client.setsockopt(*_NODELAY)
-            accepted(client)
+            try:
+                client.setblocking(False)
+                client.setsockopt(*_NODELAY)
+                accepted(client)
+            except Exception:  # a bug: this client only, the batch goes on
+                self._daemon.logger.exception("accepting a connection failed")
+                client.close()
 
     def _pause(self, listener: socket.socket) -> None:
         self._remove_reader(listener.fileno())
@@ -253,10 +257,21 @@ class CallbackPath:
         """Connect to the next address of the attempt; report failure when none is left."""
         while attempt.remaining:
             family, address = attempt.remaining.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(*_NODELAY)
-            error = sock.connect_ex(address)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as failure:  # e.g. EMFILE: ours, not the backend's
+                connection.attempt = None
+                self._daemon.out_of_resources(connection, failure)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(*_NODELAY)
+                error = sock.connect_ex(address)
+            except OSError as failure:
+                sock.close()
+                connection.attempt = None
+                self._daemon.out_of_resources(connection, failure)
+                return
             if error == 0 or (error == errno.EINPROGRESS and established(sock)):
                 self._connected(connection, attempt, sock)
                 return

@@ -235,6 +235,8 @@ class Daemon:
         self._path: DataPath | None = None
         self._carrying = False
         self._backlog: list[Output] = []
+        self._resource_warned = -math.inf
+        self._resource_failures = 0
         self._closing: dict[int, _Connection] = {}
         self._counters: dict[str, tuple[Any, Any]] = {}
         self._addresses: dict[str, Addresses | None] = {}
@@ -443,7 +445,10 @@ class Daemon:
             connection_id, client, _peer(client) if self._access_log else "", handle
         )
         self._connections[connection_id] = connection
-        self._carry_out(outputs)
+        try:
+            self._carry_out(outputs)
+        except Exception:
+            self.driver_failed(connection)
         return connection
 
     def accept_failed(self, error: OSError) -> None:
@@ -498,6 +503,27 @@ class Daemon:
         assert self._path is not None
         self._path.forward(connection)
         self._carry_out(outputs)
+
+    def out_of_resources(self, connection: _Connection, error: OSError) -> None:
+        """No socket for a backend connect (e.g. EMFILE): end this client's connection.
+
+        The shortage is this process's, not the backend's: reported as a client
+        error, which gives no verdict on the backend, so fd pressure never marks
+        healthy backends unhealthy. Warned about once per second at most.
+        """
+        self._resource_failures += 1
+        now = self.now()
+        if now - self._resource_warned >= 1.0:
+            log(
+                self.logger,
+                logging.WARNING,
+                "no socket for a backend connect: closing the client",
+                error=str(error),
+                connections=self._resource_failures,
+            )
+            self._resource_warned = now
+            self._resource_failures = 0
+        self._carry_out(self.core.client_error(connection.connection_id, now))
 
     def connect_failed(self, connection: _Connection, attempt: int) -> None:
         self._carry_out(self.core.connect_failed(connection.connection_id, attempt, self.now()))
@@ -575,6 +601,7 @@ class Daemon:
         finally:
             self._carrying = False
             self._closing.clear()
+            self._backlog.clear()  # after a failure, never replay stale orders later
         if self.core.stopped:
             assert self._tasks is not None
             self._tasks.cancel_scope.cancel()

@@ -132,7 +132,12 @@ class TaskPath:
                     found = []
                 addresses = [(info[0], info[4]) for info in found]
             for family, address in addresses:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as failure:  # e.g. EMFILE: ours, not the backend's
+                    connection.attempt = None
+                    daemon.out_of_resources(connection, failure)
+                    return
                 try:
                     sock.setblocking(False)
                     sock.setsockopt(*_NODELAY)

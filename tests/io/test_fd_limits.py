@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -44,12 +45,15 @@ def wait_until(condition: Callable[[], object], what: str, bound: float = BOUND)
 class Limited:
     """``loble run`` with at most ``limit`` descriptors; stderr kept as JSON records."""
 
-    def __init__(self, tmp_path: Path, limit: int, document: dict[str, Any]) -> None:
+    def __init__(
+        self, tmp_path: Path, limit: int, document: dict[str, Any], env: dict[str, str]
+    ) -> None:
         document = {"logging": {"format": "json", "level": "debug"}, **document}
         path = tmp_path / "config.toml"
         path.write_text(tomli_w.dumps(document), encoding="utf-8")
         command = [sys.executable, "-c", _PRELUDE, str(limit), "run", "-c", str(path)]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
+        environment = {**os.environ, **env}
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, env=environment)
         self.records: list[dict[str, Any]] = []
         self.text: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -88,8 +92,8 @@ class Limited:
 
 
 @contextlib.contextmanager
-def limited(tmp_path: Path, limit: int, document: dict[str, Any]) -> Iterator[Limited]:
-    daemon = Limited(tmp_path, limit, document)
+def limited(tmp_path: Path, limit: int, document: dict[str, Any], **env: str) -> Iterator[Limited]:
+    daemon = Limited(tmp_path, limit, document, env)
     try:
         yield daemon
     finally:
@@ -102,6 +106,7 @@ class Sink:
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -110,6 +115,7 @@ class Sink:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     @staticmethod
@@ -132,14 +138,21 @@ def sink() -> Iterator[Sink]:
     backend.close()
 
 
+def _read_to_end(conn: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return data + b"<reset>"
+    return data
+
+
 def exchange(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
     with socket.create_connection(address, timeout=BOUND) as conn:
         conn.sendall(payload)
         conn.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := conn.recv(65536):
-            data += chunk
-        return data
+        return _read_to_end(conn)
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])
@@ -175,3 +188,54 @@ def _answers(address: tuple[str, int]) -> bool:
         return exchange(address) == b"ok:ping"
     except OSError:
         return False
+
+
+NO_SOCKET = "no socket for a backend connect: closing the client"
+
+
+@pytest.mark.parametrize("data_path", ["callbacks", "tasks"])
+def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
+    tmp_path: Path, sink: Sink, data_path: str
+) -> None:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "backends": [{"address": sink.address}],
+        "timeouts": {"connect": 0.5},
+        "health": {"failure_threshold": 1},
+    }
+    saw_no_socket = False
+    # Each connection takes two descriptors: of two adjacent limits, one has the
+    # accept take the last descriptor, so the backend socket() fails (EMFILE).
+    for limit in (40, 41):
+        env = {"LOBLE_DATA_PATH": data_path, "LOBLE_COPY": "recv_into"}  # splice: below
+        with limited(tmp_path, limit, document, **env) as daemon:
+            proxied = daemon.address("listening")
+            clients: list[socket.socket] = []
+
+            def progress() -> tuple[int, int, int]:
+                failures = len(daemon.find(NO_SOCKET)) + len(daemon.find("accept failed"))
+                return sink.accepted, failures, daemon.process.poll() or 0
+
+            try:
+                while len(clients) < 100:
+                    before = progress()
+                    clients.append(socket.create_connection(proxied, timeout=BOUND))
+                    wait_until(lambda b=before: progress() != b, "the daemon takes the client")
+                    assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
+                    if sink.accepted == before[0]:
+                        break  # at the limit
+                else:
+                    raise AssertionError("never ran out of descriptors")
+                saw_no_socket |= bool(daemon.find(NO_SOCKET))
+                # A timer or a report at the limit does not kill it either.
+                clients[0].shutdown(socket.SHUT_WR)
+                assert _read_to_end(clients[0]) == b"ok:", "\n".join(daemon.text[-30:])
+                assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
+            finally:
+                for client in clients:
+                    client.close()
+            wait_until(lambda a=proxied: _answers(a), "the proxy serving again")
+            assert daemon.stop() == 0, "\n".join(daemon.text[-20:])
+            assert not daemon.find("backend state changed"), "fd pressure is not a backend fault"
+            assert not any("Traceback" in line for line in daemon.text)
+    assert saw_no_socket
