@@ -213,15 +213,22 @@ class OneWay:
 
     def pump(self) -> Pumped:
         """Move what can move now; return what to wait for, or how the copy ended."""
-        if self._splice:
+        if self._splice and self._buffer is None:
             return self._pump_splice()
+        # recv_into, or splice finishing a wakeup that had to fall back to a buffer
         return self._pump_recv_into()
 
     def _pump_splice(self) -> Pumped:
         splice = os.splice
         pipe = self._pipe
         if pipe is None:
-            pipe = self._pipe = self._pool.take_pipe()
+            try:
+                pipe = self._pipe = self._pool.take_pipe()
+            except OSError:
+                # No pipe (e.g. EMFILE): copy through a pooled buffer this time
+                # rather than fail a healthy connection. Never return without
+                # reading: readiness is level-triggered and would call again at once.
+                return self._pump_recv_into()
         read_end, write_end = pipe
         pending = self.pending
         moved = 0
