@@ -13,7 +13,10 @@ connection, and none per wakeup:
   registration: when the sink cannot take everything, the direction swaps its
   reader for a writer on the sink until the held bytes are written, so a
   peer that stops reading stops its direction (the pipe or buffer is full and
-  nothing more is read).
+  nothing more is read);
+* each socket of an established connection is also watched for errors while
+  nothing reads or writes it (after its peer's half-close it stays in the
+  epoll set with an empty mask), so a late reset ends the connection at once.
 
 On Linux the callbacks live in a private epoll set whose descriptor is one
 reader of the event loop (:class:`_Epoll`): registering one is a dict update
@@ -51,7 +54,8 @@ _WRITE = Pumped.WRITE
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
-_HANGUP = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
+_EPOLLERR = getattr(select, "EPOLLERR", 8)
+_HANGUP = _EPOLLERR | getattr(select, "EPOLLHUP", 16)
 _READABLE = _EPOLLIN | _HANGUP
 _WRITABLE = _EPOLLOUT | _HANGUP
 _ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
@@ -91,7 +95,9 @@ class _Epoll:
         self._epoll = select.epoll()
         self._readers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
         self._writers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
+        self._hangups: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
         self._masks: dict[int, int] = {}
+        """What each registered fd is registered for; 0 when only watched for hangups."""
         self._removed: set[int] = set()
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -115,13 +121,39 @@ class _Epoll:
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
+    def watch(self, fd: int, callback: Callback, *args: Any) -> None:
+        """Call ``callback(*args)`` once on EPOLLERR while no reader or writer is set.
+
+        A socket nobody reads or writes (e.g. after its peer's half-close)
+        stays in the set with an empty mask, so a reset still arrives. A
+        hangup without an error (both directions shut down in order) ends
+        the watch without a call.
+        """
+        self._hangups[fd] = (callback, args)
+        if fd not in self._masks:
+            self._update(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if self._hangups.pop(fd, None) is not None:
+            self._update(fd)
+
+    def forget(self, fd: int) -> None:
+        """Drop everything about ``fd``, which its owner closes next (closing unregisters)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._hangups.pop(fd, None)
+        if self._masks.pop(fd, None) is not None:
+            self._removed.add(fd)
+
     def _update(self, fd: int) -> None:
         mask = (_EPOLLIN if fd in self._readers else 0) | (_EPOLLOUT if fd in self._writers else 0)
-        old = self._masks.get(fd, 0)
+        old = self._masks.get(fd)
         if mask == old:
             return
         epoll = self._epoll
-        if not mask:
+        if not mask and fd not in self._hangups:
+            if old is None:
+                return
             del self._masks[fd]
             self._removed.add(fd)  # its events already polled in this batch are stale
             with contextlib.suppress(OSError):  # already gone if it was closed first
@@ -129,7 +161,7 @@ class _Epoll:
             return
         self._masks[fd] = mask
         try:
-            if old:
+            if old is not None:
                 epoll.modify(fd, mask)
             else:
                 epoll.register(fd, mask)
@@ -155,6 +187,14 @@ class _Epoll:
                 handler = writers.get(fd)
                 if handler is not None:
                     handler[0](*handler[1])
+                    if fd in removed:
+                        continue
+            if events & _HANGUP and fd not in readers and fd not in writers:
+                handler = self._hangups.pop(fd, None)
+                if handler is not None:
+                    self._update(fd)  # out of the set: level-triggered, it would fire again
+                    if events & _EPOLLERR:  # a reset; a bare HUP is both sides shut down
+                        handler[0](*handler[1])
 
 
 class CallbackPath:
@@ -319,10 +359,20 @@ class CallbackPath:
 
     def forward(self, connection: _Connection) -> None:
         add_reader = self._add_reader
+        epoll = self._epoll
         for way in (connection.to_backend, connection.to_client):
             assert way is not None
             add_reader(way.source_fd, self._on_readable, connection, way)
             way.waiting = _READ
+            if epoll is not None:  # after a half-close, nothing else would see a reset
+                epoll.watch(way.source_fd, self._on_hangup, connection, way)
+
+    def _on_hangup(self, connection: _Connection, way: OneWay) -> None:
+        # Nothing reads or writes this socket (its peer half-closed) and it broke.
+        try:
+            self._daemon.copy_ended(connection, way, Pumped.SOURCE_ERROR)
+        except Exception:
+            self._failed(connection)
 
     def _on_readable(self, connection: _Connection, way: OneWay) -> None:
         try:
@@ -365,10 +415,18 @@ class CallbackPath:
             if sock is not None and sock.fileno() >= 0:
                 self._remove_reader(sock.fileno())
                 self._remove_writer(sock.fileno())
+                if self._epoll is not None:
+                    self._epoll.unwatch(sock.fileno())
         for way in (connection.to_backend, connection.to_client):
             if way is not None:
                 way.waiting = None
         self._daemon.driver_failed(connection)
+
+    def _forget_sockets(self, connection: _Connection) -> None:
+        if self._epoll is not None:
+            for sock in (connection.client, connection.backend):
+                if sock is not None and sock.fileno() >= 0:
+                    self._epoll.forget(sock.fileno())
 
     # -- closing -------------------------------------------------------------------
 
@@ -383,6 +441,7 @@ class CallbackPath:
             elif way.waiting is _WRITE:
                 self._remove_writer(way.sink_fd)
             way.waiting = None
+        self._forget_sockets(connection)
         connection.client.close()
         if connection.backend is not None:
             connection.backend.close()

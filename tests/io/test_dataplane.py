@@ -99,6 +99,24 @@ async def test_backend_half_close_reaches_client_and_client_data_still_flows(
         await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
 
 
+async def test_a_large_upload_after_the_backend_half_closed_completes(
+    net: Any, data_plane: dict[str, str]
+) -> None:
+    # Backpressure leaves nothing reading the client while its EOF arrives after
+    # ours: both directions shut down in order is a hangup, not a reset.
+    upload = os.urandom(16 << 20)
+    async with net.loopback() as lab:
+        backend = await lab.backend("a", mode="greet")
+        daemon = await lab.daemon([backend.address], **data_plane)
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            assert await net.read_all(stream) == b"a"
+            await stream.send(upload)
+            await stream.send_eof()
+            await net.wait_for(lambda: len(backend.received) == 1)
+        assert backend.received[0] == upload
+        await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
+
+
 async def test_refused_connect_is_retried_on_another_backend(
     net: Any, data_plane: dict[str, str]
 ) -> None:
@@ -224,6 +242,43 @@ async def test_a_client_reset_reaches_the_backend_as_a_reset(
         await net.wait_for(lambda: outcomes(daemon, Outcome.CLIENT_RESET) == 1)
         await net.wait_for(lambda: ended)
         assert ended == ["reset"]  # a FIN would make the upload look whole
+
+
+async def test_a_reset_after_a_half_close_is_noticed_at_once(
+    net: Any, data_plane: dict[str, str]
+) -> None:
+    if data_plane["data_path"] == "tasks":
+        pytest.skip("the tasks path notices it at the next write or the idle timeout")
+    ended: list[str] = []
+    answer = anyio.Event()
+
+    async def backend(stream: Any) -> None:
+        async with stream:
+            ended.append(await reset_or_eof(stream))  # the client's EOF; then it thinks
+            await answer.wait()
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            try:  # the raw socket: asyncio's transport would report a failed write later
+                os.write(raw.fileno(), b"too late")
+                ended.append("sent")
+            except OSError:
+                ended.append("reset")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, net.loopback() as lab:  # the rig stops before the listener closes
+        lab.tasks.start_soon(listener.serve, backend)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        daemon = await lab.daemon([f"127.0.0.1:{port}"], **data_plane)
+        stream = await anyio.connect_tcp(*daemon.listen_address)
+        await stream.send(b"request")
+        await stream.send_eof()
+        await net.wait_for(lambda: ended == ["eof"])
+        net.reset(stream)  # the client gives up while the backend is still quiet
+        await stream.aclose()
+        await net.wait_for(lambda: outcomes(daemon, Outcome.CLIENT_RESET) == 1)
+        await net.wait_for(lambda: daemon.open_connections == 0)
+        answer.set()
+        await net.wait_for(lambda: len(ended) == 2)
+        assert ended == ["eof", "reset"]  # the reset went on to the backend
 
 
 async def test_killed_backend_drains_goes_unhealthy_and_comes_back_through_probes(
