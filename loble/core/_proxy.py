@@ -85,6 +85,22 @@ class ProxyCore:
     def stopped(self) -> bool:
         return self.process.state is ProcessState.STOPPED
 
+    def timer_lead(self, *, shutdown_possible: bool = True) -> float:
+        """The soonest after any call that a timer the call files can fall due.
+
+        A connect attempt files its connect timeout, activity the idle
+        timeout, a probe its interval, a shutdown the drain deadline. While
+        a driver's next wake-up is already sooner than ``now`` plus this lead,
+        no call can bring it closer, so :meth:`next_deadline` need not be
+        asked after every call (both drivers use this on their hot paths). A
+        driver that will never call :meth:`shutdown` may leave the drain out.
+        """
+        timeouts = self.config.timeouts
+        leads = [timeouts.connect, timeouts.idle, self.config.health.probe_interval]
+        if shutdown_possible:
+            leads.append(timeouts.drain)
+        return min(leads)
+
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self, now: float) -> list[Output]:

@@ -252,15 +252,9 @@ class Daemon:
             ShutdownStarted: self._do_shutdown_started,
             ShutdownFinished: self._do_shutdown_finished,
         }
-        # The soonest any core call can file a timer for: a connect attempt
-        # (connect timeout), activity (idle timeout), a probe (probe interval),
-        # a shutdown (drain). While the timer is already due sooner than that,
-        # no call can bring it closer, so next_deadline() need not be asked
-        # (the simulator's loop relies on the same bound).
-        timeouts = config.timeouts
-        self._timer_lead = min(
-            timeouts.connect, timeouts.idle, timeouts.drain, config.health.probe_interval
-        )
+        # While the timer is already due sooner than now + this lead, no core
+        # call can bring it closer: next_deadline() need not be asked.
+        self._timer_lead = self.core.timer_lead()
         self.now: Callable[[], float] = anyio.current_time
         """The core's clock: the event loop's monotonic time."""
 

@@ -225,14 +225,10 @@ class Simulation:
         self._scheduled_in_phase = 0
         self.may_end = False
         """Set once arrivals end or shutdown begins: only then can the run stop early."""
-        # The soonest any core call can file a timer for: a connect attempt
-        # (connect timeout), activity (idle timeout), a probe (probe interval),
-        # a shutdown (drain). The loop relies on it to skip next_deadline().
-        config = scenario.config
-        leads = [config.timeouts.connect, config.timeouts.idle, config.health.probe_interval]
-        if sim.shutdown_at is not None:
-            leads.append(config.timeouts.drain)
-        self._timer_lead = 0.0 if peek_every_step else min(leads)
+        # The soonest any core call can file a timer for (ProxyCore.timer_lead);
+        # the loop relies on it to skip next_deadline().
+        lead = self.core.timer_lead(shutdown_possible=sim.shutdown_at is not None)
+        self._timer_lead = 0.0 if peek_every_step else lead
         idle = scenario.config.timeouts.idle
         self._touch_every = idle / 2
         self._socket_backend: dict[int, SimBackend] = {}

@@ -357,3 +357,18 @@ def test_random_drivers_keep_every_guarantee(steps: list[tuple[str, int]], algor
         if isinstance(o, HealthReport) and o.input is HealthInput.CONNECTION_FINISHED
     )
     assert started == finished
+
+
+def test_timer_lead_is_the_shortest_delay_a_call_can_file() -> None:
+    proxy = core(
+        timeouts={"connect": 3.0, "idle": 60.0, "drain": 1.5},
+        health={"probe_interval": 2.0},
+    )
+    assert proxy.timer_lead() == 1.5
+    assert proxy.timer_lead(shutdown_possible=False) == 2.0
+    # The promise itself: after a call at `now`, nothing it filed is due
+    # sooner than now + lead.
+    proxy.accept(10.0)
+    assert proxy.next_deadline() == 13.0
+    proxy.shutdown(11.0)
+    assert proxy.next_deadline() == 11.0 + proxy.timer_lead()
