@@ -32,7 +32,7 @@ from ._config import (
     parse_address,
     parse_config,
 )
-from ._connection import Connection, ConnInput, ConnState
+from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState
 from ._control import ControlPlane
 from ._errors import ConfigError, LobleError, StateMachineError
 from ._events import (
@@ -75,6 +75,7 @@ __all__ = [
     "ConnectBackend",
     "Connection",
     "ConnectionClosed",
+    "ConnectionPolicy",
     "ControlPlane",
     "Event",
     "HealthConfig",

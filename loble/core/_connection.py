@@ -57,18 +57,18 @@ from collections.abc import Callable, Collection
 from ._backend import Backend
 from ._errors import StateMachineError
 from ._events import (
-    CloseConnection,
-    ConnectBackend,
-    ConnectionClosed,
     HealthReport,
     Outcome,
     Output,
-    ShutdownWrite,
     Side,
+    close_connection,
+    connect_backend,
+    connection_closed,
+    shutdown_write,
 )
 from ._health import HealthInput
 
-__all__ = ["TRANSITIONS", "ConnInput", "ConnState", "Connection"]
+__all__ = ["TRANSITIONS", "ConnInput", "ConnState", "Connection", "ConnectionPolicy"]
 
 
 class ConnState(enum.Enum):
@@ -100,6 +100,40 @@ class ConnInput(enum.Enum):
 Picker = Callable[[Collection[str]], "Backend | None"]
 """Returns an eligible backend whose address is not in the given collection."""
 
+Reporter = Callable[[list[Output], str, HealthInput, float], None]
+"""Appends a health report on a backend to the outputs, and whatever it caused."""
+
+
+def _append_report(out: list[Output], address: str, health_input: HealthInput, now: float) -> None:
+    out.append(HealthReport.of(address, health_input))
+
+
+class ConnectionPolicy:
+    """What all the connections of one core share: timeouts, retries, two hooks.
+
+    ``pick`` chooses the backend of each attempt; ``report`` receives each
+    health report in order. Alone, a report is appended to the outputs;
+    :class:`ProxyCore` applies it to the control plane as it goes, so what
+    the report changed follows it in the outputs.
+    """
+
+    __slots__ = ("connect_retries", "connect_timeout", "idle_timeout", "pick", "report")
+
+    def __init__(
+        self,
+        *,
+        pick: Picker,
+        connect_timeout: float,
+        idle_timeout: float,
+        connect_retries: int,
+        report: Reporter = _append_report,
+    ) -> None:
+        self.pick = pick
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.connect_retries = connect_retries
+        self.report = report
+
 
 class Connection:
     """One client connection, from accept to close."""
@@ -107,46 +141,33 @@ class Connection:
     __slots__ = (
         "attempt",
         "backend",
-        "connect_retries",
-        "connect_timeout",
         "connected_at",
         "connection_id",
         "deadline_at",
-        "idle_timeout",
         "last_activity",
         "opened_at",
         "outcome",
-        "pick",
+        "policy",
         "state",
         "timer_due",
         "tried",
     )
 
-    def __init__(
-        self,
-        connection_id: int,
-        *,
-        pick: Picker,
-        connect_timeout: float,
-        idle_timeout: float,
-        connect_retries: int,
-    ) -> None:
+    def __init__(self, connection_id: int, policy: ConnectionPolicy) -> None:
         self.connection_id = connection_id
-        self.pick = pick
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.connect_retries = connect_retries
+        self.policy = policy
         self.state = ConnState.CONNECTING
         self.backend: Backend | None = None
         self.attempt = 0
-        self.tried: list[str] = []
+        self.tried: tuple[str, ...] = ()
+        """Backends of the attempts before the current one."""
         self.opened_at = 0.0
         self.connected_at: float | None = None
         self.last_activity = 0.0
         self.deadline_at = 0.0
         self.outcome: Outcome | None = None
         self.timer_due: float | None = None
-        """Due time of this connection's live entry in its owner's timer heap."""
+        """Due time of this connection's live entry in its owner's timer queue."""
 
     def __repr__(self) -> str:
         backend = self.backend.address if self.backend else None
@@ -159,22 +180,35 @@ class Connection:
 
     def open(self, now: float) -> list[Output]:
         """Pick the first backend; called once, right after accept."""
+        out: list[Output] = []
+        self.open_into(now, out)
+        return out
+
+    def handle(self, conn_input: ConnInput, now: float) -> list[Output]:
+        out: list[Output] = []
+        self.handle_into(conn_input, now, out)
+        return out
+
+    def open_into(self, now: float, out: list[Output]) -> None:
+        """:meth:`open`, appending to ``out`` (the owner's hot path)."""
         if self.attempt:
             raise StateMachineError(f"connection {self.connection_id}: opened twice")
         self.opened_at = now
-        backend = self.pick(())
+        backend = self.policy.pick(())
         if backend is None:
-            return self._close(Outcome.NO_BACKEND, now)
-        return self._begin_attempt(backend, now)
+            self._close(Outcome.NO_BACKEND, now, out)
+        else:
+            self._begin_attempt(backend, now, out)
 
-    def handle(self, conn_input: ConnInput, now: float) -> list[Output]:
+    def handle_into(self, conn_input: ConnInput, now: float, out: list[Output]) -> None:
+        """:meth:`handle`, appending to ``out`` (the owner's hot path)."""
         rule = TRANSITIONS.get((self.state, conn_input))
         if rule is None:
             raise StateMachineError(
                 f"connection {self.connection_id}: can't handle {conn_input.name} "
                 f"when state={self.state.name}"
             )
-        return rule(self, now)
+        rule(self, now, out)
 
     def touch(self, now: float) -> None:
         """Bytes moved: push the idle deadline back."""
@@ -187,7 +221,7 @@ class Connection:
             return self.deadline_at
         if self.state is ConnState.CLOSED:
             return None
-        return self.last_activity + self.idle_timeout
+        return self.last_activity + self.policy.idle_timeout
 
     @property
     def timeout_input(self) -> ConnInput:
@@ -198,80 +232,88 @@ class Connection:
 
     # -- internals ---------------------------------------------------------------
 
-    def _begin_attempt(self, backend: Backend, now: float) -> list[Output]:
+    def _begin_attempt(self, backend: Backend, now: float, out: list[Output]) -> None:
         self.backend = backend
-        self.attempt += 1
-        self.tried.append(backend.address)
+        self.attempt = attempt = self.attempt + 1
         self.state = ConnState.CONNECTING
-        self.deadline_at = now + self.connect_timeout
-        return [
-            HealthReport.of(backend.address, HealthInput.CONNECTION_STARTED),
-            ConnectBackend(connection_id=self.connection_id, attempt=self.attempt, backend=backend),
-        ]
+        policy = self.policy
+        self.deadline_at = now + policy.connect_timeout
+        policy.report(out, backend.address, HealthInput.CONNECTION_STARTED, now)
+        out.append(connect_backend(self.connection_id, attempt, backend))
 
-    def _end_attempt(self, failure: bool = False) -> list[Output]:
+    def _end_attempt(self, now: float, out: list[Output], failure: bool = False) -> None:
         assert self.backend is not None
         address = self.backend.address
-        finished = HealthReport.of(address, HealthInput.CONNECTION_FINISHED)
-        if not failure:
-            return [finished]
-        # The failure verdict follows "finished": it is judged against the
-        # backend's *other* connections, so a backend that carries nothing
-        # else goes straight to UNHEALTHY instead of draining an attempt that
-        # has already ended.
-        return [finished, HealthReport.of(address, HealthInput.PASSIVE_FAILURE)]
+        report = self.policy.report
+        report(out, address, HealthInput.CONNECTION_FINISHED, now)
+        if failure:
+            # The failure verdict follows "finished": it is judged against the
+            # backend's *other* connections, so a backend that carries nothing
+            # else goes straight to UNHEALTHY instead of draining an attempt
+            # that has already ended.
+            report(out, address, HealthInput.PASSIVE_FAILURE, now)
 
-    def _close(self, outcome: Outcome, now: float) -> list[Output]:
+    def _close(self, outcome: Outcome, now: float, out: list[Output]) -> None:
         self.state = ConnState.CLOSED
         self.outcome = outcome
-        return [
-            CloseConnection(connection_id=self.connection_id, outcome=outcome),
-            ConnectionClosed(
-                at=now,
-                connection_id=self.connection_id,
-                backend=self.backend.address if self.backend else None,
-                outcome=outcome,
-                attempts=self.attempt,
-                opened_at=self.opened_at,
-                connected_at=self.connected_at,
-            ),
-        ]
+        connection_id = self.connection_id
+        backend = self.backend
+        out.append(close_connection(connection_id, outcome))
+        out.append(
+            connection_closed(
+                now,
+                connection_id,
+                backend.address if backend is not None else None,
+                outcome,
+                self.attempt,
+                self.opened_at,
+                self.connected_at,
+            )
+        )
 
 
 # -- the rules -----------------------------------------------------------------
 
-Rule = Callable[[Connection, float], list[Output]]
+Rule = Callable[[Connection, float, list[Output]], None]
 
 
-def _connect_ok(conn: Connection, now: float) -> list[Output]:
+def _connect_ok(conn: Connection, now: float, out: list[Output]) -> None:
     assert conn.backend is not None
     conn.state = ConnState.ESTABLISHED
     conn.connected_at = now
     conn.last_activity = now
-    return [HealthReport.of(conn.backend.address, HealthInput.PASSIVE_SUCCESS)]
+    conn.policy.report(out, conn.backend.address, HealthInput.PASSIVE_SUCCESS, now)
 
 
-def _connect_failed(conn: Connection, now: float) -> list[Output]:
-    outputs = conn._end_attempt(failure=True)
-    if conn.attempt <= conn.connect_retries:
-        backend = conn.pick(conn.tried)
-        if backend is not None:
-            return outputs + conn._begin_attempt(backend, now)
-    return outputs + conn._close(Outcome.CONNECT_FAILED, now)
+def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
+    assert conn.backend is not None
+    # The retry picks before this attempt's reports are applied: it reads the
+    # snapshot as it was when the failure arrived (the failed backend is
+    # excluded anyway).
+    backend = None
+    if conn.attempt <= conn.policy.connect_retries:
+        tried = conn.tried = (*conn.tried, conn.backend.address)
+        backend = conn.policy.pick(tried)
+    conn._end_attempt(now, out, failure=True)
+    if backend is not None:
+        conn._begin_attempt(backend, now, out)
+    else:
+        conn._close(Outcome.CONNECT_FAILED, now, out)
 
 
 def _abort(outcome: Outcome) -> Rule:
-    def rule(conn: Connection, now: float) -> list[Output]:
-        return conn._end_attempt() + conn._close(outcome, now)
+    def rule(conn: Connection, now: float, out: list[Output]) -> None:
+        conn._end_attempt(now, out)
+        conn._close(outcome, now, out)
 
     return rule
 
 
 def _half_close(side_done: ConnState, shut: Side) -> Rule:
-    def rule(conn: Connection, now: float) -> list[Output]:
+    def rule(conn: Connection, now: float, out: list[Output]) -> None:
         conn.state = side_done
         conn.last_activity = now
-        return [ShutdownWrite(connection_id=conn.connection_id, side=shut)]
+        out.append(shutdown_write(conn.connection_id, shut))
 
     return rule
 

@@ -19,8 +19,15 @@ from collections.abc import Iterable
 from ._backend import Backend, Snapshot
 from ._config import HealthConfig
 from ._errors import LobleError
-from ._events import BackendStateChanged, Event, ProbeBackend, SnapshotPublished
-from ._health import BackendHealth, HealthInput, HealthState, Thresholds
+from ._events import (
+    BackendStateChanged,
+    Event,
+    HealthReport,
+    Output,
+    ProbeBackend,
+    SnapshotPublished,
+)
+from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
 
 __all__ = ["ControlPlane"]
 
@@ -36,11 +43,16 @@ class ControlPlane:
         )
         self.backends: dict[str, Backend] = {}
         self._health: dict[str, BackendHealth] = {}
+        self._reports: dict[str, dict[HealthInput, HealthReport]] = {}
         for backend in backends:
             if backend.address in self.backends:
                 raise LobleError(f"backend {backend.address} is listed twice")
             self.backends[backend.address] = backend
             self._health[backend.address] = BackendHealth(backend.address, thresholds)
+            self._reports[backend.address] = {
+                health_input: HealthReport.of(backend.address, health_input)
+                for health_input in HealthInput
+            }
         self.snapshot = Snapshot(version=1, backends=tuple(self.backends.values()))
         """The current snapshot; replaced whole, never mutated."""
         # Probe schedule: a heap of (due, sequence, address) with lazy deletion;
@@ -90,23 +102,24 @@ class ControlPlane:
         transition = health.handle(health_input)
         if transition is None:
             return []
-        events: list[Event] = [
-            BackendStateChanged(
-                at=now,
-                address=address,
-                old=transition.old,
-                new=transition.new,
-                reason=transition.reason,
-            )
-        ]
-        if transition.new is HealthState.UNHEALTHY:
-            self._schedule_probe(address, now)
-        elif transition.new is HealthState.HEALTHY and not self.health_config.active:
-            self._probe_due.pop(address, None)
-        published = self._republish(now)
-        if published is not None:
-            events.append(published)
-        return events
+        return self._changed(address, transition, now)
+
+    def report(
+        self, out: list[Output], address: str, health_input: HealthInput, now: float
+    ) -> None:
+        """Append a connection's health report to ``out``, apply it, append what changed.
+
+        The same as :meth:`apply` with the report in front: the hook through
+        which :class:`ProxyCore`'s connections report, once per attempt start,
+        end and verdict, so it is kept to one call and a table lookup.
+        """
+        health = self._health.get(address)
+        if health is None:
+            raise LobleError(f"unknown backend {address}")
+        out.append(self._reports[address][health_input])
+        transition = health.handle(health_input)
+        if transition is not None:
+            out.extend(self._changed(address, transition, now))
 
     def probe_result(self, address: str, ok: bool, now: float) -> list[Event]:
         """Report the outcome of a :class:`ProbeBackend` action.
@@ -158,6 +171,25 @@ class ControlPlane:
         return probes
 
     # -- internals ---------------------------------------------------------------
+
+    def _changed(self, address: str, transition: Transition, now: float) -> list[Event]:
+        events: list[Event] = [
+            BackendStateChanged(
+                at=now,
+                address=address,
+                old=transition.old,
+                new=transition.new,
+                reason=transition.reason,
+            )
+        ]
+        if transition.new is HealthState.UNHEALTHY:
+            self._schedule_probe(address, now)
+        elif transition.new is HealthState.HEALTHY and not self.health_config.active:
+            self._probe_due.pop(address, None)
+        published = self._republish(now)
+        if published is not None:
+            events.append(published)
+        return events
 
     def _wants_probe(self, address: str) -> bool:
         return self.health_config.active or self._health[address].state is HealthState.UNHEALTHY

