@@ -44,6 +44,14 @@ from ._timers import TimerQueue
 
 __all__ = ["ProxyCore"]
 
+# Module aliases for the enum members the hot paths test (a class attribute
+# read of an enum member costs ~80 ns in CPython 3.11, a global ~8 ns).
+_CONNECTING, _CLOSED = ConnState.CONNECTING, ConnState.CLOSED
+_DRAINING = ProcessState.DRAINING
+_CONNECT_OK, _CONNECT_FAILED = ConnInput.CONNECT_OK, ConnInput.CONNECT_FAILED
+_CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
+_CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
+
 
 class ProxyCore:
     def __init__(
@@ -162,30 +170,30 @@ class ProxyCore:
         if (
             connection is None
             or connection.attempt != attempt
-            or connection.state is not ConnState.CONNECTING
+            or connection.state is not _CONNECTING
         ):
             return []  # stale: that attempt timed out or the connection closed
         out: list[Output] = []
-        connection.handle_into(ConnInput.CONNECT_OK, now, out)
+        connection.handle_into(_CONNECT_OK, now, out)
         # The live timer entry is the connect deadline, long before the idle
         # deadline it would only be re-filed to: replace it now.
         self._file_timer(connection, now + self._policy.idle_timeout, 1)
         return out
 
     def connect_failed(self, connection_id: int, attempt: int, now: float) -> list[Output]:
-        return self._attempt_input(connection_id, attempt, ConnInput.CONNECT_FAILED, now)
+        return self._attempt_input(connection_id, attempt, _CONNECT_FAILED, now)
 
     def client_eof(self, connection_id: int, now: float) -> list[Output]:
-        return self._input(connection_id, ConnInput.CLIENT_EOF, now)
+        return self._input(connection_id, _CLIENT_EOF, now)
 
     def backend_eof(self, connection_id: int, now: float) -> list[Output]:
-        return self._input(connection_id, ConnInput.BACKEND_EOF, now)
+        return self._input(connection_id, _BACKEND_EOF, now)
 
     def client_error(self, connection_id: int, now: float) -> list[Output]:
-        return self._input(connection_id, ConnInput.CLIENT_ERROR, now)
+        return self._input(connection_id, _CLIENT_ERROR, now)
 
     def backend_error(self, connection_id: int, now: float) -> list[Output]:
-        return self._input(connection_id, ConnInput.BACKEND_ERROR, now)
+        return self._input(connection_id, _BACKEND_ERROR, now)
 
     def touch(self, connection_id: int, now: float) -> None:
         connection = self.connections.get(connection_id)
@@ -272,7 +280,7 @@ class ProxyCore:
         if (
             connection is None
             or connection.attempt != attempt
-            or connection.state is not ConnState.CONNECTING
+            or connection.state is not _CONNECTING
         ):
             return []  # stale: that attempt timed out or the connection closed
         out: list[Output] = []
@@ -286,9 +294,9 @@ class ProxyCore:
         (Its health reports were applied as they were made: see
         ``ControlPlane.report``.)
         """
-        if connection.state is ConnState.CLOSED:
+        if connection.state is _CLOSED:
             del self.connections[connection.connection_id]
-            if self.process.state is ProcessState.DRAINING and not self.connections:
+            if self.process.state is _DRAINING and not self.connections:
                 self.process.handle(ProcessInput.IDLE, now, 0)
                 out.append(ShutdownFinished(at=now, cut=0))
         elif connection.timer_due is None:
@@ -302,7 +310,7 @@ class ProxyCore:
 
     @staticmethod
     def _lane(connection: Connection) -> int:
-        return 0 if connection.state is ConnState.CONNECTING else 1
+        return 0 if connection.state is _CONNECTING else 1
 
     def _file_timer(self, connection: Connection, due: float, lane: int) -> None:
         # One live entry per connection: filing a new due time makes the old
