@@ -13,6 +13,7 @@ from loble.core import (
     CloseConnection,
     ConnectBackend,
     ConnectionClosed,
+    ControlPlane,
     HealthInput,
     HealthReport,
     HealthState,
@@ -344,3 +345,22 @@ def test_nothing_left_waiting_on_a_passed_deadline_at_the_end(monitor: Monitor) 
     assert len(messages) == 2
     assert "attempt 1 started at t=0.000000 still connecting when the run ended" in messages[0]
     assert "connection 2 idle since t=0.001000 still open when the run ended" in messages[1]
+
+
+def test_a_snapshot_rebuilt_without_being_published_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A core that swaps its snapshot but keeps the news to itself: caught by
+    # the check the simulator's loop runs after each step that needs it.
+    assert run_shipped("backend-crash")["ok"]
+    republish = ControlPlane._republish
+
+    def silently(self: ControlPlane, now: float) -> None:
+        republish(self, now)
+
+    monkeypatch.setattr(ControlPlane, "_republish", silently)
+    result = run_shipped("backend-crash")
+    assert failed(result) == ["no churn"]
+    violations = first_violations(result, "no churn")
+    assert "membership changed without a new snapshot" in violations[0]
+    assert "was never published" in violations[1]
