@@ -224,6 +224,8 @@ class Simulation:
             (phase.at, phase.rate) for phase in sim.clients.schedule
         ]
         self._scheduled_in_phase = 0
+        self._arrivals_until = sim.duration
+        self._expovariate = self.rng.expovariate
         self.may_end = False
         """Set once arrivals end or shutdown begins: only then can the run stop early."""
         # The soonest any core call can file a timer for (ProxyCore.timer_lead);
@@ -232,8 +234,8 @@ class Simulation:
         self._timer_lead = 0.0 if peek_every_step else lead
         idle = scenario.config.timeouts.idle
         self._touch_every = idle / 2
-        self._socket_backend: dict[int, SimBackend] = {}
-        self._bytes_of: dict[int, float] = {}
+        self._sockets: dict[int, tuple[SimBackend, float]] = {}
+        """Established connections: the backend holding each, and its bytes."""
         monitor = self.monitor
         self._dispatch: dict[type, Callable[[Any, float], None]] = {
             HealthReport: monitor.health_report,
@@ -410,18 +412,19 @@ class Simulation:
             phases.pop(0)
             self._scheduled_in_phase = 0
         start, rate = phases[0]
-        change = phases[1][0] if len(phases) > 1 else None
+        change = phases[1][0] if len(phases) > 1 else math.inf
+        until = self._arrivals_until
         if rate > 0:
             if self._poisson:
-                at = now + self.rng.expovariate(rate)
+                at = now + self._expovariate(rate)
             else:
                 at = start + self._scheduled_in_phase / rate
                 self._scheduled_in_phase += 1
-            if change is None or at < change:
-                if at < self.scenario.sim.duration:
+            if at < change:
+                if at < until:
                     heapq.heappush(self._heap, (at, self._next_sequence(), _ARRIVAL, True))
                 return
-        if change is not None and change < self.scenario.sim.duration:
+        if change < until:
             self._schedule(change, _ARRIVAL, False)
 
     def _on_arrivals_end(self, event: tuple[Any, ...], now: float) -> None:
@@ -446,7 +449,7 @@ class Simulation:
 
     def _on_touch(self, event: tuple[Any, ...], now: float) -> None:
         connection_id, until = event[3], event[4]
-        if connection_id in self._socket_backend:
+        if connection_id in self._sockets:
             self.monitor.activity(connection_id, now)
             self.core.touch(connection_id, now)
             # Never at or before now: with an idle timeout below the clock's
@@ -458,19 +461,20 @@ class Simulation:
     def _shutdown_write(self, action: ShutdownWrite, now: float) -> None:
         # One side sent EOF; the other finishes what it was sending and closes.
         if action.side is _SIDE_BACKEND:
-            backend = self._socket_backend.get(action.connection_id)
-            delay = backend.delay if backend is not None and backend.behaviour == _SLOW else 0.0
+            socket = self._sockets.get(action.connection_id)
+            delay = socket[0].delay if socket is not None and socket[0].behaviour == _SLOW else 0.0
             at, kind = now + self._latency() + delay, _BACKEND_EOF
         else:
             at, kind = now + self._latency(), _CLIENT_EOF
         heapq.heappush(self._heap, (at, self._next_sequence(), kind, action.connection_id))
 
     def _close(self, action: CloseConnection, now: float) -> None:
-        backend = self._socket_backend.pop(action.connection_id, None)
-        if backend is not None:
+        socket = self._sockets.pop(action.connection_id, None)
+        if socket is not None:
+            backend, moved = socket
             backend.open -= 1
             del backend.sockets[action.connection_id]
-            backend.bytes += self._bytes_of.pop(action.connection_id)
+            backend.bytes += moved
 
     # -- backends ------------------------------------------------------------------------------
 
@@ -526,9 +530,8 @@ class Simulation:
             backend.open -= 1  # stale: the core gave up on this attempt; hang up
             return
         self.monitor.connected(connection_id, now)
-        self._socket_backend[connection_id] = backend
+        self._sockets[connection_id] = (backend, self._bytes())
         backend.sockets[connection_id] = None
-        self._bytes_of[connection_id] = self._bytes()
         dispatch = self._dispatch
         for output in outputs:
             dispatch[type(output)](output, now)
