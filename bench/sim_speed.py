@@ -1,7 +1,8 @@
 """How fast the simulator runs, against the same model written in SimPy.
 
-Not a test: run it by hand, ``python bench/sim_speed.py`` (``--minutes 5`` for
-a quick look, ``--profile`` for the hot spots). It runs one fixed scenario,
+Not a test: run it by hand, ``python bench/sim_speed.py`` (``--minutes 5``
+for a quick look, ``--profile`` for the hot spots, ``--core`` to time the
+core alone). It runs one fixed scenario,
 100 backends, 1,000 Poisson connections per second for one hour of simulated
 time, a crash and a recovery every 5 minutes and a blackhole every 15,
 with every invariant checked at every step, then the same arrival and duration
@@ -21,6 +22,7 @@ from typing import Any
 
 import simpy
 
+from loble.core import ConnectBackend, ProxyCore
 from loble.sim import Simulation, build_report, parse_scenario
 
 RATE = 1_000.0
@@ -92,12 +94,44 @@ def run_simpy(minutes: float, seed: int) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
+def run_core(connections: int, seed: int) -> float:
+    """The core alone in a tight loop: microseconds per connection.
+
+    Each connection is accept, connected, client EOF, backend EOF and a
+    ``next_deadline``, on the benchmark's fleet: no world, no heap, no checks.
+    """
+    config = parse_scenario(scenario_document(1.0), name="bench").config
+    core = ProxyCore(config, random.Random(seed))
+    core.start(0.0)
+    now = 0.0
+    started = time.perf_counter()
+    for _ in range(connections):
+        now += 0.001
+        connection_id, outputs = core.accept(now)
+        attempt = next(o.attempt for o in outputs if isinstance(o, ConnectBackend))
+        core.connected(connection_id, attempt, now)
+        core.client_eof(connection_id, now)
+        core.backend_eof(connection_id, now)
+        core.next_deadline()
+    return (time.perf_counter() - started) / connections * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="cProfile the Loble run")
+    parser.add_argument(
+        "--core", action="store_true", help="time the core alone (no world, heap or checks)"
+    )
     args = parser.parse_args()
+    if args.core:
+        per_connection = run_core(200_000, args.seed)
+        print(
+            f"core alone: {per_connection:.2f} us per connection "
+            f"({1e6 / per_connection:,.0f} connections/s)"
+        )
+        return
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(run_loble, args.minutes, args.seed)
