@@ -47,7 +47,7 @@ __all__ = ["ProxyCore"]
 # Module aliases for the enum members the hot paths test (a class attribute
 # read of an enum member costs ~80 ns in CPython 3.11, a global ~8 ns).
 _CONNECTING, _CLOSED = ConnState.CONNECTING, ConnState.CLOSED
-_DRAINING = ProcessState.DRAINING
+_RUNNING, _DRAINING = ProcessState.RUNNING, ProcessState.DRAINING
 _CONNECT_OK, _CONNECT_FAILED = ConnInput.CONNECT_OK, ConnInput.CONNECT_FAILED
 _CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
 _CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
@@ -123,8 +123,8 @@ class ProxyCore:
     def accept(self, now: float) -> tuple[int, list[Output]]:
         """A client connected: open its connection and pick a backend."""
         connection_id = self._next_connection_id
-        self._next_connection_id += 1
-        if not self.process.accepting:
+        self._next_connection_id = connection_id + 1
+        if self.process.state is not _RUNNING:
             closed = ConnectionClosed(
                 at=now,
                 connection_id=connection_id,
@@ -137,10 +137,14 @@ class ProxyCore:
             close = CloseConnection(connection_id=connection_id, outcome=closed.outcome)
             return connection_id, [close, closed]
         connection = Connection(connection_id, self._policy)
-        self.connections[connection_id] = connection
         out: list[Output] = []
         connection.open_into(now, out)
-        self._settle(connection, now, out)
+        if connection.state is _CONNECTING:
+            self.connections[connection_id] = connection
+            # _settle's filing, inlined: a fresh connection has no entry yet.
+            due = connection.timer_due = connection.deadline_at
+            self._timers.push(due, connection_id, 0)
+        # else: no backend, closed at once; never in flight (the process is running)
         return connection_id, out
 
     def shutdown(self, now: float) -> list[Output]:
