@@ -142,7 +142,9 @@ def test_every_invariant_holds_in_generated_scenarios(document: dict[str, Any], 
     )
 
 
-def recovery_bound(config: Config, max_duration: float, max_rtt: float) -> float:
+def recovery_bound(
+    config: Config, max_duration: float, max_rtt: float, max_delay: float = 0.0
+) -> float:
     """How long after the last fault ends every backend must be HEALTHY again.
 
     Let T be the end of the last fault; from then on every backend answers.
@@ -153,8 +155,10 @@ def recovery_bound(config: Config, max_duration: float, max_rtt: float) -> float
        input is a success, so no HEALTHY backend leaves HEALTHY again.
     2. A DRAINING backend gets no new connections, and each one it has was
        established by T1 and lasts at most the longest client duration, plus a
-       round trip for each side's EOF: it is UNHEALTHY by
-       T2 = T1 + max_duration + 2 * max_rtt.
+       round trip for each side's EOF, plus the added delay of a ``slow``
+       fault: a backend's EOF sent while it was slow lands that much later,
+       even if the fault ended meanwhile (``max_delay``). It is UNHEALTHY by
+       T2 = T1 + max_duration + 2 * max_rtt + max_delay.
     3. An UNHEALTHY backend is probed every ``probe_interval``; the first probe
        due after max(T1, the moment it became UNHEALTHY) comes at most one
        interval later, and ``success_threshold`` probes, each answering within
@@ -164,7 +168,7 @@ def recovery_bound(config: Config, max_duration: float, max_rtt: float) -> float
     """
     health = config.health
     settle_failures = max(config.timeouts.connect, health.probe_timeout)
-    drain = max_duration + 2 * max_rtt
+    drain = max_duration + 2 * max_rtt + max_delay
     probes = (health.success_threshold + 1) * health.probe_interval + max_rtt
     return settle_failures + drain + probes
 
@@ -180,7 +184,10 @@ def test_liveness_every_answering_backend_recovers_within_the_bound(
     schedule = data.draw(faults(addresses, faults_end, must_end=True))
     client_table = clients(data.draw)
     config = parse_config(document)
-    bound = recovery_bound(config, client_table["duration"]["high"], LATENCY["high"])
+    slow = [fault["delay"] for fault in schedule if fault["behaviour"] == "slow"]
+    bound = recovery_bound(
+        config, client_table["duration"]["high"], LATENCY["high"], max(slow, default=0.0)
+    )
     check_at = faults_end + bound
     document["sim"] = {
         "duration": check_at + 1.0,
