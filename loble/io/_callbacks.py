@@ -18,9 +18,12 @@ connection, and none per wakeup:
   nothing reads or writes it (after its peer's half-close it stays in the
   epoll set with an empty mask), so a late reset ends the connection at once.
 
-On Linux the callbacks live in a private epoll set whose descriptor is one
-reader of the event loop (:class:`_Epoll`): registering one is a dict update
-and one ``epoll_ctl``, not asyncio's several microseconds of Python.
+On Linux the callbacks live in a :class:`~._loop.Readiness` registry:
+registering one is a dict update and one ``epoll_ctl``, not asyncio's
+several microseconds of Python. On the loop ``loble run`` makes
+(:func:`~._loop.new_event_loop`) the registry shares the loop's own epoll
+set, so a wakeup costs one ``epoll_wait`` and one function call; on other
+loops it is a private epoll set polled as one reader of the loop.
 
 Compare with awaiting ``wait_readable`` in a loop (the ``tasks`` path), which
 on asyncio adds a reader, creates a future and removes the reader on every
@@ -30,9 +33,7 @@ single wait: ``docs/performance.md`` has the measured difference.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import select
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from loble.core import Backend, ConnectBackend
 
 from ._copy import OneWay, Pumped
 from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, established
+from ._loop import readiness_for
 
 if TYPE_CHECKING:
     from ._daemon import Addresses, Daemon, _Connection
@@ -52,12 +54,6 @@ __all__ = ["CallbackPath"]
 _READ = Pumped.READ
 _WRITE = Pumped.WRITE
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_EPOLLIN = getattr(select, "EPOLLIN", 1)
-_EPOLLOUT = getattr(select, "EPOLLOUT", 4)
-_EPOLLERR = getattr(select, "EPOLLERR", 8)
-_HANGUP = _EPOLLERR | getattr(select, "EPOLLHUP", 16)
-_READABLE = _EPOLLIN | _HANGUP
-_WRITABLE = _EPOLLOUT | _HANGUP
 _ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 """accept() errors that concern one client only: skip it, accept the next."""
 
@@ -76,139 +72,19 @@ class _Attempt:
         self.lookup: asyncio.Future[Any] | None = None
 
 
-Callback = Callable[..., object]
-
-
-class _Epoll:
-    """Readiness callbacks on a private epoll set, woken through one loop reader.
-
-    The same four methods as the loop's (``add_reader``...), but each is a
-    dict update and at most one ``epoll_ctl``, where asyncio's own cost
-    several microseconds of Python (transport checks, a selector key and a
-    handle per call): they run about six times per proxied connection. The
-    set's own descriptor is a single reader of the event loop, so timers,
-    signals and the metrics endpoint are scheduled as before.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._epoll = select.epoll()
-        self._readers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
-        self._writers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
-        self._hangups: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
-        self._masks: dict[int, int] = {}
-        """What each registered fd is registered for; 0 when only watched for hangups."""
-        self._removed: set[int] = set()
-        loop.add_reader(self._epoll.fileno(), self._dispatch)
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._epoll.fileno())
-        self._epoll.close()
-
-    def add_reader(self, fd: int, callback: Callback, *args: Any) -> None:
-        self._readers[fd] = (callback, args)
-        self._update(fd)
-
-    def add_writer(self, fd: int, callback: Callback, *args: Any) -> None:
-        self._writers[fd] = (callback, args)
-        self._update(fd)
-
-    def remove_reader(self, fd: int) -> None:
-        if self._readers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def remove_writer(self, fd: int) -> None:
-        if self._writers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def watch(self, fd: int, callback: Callback, *args: Any) -> None:
-        """Call ``callback(*args)`` once on EPOLLERR while no reader or writer is set.
-
-        A socket nobody reads or writes (e.g. after its peer's half-close)
-        stays in the set with an empty mask, so a reset still arrives. A
-        hangup without an error (both directions shut down in order) ends
-        the watch without a call.
-        """
-        self._hangups[fd] = (callback, args)
-        if fd not in self._masks:
-            self._update(fd)
-
-    def unwatch(self, fd: int) -> None:
-        if self._hangups.pop(fd, None) is not None:
-            self._update(fd)
-
-    def forget(self, fd: int) -> None:
-        """Drop everything about ``fd``, which its owner closes next (closing unregisters)."""
-        self._readers.pop(fd, None)
-        self._writers.pop(fd, None)
-        self._hangups.pop(fd, None)
-        if self._masks.pop(fd, None) is not None:
-            self._removed.add(fd)
-
-    def _update(self, fd: int) -> None:
-        mask = (_EPOLLIN if fd in self._readers else 0) | (_EPOLLOUT if fd in self._writers else 0)
-        old = self._masks.get(fd)
-        if mask == old:
-            return
-        epoll = self._epoll
-        if not mask and fd not in self._hangups:
-            if old is None:
-                return
-            del self._masks[fd]
-            self._removed.add(fd)  # its events already polled in this batch are stale
-            with contextlib.suppress(OSError):  # already gone if it was closed first
-                epoll.unregister(fd)
-            return
-        self._masks[fd] = mask
-        try:
-            if old is not None:
-                epoll.modify(fd, mask)
-            else:
-                epoll.register(fd, mask)
-        except FileNotFoundError:  # closed and reused while registered
-            epoll.register(fd, mask)
-        except FileExistsError:
-            epoll.modify(fd, mask)
-
-    def _dispatch(self) -> None:
-        removed = self._removed
-        removed.clear()
-        readers, writers = self._readers, self._writers
-        for fd, events in self._epoll.poll(0):
-            if fd in removed:
-                continue  # unregistered by an earlier callback of this batch
-            if events & _READABLE:
-                handler = readers.get(fd)
-                if handler is not None:
-                    handler[0](*handler[1])
-                    if fd in removed:
-                        continue
-            if events & _WRITABLE:
-                handler = writers.get(fd)
-                if handler is not None:
-                    handler[0](*handler[1])
-                    if fd in removed:
-                        continue
-            if events & _HANGUP and fd not in readers and fd not in writers:
-                handler = self._hangups.pop(fd, None)
-                if handler is not None:
-                    self._update(fd)  # out of the set: level-triggered, it would fire again
-                    if events & _EPOLLERR:  # a reset; a bare HUP is both sides shut down
-                        handler[0](*handler[1])
-
-
 class CallbackPath:
     """The data path of :mod:`._daemon` built on readiness callbacks.
 
-    On Linux they live in a private epoll set (:class:`_Epoll`); elsewhere
-    they are the loop's own ``add_reader``/``add_writer``.
+    On Linux they live in a :class:`~._loop.Readiness` registry (the loop's
+    own epoll set, or a private one); elsewhere they are the loop's own
+    ``add_reader``/``add_writer``.
     """
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         loop = self._loop = asyncio.get_running_loop()
         self._paused: asyncio.TimerHandle | None = None
-        self._epoll = _Epoll(loop) if hasattr(select, "epoll") else None
+        self._epoll, self._private = readiness_for(loop)
         readiness: Any = self._epoll or loop
         self._add_reader: Callable[..., None] = readiness.add_reader
         self._add_writer: Callable[..., None] = readiness.add_writer
@@ -216,8 +92,8 @@ class CallbackPath:
         self._remove_writer: Callable[[int], object] = readiness.remove_writer
 
     def dispose(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
+        if self._private is not None:
+            self._private.close()
 
     # -- accepting -----------------------------------------------------------------
 

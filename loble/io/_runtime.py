@@ -1,8 +1,11 @@
 """Choosing the event loop: ``[runtime] backend`` is asyncio, uvloop or trio.
 
 All of Loble's I/O is written against anyio, so the choice is only which
-loop ``anyio.run`` starts. A runtime that is not installed is a user error
-with a one-line fix, never an ImportError traceback.
+loop ``anyio.run`` starts. On asyncio it is Loble's own loop
+(:func:`._loop.new_event_loop`): a standard selector loop whose epoll set
+also holds the data path's readiness callbacks, so a wakeup costs one
+``epoll_wait``. A runtime that is not installed is a user error with a
+one-line fix, never an ImportError traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import anyio
 
 from loble.core import ConfigError, RuntimeConfig
 
+from ._loop import new_event_loop
+
 __all__ = ["run", "runtime_options"]
 
 
@@ -26,7 +31,7 @@ def runtime_options(runtime: RuntimeConfig) -> tuple[str, dict[str, Any]]:
     if runtime.backend == "uvloop":
         _require("uvloop", "pip install 'loble[uvloop]', or set backend = \"asyncio\"")
         return "asyncio", {"use_uvloop": True}
-    return "asyncio", {}
+    return "asyncio", {"loop_factory": new_event_loop}
 
 
 def _require(module: str, fix: str) -> None:

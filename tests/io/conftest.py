@@ -34,14 +34,33 @@ from prometheus_client.parser import text_string_to_metric_families
 from loble.core import parse_config
 from loble.io import Daemon
 from loble.io._copy import SPLICE_AVAILABLE
+from loble.io._loop import new_event_loop
 
 WAIT_BOUND = 10.0
 """Seconds any single condition may take before the test fails."""
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+ANYIO_BACKENDS: dict[str, Any] = {
+    # the loop `loble run` makes: the data path's callbacks in its own epoll set
+    "asyncio": ("asyncio", {"loop_factory": new_event_loop}),
+    # any other asyncio loop (as uvloop's): the callbacks in a private epoll set
+    "asyncio_plain": ("asyncio", {}),
+    "trio": "trio",
+}
+
+
+@pytest.fixture(params=list(ANYIO_BACKENDS))
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """The loop each test runs on; tests read its name from ``anyio_backend_name``."""
+    return ANYIO_BACKENDS[request.param]
+
+
+@pytest.fixture
+def runtime_backend(anyio_backend: Any, anyio_backend_name: str) -> str:
+    """``[runtime] backend`` for a ``loble`` child process, which makes its own loop."""
+    if anyio_backend == ANYIO_BACKENDS["asyncio_plain"]:
+        pytest.skip("a loble process makes its own loop: the same as on asyncio")
+    return anyio_backend_name
 
 
 DATA_PLANES = [
@@ -53,11 +72,15 @@ DATA_PLANES = [
 
 
 @pytest.fixture(params=DATA_PLANES, ids="-".join)
-def data_plane(request: pytest.FixtureRequest, anyio_backend: str) -> dict[str, str]:
+def data_plane(
+    request: pytest.FixtureRequest, anyio_backend: Any, anyio_backend_name: str
+) -> dict[str, str]:
     """Every way the daemon can move bytes: pass it on as ``lab.daemon(..., **data_plane)``."""
     data_path, copy = request.param
-    if data_path == "callbacks" and anyio_backend != "asyncio":
+    if data_path == "callbacks" and anyio_backend_name != "asyncio":
         pytest.skip("the callbacks data path runs on asyncio only")
+    if data_path == "tasks" and anyio_backend == ANYIO_BACKENDS["asyncio_plain"]:
+        pytest.skip("the tasks data path is the same on every asyncio loop")
     if copy == "splice" and not SPLICE_AVAILABLE:
         pytest.skip("splice(2) is Linux only")
     return {"data_path": data_path, "copy": copy}

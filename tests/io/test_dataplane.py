@@ -1,6 +1,7 @@
 """The daemon on real loopback sockets: balancing, half-close, retries, timeouts.
 
-Each test runs on asyncio and on trio (the ``anyio_backend`` fixture).
+Each test runs on asyncio (Loble's own loop, and a plain one) and on trio
+(the ``anyio_backend`` fixture).
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ def address_of(line: dict[str, Any]) -> tuple[str, int]:
 
 
 async def test_demo_shows_traffic_logs_and_metrics(
-    net: Any, tmp_path: Path, anyio_backend: str
+    net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
-    path, backends, metrics = demo_config(net, tmp_path, anyio_backend)
+    path, backends, metrics = demo_config(net, tmp_path, runtime_backend)
     async with net.loble_process("demo", "-c", str(path), "--rate", "50") as demo:
         listening = address_of(await demo.wait_json("listening"))
 
@@ -63,9 +63,9 @@ async def test_demo_shows_traffic_logs_and_metrics(
 
 
 async def test_loble_run_against_demo_backends_only(
-    net: Any, tmp_path: Path, anyio_backend: str
+    net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
-    path, backends, _ = demo_config(net, tmp_path, anyio_backend)
+    path, backends, _ = demo_config(net, tmp_path, runtime_backend)
     async with net.loble_process("demo", "-c", str(path), "--backends-only") as demo:
         await net.wait_for(lambda: len(demo.json_lines("demo backend listening")) == 3)
         async with net.loble_process("run", "-c", str(path)) as daemon:

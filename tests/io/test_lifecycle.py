@@ -104,11 +104,11 @@ async def _loble_run(net: Any, tmp_path: Path, backend: Any, runtime: str, **ext
 
 
 async def test_loble_run_drains_on_sigterm_and_exits_0(
-    net: Any, tmp_path: Path, anyio_backend: str
+    net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a")
-        async with await _loble_run(net, tmp_path, backend, anyio_backend) as child:
+        async with await _loble_run(net, tmp_path, backend, runtime_backend) as child:
             host, _, port = (await child.wait_json("listening"))["address"].rpartition(":")
             address = (host, int(port))
             async with await anyio.connect_tcp(*address) as stream:
@@ -130,11 +130,11 @@ async def test_loble_run_drains_on_sigterm_and_exits_0(
 
 
 async def test_loble_run_second_signal_cuts_and_exits(
-    net: Any, tmp_path: Path, anyio_backend: str
+    net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a")
-        async with await _loble_run(net, tmp_path, backend, anyio_backend) as child:
+        async with await _loble_run(net, tmp_path, backend, runtime_backend) as child:
             host, _, port = (await child.wait_json("listening"))["address"].rpartition(":")
             async with await anyio.connect_tcp(host, int(port)) as stream:
                 await stream.send(b"x")
@@ -150,14 +150,14 @@ async def test_loble_run_second_signal_cuts_and_exits(
 
 
 async def test_loble_run_with_two_workers_shares_the_port_and_drains_on_sigterm(
-    net: Any, tmp_path: Path, anyio_backend: str
+    net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
     async with net.loopback() as lab:
         backend = await lab.backend("a")
         document = {
             "listener": {"address": "127.0.0.1:0"},
             "logging": {"format": "json", "level": "info"},
-            "runtime": {"backend": anyio_backend, "workers": 2},
+            "runtime": {"backend": runtime_backend, "workers": 2},
             "metrics": {"enabled": True, "address": "127.0.0.1:0"},
             "backends": [{"address": backend.address}],
         }

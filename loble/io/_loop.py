@@ -1,0 +1,276 @@
+"""Readiness callbacks in an epoll set, and the event loop that polls them itself.
+
+The callback data path (:mod:`._callbacks`) registers a few callbacks per
+connection and is woken twice per proxied request, so what registering and
+waking cost is a large part of Loble's CPU per request. asyncio's own
+``add_reader``/``remove_reader`` spend several microseconds of Python per
+call (transport checks, a selector key, a handle), and every wakeup goes
+through its ready queue (a handle, ``Handle._run``, ``contextvars``).
+
+:class:`Readiness` is the cheaper registry: registering is a dict update and
+at most one ``epoll_ctl``; a wakeup is one call of the registered function.
+It lives in one of two places:
+
+* **in the loop's own epoll set** (:func:`new_event_loop`, what ``loble
+  run`` uses on asyncio): :class:`ReadinessSelector` is the loop's selector;
+  one ``epoll_wait`` per loop iteration returns the loop's events and
+  Loble's, and Loble's callbacks run straight from ``select``. No second
+  system call, no handle per wakeup;
+* **in a private epoll set** (:class:`PrivateEpoll`) whose descriptor is a
+  single reader of any other loop (uvloop, or a loop someone else made, as
+  in the test suite): two ``epoll_wait`` per wakeup, but still no
+  per-callback registration cost.
+
+Timers, signals and the metrics endpoint stay on the loop's usual API either
+way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import select
+import selectors
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "EPOLL_AVAILABLE",
+    "PrivateEpoll",
+    "Readiness",
+    "ReadinessSelector",
+    "new_event_loop",
+    "readiness_for",
+]
+
+EPOLL_AVAILABLE = hasattr(select, "epoll")
+
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+_EPOLLOUT = getattr(select, "EPOLLOUT", 4)
+_EPOLLERR = getattr(select, "EPOLLERR", 8)
+_HANGUP = _EPOLLERR | getattr(select, "EPOLLHUP", 16)
+_READABLE = _EPOLLIN | _HANGUP
+_WRITABLE = _EPOLLOUT | _HANGUP
+
+Callback = Callable[..., object]
+
+
+class Readiness:
+    """Readiness callbacks on an epoll set: the loop's ``add_reader`` API, cheaper.
+
+    The same four methods as the loop's (``add_reader``...), plus
+    :meth:`watch` for errors on a socket nobody reads or writes. Whoever
+    polls the set hands the events to :meth:`dispatch`. A callback that
+    raises is reported to the loop's exception handler (as a loop callback
+    would be) and the rest of the batch still runs.
+    """
+
+    def __init__(self, epoll: select.epoll, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._epoll = epoll
+        self.loop = loop
+        """Where a failing callback is reported; set once the loop exists."""
+        self._readers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
+        self._writers: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
+        self._hangups: dict[int, tuple[Callback, tuple[Any, ...]]] = {}
+        self._masks: dict[int, int] = {}
+        """What each registered fd is registered for; 0 when only watched for hangups."""
+        self._removed: set[int] = set()
+
+    def registered(self, fd: int) -> bool:
+        return fd in self._masks
+
+    def add_reader(self, fd: int, callback: Callback, *args: Any) -> None:
+        self._readers[fd] = (callback, args)
+        self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback, *args: Any) -> None:
+        self._writers[fd] = (callback, args)
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def watch(self, fd: int, callback: Callback, *args: Any) -> None:
+        """Call ``callback(*args)`` once on EPOLLERR while no reader or writer is set.
+
+        A socket nobody reads or writes (e.g. after its peer's half-close)
+        stays in the set with an empty mask, so a reset still arrives. A
+        hangup without an error (both directions shut down in order) ends
+        the watch without a call.
+        """
+        self._hangups[fd] = (callback, args)
+        if fd not in self._masks:
+            self._update(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if self._hangups.pop(fd, None) is not None:
+            self._update(fd)
+
+    def forget(self, fd: int) -> None:
+        """Drop everything about ``fd``, which its owner closes next (closing unregisters)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._hangups.pop(fd, None)
+        if self._masks.pop(fd, None) is not None:
+            self._removed.add(fd)
+
+    def _update(self, fd: int) -> None:
+        mask = (_EPOLLIN if fd in self._readers else 0) | (_EPOLLOUT if fd in self._writers else 0)
+        old = self._masks.get(fd)
+        if mask == old:
+            return
+        epoll = self._epoll
+        if not mask and fd not in self._hangups:
+            if old is None:
+                return
+            del self._masks[fd]
+            self._removed.add(fd)  # its events already polled in this batch are stale
+            with contextlib.suppress(OSError):  # already gone if it was closed first
+                epoll.unregister(fd)
+            return
+        self._masks[fd] = mask
+        try:
+            if old is not None:
+                epoll.modify(fd, mask)
+            else:
+                epoll.register(fd, mask)
+        except FileNotFoundError:  # closed and reused while registered
+            epoll.register(fd, mask)
+        except FileExistsError:
+            epoll.modify(fd, mask)
+
+    def dispatch(self, events: list[tuple[int, int]]) -> None:
+        """Run the callbacks of one batch of polled ``(fd, events)``."""
+        removed = self._removed
+        removed.clear()
+        readers, writers = self._readers, self._writers
+        for fd, polled in events:
+            if fd in removed:
+                continue  # unregistered by an earlier callback of this batch
+            try:
+                if polled & _READABLE:
+                    handler = readers.get(fd)
+                    if handler is not None:
+                        handler[0](*handler[1])
+                        if fd in removed:
+                            continue
+                if polled & _WRITABLE:
+                    handler = writers.get(fd)
+                    if handler is not None:
+                        handler[0](*handler[1])
+                        if fd in removed:
+                            continue
+                if polled & _HANGUP and fd not in readers and fd not in writers:
+                    handler = self._hangups.pop(fd, None)
+                    if handler is not None:
+                        self._update(fd)  # out of the set: level-triggered, it would fire again
+                        if polled & _EPOLLERR:  # a reset; a bare HUP is both sides shut down
+                            handler[0](*handler[1])
+            except Exception as error:  # a bug: report it, run the rest of the batch
+                if self.loop is None:
+                    raise
+                self.loop.call_exception_handler(
+                    {"message": f"readiness callback for fd {fd} failed", "exception": error}
+                )
+
+
+class PrivateEpoll(Readiness):
+    """A :class:`Readiness` with an epoll set of its own, polled as one reader of ``loop``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(select.epoll(), loop)
+        self._fd = self._epoll.fileno()
+        loop.add_reader(self._fd, self._poll)
+
+    def _poll(self) -> None:
+        self.dispatch(self._epoll.poll(0))
+
+    def close(self) -> None:
+        assert self.loop is not None
+        self.loop.remove_reader(self._fd)
+        self._epoll.close()
+
+
+class ReadinessSelector(selectors.EpollSelector):
+    """The loop's selector, whose epoll set also holds :attr:`readiness`'s callbacks.
+
+    :meth:`select` polls once and runs the callbacks of Loble's descriptors
+    at once; it returns only the loop's own events. The two never share a
+    descriptor: each socket belongs either to the loop (anyio streams, the
+    loop's self-pipe) or to the callback data path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # EpollSelector's own epoll set and key map (private, stable since 3.4).
+        self._epoll: select.epoll = vars(self)["_selector"]
+        self._keys: dict[int, selectors.SelectorKey] = vars(self)["_fd_to_key"]
+        self.readiness = Readiness(self._epoll, None)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            wait = -1.0
+        elif timeout <= 0:
+            wait = 0.0
+        else:
+            # As EpollSelector: round up to the millisecond epoll_wait counts in.
+            wait = math.ceil(timeout * 1e3) * 1e-3
+        try:
+            polled = self._epoll.poll(wait)
+        except InterruptedError:
+            return []
+        keys = self._keys
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        ours: list[tuple[int, int]] = []
+        for fd, polled_events in polled:
+            key = keys.get(fd)
+            if key is None:
+                ours.append((fd, polled_events))
+                continue
+            events = 0
+            if polled_events & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if polled_events & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            events &= key.events
+            if events:
+                ready.append((key, events))
+        if ours:
+            self.readiness.dispatch(ours)
+        return ready
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An asyncio loop whose selector is a :class:`ReadinessSelector` (Linux).
+
+    Elsewhere, asyncio's default loop: the data path then uses the loop's own
+    ``add_reader``.
+    """
+    if not EPOLL_AVAILABLE:
+        return asyncio.new_event_loop()
+    selector = ReadinessSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    selector.readiness.loop = loop
+    return loop
+
+
+def readiness_for(loop: asyncio.AbstractEventLoop) -> tuple[Readiness | None, PrivateEpoll | None]:
+    """Where the data path registers on ``loop``: ``(readiness, private set to close)``.
+
+    The loop's own selector when it is a :class:`ReadinessSelector`; else a
+    new private epoll set (to close when done); ``(None, None)`` without
+    epoll, where the loop's ``add_reader`` is all there is.
+    """
+    selector = getattr(loop, "_selector", None)  # asyncio's; uvloop has none
+    if isinstance(selector, ReadinessSelector):
+        return selector.readiness, None
+    if not EPOLL_AVAILABLE:
+        return None, None
+    private = PrivateEpoll(loop)
+    return private, private
