@@ -7,12 +7,20 @@ ended (EOF, or an error on one side). Whoever drives it (readiness callbacks
 on asyncio, tasks waiting with ``wait_readable`` on trio) only waits and
 reports; this module knows nothing of the core or of event loops.
 
-Two ways to move bytes, chosen per daemon (:class:`CopyMethod`):
+Three ways to move bytes, chosen per daemon (:class:`CopyMethod`):
 
 * ``splice``: ``os.splice`` moves bytes socket -> pipe -> socket inside the
   kernel; Python never sees the payload. The pipe is the buffer.
 * ``recv_into``: the portable fallback. ``recv_into`` a reusable buffer, then
   ``send`` from it; no allocation per read.
+* ``auto`` (the default on Linux): each direction starts with ``recv_into``
+  and switches to ``splice`` for the rest of the connection at its first
+  read that nearly fills the buffer (:data:`_FULL_READ`), as HAProxy's
+  ``splice-auto`` does. Small messages (requests, responses of a few KiB)
+  cost less through a buffer: ``recv`` + ``send`` do less kernel work than
+  two ``splice`` calls and a pipe, and no pipe is taken; bulk transfers get
+  the kernel-side copy. The switch happens only with the buffer empty, so
+  no byte is ever in both the buffer and the pipe.
 
 Both hold at most one bounded buffer per direction (a pipe, or a
 :data:`CHUNK_SIZE` buffer) and read again only once it has been written out,
@@ -73,14 +81,20 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class CopyMethod(enum.Enum):
-    """How bytes move: in the kernel (``splice``) or through a buffer (``recv_into``)."""
+    """How bytes move: in the kernel (``splice``), through a buffer (``recv_into``), or
+    through a buffer until a direction proves bulky, then in the kernel (``auto``)."""
 
+    AUTO = "auto"
     SPLICE = "splice"
     RECV_INTO = "recv_into"
 
     @classmethod
     def default(cls) -> CopyMethod:
-        return cls.SPLICE if SPLICE_AVAILABLE else cls.RECV_INTO
+        return cls.AUTO if SPLICE_AVAILABLE else cls.RECV_INTO
+
+    @property
+    def needs_splice(self) -> bool:
+        return self is not CopyMethod.RECV_INTO
 
 
 class Pumped(enum.Enum):
@@ -114,7 +128,7 @@ class BufferPool:
     """
 
     def __init__(self, method: CopyMethod) -> None:
-        if method is CopyMethod.SPLICE and not SPLICE_AVAILABLE:
+        if method.needs_splice and not SPLICE_AVAILABLE:
             raise ValueError("splice(2) is not available on this platform")
         self.method = method
         self._pipes: list[tuple[int, int]] = []
@@ -176,6 +190,7 @@ class OneWay:
     """
 
     __slots__ = (
+        "_auto",
         "_buffer",
         "_offset",
         "_pipe",
@@ -199,6 +214,8 @@ class OneWay:
         self.sink_fd = sink.fileno()
         self._pool = pool
         self._splice = pool.method is CopyMethod.SPLICE
+        self._auto = pool.method is CopyMethod.AUTO
+        """Still copying through a buffer, ready to switch to splice at a large read."""
         self._pipe: tuple[int, int] | None = None
         self._buffer: memoryview | None = None
         self._offset = 0
@@ -211,12 +228,26 @@ class OneWay:
         self.waiting: Pumped | None = None
         """The driver's note of what it waits for (e.g. which callback is registered)."""
 
+    @property
+    def splicing(self) -> bool:
+        """Whether this direction moves its bytes with ``splice`` now."""
+        return self._splice
+
     def pump(self) -> Pumped:
         """Move what can move now; return what to wait for, or how the copy ended."""
         if self._splice and self._buffer is None:
             return self._pump_splice()
-        # recv_into, or splice finishing a wakeup that had to fall back to a buffer
-        return self._pump_recv_into()
+        # recv_into, auto before its switch, or splice finishing a wakeup that
+        # had to fall back to a buffer
+        result = self._pump_recv_into()
+        if result is _READ and self._splice and self._auto:
+            # Switched at a large read, with the buffer written out: more is
+            # probably waiting; carry on with splice in this same wakeup.
+            self._auto = False
+            moved = self.moved
+            result = self._pump_splice()
+            self.moved += moved
+        return result
 
     def _pump_splice(self) -> Pumped:
         splice = os.splice
@@ -309,6 +340,9 @@ class OneWay:
                 result = _WRITE
                 break
             if read < _FULL_READ:
+                break
+            if self._auto:
+                self._splice = True  # a bulk direction: splice from now on
                 break
         self.pending = pending
         self._offset = offset

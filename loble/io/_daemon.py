@@ -19,7 +19,7 @@ The per-connection work (accept, connect, move bytes, close) is done by a
 * ``tasks`` (:mod:`._tasks`, any anyio backend; the default on trio): one
   task group per connection, raw sockets and ``wait_readable``.
 
-Bytes move in :mod:`._copy` (``splice`` or ``recv_into``). The rest runs in
+Bytes move in :mod:`._copy` (``auto``, ``splice`` or ``recv_into``). The rest runs in
 one anyio task group: the timer (sleeps until ``core.next_deadline()``), the
 signal watcher, the metrics endpoint and health probes.
 
@@ -74,7 +74,7 @@ from ._metrics import TO_BACKEND, TO_CLIENT, Metrics, serve_metrics
 __all__ = ["COPY_ENV", "DATA_PATH_ENV", "Daemon", "DataPath", "format_address"]
 
 COPY_ENV = "LOBLE_COPY"
-"""Environment variable: ``splice`` (default on Linux) or ``recv_into``."""
+"""Environment variable: ``auto`` (default on Linux), ``splice`` or ``recv_into``."""
 
 DATA_PATH_ENV = "LOBLE_DATA_PATH"
 """Environment variable: ``callbacks`` (default on asyncio/uvloop) or ``tasks``."""
@@ -752,8 +752,8 @@ def _copy_method(chosen: str | None) -> CopyMethod:
     except ValueError:
         options = ", ".join(m.value for m in CopyMethod)
         raise LobleError(f"{COPY_ENV}: {value!r} is not one of {options}") from None
-    if method is CopyMethod.SPLICE and not SPLICE_AVAILABLE:
-        raise LobleError(f"{COPY_ENV}: 'splice' needs Linux; use 'recv_into'")
+    if method.needs_splice and not SPLICE_AVAILABLE:
+        raise LobleError(f"{COPY_ENV}: {value!r} needs Linux; use 'recv_into'")
     return method
 
 

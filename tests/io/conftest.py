@@ -64,8 +64,10 @@ def runtime_backend(anyio_backend: Any, anyio_backend_name: str) -> str:
 
 
 DATA_PLANES = [
+    ("callbacks", "auto"),
     ("callbacks", "splice"),
     ("callbacks", "recv_into"),
+    ("tasks", "auto"),
     ("tasks", "splice"),
     ("tasks", "recv_into"),
 ]
@@ -81,7 +83,7 @@ def data_plane(
         pytest.skip("the callbacks data path runs on asyncio only")
     if data_path == "tasks" and anyio_backend == ANYIO_BACKENDS["asyncio_plain"]:
         pytest.skip("the tasks data path is the same on every asyncio loop")
-    if copy == "splice" and not SPLICE_AVAILABLE:
+    if copy != "recv_into" and not SPLICE_AVAILABLE:
         pytest.skip("splice(2) is Linux only")
     return {"data_path": data_path, "copy": copy}
 

@@ -106,7 +106,7 @@ def test_copy_and_data_path_variables_are_checked(
     path = config_file(tmp_path)
     monkeypatch.setenv("LOBLE_COPY", "sendfile")
     line = one_error(capsys, ["run", "-c", path])
-    assert line == "error: LOBLE_COPY: 'sendfile' is not one of splice, recv_into"
+    assert line == "error: LOBLE_COPY: 'sendfile' is not one of auto, splice, recv_into"
     monkeypatch.delenv("LOBLE_COPY")
     monkeypatch.setenv("LOBLE_DATA_PATH", "threads")
     line = one_error(capsys, ["run", "-c", path])
@@ -123,6 +123,6 @@ def test_the_variables_choose_how_bytes_move(monkeypatch: pytest.MonkeyPatch) ->
     daemon = Daemon(config)
     assert daemon.copy_method is CopyMethod.RECV_INTO
     monkeypatch.delenv("LOBLE_COPY")
-    expected = CopyMethod.SPLICE if SPLICE_AVAILABLE else CopyMethod.RECV_INTO
+    expected = CopyMethod.AUTO if SPLICE_AVAILABLE else CopyMethod.RECV_INTO
     assert Daemon(config).copy_method is expected
     assert Daemon(config, copy="recv_into").copy_method is CopyMethod.RECV_INTO

@@ -1,4 +1,4 @@
-"""The byte mover on real loopback sockets, with splice and with recv_into.
+"""The byte mover on real loopback sockets, with auto, splice and recv_into.
 
 A :class:`OneWay` never blocks; these tests drive it by hand, waiting for
 readiness with ``select`` (bounded), the way an event loop would.
@@ -7,6 +7,7 @@ readiness with ``select`` (bounded), the way an event loop would.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import select
 import socket
@@ -26,8 +27,10 @@ from loble.io._copy import (
 )
 
 BOUND = 10.0
+LINUX_ONLY = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="splice(2) is Linux only")
 METHODS = [
-    pytest.param(CopyMethod.SPLICE, marks=pytest.mark.skipif(not SPLICE_AVAILABLE, reason="Linux")),
+    pytest.param(CopyMethod.AUTO, marks=LINUX_ONLY),
+    pytest.param(CopyMethod.SPLICE, marks=LINUX_ONLY),
     CopyMethod.RECV_INTO,
 ]
 
@@ -74,9 +77,8 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def test_everything_arrives_then_eof(proxied: tuple[socket.socket, OneWay, socket.socket]) -> None:
-    client, way, server = proxied
-    payload = os.urandom(3 * PIPE_SIZE + 12_345)
+def transfer(client: socket.socket, way: OneWay, server: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` and EOF through ``way``, pumping by hand; return what arrived."""
     received = bytearray()
     sent = 0
     while True:
@@ -96,8 +98,46 @@ def test_everything_arrives_then_eof(proxied: tuple[socket.socket, OneWay, socke
         if end is Pumped.READ and sent == len(payload):
             wait([way.source], [])
         assert end in (Pumped.READ, Pumped.WRITE)
-    assert bytes(received) == payload
+    return bytes(received)
+
+
+def test_everything_arrives_then_eof(proxied: tuple[socket.socket, OneWay, socket.socket]) -> None:
+    client, way, server = proxied
+    payload = os.urandom(3 * PIPE_SIZE + 12_345)
+    assert transfer(client, way, server, payload) == payload
     assert way.total == len(payload)
+
+
+@LINUX_ONLY
+def test_auto_moves_small_reads_through_a_buffer_then_switches_to_splice_for_good() -> None:
+    pool = BufferPool(CopyMethod.AUTO)
+    client, proxy_in = tcp_pair()
+    proxy_out, server = tcp_pair()
+    way = OneWay(proxy_in, proxy_out, pool)
+    small = os.urandom(1_000)
+    received = bytearray()
+    for _ in range(5):  # request-sized messages: no pipe is ever taken
+        client.send(small)
+        wait([proxy_in], [])
+        assert way.pump() is Pumped.READ
+        assert not way.splicing
+        assert pool.open_pipes == 0
+        wait([server], [])
+        received += server.recv(1 << 20)
+    # A bulk upload on the same connection: its first large read switches the
+    # direction to splice mid-stream; not a byte is lost, reordered or doubled.
+    bulk = os.urandom(3 * PIPE_SIZE + 12_345)
+    received += transfer(client, way, server, bulk)
+    assert way.splicing
+    assert pool.open_pipes == 1
+    sent = small * 5 + bulk
+    assert hashlib.sha256(received).digest() == hashlib.sha256(sent).digest()
+    assert way.total == len(sent)
+    way.release()
+    pool.close()
+    assert pool.open_pipes == 0
+    for sock in (client, proxy_in, proxy_out, server):
+        sock.close()
 
 
 def test_reads_nothing_more_while_the_sink_does_not_read(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import os
 import socket
 import warnings
@@ -18,7 +19,7 @@ import anyio
 import pytest
 
 from loble.core import HealthState, Outcome
-from loble.io._copy import POOL_LIMIT
+from loble.io._copy import POOL_LIMIT, SPLICE_AVAILABLE
 
 pytestmark = pytest.mark.anyio
 
@@ -382,6 +383,43 @@ async def test_file_descriptors_do_not_outlive_1000_connections(
         assert outcomes(daemon, Outcome.COMPLETED) == 1001
         # Every pipe still open is an empty one in the (bounded) pool.
         assert daemon.pool.open_pipes == daemon.pool.pooled_pipes <= POOL_LIMIT
+
+
+def bytes_to_backend(net: Any, daemon: Any) -> float:
+    """Bytes the daemon has moved to its backends, open connections included."""
+    found = net.samples(daemon.metrics.render().decode())
+    return sum(
+        value
+        for (name, labels), value in found.items()
+        if name == "loble_backend_bytes_total" and ("direction", "to_backend") in labels
+    )
+
+
+@pytest.mark.skipif(not SPLICE_AVAILABLE, reason="splice(2) is Linux only")
+@pytest.mark.parametrize("data_path", ["callbacks", "tasks"])
+async def test_auto_copy_switches_a_connection_to_splice_when_it_turns_bulky(
+    net: Any, anyio_backend_name: str, data_path: str
+) -> None:
+    if data_path == "callbacks" and anyio_backend_name != "asyncio":
+        pytest.skip("the callbacks data path runs on asyncio only")
+    small = os.urandom(1_000)
+    bulk = os.urandom(16 << 20)
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        daemon = await lab.daemon([backend.address], copy="auto", data_path=data_path)
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            for sent in range(1, 11):  # request-sized messages, one at a time
+                await stream.send(small)
+                await net.wait_for(lambda n=sent: bytes_to_backend(net, daemon) == n * len(small))
+            assert daemon.pool.open_pipes == 0  # through a pooled buffer: no pipe
+            await stream.send(bulk)  # the same connection turns bulky, both ways
+            await stream.send_eof()
+            reply = await net.read_all(stream)
+        assert daemon.pool.open_pipes >= 1  # it switched to splice (the pipe is pooled)
+        expected = b"a:" + small * 10 + bulk
+        assert hashlib.sha256(reply).digest() == hashlib.sha256(expected).digest()
+        assert hashlib.sha256(backend.received[0]).digest() == hashlib.sha256(expected[2:]).digest()
+        await net.wait_for(lambda: outcomes(daemon, Outcome.COMPLETED) == 1)
 
 
 def pipe_fds() -> int:
