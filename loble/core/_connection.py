@@ -8,12 +8,12 @@ Theory of operation
     CONNECTING --CONNECT_OK--> ESTABLISHED
     CONNECTING --CONNECT_FAILED / CONNECT_TIMEOUT--> CONNECTING (next backend)
                                                   or CLOSED (CONNECT_FAILED)
-    CONNECTING --CLIENT_ERROR or CUT--> CLOSED (no verdict on the backend)
+    CONNECTING --CLIENT_ERROR, RESOURCE_EXHAUSTED or CUT--> CLOSED (no verdict on the backend)
     ESTABLISHED --CLIENT_EOF--> CLIENT_DONE   (shut down the backend's write side)
     ESTABLISHED --BACKEND_EOF--> BACKEND_DONE (shut down the client's write side)
     CLIENT_DONE --BACKEND_EOF--> CLOSED (COMPLETED)
     BACKEND_DONE --CLIENT_EOF--> CLOSED (COMPLETED)
-    any open state --error, IDLE_TIMEOUT or CUT--> CLOSED
+    any open state --error, RESOURCE_EXHAUSTED, IDLE_TIMEOUT or CUT--> CLOSED
 
 A connection starts by picking a backend. No backend eligible: it closes at
 once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
@@ -95,6 +95,9 @@ class ConnInput(enum.Enum):
     BACKEND_ERROR = "backend_error"
     IDLE_TIMEOUT = "idle_timeout"
     CUT = "cut"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    """The driver ran out of something of its own for this connection (file
+    descriptors, source ports): the connection ends, no backend is blamed."""
 
 
 Picker = Callable[[Collection[str]], "Backend | None"]
@@ -333,6 +336,7 @@ TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CONNECT_TIMEOUT): _connect_failed,
     (_C, _I.CLIENT_ERROR): _abort(Outcome.CLIENT_RESET),
     (_C, _I.CUT): _abort(Outcome.CUT),
+    (_C, _I.RESOURCE_EXHAUSTED): _abort(Outcome.RESOURCE_EXHAUSTED),
     (_E, _I.CLIENT_EOF): _half_close(_CD, Side.BACKEND),
     (_E, _I.BACKEND_EOF): _half_close(_BD, Side.CLIENT),
     (_CD, _I.BACKEND_EOF): _abort(Outcome.COMPLETED),
@@ -345,3 +349,4 @@ for _state in (_E, _CD, _BD):
     TRANSITIONS[(_state, _I.BACKEND_ERROR)] = _abort(Outcome.BACKEND_RESET)
     TRANSITIONS[(_state, _I.IDLE_TIMEOUT)] = _abort(Outcome.IDLE_TIMEOUT)
     TRANSITIONS[(_state, _I.CUT)] = _abort(Outcome.CUT)
+    TRANSITIONS[(_state, _I.RESOURCE_EXHAUSTED)] = _abort(Outcome.RESOURCE_EXHAUSTED)

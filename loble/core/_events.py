@@ -68,6 +68,10 @@ class Outcome(enum.Enum):
     """Still open at the drain deadline of a shutdown, or at a second shutdown request."""
     REFUSED_SHUTTING_DOWN = "refused_shutting_down"
     """Arrived after shutdown began (a race with closing the listener)."""
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    """The proxy ran out of a resource of its own for this connection (file
+    descriptors, local ports): HAProxy's termination code ``R``. No backend
+    is blamed."""
 
 
 # -- actions -----------------------------------------------------------------

@@ -10,7 +10,8 @@ every decision they make is made here:
 * call :meth:`start` once, then :meth:`accept` for each client;
 * report what the network did with :meth:`connected`,
   :meth:`connect_failed`, :meth:`client_eof`, :meth:`backend_eof`,
-  :meth:`client_error`, :meth:`backend_error`, :meth:`touch` (bytes moved)
+  :meth:`client_error`, :meth:`backend_error`, :meth:`resource_exhausted`,
+  :meth:`touch` (bytes moved)
   and :meth:`probe_result`;
 * ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes;
 * call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`.
@@ -198,6 +199,14 @@ class ProxyCore:
 
     def backend_error(self, connection_id: int, now: float) -> list[Output]:
         return self._input(connection_id, _BACKEND_ERROR, now)
+
+    def resource_exhausted(self, connection_id: int, now: float) -> list[Output]:
+        """The driver could not go on with this connection for lack of a local
+        resource (``EMFILE``/``ENFILE`` making a socket or a pipe,
+        ``EADDRNOTAVAIL`` with no local port left): end it with outcome
+        ``RESOURCE_EXHAUSTED`` and no verdict on the backend, which did
+        nothing wrong. A pending connect attempt is abandoned."""
+        return self._input(connection_id, ConnInput.RESOURCE_EXHAUSTED, now)
 
     def touch(self, connection_id: int, now: float) -> None:
         connection = self.connections.get(connection_id)

@@ -179,6 +179,7 @@ ENDINGS = [
     (In.BACKEND_ERROR, Outcome.BACKEND_RESET),
     (In.IDLE_TIMEOUT, Outcome.IDLE_TIMEOUT),
     (In.CUT, Outcome.CUT),
+    (In.RESOURCE_EXHAUSTED, Outcome.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -195,7 +196,12 @@ def test_open_states_end_on_errors_timeouts_and_cuts(
 
 
 @pytest.mark.parametrize(
-    ("conn_input", "outcome"), [(In.CUT, Outcome.CUT), (In.CLIENT_ERROR, Outcome.CLIENT_RESET)]
+    ("conn_input", "outcome"),
+    [
+        (In.CUT, Outcome.CUT),
+        (In.CLIENT_ERROR, Outcome.CLIENT_RESET),
+        (In.RESOURCE_EXHAUSTED, Outcome.RESOURCE_EXHAUSTED),
+    ],
 )
 def test_aborts_while_connecting_report_no_verdict(conn_input: ConnInput, outcome: Outcome) -> None:
     conn = in_state(S.CONNECTING)
