@@ -54,6 +54,10 @@ _CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
 _CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
 
 
+def _deadline_order(entry: tuple[float, int, Connection]) -> tuple[float, int]:
+    return entry[0], entry[1]
+
+
 class ProxyCore:
     def __init__(
         self,
@@ -243,6 +247,12 @@ class ProxyCore:
         out: list[Output] = []
         timers = self._timers
         connections = self.connections
+        # First collect what has expired, then act in deadline order. An entry
+        # may surface early (its deadline moved later and nothing was filed
+        # then), so the order entries surface in is not the deadlines' order
+        # when a late wake-up finds several passed: sort. Ties go by
+        # connection id, so the order never depends on filing history.
+        expired: list[tuple[float, int, Connection]] = []
         while (head := timers.peek()) is not None and head[0] <= now:
             due, connection_id = timers.pop()
             connection = connections.get(connection_id)
@@ -255,6 +265,10 @@ class ProxyCore:
             if deadline > now:
                 self._file_timer(connection, deadline, self._lane(connection))
                 continue
+            expired.append((deadline, connection_id, connection))
+        if len(expired) > 1:
+            expired.sort(key=_deadline_order)
+        for _, _, connection in expired:
             connection.handle_into(connection.timeout_input, now, out)
             self._settle(connection, now, out)
         out.extend(self.control.handle_timer(now))
@@ -312,14 +326,19 @@ class ProxyCore:
             if self.process.state is _DRAINING and not self.connections:
                 self.process.handle(ProcessInput.IDLE, now, 0)
                 out.append(ShutdownFinished(at=now, cut=0))
-        elif connection.timer_due is None:
-            # Only a connection without a live entry files one. A deadline that
-            # moved later (activity, a half-close, a retry's new connect
-            # timeout) keeps the old entry, which fires early and is re-filed
-            # by handle_timer: one entry per connection, not one per input.
-            deadline = connection.deadline
-            if deadline is not None:
-                self._file_timer(connection, deadline, self._lane(connection))
+        else:
+            # A deadline that moved later (activity, a half-close, a retry's
+            # new connect timeout) keeps the old entry, which fires early and
+            # is re-filed by handle_timer: one entry per connection, not one
+            # per input. Only a connection without a live entry, or whose
+            # deadline came *earlier* (a driver clock that stepped back), files.
+            if connection.state is _CONNECTING:
+                deadline, lane = connection.deadline_at, 0
+            else:
+                deadline, lane = connection.last_activity + self._policy.idle_timeout, 1
+            timer_due = connection.timer_due
+            if timer_due is None or deadline < timer_due:
+                self._file_timer(connection, deadline, lane)
 
     @staticmethod
     def _lane(connection: Connection) -> int:

@@ -63,3 +63,5 @@ def test_makers_match_the_constructors_and_stay_frozen(made: object, constructed
     assert [getattr(made, f.name) for f in fields] == [getattr(constructed, f.name) for f in fields]
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.connection_id = 0  # type: ignore[attr-defined]
+    # The makers skip __init__: validation added to the class would be skipped too.
+    assert not hasattr(type(made), "__post_init__")

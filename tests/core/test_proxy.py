@@ -393,3 +393,59 @@ def test_timer_lead_is_the_shortest_delay_a_call_can_file() -> None:
     assert proxy.next_deadline() == 13.0
     proxy.shutdown(11.0)
     assert proxy.next_deadline() == 11.0 + proxy.timer_lead()
+
+
+# -- several deadlines passed at one wake-up ---------------------------------------------
+
+
+def four_backends() -> ProxyCore:
+    return core(
+        backends=[{"address": f"10.0.9.{i}:80"} for i in (1, 2, 3, 4)],  # type: ignore[dict-item]
+        balancer={"connect_retries": 2},
+        health={"failure_threshold": 10},
+        timeouts={"connect": 1.0, "idle": 1.0},
+    )
+
+
+def ids(outputs: list[Output], kind: type) -> list[int]:
+    return [o.connection_id for o in outputs if isinstance(o, kind)]  # type: ignore[attr-defined]
+
+
+def test_a_late_wake_up_times_out_connects_in_deadline_order() -> None:
+    # A retry moves a's connect deadline to 1.5 but its timer entry stays at
+    # 1.0; b's deadline is 1.4. A driver that wakes late (a busy loop) finds
+    # both passed: b's, the earlier, must be handled first.
+    proxy = four_backends()
+    a, _ = proxy.accept(0.0)
+    b, _ = proxy.accept(0.4)
+    proxy.connect_failed(a, 1, 0.5)
+    assert ids(proxy.handle_timer(1.6), ConnectBackend) == [b, a]
+
+
+def test_a_late_wake_up_times_out_idle_connections_in_deadline_order() -> None:
+    proxy = four_backends()
+    a, _ = proxy.accept(0.0)
+    b, _ = proxy.accept(0.0)
+    proxy.connected(a, 1, 0.1)  # idle deadline 1.1
+    proxy.connected(b, 1, 0.2)  # idle deadline 1.2
+    proxy.client_eof(a, 0.5)  # a's idle deadline moves to 1.5, its entry stays at 1.1
+    assert ids(proxy.handle_timer(2.0), ConnectionClosed) == [b, a]
+
+
+def test_equal_deadlines_go_by_connection_id() -> None:
+    proxy = four_backends()
+    a, _ = proxy.accept(0.0)
+    b, _ = proxy.accept(0.5)  # deadline 1.5
+    proxy.connect_failed(a, 1, 0.5)  # a's deadline is 1.5 too; its entry says 1.0
+    proxy.handle_timer(1.0)  # a's early entry fires and is re-filed behind b's
+    assert ids(proxy.handle_timer(1.5), ConnectBackend) == [a, b]
+
+
+def test_a_deadline_that_comes_earlier_is_filed() -> None:
+    # A driver clock that steps back: the half-close's idle deadline (10.5)
+    # is earlier than the live entry (11.0), so it must be filed.
+    proxy = core(timeouts={"idle": 1.0})
+    cid, _ = proxy.accept(9.9)
+    proxy.connected(cid, 1, 10.0)
+    proxy.client_eof(cid, 9.5)
+    assert proxy.next_deadline() == 10.5
