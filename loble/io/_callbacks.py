@@ -54,6 +54,8 @@ __all__ = ["CallbackPath"]
 _READ = Pumped.READ
 _WRITE = Pumped.WRITE
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+"""Made non-blocking by ``socket()`` itself where it can: one ``ioctl`` less per connect."""
 _ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 """accept() errors that concern one client only: skip it, accept the next."""
 
@@ -174,13 +176,14 @@ class CallbackPath:
         while attempt.remaining:
             family, address = attempt.remaining.pop(0)
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
             except OSError as failure:  # e.g. EMFILE: ours, not the backend's
                 connection.attempt = None
                 self._daemon.out_of_resources(connection, failure)
                 return
             try:
-                sock.setblocking(False)
+                if not _NONBLOCK:
+                    sock.setblocking(False)
                 sock.setsockopt(*_NODELAY)
                 error = sock.connect_ex(address)
             except OSError as failure:
@@ -257,13 +260,16 @@ class CallbackPath:
                 self._daemon.core.touch(connection.connection_id, self._loop.time())
             if end is _READ:
                 return  # the reader stays registered: the common case costs nothing more
-            self._remove_reader(way.source_fd)
             if end is _WRITE:
+                self._remove_reader(way.source_fd)
                 self._add_writer(way.sink_fd, self._on_writable, connection, way)
                 way.waiting = _WRITE
                 return
-            way.waiting = None
+            # The copy ended: report it while still registered (see close).
             self._daemon.copy_ended(connection, way, end)
+            if way.waiting is _READ:
+                self._remove_reader(way.source_fd)
+                way.waiting = None
         except Exception:
             self._failed(connection)
 
@@ -274,13 +280,16 @@ class CallbackPath:
                 self._daemon.core.touch(connection.connection_id, self._loop.time())
             if end is _WRITE:
                 return
-            self._remove_writer(way.sink_fd)
             if end is _READ:
+                self._remove_writer(way.sink_fd)
                 self._add_reader(way.source_fd, self._on_readable, connection, way)
                 way.waiting = _READ
                 return
-            way.waiting = None
+            # The copy ended: report it while still registered (see close).
             self._daemon.copy_ended(connection, way, end)
+            if way.waiting is _WRITE:
+                self._remove_writer(way.sink_fd)
+                way.waiting = None
         except Exception:
             self._failed(connection)
 
@@ -307,14 +316,24 @@ class CallbackPath:
     # -- closing -------------------------------------------------------------------
 
     def close(self, connection: _Connection) -> None:
+        """Close both sockets; what they had registered goes with them.
+
+        In an epoll set, closing a socket takes it out of the set: forgetting
+        its callbacks is enough, no ``epoll_ctl`` is needed. That is also why
+        a direction whose copy ended reports it *before* unregistering: when
+        it was the connection's last, the core closes the connection at once
+        and the unregistering would be wasted. The loop's own selector (no
+        epoll) keeps a key per descriptor: there, what is registered is
+        unregistered first.
+        """
         self._abandon(connection)
-        # Only what is registered is unregistered: after both EOFs, nothing is.
+        unregister = self._epoll is None
         for way in (connection.to_backend, connection.to_client):
             if way is None:
                 continue
-            if way.waiting is _READ:
+            if unregister and way.waiting is _READ:
                 self._remove_reader(way.source_fd)
-            elif way.waiting is _WRITE:
+            elif unregister and way.waiting is _WRITE:
                 self._remove_writer(way.sink_fd)
             way.waiting = None
         self._forget_sockets(connection)
