@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from loble.core import ProxyCore, parse_config
+from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics
 
 pytestmark = pytest.mark.anyio
 
@@ -106,3 +111,46 @@ async def test_every_metric_is_documented(net: Any) -> None:
     assert len(names) >= 15
     missing = sorted(name for name in names if f"`{name}`" not in documented)
     assert not missing, f"not in docs/metrics.md: {missing}"
+
+
+def test_per_connection_metrics_render_as_prometheus_client_would() -> None:
+    # The hot-path metrics are plain numbers exposed by a collector; the
+    # histograms must keep prometheus_client's buckets (le is inclusive) and
+    # its series, and counters their _total, to any scraper.
+    address = "127.0.0.1:9"
+    ours = Metrics(ProxyCore(parse_config({"backends": [{"address": address}]}), random.Random(0)))
+    registry = CollectorRegistry()
+    histogram = Histogram(
+        "loble_backend_connect_duration_seconds",
+        "Time to establish a backend connection (successful attempts).",
+        ("backend",),
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        registry=registry,
+    )
+    counter = Counter(
+        "loble_backend_bytes",
+        "Bytes proxied, by backend and direction (to_backend or to_client).",
+        ("backend", "direction"),
+        unit="bytes",
+        registry=registry,
+    )
+    for seconds in (0.0001, 0.0005, 0.00051, 0.001, 5, 7.5):  # on, below, above the bounds
+        ours.connect_duration(address).observe(seconds)
+        histogram.labels(address).observe(seconds)
+    ours.bytes.labels(address, TO_BACKEND).inc(12_345)
+    counter.labels(address, TO_BACKEND).inc(12_345)
+    counter.labels(address, TO_CLIENT)  # Loble makes every backend's series at zero
+
+    def series(text: str, prefix: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith(prefix)
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    expected = generate_latest(registry).decode()
+    rendered = ours.render().decode()
+    for prefix in ("loble_backend_connect_duration_seconds", "loble_backend_bytes"):
+        assert series(rendered, prefix) == series(expected, prefix)
