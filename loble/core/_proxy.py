@@ -260,8 +260,7 @@ class ProxyCore:
                 continue
             connection.timer_due = None
             deadline = connection.deadline
-            if deadline is None:
-                continue
+            assert deadline is not None  # the table holds open connections only
             if deadline > now:
                 self._file_timer(connection, deadline, self._lane(connection))
                 continue
