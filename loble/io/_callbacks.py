@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -197,6 +198,11 @@ class CallbackPath:
             if error == errno.EINPROGRESS:
                 attempt.sock = sock
                 self._add_writer(sock.fileno(), self._on_connect_done, connection, attempt)
+                return
+            if error == errno.EADDRNOTAVAIL:  # no local port left: ours, not the backend's
+                sock.close()
+                connection.attempt = None
+                self._daemon.out_of_resources(connection, OSError(error, os.strerror(error)))
                 return
             sock.close()
         connection.attempt = None

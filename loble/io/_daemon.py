@@ -112,7 +112,7 @@ Addresses = list[tuple[int, Any]]
 """``(family, sockaddr)`` pairs to try in order for one backend."""
 
 
-_RESETS = frozenset({Outcome.CLIENT_RESET, Outcome.BACKEND_RESET})
+_RESETS = frozenset({Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED})
 """Outcomes passed on as a reset: an orderly FIN would make a truncated stream look complete."""
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
@@ -501,9 +501,11 @@ class Daemon:
     def out_of_resources(self, connection: _Connection, error: OSError) -> None:
         """No socket for a backend connect (e.g. EMFILE): end this client's connection.
 
-        The shortage is this process's, not the backend's: reported as a client
-        error, which gives no verdict on the backend, so fd pressure never marks
-        healthy backends unhealthy. Warned about once per second at most.
+        The shortage is this process's, not the backend's: reported as
+        ``RESOURCE_EXHAUSTED``, which gives no verdict on the backend, so fd
+        (or local port) pressure never marks healthy backends unhealthy, and
+        counts apart from the peers' resets. Warned about once per second at
+        most.
         """
         self._resource_failures += 1
         now = self.now()
@@ -517,7 +519,7 @@ class Daemon:
             )
             self._resource_warned = now
             self._resource_failures = 0
-        self._carry_out(self.core.client_error(connection.connection_id, now))
+        self._carry_out(self.core.resource_exhausted(connection.connection_id, now))
 
     def connect_failed(self, connection: _Connection, attempt: int) -> None:
         self._carry_out(self.core.connect_failed(connection.connection_id, attempt, self.now()))

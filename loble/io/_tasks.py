@@ -16,6 +16,7 @@ again; the ``callbacks`` path avoids that and is asyncio's default.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,10 @@ class TaskPath:
                     daemon.connected(connection, action.attempt, backend, sock, started)
                     return
                 sock.close()
+                if error == errno.EADDRNOTAVAIL:  # no local port left: ours, not the backend's
+                    connection.attempt = None
+                    daemon.out_of_resources(connection, OSError(error, os.strerror(error)))
+                    return
             connection.attempt = None
             daemon.connect_failed(connection, action.attempt)
 

@@ -216,6 +216,7 @@ def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
         "backends": [{"address": sink.address}],
         "timeouts": {"connect": 0.5},
         "health": {"failure_threshold": 1},
+        "logging": {"format": "json", "level": "debug", "access_log": True},
     }
     saw_no_socket = False
     # Each connection takes two descriptors: of two adjacent limits, one has the
@@ -242,7 +243,16 @@ def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
                         break  # at the limit
                 else:
                     raise AssertionError("never ran out of descriptors")
-                saw_no_socket |= bool(daemon.find(NO_SOCKET))
+                if daemon.find(NO_SOCKET):
+                    saw_no_socket = True
+                    # Counted as the proxy's own shortage, not as a peer's reset.
+                    wait_until(
+                        lambda: any(
+                            r.get("outcome") == "resource_exhausted"
+                            for r in daemon.find("connection")
+                        ),
+                        "an access log line with outcome resource_exhausted",
+                    )
                 # A report at the limit does not kill it either, and an established
                 # connection still moves bytes (with splice: no pipe, a buffer instead).
                 clients[0].shutdown(socket.SHUT_WR)
