@@ -266,3 +266,106 @@ def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
             assert not daemon.find("backend state changed"), "fd pressure is not a backend fault"
             assert not any("Traceback" in line for line in daemon.text)
     assert saw_no_socket
+
+
+# -- out of local ports ------------------------------------------------------------------
+
+_PORTLESS = r"""
+import ctypes, fcntl, json, os, signal, socket, struct, subprocess, sys, threading, time
+
+BOUND = 10.0
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET: a network namespace of our own
+    print(json.dumps({"skip": os.strerror(ctypes.get_errno())}))
+    sys.exit(0)
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bring its loopback up
+flags = struct.unpack("16sH14s", fcntl.ioctl(probe, 0x8913, struct.pack("16sH14s", b"lo", 0, b"")))[1]
+fcntl.ioctl(probe, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as ports:
+    ports.write("40000 40001")  # two local ports: a third connect to one backend fails
+
+backend = socket.create_server(("127.0.0.1", 9000))
+held = []
+threading.Thread(target=lambda: [held.append(backend.accept()) for _ in iter(int, 1)], daemon=True).start()
+
+config, data_path = sys.argv[1], sys.argv[2]
+daemon = subprocess.Popen(
+    [sys.executable, "-m", "loble", "run", "-c", config],
+    stderr=subprocess.PIPE, env={**os.environ, "LOBLE_DATA_PATH": data_path},
+)
+records = []
+def read():
+    for line in daemon.stderr:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"msg": line.decode(errors="replace")})
+threading.Thread(target=read, daemon=True).start()
+
+def wait_for(condition):
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            return False
+        time.sleep(0.01)  # polling interval of a bounded wait
+    return True
+
+def seen(message):
+    return [r for r in list(records) if r.get("msg") == message]
+
+ok = wait_for(lambda: seen("listening"))
+clients = []
+for port in (50001, 50002, 50003):  # clients bound outside the range
+    client = socket.socket()
+    client.bind(("127.0.0.1", port))
+    client.connect(("127.0.0.1", 8000))
+    clients.append(client)
+ok = ok and wait_for(lambda: any(
+    r.get("outcome") == "resource_exhausted" for r in seen("connection")))
+daemon.send_signal(signal.SIGTERM)
+for client in clients:
+    client.close()
+for sock, _ in list(held):  # the backend ends its side too: nothing left to drain
+    sock.close()
+code = daemon.wait(BOUND)
+print(json.dumps({
+    "ok": ok,
+    "exit": code,
+    "no_socket": seen("no socket for a backend connect: closing the client"),
+    "outcomes": [r.get("outcome") for r in seen("connection")],
+    "state_changes": len(seen("backend state changed")),
+    "tail": [r.get("msg") for r in records[-15:]],
+}))
+"""
+
+
+@pytest.mark.parametrize("data_path", ["callbacks", "tasks"])
+def test_out_of_local_ports_for_a_backend_blames_no_backend(tmp_path: Path, data_path: str) -> None:
+    # EADDRNOTAVAIL from connect(): every local port to this backend is taken.
+    # Provoked for real in a network namespace of the test's own, where the
+    # ephemeral port range is two ports (the machine's own range is untouched).
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("needs Linux and root, for a network namespace")
+    document = {
+        "listener": {"address": "127.0.0.1:8000"},
+        "backends": [{"address": "127.0.0.1:9000"}],
+        "health": {"failure_threshold": 1},
+        "logging": {"format": "json", "level": "debug", "access_log": True},
+    }
+    config = tmp_path / "config.toml"
+    config.write_text(tomli_w.dumps(document), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-c", _PORTLESS, str(config), data_path],
+        capture_output=True,
+        text=True,
+        timeout=4 * BOUND,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(f"no network namespace here: {report['skip']}")
+    assert report["ok"], report
+    assert report["exit"] == 0, report
+    assert "Cannot assign requested address" in report["no_socket"][0]["error"], report
+    assert "resource_exhausted" in report["outcomes"], report
+    assert report["state_changes"] == 0, "a port shortage is not a backend fault"
