@@ -224,6 +224,9 @@ async def test_workers_that_cannot_start_make_the_supervisor_exit_1(
         path = net.write_config(tmp_path / "c.toml", document)
         async with net.loble_process("run", "-c", str(path)) as child:
             assert await child.exit_code() == 1
-            await net.wait_for(lambda: len(child.json_lines("worker failed")) == 2)
+            # The first worker to fail makes the supervisor drain the other:
+            # that one may fail the same way or stop on the drain first,
+            # depending on which got further (a busy machine decides).
+            await net.wait_for(lambda: len(child.json_lines("worker failed")) >= 1)
             assert child.has("Address already in use")
             assert not child.has("Traceback")
