@@ -17,6 +17,7 @@ import argparse
 import cProfile
 import pstats
 import random
+import statistics
 import time
 from typing import Any
 
@@ -120,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved Loble/SimPy rounds")
     parser.add_argument("--profile", action="store_true", help="cProfile the Loble run")
     parser.add_argument(
         "--core", action="store_true", help="time the core alone (no world, heap or checks)"
@@ -137,19 +139,28 @@ def main() -> None:
         profile.runcall(run_loble, args.minutes, args.seed)
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
         return
-    connections, elapsed, ok = run_loble(args.minutes, args.seed)
-    loble_rate = connections / elapsed
-    print(
-        f"loble sim: {connections:,} connections in {elapsed:.1f} s wall: "
-        f"{loble_rate:,.0f} simulated connections/s (invariants {'held' if ok else 'FAILED'})"
-    )
-    simpy_connections, simpy_elapsed = run_simpy(args.minutes, args.seed)
-    simpy_rate = simpy_connections / simpy_elapsed
-    print(
-        f"simpy model: {simpy_connections:,} connections in {simpy_elapsed:.1f} s wall: "
-        f"{simpy_rate:,.0f} simulated connections/s"
-    )
-    print(f"ratio loble/simpy: {loble_rate / simpy_rate:.2f}x")
+    ratios: list[float] = []
+    for round_number in range(1, args.rounds + 1):
+        # Interleaved: on a shared machine the speed drifts from minute to
+        # minute, and each ratio compares two runs made next to each other.
+        if args.rounds > 1:
+            print(f"round {round_number} of {args.rounds}")
+        connections, elapsed, ok = run_loble(args.minutes, args.seed)
+        loble_rate = connections / elapsed
+        print(
+            f"loble sim: {connections:,} connections in {elapsed:.1f} s wall: "
+            f"{loble_rate:,.0f} simulated connections/s (invariants {'held' if ok else 'FAILED'})"
+        )
+        simpy_connections, simpy_elapsed = run_simpy(args.minutes, args.seed)
+        simpy_rate = simpy_connections / simpy_elapsed
+        print(
+            f"simpy model: {simpy_connections:,} connections in {simpy_elapsed:.1f} s wall: "
+            f"{simpy_rate:,.0f} simulated connections/s"
+        )
+        ratios.append(loble_rate / simpy_rate)
+        print(f"ratio loble/simpy: {ratios[-1]:.2f}x")
+    if args.rounds > 1:
+        print(f"median ratio over {args.rounds} rounds: {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
