@@ -175,13 +175,9 @@ class ProxyCore:
     # -- connection reports ------------------------------------------------------------
 
     def connected(self, connection_id: int, attempt: int, now: float) -> list[Output]:
-        connection = self.connections.get(connection_id)
-        if (
-            connection is None
-            or connection.attempt != attempt
-            or connection.state is not _CONNECTING
-        ):
-            return []  # stale: that attempt timed out or the connection closed
+        connection = self._live_attempt(connection_id, attempt)
+        if connection is None:
+            return []
         out: list[Output] = []
         connection.handle_into(_CONNECT_OK, now, out)
         # The live timer entry is the connect deadline, long before the idle
@@ -294,25 +290,33 @@ class ProxyCore:
         connection = self.connections.get(connection_id)
         if connection is None:
             return []
+        return self._step(connection, conn_input, now)
+
+    def _attempt_input(
+        self, connection_id: int, attempt: int, conn_input: ConnInput, now: float
+    ) -> list[Output]:
+        connection = self._live_attempt(connection_id, attempt)
+        if connection is None:
+            return []
+        return self._step(connection, conn_input, now)
+
+    def _step(self, connection: Connection, conn_input: ConnInput, now: float) -> list[Output]:
         out: list[Output] = []
         connection.handle_into(conn_input, now, out)
         self._settle(connection, now, out)
         return out
 
-    def _attempt_input(
-        self, connection_id: int, attempt: int, conn_input: ConnInput, now: float
-    ) -> list[Output]:
+    def _live_attempt(self, connection_id: int, attempt: int) -> Connection | None:
+        """The connection, if ``attempt`` is its connect in progress; else None
+        (stale: that attempt timed out or the connection closed)."""
         connection = self.connections.get(connection_id)
         if (
             connection is None
             or connection.attempt != attempt
             or connection.state is not _CONNECTING
         ):
-            return []  # stale: that attempt timed out or the connection closed
-        out: list[Output] = []
-        connection.handle_into(conn_input, now, out)
-        self._settle(connection, now, out)
-        return out
+            return None
+        return connection
 
     def _settle(self, connection: Connection, now: float, out: list[Output]) -> None:
         """Forget a closed connection, or make sure a timer entry watches it.

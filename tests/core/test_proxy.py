@@ -82,31 +82,32 @@ def test_a_whole_connection() -> None:
     proxy.touch(cid, 5.0)
 
 
-def test_a_client_reset_while_connecting_ends_the_attempt_without_a_verdict() -> None:
-    proxy = core()
+@pytest.mark.parametrize(
+    ("report", "outcome"),
+    [
+        ("client_error", Outcome.CLIENT_RESET),
+        # Out of descriptors for the backend socket, or of local ports.
+        ("resource_exhausted", Outcome.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_an_end_while_connecting_abandons_the_attempt_without_a_verdict(
+    report: str, outcome: Outcome
+) -> None:
+    proxy = core(health={"failure_threshold": 1})
     cid, outputs = proxy.accept(0.0)
     attempt = connect_of(outputs).attempt
-    outputs = proxy.client_error(cid, 0.5)
-    assert closed_of(outputs).outcome is Outcome.CLIENT_RESET
+    outputs = getattr(proxy, report)(cid, 0.5)
+    assert closed_of(outputs).outcome is outcome
     assert [o.input for o in outputs if isinstance(o, HealthReport)] == [
         HealthInput.CONNECTION_FINISHED
     ]
     assert proxy.control.health(A).consecutive_failures == 0
+    assert proxy.control.state(A) is HealthState.HEALTHY
     assert proxy.connected(cid, attempt, 0.6) == []  # the abandoned attempt
 
 
-def test_resource_exhaustion_blames_no_backend_while_connecting_or_open() -> None:
-    # Out of descriptors for the backend socket, or of local ports: the
-    # client is closed, the attempt abandoned, and A's health untouched.
+def test_resource_exhaustion_on_an_open_connection_blames_no_backend() -> None:
     proxy = core(health={"failure_threshold": 1})
-    cid, outputs = proxy.accept(0.0)
-    attempt = connect_of(outputs).attempt
-    outputs = proxy.resource_exhausted(cid, 0.1)
-    assert closed_of(outputs).outcome is Outcome.RESOURCE_EXHAUSTED
-    assert [o.input for o in outputs if isinstance(o, HealthReport)] == [
-        HealthInput.CONNECTION_FINISHED
-    ]
-    assert proxy.connected(cid, attempt, 0.2) == []  # the abandoned attempt
     established = open_connection(proxy, 1.0)
     outputs = proxy.resource_exhausted(established, 1.5)
     assert closed_of(outputs).outcome is Outcome.RESOURCE_EXHAUSTED
