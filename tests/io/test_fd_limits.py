@@ -221,7 +221,11 @@ def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
     saw_no_socket = False
     # Each connection takes two descriptors: of two adjacent limits, one has the
     # accept take the last descriptor, so the backend socket() fails (EMFILE).
-    for limit in (40, 41):
+    # A descriptor the daemon opens at its own pace (a pooled pipe, the loop's
+    # own) can shift the parity on a busy machine: two more limits cover that.
+    for limit in (40, 41, 42, 43):
+        if saw_no_socket and limit > 41:
+            break
         env = {"LOBLE_DATA_PATH": data_path, "LOBLE_COPY": copy}
         with limited(tmp_path, limit, document, **env) as daemon:
             proxied = daemon.address("listening")
