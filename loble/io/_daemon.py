@@ -602,11 +602,16 @@ class Daemon:
             assert self._tasks is not None
             self._tasks.cancel_scope.cancel()
             return
+        # Any timer these outputs' call filed is due no sooner than now + lead
+        # (ProxyCore.timer_lead): wake by then at the latest. Cheaper than
+        # asking next_deadline() after every call, which on a busy daemon is
+        # most calls, and it moves the timer once per lead, not per connection;
+        # the timer task asks next_deadline() itself when it wakes.
         timer = self._timer
-        if timer is not None and timer.deadline > self.now() + self._timer_lead:
-            deadline = self.core.next_deadline()
-            if deadline is not None and deadline < timer.deadline:
-                timer.deadline = deadline
+        if timer is not None:
+            bound = self.now() + self._timer_lead
+            if timer.deadline > bound:
+                timer.deadline = bound
 
     def _carry_out_list(self, outputs: list[Output]) -> None:
         record = self.metrics.record
