@@ -97,7 +97,7 @@ class ConnInput(enum.Enum):
     CUT = "cut"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     """The driver ran out of something of its own for this connection (file
-    descriptors, source ports): the connection ends, no backend is blamed."""
+    descriptors, socket memory): the connection ends, no backend is blamed."""
 
 
 Picker = Callable[[Collection[str]], "Backend | None"]

@@ -70,7 +70,7 @@ class Outcome(enum.Enum):
     """Arrived after shutdown began (a race with closing the listener)."""
     RESOURCE_EXHAUSTED = "resource_exhausted"
     """The proxy ran out of a resource of its own for this connection (file
-    descriptors, local ports): HAProxy's termination code ``R``. No backend
+    descriptors, socket memory): HAProxy's termination code ``R``. No backend
     is blamed."""
 
 

@@ -202,8 +202,8 @@ class ProxyCore:
 
     def resource_exhausted(self, connection_id: int, now: float) -> list[Output]:
         """The driver could not go on with this connection for lack of a local
-        resource (``EMFILE``/``ENFILE`` making a socket or a pipe,
-        ``EADDRNOTAVAIL`` with no local port left): end it with outcome
+        resource (``EMFILE``/``ENFILE``, ``ENOBUFS``/``ENOMEM`` making a
+        socket): end it with outcome
         ``RESOURCE_EXHAUSTED`` and no verdict on the backend, which did
         nothing wrong. A pending connect attempt is abandoned."""
         return self._input(connection_id, ConnInput.RESOURCE_EXHAUSTED, now)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,7 @@ import anyio
 from loble.core import Backend, ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, established
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
 from ._loop import readiness_for
 
 if TYPE_CHECKING:
@@ -178,8 +177,10 @@ class CallbackPath:
             family, address = attempt.remaining.pop(0)
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
-            except OSError as failure:  # e.g. EMFILE: ours, not the backend's
-                connection.attempt = None
+            except OSError as failure:
+                if failure.errno not in SHORTAGES:
+                    continue  # e.g. EAFNOSUPPORT: this address family is off here
+                connection.attempt = None  # EMFILE and the like: ours, not the backend's
                 self._daemon.out_of_resources(connection, failure)
                 return
             try:
@@ -198,11 +199,6 @@ class CallbackPath:
             if error == errno.EINPROGRESS:
                 attempt.sock = sock
                 self._add_writer(sock.fileno(), self._on_connect_done, connection, attempt)
-                return
-            if error == errno.EADDRNOTAVAIL:  # no local port left: ours, not the backend's
-                sock.close()
-                connection.attempt = None
-                self._daemon.out_of_resources(connection, OSError(error, os.strerror(error)))
                 return
             sock.close()
         connection.attempt = None
@@ -324,8 +320,12 @@ class CallbackPath:
     def close(self, connection: _Connection) -> None:
         """Close both sockets; what they had registered goes with them.
 
-        In an epoll set, closing a socket takes it out of the set: forgetting
-        its callbacks is enough, no ``epoll_ctl`` is needed. That is also why
+        In an epoll set, closing a socket takes it out of the set when no
+        other descriptor refers to the same socket, which holds here (Loble
+        never duplicates one, and workers are exec'd with close-on-exec
+        descriptors): forgetting its callbacks is enough, no ``epoll_ctl``
+        is needed. (A duplicate left open, e.g. by an in-process fork without
+        exec, would keep a stale entry reporting under a reused number.) That is also why
         a direction whose copy ended reports it *before* unregistering: when
         it was the connection's last, the core closes the connection at once
         and the unregistering would be wasted. The loop's own selector (no

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import math
@@ -111,6 +112,11 @@ def established(sock: socket.socket) -> bool:
 Addresses = list[tuple[int, Any]]
 """``(family, sockaddr)`` pairs to try in order for one backend."""
 
+
+SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors making a socket that are this process's shortage, not a backend's fault.
+(``EADDRNOTAVAIL`` from a connect is not among them: it also means an address
+family switched off on this host, a real failure to reach that address.)"""
 
 _RESETS = frozenset({Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED})
 """Outcomes passed on as a reset: an orderly FIN would make a truncated stream look complete."""
@@ -503,8 +509,8 @@ class Daemon:
 
         The shortage is this process's, not the backend's: reported as
         ``RESOURCE_EXHAUSTED``, which gives no verdict on the backend, so fd
-        (or local port) pressure never marks healthy backends unhealthy, and
-        counts apart from the peers' resets. Warned about once per second at
+        pressure never marks healthy backends unhealthy, and counts apart
+        from the peers' resets. Warned about once per second at
         most.
         """
         self._resource_failures += 1

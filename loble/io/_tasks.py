@@ -16,7 +16,6 @@ again; the ``callbacks`` path avoids that and is asyncio's default.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from anyio.abc import TaskGroup
 from loble.core import ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, established
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, _Connection
@@ -135,8 +134,10 @@ class TaskPath:
             for family, address in addresses:
                 try:
                     sock = socket.socket(family, socket.SOCK_STREAM)
-                except OSError as failure:  # e.g. EMFILE: ours, not the backend's
-                    connection.attempt = None
+                except OSError as failure:
+                    if failure.errno not in SHORTAGES:
+                        continue  # e.g. EAFNOSUPPORT: this address family is off here
+                    connection.attempt = None  # EMFILE and the like: ours, not the backend's
                     daemon.out_of_resources(connection, failure)
                     return
                 try:
@@ -156,10 +157,6 @@ class TaskPath:
                     daemon.connected(connection, action.attempt, backend, sock, started)
                     return
                 sock.close()
-                if error == errno.EADDRNOTAVAIL:  # no local port left: ours, not the backend's
-                    connection.attempt = None
-                    daemon.out_of_resources(connection, OSError(error, os.strerror(error)))
-                    return
             connection.attempt = None
             daemon.connect_failed(connection, action.attempt)
 
