@@ -85,7 +85,8 @@ class CallbackPath:
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         loop = self._loop = asyncio.get_running_loop()
-        self._paused: asyncio.TimerHandle | None = None
+        self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
+        """Listeners pausing after an accept error, and the handle that resumes each."""
         self._epoll, self._private = readiness_for(loop)
         readiness: Any = self._epoll or loop
         self._add_reader: Callable[..., None] = readiness.add_reader
@@ -105,8 +106,12 @@ class CallbackPath:
         try:
             await anyio.sleep_forever()
         finally:
-            if self._paused is not None:
-                self._paused.cancel()
+            # Every pending resume, not just the last: one left behind would
+            # register a closed listener's descriptor number, which a new
+            # socket may already have taken.
+            for handle in self._paused.values():
+                handle.cancel()
+            self._paused.clear()
             for listener in listeners:
                 self._remove_reader(listener.fileno())
 
@@ -136,10 +141,10 @@ class CallbackPath:
         self._remove_reader(listener.fileno())
 
         def resume() -> None:
-            self._paused = None
+            del self._paused[listener]
             self._add_reader(listener.fileno(), self._on_acceptable, listener)
 
-        self._paused = self._loop.call_later(ACCEPT_BACKOFF, resume)
+        self._paused[listener] = self._loop.call_later(ACCEPT_BACKOFF, resume)
 
     # -- connecting ----------------------------------------------------------------
 
