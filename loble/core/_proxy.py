@@ -146,9 +146,7 @@ class ProxyCore:
         connection.open_into(now, out)
         if connection.state is _CONNECTING:
             self.connections[connection_id] = connection
-            # _settle's filing, inlined: a fresh connection has no entry yet.
-            due = connection.timer_due = connection.deadline_at
-            self._timers.push(due, connection_id, 0)
+            self._file_timer(connection, connection.deadline_at, 0)  # it has no entry yet
         # else: no backend, closed at once; never in flight (the process is running)
         return connection_id, out
 
@@ -335,13 +333,11 @@ class ProxyCore:
             # is re-filed by handle_timer: one entry per connection, not one
             # per input. Only a connection without a live entry, or whose
             # deadline came *earlier* (a driver clock that stepped back), files.
-            if connection.state is _CONNECTING:
-                deadline, lane = connection.deadline_at, 0
-            else:
-                deadline, lane = connection.last_activity + self._policy.idle_timeout, 1
+            deadline = connection.deadline
+            assert deadline is not None  # open
             timer_due = connection.timer_due
             if timer_due is None or deadline < timer_due:
-                self._file_timer(connection, deadline, lane)
+                self._file_timer(connection, deadline, self._lane(connection))
 
     @staticmethod
     def _lane(connection: Connection) -> int:

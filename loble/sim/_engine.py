@@ -482,27 +482,18 @@ class Simulation:
         self.monitor.connect_started(action, now)
         backend = self.backends[action.backend.address]
         behaviour = backend.behaviour
-        if behaviour == _UP:  # the common case, without the calls below
-            backend.open += 1
-            event = (
-                now + self._latency(),
-                self._next_sequence(),
-                _CONNECT_OK,
-                action.connection_id,
-                action.attempt,
-                backend,
-                backend.incarnation,
-            )
-            heapq.heappush(self._heap, event)
-            return
         if behaviour == _BLACKHOLE:
             return  # the SYN goes nowhere: the core's connect timeout decides
         at = now + self._latency()
-        if backend.refuses(now):
-            self._schedule(at, _CONNECT_REFUSED, action.connection_id, action.attempt)
-            return
-        if behaviour == _SLOW:
-            at += backend.delay
+        if behaviour == _UP:  # the common case: none of the checks below apply
+            epoch = backend.incarnation
+        else:
+            if backend.refuses(now):
+                self._schedule(at, _CONNECT_REFUSED, action.connection_id, action.attempt)
+                return
+            if behaviour == _SLOW:
+                at += backend.delay
+            epoch = backend.epoch(now)
         backend.open += 1
         event = (
             at,
@@ -511,7 +502,7 @@ class Simulation:
             action.connection_id,
             action.attempt,
             backend,
-            backend.epoch(now),
+            epoch,
         )
         heapq.heappush(self._heap, event)
 

@@ -13,6 +13,7 @@ import os
 import socket
 import warnings
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -165,7 +166,7 @@ async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(
 
 async def test_every_attempt_refused_closes_the_client(net: Any) -> None:
     async with net.loopback() as lab:
-        refused = [f"127.0.0.1:{net.free_port()}" for _ in range(2)]
+        refused = [f"127.0.0.1:{port}" for port in net.free_ports(2)]
         daemon = await lab.daemon(refused, health={"failure_threshold": 100})
         assert await net.request(daemon.listen_address) == b""
         await net.wait_for(lambda: outcomes(daemon, Outcome.CONNECT_FAILED) == 1)
@@ -222,6 +223,16 @@ async def test_a_backend_reset_reaches_the_client_as_a_reset(
         await net.wait_for(lambda: outcomes(daemon, Outcome.BACKEND_RESET) == 1)
 
 
+@contextlib.asynccontextmanager
+async def proxied_to(net: Any, backend: Any, data_plane: dict[str, str]) -> AsyncIterator[Any]:
+    """A daemon in front of one backend served by ``backend(stream)``."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, net.loopback() as lab:  # the rig stops before the listener closes
+        lab.tasks.start_soon(listener.serve, backend)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        yield await lab.daemon([f"127.0.0.1:{port}"], **data_plane)
+
+
 async def test_a_client_reset_reaches_the_backend_as_a_reset(
     net: Any, data_plane: dict[str, str]
 ) -> None:
@@ -231,11 +242,7 @@ async def test_a_client_reset_reaches_the_backend_as_a_reset(
         async with stream:
             ended.append(await reset_or_eof(stream))
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with listener, net.loopback() as lab:  # the rig stops before the listener closes
-        lab.tasks.start_soon(listener.serve, backend)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        daemon = await lab.daemon([f"127.0.0.1:{port}"], **data_plane)
+    async with proxied_to(net, backend, data_plane) as daemon:
         stream = await anyio.connect_tcp(*daemon.listen_address)
         await stream.send(b"truncated upl")
         await net.wait_for(lambda: daemon.open_connections == 1)
@@ -265,11 +272,7 @@ async def test_a_reset_after_a_half_close_is_noticed_at_once(
             except OSError:
                 ended.append("reset")
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with listener, net.loopback() as lab:  # the rig stops before the listener closes
-        lab.tasks.start_soon(listener.serve, backend)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        daemon = await lab.daemon([f"127.0.0.1:{port}"], **data_plane)
+    async with proxied_to(net, backend, data_plane) as daemon:
         stream = await anyio.connect_tcp(*daemon.listen_address)
         await stream.send(b"request")
         await stream.send_eof()

@@ -25,6 +25,8 @@ import tomli_w
 
 from loble.io._copy import SPLICE_AVAILABLE
 
+from .conftest import DATA_PLANES
+
 BOUND = 10.0
 
 _PRELUDE = (
@@ -193,16 +195,6 @@ def _answers(address: tuple[str, int]) -> bool:
 
 
 NO_SOCKET = "no socket for a backend connect: closing the client"
-
-
-DATA_PLANES = [
-    ("callbacks", "auto"),
-    ("callbacks", "splice"),
-    ("callbacks", "recv_into"),
-    ("tasks", "auto"),
-    ("tasks", "splice"),
-    ("tasks", "recv_into"),
-]
 
 
 @pytest.mark.parametrize(("data_path", "copy"), DATA_PLANES, ids=["-".join(p) for p in DATA_PLANES])

@@ -187,15 +187,20 @@ def test_a_draining_backend_that_never_drains_is_caught(monkeypatch: pytest.Monk
     )
 
 
-def test_connect_timeouts_that_never_fire_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The reviewer's mutant: connect deadlines (lane 0 of the core's timer) are never filed.
+def drop_timer_lane(monkeypatch: pytest.MonkeyPatch, dropped: int) -> None:
+    """Mutate the core: deadlines of one kind (a lane of its timer) are never filed."""
     file_timer = _timers.TimerQueue.push
 
     def push(self: _timers.TimerQueue, due: float, key: int, lane: int) -> None:
-        if lane != 0:
+        if lane != dropped:
             file_timer(self, due, key, lane)
 
     monkeypatch.setattr(_timers.TimerQueue, "push", push)
+
+
+def test_connect_timeouts_that_never_fire_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reviewer's mutant: connect deadlines (lane 0 of the core's timer) are never filed.
+    drop_timer_lane(monkeypatch, 0)
     result = run_shipped("slow-drain")
     assert failed(result) == ["timeouts on time"]
     assert (
@@ -294,13 +299,7 @@ def test_an_idle_timeout_that_fires_early_is_caught(monkeypatch: pytest.MonkeyPa
 
 
 def test_an_idle_timeout_that_never_fires_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    file_timer = _timers.TimerQueue.push
-
-    def push(self: _timers.TimerQueue, due: float, key: int, lane: int) -> None:
-        if lane != 1:
-            file_timer(self, due, key, lane)
-
-    monkeypatch.setattr(_timers.TimerQueue, "push", push)
+    drop_timer_lane(monkeypatch, 1)  # idle deadlines
     result = build_report(Simulation(quiet_backends(1.0), 1).run())
     assert failed(result) == ["timeouts on time"]
     assert "past its idle timeout" in first_violations(result, "timeouts on time")[0]

@@ -197,7 +197,7 @@ def test_extreme_values_are_refused_with_one_line_each() -> None:
 
 
 def test_timings_too_short_to_simulate_are_refused() -> None:
-    """/tmp/rv/tinyidle.toml: an idle timeout of 1e-300 s made the run stand still."""
+    """A review found that an idle timeout of 1e-300 s made a run stand still."""
     doc = document(
         timeouts={"connect": 1e-7, "idle": 1e-300, "drain": 0.0},
         health={"probe_interval": 5e-7, "probe_timeout": 1e-6},
