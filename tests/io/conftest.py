@@ -127,11 +127,18 @@ async def request(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
             return await read_all(stream)
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct ports nothing listens on (bound together, then released: connects
+    to them are refused). One at a time, the OS may hand out the same port twice."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
 def free_port() -> int:
-    """A port nothing listens on (bound and released: connects to it are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def reset(stream: SocketStream) -> None:
@@ -386,6 +393,7 @@ class Net:
     request = staticmethod(request)
     read_all = staticmethod(read_all)
     free_port = staticmethod(free_port)
+    free_ports = staticmethod(free_ports)
     reset = staticmethod(reset)
     scrape = staticmethod(scrape)
     samples = staticmethod(samples)

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.anyio
 
 
 def demo_config(net: Any, tmp_path: Path, runtime: str) -> tuple[Path, list[str], str]:
-    backends = [f"127.0.0.1:{net.free_port()}" for _ in range(3)]
-    metrics = f"127.0.0.1:{net.free_port()}"
+    *ports, metrics_port = net.free_ports(4)
+    backends = [f"127.0.0.1:{port}" for port in ports]
+    metrics = f"127.0.0.1:{metrics_port}"
     document = {
         "listener": {"address": "127.0.0.1:0"},
         "metrics": {"enabled": True, "address": metrics},
