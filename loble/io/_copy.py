@@ -27,10 +27,13 @@ Both hold at most one bounded buffer per direction (a pipe, or a
 so a peer that stops reading stops the copy, never Loble's memory.
 
 Buffers are taken lazily: a direction holds a pipe or a buffer only while
-bytes are in flight in it. When a wakeup ends with the buffer empty (the
-common case: the sink took everything) the buffer goes back to a
-:class:`BufferPool` shared by the daemon, so an idle connection holds no pipe
-and no buffer, and a busy daemon makes a pipe once, not once per read.
+bytes are in flight in it. ``recv_into`` reads into the pool's one scratch
+buffer and a direction takes a buffer of its own only for bytes its sink
+could not take; a pipe goes back to the :class:`BufferPool` shared by the
+daemon when a wakeup ends with it empty (the common case: the sink took
+everything). So an idle connection holds no pipe and no buffer, a wakeup
+that writes out what it read takes nothing, and a busy daemon makes a pipe
+once, not once per read.
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ class BufferPool:
         self.method = method
         self._pipes: list[tuple[int, int]] = []
         self._buffers: list[memoryview] = []
+        self.scratch = memoryview(bytearray(CHUNK_SIZE))
+        """What a direction holding nothing reads into; the bytes it cannot
+        write out at once move to a buffer of its own (:meth:`take_buffer`),
+        so a wakeup that writes all it read, the usual case, takes nothing."""
         self.open_pipes = 0
 
     @property
@@ -303,17 +310,26 @@ class OneWay:
         return result
 
     def _pump_recv_into(self) -> Pumped:
-        buffer = self._buffer
-        if buffer is None:
-            buffer = self._buffer = self._pool.take_buffer()
+        # A direction that holds nothing reads into the pool's scratch buffer;
+        # only bytes the sink could not take get a buffer of their own (below).
         pending = self.pending
-        offset = self._offset
+        if pending:
+            buffer = self._buffer
+            assert buffer is not None
+            offset = self._offset
+        else:
+            buffer = self._pool.scratch
+            offset = 0
+        recv_into = self.source.recv_into
+        send = self.sink.send
         moved = 0
         result = _READ
-        for _ in range(_ROUNDS):
+        rounds = _ROUNDS
+        while rounds:
+            rounds -= 1
             if not pending:
                 try:
-                    read = self.source.recv_into(buffer)
+                    read = recv_into(buffer)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -326,7 +342,7 @@ class OneWay:
             else:
                 read = 0
             try:
-                written = self.sink.send(buffer[offset : offset + pending])
+                written = send(buffer[offset : offset + pending])
             except BlockingIOError:
                 result = _WRITE
                 break
@@ -335,8 +351,8 @@ class OneWay:
                 break
             moved += written
             pending -= written
-            offset += written
             if pending:
+                offset += written
                 result = _WRITE
                 break
             if read < _FULL_READ:
@@ -344,13 +360,20 @@ class OneWay:
             if self._auto:
                 self._splice = True  # a bulk direction: splice from now on
                 break
-        self.pending = pending
-        self._offset = offset
         self.moved = moved
         self.total += moved
-        if not pending:
+        self.pending = pending
+        if pending:
+            if buffer is not self._buffer:
+                # Held bytes outlive this wakeup: move them out of the scratch
+                # buffer, which the next direction to wake reads into.
+                own = self._buffer = self._pool.take_buffer()
+                own[:pending] = buffer[offset : offset + pending]
+                offset = 0
+            self._offset = offset
+        elif self._buffer is not None:
+            self._pool.give_buffer(self._buffer)
             self._buffer = None
-            self._pool.give_buffer(buffer)
         return result
 
     def release(self) -> None:

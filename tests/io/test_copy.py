@@ -201,15 +201,64 @@ def test_an_idle_direction_holds_no_buffer_and_buffers_are_reused(pool: BufferPo
         wait([way.source], [])
         assert way.pump() is Pumped.READ
         assert way.total == 5 and way.pending == 0
-    # Both directions ran, one after the other, on the same pooled buffer.
-    assert pool.pooled == 1
-    expected_pipes = 1 if pool.method is CopyMethod.SPLICE else 0
-    assert pool.open_pipes == expected_pipes
+    # Both directions ran, one after the other, through the pool's scratch
+    # buffer (or one pooled pipe): neither took a buffer of its own.
+    splice = pool.method is CopyMethod.SPLICE
+    assert pool.pooled == (1 if splice else 0)
+    assert pool.open_pipes == (1 if splice else 0)
     for way in (first, second):
         way.release()
     for pair in pairs:
         for sock in pair:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(CopyMethod.AUTO, marks=LINUX_ONLY), CopyMethod.RECV_INTO],
+    ids=lambda method: method.value,
+)
+def test_bytes_held_for_a_slow_sink_survive_other_directions_waking(method: CopyMethod) -> None:
+    # Directions read into one shared scratch buffer; bytes one of them cannot
+    # write out must move to a buffer of its own before another reads.
+    pool = BufferPool(method)
+    slow_client, slow_in = tcp_pair()
+    slow_out, slow_server = tcp_pair()
+    slow_out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    slow_server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow = OneWay(slow_in, slow_out, pool)
+    sent = bytearray()
+    piece = 0
+    while slow.pending == 0:  # small messages (no switch to splice) until the sink is full
+        message = (b"%06d:" % piece) * 150
+        slow_client.sendall(message)
+        sent += message
+        piece += 1
+        wait([slow_in], [])
+        slow.pump()
+    assert pool.pooled == 0  # the held bytes' own buffer is taken from the pool
+
+    other = [tcp_pair() for _ in range(2)]
+    busy = OneWay(other[0][1], other[1][0], pool)
+    for _ in range(20):
+        other[0][0].send(b"z" * 2000)
+        wait([busy.source], [])
+        busy.pump()
+        assert other[1][1].recv(4096)  # the scratch buffer was overwritten each time
+
+    received = bytearray()
+    while len(received) < len(sent):
+        wait([slow_server], [])
+        received += slow_server.recv(65536)
+        if slow.pending:
+            slow.pump()
+    assert bytes(received) == bytes(sent)
+    assert slow.pending == 0 and pool.pooled == 1  # given back once written out
+    for way in (slow, busy):
+        way.release()
+    for sock in (slow_client, slow_in, slow_out, slow_server, *(s for pair in other for s in pair)):
+        sock.close()
+    pool.close()
 
 
 def test_a_direction_closed_with_bytes_held_discards_its_pipe(pool: BufferPool) -> None:
