@@ -264,7 +264,7 @@ class CallbackPath:
         try:
             end = way.pump()
             if way.moved:
-                self._daemon.core.touch(connection.connection_id, self._loop.time())
+                self._daemon.active(connection)
             if end is _READ:
                 return  # the reader stays registered: the common case costs nothing more
             if end is _WRITE:
@@ -284,7 +284,7 @@ class CallbackPath:
         try:
             end = way.pump()
             if way.moved:
-                self._daemon.core.touch(connection.connection_id, self._loop.time())
+                self._daemon.active(connection)
             if end is _WRITE:
                 return
             if end is _READ:

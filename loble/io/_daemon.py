@@ -40,6 +40,7 @@ import random
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -87,6 +88,17 @@ ACCEPT_BACKOFF = 0.1
 
 ACCEPT_BATCH = 64
 """Connections accepted per wakeup of a listening socket at most."""
+
+TOUCH_RESOLUTION = 0.001
+"""Seconds: the core hears of a connection's activity at most this often.
+
+Bytes moving push the connection's idle deadline back (``core.touch``).
+Telling the core on every wakeup cost a core call per wakeup, two per
+proxied request; once per millisecond per connection is as fine as HAProxy's
+clock, read once per loop turn in milliseconds. An idle timeout can so end
+a connection at most this much before a full ``idle`` has passed since its
+last byte.
+"""
 
 
 def format_address(host: str, port: int) -> str:
@@ -146,6 +158,7 @@ class _Connection:
         "peer",
         "to_backend",
         "to_client",
+        "touch_due",
     )
 
     def __init__(self, connection_id: int, client: socket.socket, peer: str, handle: Any) -> None:
@@ -161,6 +174,8 @@ class _Connection:
         self.to_backend: OneWay | None = None
         self.to_client: OneWay | None = None
         self.counters: tuple[Any, Any] | None = None
+        self.touch_due = 0.0
+        """When activity is next worth telling the core (:data:`TOUCH_RESOLUTION`)."""
 
     def socket(self, side: Side) -> socket.socket | None:
         return self.client if side is Side.CLIENT else self.backend
@@ -377,7 +392,12 @@ class Daemon:
 
             self.now = trio.current_time
         else:
-            self.now = asyncio.get_running_loop().time
+            loop = asyncio.get_running_loop()
+            # asyncio's loop.time() is time.monotonic() behind a Python call;
+            # read the same clock directly (it is read several times per
+            # connection). Other loops (uvloop) keep their own time().
+            plain = type(loop).time is asyncio.BaseEventLoop.time
+            self.now = time.monotonic if plain else loop.time
         self.data_path_name = name
         return path
 
@@ -545,6 +565,13 @@ class Daemon:
         source, sink = (Side.CLIENT, Side.BACKEND) if from_client else (Side.BACKEND, Side.CLIENT)
         failed = source if end is Pumped.SOURCE_ERROR else sink
         self._carry_out(self._report_error(connection_id, failed, now))
+
+    def active(self, connection: _Connection) -> None:
+        """Bytes moved on ``connection``: push its idle deadline back (coarsely)."""
+        now = self.now()
+        if now >= connection.touch_due:
+            connection.touch_due = now + TOUCH_RESOLUTION
+            self.core.touch(connection.connection_id, now)
 
     def driver_failed(self, connection: _Connection) -> None:
         """A bug in this driver, not a network event: keep serving the others,

@@ -170,15 +170,13 @@ class TaskPath:
 
     async def _copy(self, connection: _Connection, way: OneWay) -> None:
         daemon = self._daemon
-        touch = daemon.core.touch
-        now = daemon.now
-        connection_id = connection.connection_id
+        active = daemon.active
         wait_readable, wait_writable = self._wait_readable, self._wait_writable
         source, sink = way.source, way.sink
         while True:
             end = way.pump()
             if way.moved:
-                touch(connection_id, now())
+                active(connection)
             if end is _READ:
                 await wait_readable(source)
             elif end is _WRITE:
