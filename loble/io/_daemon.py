@@ -40,6 +40,7 @@ import random
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -88,6 +89,10 @@ ACCEPT_BACKOFF = 0.1
 
 ACCEPT_BATCH = 64
 """Connections accepted per wakeup of a listening socket at most."""
+
+NODELAY_INHERITED = sys.platform == "linux"
+"""Accepted sockets inherit ``TCP_NODELAY`` from their listener (Linux): set it
+once on the listening socket instead of once per client, a system call less."""
 
 TOUCH_RESOLUTION = 0.001
 """Seconds: the core hears of a connection's activity at most this often.
@@ -446,6 +451,7 @@ class Daemon:
         for listener in listeners:
             sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
             sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see NODELAY_INHERITED
             raw.append(sock)
         try:
             with self._accepting:
