@@ -1,0 +1,135 @@
+"""CPU time each proxy spends per request under one wrk load (a benchmark, not a test).
+
+On a two-core machine shared by ``wrk``, the backend and the proxy, a rate
+depends on where the scheduler puts the three as much as on the proxy; the
+CPU time the proxy spends per request does not. This runs ``wrk`` (the same
+options and nginx backend as ``bench/run.py``) through each proxy in turn,
+interleaved over rounds, reads the proxy's user and system time from
+``/proc/PID/stat`` before and after the measured run, and prints them per
+request with the rate and p99, then the medians.
+
+Subjects: ``haproxy`` and ``loble`` as in ``bench/run.py``, and ``floor``:
+``bench/floor_proxy.py``, the least Python a proxy can run per wakeup
+(what any Python proxy pays before its own logic).
+
+    python bench/cpu.py                                  # keep-alive, 3 rounds
+    python bench/cpu.py --load new_conns --rounds 5
+    python bench/cpu.py --only loble --env LOBLE_COPY=splice
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from _loads import run_wrk
+from _procs import Registry, process_tree, raise_nofile
+from _refs import INSTALL_HINT, HAProxy, Loble, Proxy, start_http_backend
+
+REPO = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Floor(Proxy):
+    name = "floor"
+    label = "floor (bench/floor_proxy.py)"
+
+    def argv(self, workdir: Path, port: int, backend: int, tag: str) -> list[str]:
+        return [
+            sys.executable,
+            str(Path(__file__).with_name("floor_proxy.py")),
+            str(port),
+            str(backend),
+        ]
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of *pid* and its descendants so far."""
+    user = system = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="haproxy,floor,loble", help="haproxy,floor,loble")
+    parser.add_argument("--load", choices=("keepalive", "new_conns"), default="keepalive")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of each measured run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for Loble")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: {INSTALL_HINT}")
+            return 2
+    wanted = args.only.split(",")
+    loble = Loble(sys.executable, REPO)
+    subjects: dict[str, Proxy] = {"haproxy": HAProxy(4000), "floor": Floor(), "loble": loble}
+    proxies = []
+    for proxy in (subjects[name] for name in wanted):
+        reason = proxy.unavailable()
+        if reason:
+            print(f"skipping {proxy.name}: {reason}")
+        else:
+            proxies.append(proxy)
+    for assignment in args.env:
+        name, _, value = assignment.partition("=")
+        os.environ[name] = value  # inherited by the proxies this starts
+    nofile = raise_nofile(8192)
+    reg = Registry(Path(tempfile.mkdtemp(prefix="loble-cpu-")))
+    results: dict[str, list[tuple[float, float, float, float]]] = {p.name: [] for p in proxies}
+    close = args.load == "new_conns"
+    try:
+        backend = start_http_backend(reg, "nginx", nofile)
+        for round_number in range(1, args.rounds + 1):
+            for proxy in proxies:
+                running = proxy.start(reg, backend, f"{proxy.name}-{round_number}")
+                assert running.started is not None
+                pid = running.started.pid
+                wrk = {"connections": args.connections, "threads": 1, "close": close}
+                run_wrk(reg, "wrk", running.port, duration=1, **wrk)  # warm-up
+                user0, system0 = cpu_seconds(pid)
+                result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
+                user1, system1 = cpu_seconds(pid)
+                proxy.stop(reg, running)
+                requests = result["requests"]
+                row = (
+                    result["requests_per_s"],
+                    result.get("latency_p99_ms", float("nan")),
+                    (user1 - user0) / requests * 1e6,
+                    (system1 - system0) / requests * 1e6,
+                )
+                results[proxy.name].append(row)
+                print(
+                    f"round {round_number} {proxy.name:8} {args.load}: {row[0]:9,.0f} req/s  "
+                    f"p99 {row[1]:.2f} ms  user {row[2]:5.2f} us  system {row[3]:5.2f} us  "
+                    f"total {row[2] + row[3]:6.2f} us per request",
+                    flush=True,
+                )
+    finally:
+        reg.close()
+        shutil.rmtree(reg.workdir, ignore_errors=True)
+    print(f"\nmedians of {args.rounds} interleaved rounds, {args.load}:")
+    for name, rows in results.items():
+        rate, p99, user, system = (statistics.median(column) for column in zip(*rows, strict=True))
+        print(
+            f"  {name:8} {rate:9,.0f} req/s  p99 {p99:.2f} ms  user {user:5.2f} us  "
+            f"system {system:5.2f} us  total {user + system:6.2f} us per request"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
