@@ -65,7 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="haproxy,floor,loble", help="haproxy,floor,loble")
     parser.add_argument("--load", choices=("keepalive", "new_conns"), default="keepalive")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=lambda text: max(1, int(text)), default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of each measured run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for Loble")
@@ -104,7 +104,9 @@ def main() -> int:
                 result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
                 user1, system1 = cpu_seconds(pid)
                 proxy.stop(reg, running)
-                requests = result["requests"]
+                requests = result.get("requests", 0)
+                if not requests:
+                    raise RuntimeError(f"{proxy.name}: wrk completed no request")
                 row = (
                     result["requests_per_s"],
                     result.get("latency_p99_ms", float("nan")),
@@ -115,7 +117,8 @@ def main() -> int:
                 print(
                     f"round {round_number} {proxy.name:8} {args.load}: {row[0]:9,.0f} req/s  "
                     f"p99 {row[1]:.2f} ms  user {row[2]:5.2f} us  system {row[3]:5.2f} us  "
-                    f"total {row[2] + row[3]:6.2f} us per request",
+                    f"total {row[2] + row[3]:6.2f} us per request"
+                    + (f"  WARNING: {result['warning']}" if "warning" in result else ""),
                     flush=True,
                 )
     finally:

@@ -1,7 +1,9 @@
 """The least Python an L4 proxy can run per wakeup: the floor Loble is measured against.
 
 Not Loble and not a product: no core, no health, no timeouts, no half-close,
-no backpressure (a write that would block ends the connection), one backend.
+no backpressure (a write that would block ends the connection, and the
+rest of a partial write is lost: it is measured with request-sized messages
+only, and ``bench/cpu.py`` reports wrk's errors), one backend.
 An ``epoll`` loop that accepts, connects, and for each readable socket does
 one ``recv_into`` a shared buffer and one ``send`` to its peer: the system
 calls every proxy makes, and as little interpreter work around them as

@@ -43,7 +43,7 @@ import anyio
 from loble.core import Backend, ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, NODELAY_INHERITED, SHORTAGES, established
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
 from ._loop import readiness_for
 
 if TYPE_CHECKING:
@@ -131,8 +131,7 @@ class CallbackPath:
                 return
             try:
                 client.setblocking(False)
-                if not NODELAY_INHERITED:
-                    client.setsockopt(*_NODELAY)
+                client.setsockopt(*_NODELAY)
                 accepted(client)
             except Exception:  # a bug: this client only, the batch goes on
                 self._daemon.logger.exception("accepting a connection failed")

@@ -40,7 +40,6 @@ import random
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -90,10 +89,6 @@ ACCEPT_BACKOFF = 0.1
 ACCEPT_BATCH = 64
 """Connections accepted per wakeup of a listening socket at most."""
 
-NODELAY_INHERITED = sys.platform == "linux"
-"""Accepted sockets inherit ``TCP_NODELAY`` from their listener (Linux): set it
-once on the listening socket instead of once per client, a system call less."""
-
 TOUCH_RESOLUTION = 0.001
 """Seconds: the core hears of a connection's activity at most this often.
 
@@ -102,7 +97,8 @@ Telling the core on every wakeup cost a core call per wakeup, two per
 proxied request; once per millisecond per connection is as fine as HAProxy's
 clock, read once per loop turn in milliseconds. An idle timeout can so end
 a connection at most this much before a full ``idle`` has passed since its
-last byte.
+last byte, and at most 1% of ``idle`` (the daemon's resolution is the
+smaller of the two: with the shortest idle timeouts every wakeup counts).
 """
 
 
@@ -281,6 +277,7 @@ class Daemon:
         # While the timer is already due sooner than now + this lead, no core
         # call can bring it closer: next_deadline() need not be asked.
         self._timer_lead = self.core.timer_lead()
+        self._touch_resolution = min(TOUCH_RESOLUTION, config.timeouts.idle / 100)
         self.now: Callable[[], float] = anyio.current_time
         """The core's clock: the event loop's monotonic time."""
 
@@ -451,7 +448,6 @@ class Daemon:
         for listener in listeners:
             sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see NODELAY_INHERITED
             raw.append(sock)
         try:
             with self._accepting:
@@ -576,7 +572,7 @@ class Daemon:
         """Bytes moved on ``connection``: push its idle deadline back (coarsely)."""
         now = self.now()
         if now >= connection.touch_due:
-            connection.touch_due = now + TOUCH_RESOLUTION
+            connection.touch_due = now + self._touch_resolution
             self.core.touch(connection.connection_id, now)
 
     def driver_failed(self, connection: _Connection) -> None:

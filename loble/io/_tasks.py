@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from loble.core import ConnectBackend
 
 from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, NODELAY_INHERITED, SHORTAGES, established
+from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, _Connection
@@ -83,8 +83,7 @@ class TaskPath:
                     await anyio.sleep(ACCEPT_BACKOFF)
                     break
                 client.setblocking(False)
-                if not NODELAY_INHERITED:
-                    client.setsockopt(*_NODELAY)
+                client.setsockopt(*_NODELAY)
                 start_soon(self._serve_client, client)
 
     async def _serve_client(self, client: socket.socket) -> None:
