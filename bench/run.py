@@ -14,9 +14,10 @@ What it measures, for each proxy (and for "direct", no proxy, the ceiling):
 
 How: the backends start once; every proxy is started fresh from a generated
 config for every single load, on its own loopback port picked by the OS, and
-stopped after it. Rounds are interleaved (round 1 runs every proxy, then
-round 2, ...; the proxy order rotates each round) so a slow spell of a shared
-machine spreads over all proxies instead of landing on one. The table shows the
+stopped after it. Rounds are interleaved (round 1 runs every load, each
+through every proxy back to back, then round 2, ...; the proxy order rotates
+each round) so a slow spell of a shared machine spreads over all proxies
+instead of landing on one, and the figures a ratio compares are seconds apart. The table shows the
 median over rounds and its ratio to HAProxy; the raw results go to JSON, the
 medians to a PNG plot (when matplotlib is installed) under bench/results/scratch.
 
@@ -330,8 +331,11 @@ class Bench:
             shift = (round_no - 1) % len(proxies)
             order = proxies[shift:] + proxies[:shift]
             self.console.rule(f"round {round_no}/{self.args.rounds}  (load avg {loadavg()})")
-            for proxy in order:
-                for load in loads:
+            # Each load runs through every proxy back to back: the loads of
+            # one ratio are seconds apart, not minutes, on a machine whose
+            # speed drifts from minute to minute.
+            for load in loads:
+                for proxy in order:
                     if load == "idle_rss" and proxy.name == "direct":
                         continue  # no proxy process to measure
                     self.one(proxy, load, round_no)
