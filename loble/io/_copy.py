@@ -242,11 +242,37 @@ class OneWay:
 
     def pump(self) -> Pumped:
         """Move what can move now; return what to wait for, or how the copy ended."""
-        if self._splice and self._buffer is None:
-            return self._pump_splice()
-        # recv_into, auto before its switch, or splice finishing a wakeup that
-        # had to fall back to a buffer
-        result = self._pump_recv_into()
+        if self._splice:
+            if self._buffer is None:
+                return self._pump_splice()
+            return self._pump_recv_into()  # a wakeup that fell back to a buffer ends there
+        if self.pending:
+            return self._pump_recv_into()  # bytes held since an earlier wakeup go first
+        # The usual wakeup, kept short: nothing held, one request-sized read,
+        # written out whole. Anything else carries on in _pump_recv_into.
+        scratch = self._pool.scratch
+        try:
+            read = self.source.recv_into(scratch)
+        except BlockingIOError:
+            self.moved = 0
+            return _READ
+        except OSError:
+            self.moved = 0
+            return _SOURCE_ERROR
+        if not read:
+            self.moved = 0
+            return _EOF
+        written = 0
+        if read < _FULL_READ:
+            try:
+                written = self.sink.send(scratch[:read])
+            except OSError:
+                written = 0  # _pump_recv_into sends again and tells EAGAIN from an error
+            if written == read:
+                self.moved = read
+                self.total += read
+                return _READ
+        result = self._pump_recv_into(read, written)
         if result is _READ and self._splice and self._auto:
             # Switched at a large read, with the buffer written out: more is
             # probably waiting; carry on with splice in this same wakeup.
@@ -309,7 +335,12 @@ class OneWay:
             self._pool.give_pipe(pipe)
         return result
 
-    def _pump_recv_into(self) -> Pumped:
+    def _pump_recv_into(self, read: int = 0, written: int = 0) -> Pumped:
+        """Copy through a buffer until the source is drained, the sink is full or the copy ends.
+
+        ``read`` bytes may already be in the scratch buffer from this wakeup,
+        ``written`` of them sent (see :meth:`pump`).
+        """
         # A direction that holds nothing reads into the pool's scratch buffer;
         # only bytes the sink could not take get a buffer of their own (below).
         pending = self.pending
@@ -319,47 +350,47 @@ class OneWay:
             offset = self._offset
         else:
             buffer = self._pool.scratch
-            offset = 0
+            pending, offset = read - written, written
         recv_into = self.source.recv_into
         send = self.sink.send
-        moved = 0
+        moved = written
         result = _READ
-        rounds = _ROUNDS
-        while rounds:
-            rounds -= 1
-            if not pending:
+        rounds = _ROUNDS - 1 if read else _ROUNDS
+        while True:
+            if pending:
                 try:
-                    read = recv_into(buffer)
+                    written = send(buffer[offset : offset + pending])
                 except BlockingIOError:
+                    result = _WRITE
                     break
                 except OSError:
-                    result = _SOURCE_ERROR
+                    result = _SINK_ERROR
                     break
-                if not read:
-                    result = _EOF
+                moved += written
+                pending -= written
+                if pending:
+                    offset += written
+                    result = _WRITE  # the sink's buffer is full: wait for it
                     break
-                pending, offset = read, 0
-            else:
-                read = 0
+                if read < _FULL_READ:
+                    break  # probably drained (or flushed held bytes): readiness calls again if not
+                if self._auto:
+                    self._splice = True  # a bulk direction: splice from now on
+                    break
+            if not rounds:
+                break
+            rounds -= 1
             try:
-                written = send(buffer[offset : offset + pending])
+                read = recv_into(buffer)
             except BlockingIOError:
-                result = _WRITE
                 break
             except OSError:
-                result = _SINK_ERROR
+                result = _SOURCE_ERROR
                 break
-            moved += written
-            pending -= written
-            if pending:
-                offset += written
-                result = _WRITE
+            if not read:
+                result = _EOF
                 break
-            if read < _FULL_READ:
-                break
-            if self._auto:
-                self._splice = True  # a bulk direction: splice from now on
-                break
+            pending, offset = read, 0
         self.moved = moved
         self.total += moved
         self.pending = pending
