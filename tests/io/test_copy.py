@@ -7,11 +7,14 @@ readiness with ``select`` (bounded), the way an event loop would.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import random
 import select
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,12 +46,20 @@ def pool(request: pytest.FixtureRequest) -> Iterator[BufferPool]:
     assert pool.open_pipes == 0
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback pair: (connecting end, accepted end), both non-blocking."""
+def tcp_pair(*, small: bool = False) -> tuple[socket.socket, socket.socket]:
+    """A connected loopback pair: (connecting end, accepted end), both non-blocking.
+
+    ``small``: 8 KiB send buffer on the connecting end and receive buffer on
+    the accepted one, set before the handshake.
+    """
     with socket.socket() as listener:
+        near = socket.socket()
+        if small:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        near = socket.create_connection(listener.getsockname())
+        near.connect(listener.getsockname())
         far, _ = listener.accept()
     near.setblocking(False)
     far.setblocking(False)
@@ -278,3 +289,73 @@ def test_a_direction_closed_with_bytes_held_discards_its_pipe(pool: BufferPool) 
     assert pool.open_pipes == 0
     for sock in (client, proxy_in, proxy_out, server):
         sock.close()
+
+
+FUZZ_CASES = [
+    pytest.param(CopyMethod.RECV_INTO, 0.0, id="recv_into"),
+    pytest.param(CopyMethod.AUTO, 0.0, marks=LINUX_ONLY, id="auto"),
+    pytest.param(CopyMethod.AUTO, 0.5, marks=LINUX_ONLY, id="auto-no-pipe-half-the-time"),
+    pytest.param(CopyMethod.SPLICE, 0.5, marks=LINUX_ONLY, id="splice-no-pipe-half-the-time"),
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("method", "no_pipe"), FUZZ_CASES)
+def test_directions_sharing_a_pool_deliver_every_byte_in_order(
+    method: CopyMethod, no_pipe: float, seed: int
+) -> None:
+    # Four directions on one pool (one scratch buffer, pooled pipes), driven in
+    # a random order with random message sizes and slow readers, some pipes
+    # refused (the EMFILE fallback): every byte arrives, once, in order.
+    rng = random.Random(seed)
+    pool = BufferPool(method)
+    take_pipe = pool.take_pipe
+
+    def sometimes_no_pipe() -> tuple[int, int]:
+        if rng.random() < no_pipe:
+            raise OSError(errno.EMFILE, "no pipe for this test")
+        return take_pipe()
+
+    pool.take_pipe = sometimes_no_pipe  # type: ignore[method-assign]
+    ways = []
+    for _ in range(4):
+        client, proxy_in = tcp_pair()
+        # Most sinks small (their buffers set before the handshake, as a
+        # window shrunk afterwards stalls TCP): they fill up, bytes get held.
+        proxy_out, server = tcp_pair(small=rng.random() < 0.7)
+        ways.append((client, OneWay(proxy_in, proxy_out, pool), server, bytearray(), bytearray()))
+    held = switched = 0
+    for _ in range(1500):
+        client, way, server, sent, received = rng.choice(ways)
+        action = rng.random()
+        if action < 0.35:
+            size = rng.choice([1, 100, 3000, 20_000, 40_000])
+            data = rng.randbytes(size)
+            with contextlib.suppress(BlockingIOError):
+                sent += data[: client.send(data)]
+        elif action < 0.7:
+            way.pump()
+            held += way.pending > 0
+            switched += way.splicing and method is not CopyMethod.SPLICE
+        else:
+            with contextlib.suppress(BlockingIOError):
+                received += server.recv(rng.choice([100, 5000, 65_536]))
+    deadline = time.monotonic() + BOUND
+    while any(len(w[4]) < len(w[3]) for w in ways):
+        assert time.monotonic() < deadline, "bytes still missing after the bound"
+        select.select([w[2] for w in ways], [], [], 0.01)
+        for _, way, server, _, received in ways:
+            way.pump()
+            with contextlib.suppress(BlockingIOError):
+                received += server.recv(65_536)
+    for _, way, _, sent, received in ways:
+        assert hashlib.sha256(received).digest() == hashlib.sha256(sent).digest()
+        way.release()
+    assert held > 0  # the slow sinks made directions hold bytes
+    if method is CopyMethod.AUTO:
+        assert switched > 0  # and 20-40 KB reads switched directions to splice
+    for client, way, server, _, _ in ways:
+        for sock in (client, way.source, way.sink, server):
+            sock.close()
+    pool.close()
+    assert pool.open_pipes == 0
