@@ -251,16 +251,14 @@ class OneWay:
         # The usual wakeup, kept short: nothing held, one request-sized read,
         # written out whole. Anything else carries on in _pump_recv_into.
         scratch = self._pool.scratch
+        self.moved = 0
         try:
             read = self.source.recv_into(scratch)
         except BlockingIOError:
-            self.moved = 0
             return _READ
         except OSError:
-            self.moved = 0
             return _SOURCE_ERROR
         if not read:
-            self.moved = 0
             return _EOF
         written = 0
         if read < _FULL_READ:

@@ -398,17 +398,14 @@ def bytes_to_backend(net: Any, daemon: Any) -> float:
     )
 
 
-@pytest.mark.parametrize("data_path", ["callbacks", "tasks"])
 async def test_both_sockets_of_a_proxied_connection_send_small_writes_at_once(
-    net: Any, anyio_backend_name: str, data_path: str
+    net: Any, data_plane: dict[str, str]
 ) -> None:
     # TCP_NODELAY on the client's socket and the backend's: no Nagle delay
     # on a request or a reply smaller than a segment.
-    if data_path == "callbacks" and anyio_backend_name != "asyncio":
-        pytest.skip("the callbacks data path runs on asyncio only")
     async with net.loopback() as lab:
         backend = await lab.backend("a")
-        daemon = await lab.daemon([backend.address], data_path=data_path)
+        daemon = await lab.daemon([backend.address], **data_plane)
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
             await stream.send(b"x")
             await net.wait_for(lambda: bytes_to_backend(net, daemon) == 1)
