@@ -56,6 +56,7 @@ from ._events import (
 from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
 from ._process import ProcessInput, ProcessLifecycle, ProcessState
 from ._proxy import ProxyCore
+from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
     "ALGORITHMS",
@@ -67,6 +68,8 @@ __all__ = [
     "BackendStateChanged",
     "Balancer",
     "BalancerConfig",
+    "Check",
+    "Checker",
     "CloseConnection",
     "Config",
     "ConfigError",
@@ -109,8 +112,12 @@ __all__ = [
     "TimeoutsConfig",
     "Transition",
     "WeightedRandom",
+    "boolean",
+    "choice",
     "config_to_dict",
+    "integer",
     "make_balancer",
     "parse_address",
     "parse_config",
+    "seconds",
 ]

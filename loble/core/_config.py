@@ -9,15 +9,14 @@ load-balancer part of a scenario with exactly the same code.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any
 
 from ._errors import ConfigError
+from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
     "ALGORITHMS",
@@ -177,103 +176,13 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
     return host, port
 
 
-_T = TypeVar("_T")
-
-
-class _Checker:
-    """Collects every error instead of stopping at the first."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
-
-    def unknown_keys(self, path: str, table: Mapping[str, Any], valid: tuple[str, ...]) -> None:
-        for key in table:
-            if key in valid:
-                continue
-            where = f"{path}.{key}" if path else key
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-            self.errors.append(f"{where}: unknown key{hint}")
-
-    def value(
-        self,
-        path: str,
-        table: Mapping[str, Any],
-        key: str,
-        default: _T,
-        check: Callable[[Any], str | None],
-    ) -> _T:
-        if key not in table:
-            return default
-        raw = table[key]
-        problem = check(raw)
-        if problem is not None:
-            self.error(f"{path}.{key}", f"{raw!r} {problem}")
-            return default
-        return raw  # type: ignore[no-any-return]
-
-
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], str | None]:
-    def check(raw: Any) -> str | None:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            return "is not an integer"
-        if raw < minimum:
-            return f"must be >= {minimum}"
-        if maximum is not None and raw > maximum:
-            return f"must be <= {maximum}"
-        return None
-
-    return check
-
-
 _SHORTEST = 0.001
 """The shortest timeout or interval: below a millisecond no clock or network
 means anything, and a period so small that ``now + period == now`` would never
 let time move on."""
 
 
-def _seconds(*, positive: bool = True, minimum: float | None = None) -> Callable[[Any], str | None]:
-    def check(raw: Any) -> str | None:
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            return "is not a number of seconds"
-        try:
-            seconds = float(raw)
-        except OverflowError:
-            return "is too large"
-        if not math.isfinite(seconds):
-            return "is not finite"
-        if seconds > 10**9:
-            return "is too large (more than 10^9 seconds)"
-        if minimum is not None and seconds < minimum:
-            return f"must be at least {minimum} seconds"
-        if positive and seconds <= 0:
-            return "must be > 0 seconds"
-        return None
-
-    return check
-
-
-def _boolean(raw: Any) -> str | None:
-    return None if isinstance(raw, bool) else "is not true or false"
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    def check(raw: Any) -> str | None:
-        if not isinstance(raw, str):
-            return "is not a string"
-        if raw not in options:
-            close = difflib.get_close_matches(raw, options, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            return f"is not one of {', '.join(options)}{hint}"
-        return None
-
-    return check
-
-
-def _address(*, allow_port_zero: bool = False) -> Callable[[Any], str | None]:
+def _address(*, allow_port_zero: bool = False) -> Check:
     def check(raw: Any) -> str | None:
         if not isinstance(raw, str):
             return "is not a 'host:port' string"
@@ -286,17 +195,8 @@ def _address(*, allow_port_zero: bool = False) -> Callable[[Any], str | None]:
     return check
 
 
-def _table(checker: _Checker, path: str, raw: Any) -> Mapping[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        checker.error(path, f"{raw!r} is not a table")
-        return {}
-    return raw
-
-
-def _section(checker: _Checker, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    table = _table(checker, name, data.get(name))
+def _section(checker: Checker, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    table = checker.table(name, data.get(name))
     valid = tuple(f.name for f in fields(_SECTIONS[name]))
     checker.unknown_keys(name, table, valid)
     return table
@@ -304,7 +204,7 @@ def _section(checker: _Checker, data: Mapping[str, Any], name: str) -> Mapping[s
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document and return the effective configuration."""
-    checker = _Checker()
+    checker = Checker()
     checker.unknown_keys("", data, _TOP_LEVEL)
 
     table = _section(checker, data, "listener")
@@ -317,21 +217,21 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _address(allow_port_zero=True),
         ),
         backlog=checker.value(
-            "listener", table, "backlog", _DEFAULT_LISTENER.backlog, _integer(1, 1_000_000)
+            "listener", table, "backlog", _DEFAULT_LISTENER.backlog, integer(1, 1_000_000)
         ),
     )
 
     table = _section(checker, data, "balancer")
     balancer = BalancerConfig(
         algorithm=checker.value(
-            "balancer", table, "algorithm", _DEFAULT_BALANCER.algorithm, _choice(ALGORITHMS)
+            "balancer", table, "algorithm", _DEFAULT_BALANCER.algorithm, choice(ALGORITHMS)
         ),
         connect_retries=checker.value(
             "balancer",
             table,
             "connect_retries",
             _DEFAULT_BALANCER.connect_retries,
-            _integer(0, 100),
+            integer(0, 100),
         ),
     )
 
@@ -342,14 +242,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             table,
             "failure_threshold",
             _DEFAULT_HEALTH.failure_threshold,
-            _integer(1, 1_000),
+            integer(1, 1_000),
         ),
         success_threshold=checker.value(
             "health",
             table,
             "success_threshold",
             _DEFAULT_HEALTH.success_threshold,
-            _integer(1, 1_000),
+            integer(1, 1_000),
         ),
         probe_interval=float(
             checker.value(
@@ -357,7 +257,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 table,
                 "probe_interval",
                 _DEFAULT_HEALTH.probe_interval,
-                _seconds(minimum=_SHORTEST),
+                seconds(minimum=_SHORTEST),
             )
         ),
         probe_timeout=float(
@@ -366,27 +266,27 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 table,
                 "probe_timeout",
                 _DEFAULT_HEALTH.probe_timeout,
-                _seconds(minimum=_SHORTEST),
+                seconds(minimum=_SHORTEST),
             )
         ),
-        active=checker.value("health", table, "active", _DEFAULT_HEALTH.active, _boolean),
+        active=checker.value("health", table, "active", _DEFAULT_HEALTH.active, boolean()),
     )
 
     table = _section(checker, data, "timeouts")
     timeouts = TimeoutsConfig(
         connect=float(
             checker.value(
-                "timeouts", table, "connect", _DEFAULT_TIMEOUTS.connect, _seconds(minimum=_SHORTEST)
+                "timeouts", table, "connect", _DEFAULT_TIMEOUTS.connect, seconds(minimum=_SHORTEST)
             )
         ),
         idle=float(
             checker.value(
-                "timeouts", table, "idle", _DEFAULT_TIMEOUTS.idle, _seconds(minimum=_SHORTEST)
+                "timeouts", table, "idle", _DEFAULT_TIMEOUTS.idle, seconds(minimum=_SHORTEST)
             )
         ),
         drain=float(
             checker.value(
-                "timeouts", table, "drain", _DEFAULT_TIMEOUTS.drain, _seconds(positive=False)
+                "timeouts", table, "drain", _DEFAULT_TIMEOUTS.drain, seconds(positive=False)
             )
         ),
     )
@@ -396,7 +296,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
     table = _section(checker, data, "metrics")
     metrics = MetricsConfig(
-        enabled=checker.value("metrics", table, "enabled", _DEFAULT_METRICS.enabled, _boolean),
+        enabled=checker.value("metrics", table, "enabled", _DEFAULT_METRICS.enabled, boolean()),
         address=checker.value(
             "metrics", table, "address", _DEFAULT_METRICS.address, _address(allow_port_zero=True)
         ),
@@ -404,22 +304,22 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
     table = _section(checker, data, "logging")
     logging = LoggingConfig(
-        level=checker.value("logging", table, "level", _DEFAULT_LOGGING.level, _choice(LOG_LEVELS)),
+        level=checker.value("logging", table, "level", _DEFAULT_LOGGING.level, choice(LOG_LEVELS)),
         format=checker.value(
-            "logging", table, "format", _DEFAULT_LOGGING.format, _choice(LOG_FORMATS)
+            "logging", table, "format", _DEFAULT_LOGGING.format, choice(LOG_FORMATS)
         ),
         access_log=checker.value(
-            "logging", table, "access_log", _DEFAULT_LOGGING.access_log, _boolean
+            "logging", table, "access_log", _DEFAULT_LOGGING.access_log, boolean()
         ),
     )
 
     table = _section(checker, data, "runtime")
     runtime = RuntimeConfig(
         backend=checker.value(
-            "runtime", table, "backend", _DEFAULT_RUNTIME.backend, _choice(RUNTIME_BACKENDS)
+            "runtime", table, "backend", _DEFAULT_RUNTIME.backend, choice(RUNTIME_BACKENDS)
         ),
         workers=checker.value(
-            "runtime", table, "workers", _DEFAULT_RUNTIME.workers, _integer(1, 256)
+            "runtime", table, "workers", _DEFAULT_RUNTIME.workers, integer(1, 256)
         ),
     )
 
@@ -439,7 +339,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
 
 
-def _parse_backends(checker: _Checker, raw: Any) -> tuple[BackendConfig, ...]:
+def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
     if raw is None:
         checker.error("backends", "no backends: add at least one [[backends]] table")
         return ()
@@ -461,7 +361,7 @@ def _parse_backends(checker: _Checker, raw: Any) -> tuple[BackendConfig, ...]:
             checker.error(f"{path}.address", "missing: every backend needs 'host:port'")
             continue
         address = entry["address"]
-        weight = checker.value(path, entry, "weight", 1, _integer(1, 1_000_000))
+        weight = checker.value(path, entry, "weight", 1, integer(1, 1_000_000))
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")

@@ -6,9 +6,9 @@ through :func:`loble.core.parse_config` unchanged, so a user simulates their
 real config by pasting it, or by naming it with ``sim.config = "path"``
 (its sections are the base; sections in the scenario replace them whole).
 ``[sim]`` describes the world: how long, the clients, the network and the
-fault schedule. It is validated with the config's own checker, so a bad
-scenario gets the same one-line, key-naming errors as a bad config, all of
-them in one :class:`ConfigError`.
+fault schedule. It is validated with the config's own checker
+(:class:`loble.core.Checker`), so a bad scenario gets the same one-line,
+key-naming errors as a bad config, all of them in one :class:`ConfigError`.
 
 This module reads no clock and draws no random number: it only turns a
 document into frozen values (and each :class:`Distribution` into a sampler
@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loble.config import read_toml
-from loble.core import Config, ConfigError, parse_config
-from loble.core._config import _Checker, _choice, _integer, _seconds, _table
+from loble.core import Checker, Config, ConfigError, choice, integer, parse_config, seconds
 
 __all__ = [
     "BEHAVIOURS",
@@ -204,9 +203,9 @@ def parse_scenario(
     document: Mapping[str, Any], *, name: str = "scenario", base_dir: Path | None = None
 ) -> Scenario:
     """Validate a parsed scenario document (the ``config.toml`` schema plus ``[sim]``)."""
-    checker = _Checker()
+    checker = Checker()
     lb_part = {key: value for key, value in document.items() if key != "sim"}
-    sim_table = _table(checker, "sim", document.get("sim"))
+    sim_table = checker.table("sim", document.get("sim"))
     if "sim" not in document:
         checker.error("sim", "missing: a scenario needs a [sim] table")
     included = sim_table.get("config")
@@ -248,35 +247,33 @@ def _fraction(raw: Any) -> str | None:
 
 
 def _number(raw: Any) -> str | None:
-    return _seconds(positive=False)(raw) or (None if raw >= 0 else "must be >= 0")
+    return seconds(positive=False)(raw) or (None if raw >= 0 else "must be >= 0")
 
 
 def _scale(raw: Any) -> str | None:
     """A mean or median: positive, and not so small that its inverse overflows."""
-    problem = _seconds()(raw)
+    problem = seconds()(raw)
     if problem is None and raw < SMALLEST_SCALE:
         return f"must be >= {SMALLEST_SCALE:g}"
     return problem
 
 
 def _period(raw: Any) -> str | None:
-    problem = _seconds()(raw)
+    problem = seconds()(raw)
     if problem is None and raw < SHORTEST:
         return f"must be >= {SHORTEST:g} seconds"
     return problem
 
 
-def _parse_sim(
-    checker: _Checker, table: Mapping[str, Any], addresses: tuple[str, ...]
-) -> SimConfig:
+def _parse_sim(checker: Checker, table: Mapping[str, Any], addresses: tuple[str, ...]) -> SimConfig:
     checker.unknown_keys("sim", table, _SIM_KEYS)
     defaults = SimConfig()
-    duration = float(checker.value("sim", table, "duration", defaults.duration, _seconds()))
-    seed = checker.value("sim", table, "seed", defaults.seed, _integer(0))
+    duration = float(checker.value("sim", table, "duration", defaults.duration, seconds()))
+    seed = checker.value("sim", table, "seed", defaults.seed, integer(0))
     shutdown_at = checker.value("sim", table, "shutdown_at", None, _number)
     settle = float(checker.value("sim", table, "settle", defaults.settle, _number))
-    clients = _parse_clients(checker, _table(checker, "sim.clients", table.get("clients")))
-    network_table = _table(checker, "sim.network", table.get("network"))
+    clients = _parse_clients(checker, checker.table("sim.clients", table.get("clients")))
+    network_table = checker.table("sim.network", table.get("network"))
     checker.unknown_keys("sim.network", network_table, _NETWORK_KEYS)
     network = NetworkConfig(
         latency=_distribution(
@@ -295,11 +292,11 @@ def _parse_sim(
     )
 
 
-def _parse_clients(checker: _Checker, table: Mapping[str, Any]) -> ClientsConfig:
+def _parse_clients(checker: Checker, table: Mapping[str, Any]) -> ClientsConfig:
     path = "sim.clients"
     checker.unknown_keys(path, table, _CLIENT_KEYS)
     defaults = ClientsConfig()
-    arrival = checker.value(path, table, "arrival", defaults.arrival, _choice(ARRIVALS))
+    arrival = checker.value(path, table, "arrival", defaults.arrival, choice(ARRIVALS))
     rate = float(checker.value(path, table, "rate", defaults.rate, _number))
     schedule: list[RatePhase] = []
     raw_schedule = table.get("schedule", [])
@@ -334,7 +331,7 @@ def _parse_clients(checker: _Checker, table: Mapping[str, Any]) -> ClientsConfig
 
 
 def _distribution(
-    checker: _Checker, path: str, table: Mapping[str, Any], key: str, default: Distribution
+    checker: Checker, path: str, table: Mapping[str, Any], key: str, default: Distribution
 ) -> Distribution:
     """A bare number means a constant; a table names its ``kind`` and parameters."""
     if key not in table:
@@ -350,7 +347,7 @@ def _distribution(
         checker.error(f"{path}.kind", f"missing: one of {', '.join(DISTRIBUTIONS)}")
         return default
     kind = raw["kind"]
-    problem = _choice(DISTRIBUTIONS)(kind)
+    problem = choice(DISTRIBUTIONS)(kind)
     if problem is not None:
         checker.error(f"{path}.kind", f"{kind!r} {problem}")
         return default
@@ -377,7 +374,7 @@ def _distribution(
     return Distribution(kind=kind, **parameters)
 
 
-def _parse_faults(checker: _Checker, raw: Any, addresses: tuple[str, ...]) -> tuple[Fault, ...]:
+def _parse_faults(checker: Checker, raw: Any, addresses: tuple[str, ...]) -> tuple[Fault, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -403,7 +400,7 @@ def _parse_faults(checker: _Checker, raw: Any, addresses: tuple[str, ...]) -> tu
             close = difflib.get_close_matches(str(backend), addresses, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             checker.error(f"{path}.backend", f"{backend!r} is not a backend address (or '*'){hint}")
-        behaviour = checker.value(path, entry, "behaviour", "up", _choice(BEHAVIOURS))
+        behaviour = checker.value(path, entry, "behaviour", "up", choice(BEHAVIOURS))
         until = checker.value(path, entry, "until", None, _number)
         if until is not None and until <= at:
             checker.error(f"{path}.until", f"{until!r} must be later than at ({at:g})")
@@ -413,7 +410,7 @@ def _parse_faults(checker: _Checker, raw: Any, addresses: tuple[str, ...]) -> tu
             behaviour=behaviour,
             until=None if until is None else float(until),
             period=float(checker.value(path, entry, "period", defaults.period, _period)),
-            limit=checker.value(path, entry, "limit", defaults.limit, _integer(0)),
+            limit=checker.value(path, entry, "limit", defaults.limit, integer(0)),
             delay=float(checker.value(path, entry, "delay", defaults.delay, _number)),
             probability=float(
                 checker.value(path, entry, "probability", defaults.probability, _fraction)
