@@ -53,14 +53,17 @@ from ._events import (
     SnapshotPublished,
     StopAccepting,
 )
+from ._faults import ACCEPT_SKIP_ERRNOS, SHORTAGE_ERRNOS, is_shortage, skips_one_client
 from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
 from ._process import ProcessInput, ProcessLifecycle, ProcessState
 from ._proxy import ProxyCore
 from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
+    "ACCEPT_SKIP_ERRNOS",
     "ALGORITHMS",
     "BALANCERS",
+    "SHORTAGE_ERRNOS",
     "Action",
     "Backend",
     "BackendConfig",
@@ -116,8 +119,10 @@ __all__ = [
     "choice",
     "config_to_dict",
     "integer",
+    "is_shortage",
     "make_balancer",
     "parse_address",
     "parse_config",
     "seconds",
+    "skips_one_client",
 ]
