@@ -5,6 +5,13 @@ module-level ``random``: time comes in as ``now``, randomness as an injected
 ``random.Random``, and decisions go out as actions (see ``_events``). The real
 daemon (``loble.io``) and the simulator (``loble.sim``) drive these same
 objects.
+
+What a user of the library needs is exported here: what it takes to drive a
+:class:`ProxyCore` (its outputs, the enums they carry, its statistics, whose
+fault a socket error is), to write a balancer, and to parse a configuration
+(with the schema helper the simulator's scenarios use too). The machines
+themselves (health, connection, process, control plane, timers) are the
+core's internals: tests that need them import the private modules.
 """
 
 from ._backend import Backend, Snapshot
@@ -32,8 +39,7 @@ from ._config import (
     parse_address,
     parse_config,
 )
-from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState
-from ._control import ControlPlane
+from ._connection import RESET_OUTCOMES
 from ._errors import ConfigError, LobleError, StateMachineError
 from ._events import (
     Action,
@@ -54,21 +60,23 @@ from ._events import (
     StopAccepting,
 )
 from ._faults import ACCEPT_SKIP_ERRNOS, SHORTAGE_ERRNOS, is_shortage, skips_one_client
-from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
-from ._process import ProcessInput, ProcessLifecycle, ProcessState
+from ._health import HealthInput, HealthState
+from ._process import ProcessState
 from ._proxy import ProxyCore
 from ._schema import Check, Checker, boolean, choice, integer, seconds
+from ._statistics import BackendStatistics, CoreStatistics
 
 __all__ = [
     "ACCEPT_SKIP_ERRNOS",
     "ALGORITHMS",
     "BALANCERS",
+    "RESET_OUTCOMES",
     "SHORTAGE_ERRNOS",
     "Action",
     "Backend",
     "BackendConfig",
-    "BackendHealth",
     "BackendStateChanged",
+    "BackendStatistics",
     "Balancer",
     "BalancerConfig",
     "Check",
@@ -76,13 +84,9 @@ __all__ = [
     "CloseConnection",
     "Config",
     "ConfigError",
-    "ConnInput",
-    "ConnState",
     "ConnectBackend",
-    "Connection",
     "ConnectionClosed",
-    "ConnectionPolicy",
-    "ControlPlane",
+    "CoreStatistics",
     "Event",
     "HealthConfig",
     "HealthInput",
@@ -97,8 +101,6 @@ __all__ = [
     "Output",
     "PowerOfTwoChoices",
     "ProbeBackend",
-    "ProcessInput",
-    "ProcessLifecycle",
     "ProcessState",
     "ProxyCore",
     "RoundRobin",
@@ -111,9 +113,7 @@ __all__ = [
     "SnapshotPublished",
     "StateMachineError",
     "StopAccepting",
-    "Thresholds",
     "TimeoutsConfig",
-    "Transition",
     "WeightedRandom",
     "boolean",
     "choice",

@@ -45,6 +45,10 @@ attempt; in the open states it is ``idle_timeout`` after the last activity
 (:meth:`Connection.touch`). The owner (``ProxyCore``) keeps the timer and
 sends ``CONNECT_TIMEOUT`` or ``IDLE_TIMEOUT`` when :attr:`deadline` passes.
 
+How it ends on the wire: the ``CloseConnection`` of an outcome in
+:data:`RESET_OUTCOMES` says ``reset``, and the driver closes with RST instead
+of FIN.
+
 The machine is :data:`TRANSITIONS`, one dict keyed by ``(state, input)``; a
 pair missing from it raises :class:`StateMachineError`.
 """
@@ -57,18 +61,28 @@ from collections.abc import Callable, Collection
 from ._backend import Backend
 from ._errors import StateMachineError
 from ._events import (
+    CloseConnection,
     HealthReport,
     Outcome,
     Output,
     Side,
-    close_connection,
     connect_backend,
     connection_closed,
+    setters,
     shutdown_write,
 )
 from ._health import HealthInput
 
-__all__ = ["TRANSITIONS", "ConnInput", "ConnState", "Connection", "ConnectionPolicy"]
+__all__ = [
+    "RESET_OUTCOMES",
+    "TOUCH_RESOLUTION",
+    "TRANSITIONS",
+    "ConnInput",
+    "ConnState",
+    "Connection",
+    "ConnectionPolicy",
+    "close_connection",
+]
 
 
 class ConnState(enum.Enum):
@@ -111,6 +125,18 @@ def _append_report(out: list[Output], address: str, health_input: HealthInput, n
     out.append(HealthReport.of(address, health_input))
 
 
+TOUCH_RESOLUTION = 0.001
+"""Seconds: the coarsest a driver may tell the core of a connection's activity.
+
+Bytes moving push the connection's idle deadline back (``touch``). Telling
+the core on every wakeup costs a core call per wakeup, two per proxied
+request; once per millisecond per connection is as fine as HAProxy's clock,
+read once per loop turn in milliseconds. A connection's own bound is the
+smaller of this and 1% of its idle timeout
+(:attr:`ConnectionPolicy.touch_resolution`): with the shortest idle
+timeouts every wakeup counts."""
+
+
 class ConnectionPolicy:
     """What all the connections of one core share: timeouts, retries, two hooks.
 
@@ -120,7 +146,14 @@ class ConnectionPolicy:
     the report changed follows it in the outputs.
     """
 
-    __slots__ = ("connect_retries", "connect_timeout", "idle_timeout", "pick", "report")
+    __slots__ = (
+        "connect_retries",
+        "connect_timeout",
+        "idle_timeout",
+        "pick",
+        "report",
+        "touch_resolution",
+    )
 
     def __init__(
         self,
@@ -136,6 +169,11 @@ class ConnectionPolicy:
         self.idle_timeout = idle_timeout
         self.connect_retries = connect_retries
         self.report = report
+        self.touch_resolution = min(TOUCH_RESOLUTION, idle_timeout / 100)
+        """Seconds: a driver tells the core of a connection's activity
+        (``touch``) at most once per this many seconds. An idle timeout can
+        so end a connection at most this much before a full idle timeout has
+        passed since its last byte: at most 1% of it (:data:`TOUCH_RESOLUTION`)."""
 
 
 class Connection:
@@ -273,6 +311,35 @@ class Connection:
                 self.connected_at,
             )
         )
+
+
+# -- how a connection ends on the wire -------------------------------------------
+
+RESET_OUTCOMES = frozenset(
+    {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED}
+)
+"""Outcomes whose close is passed on as a reset (RST, ``SO_LINGER`` 0) to the
+side still open, not an orderly FIN.
+
+A reset or a local failure cut the stream short: an orderly FIN would make a
+truncated stream look complete to the other side. Every other outcome ends
+with FIN: the stream ended (``COMPLETED``), nothing was carried yet
+(``NO_BACKEND``, ``CONNECT_FAILED``, ``REFUSED_SHUTTING_DOWN``), or the
+proxy ended it on purpose, by its own timeouts (``IDLE_TIMEOUT``, ``CUT`` at
+the drain deadline), and nothing went wrong with the stream itself."""
+
+_CC_ID, _CC_OUTCOME, _CC_RESET = setters(CloseConnection, "connection_id", "outcome", "reset")
+_new = object.__new__
+
+
+def close_connection(connection_id: int, outcome: Outcome) -> CloseConnection:
+    """The ``CloseConnection`` for ``outcome``, ``reset`` by :data:`RESET_OUTCOMES`
+    (a fast maker: see ``_events``)."""
+    action: CloseConnection = _new(CloseConnection)
+    _CC_ID(action, connection_id)
+    _CC_OUTCOME(action, outcome)
+    _CC_RESET(action, outcome in RESET_OUTCOMES)
+    return action
 
 
 # -- the rules -----------------------------------------------------------------

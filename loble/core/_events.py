@@ -14,7 +14,9 @@ four made for every connection also have a positional maker
 (:func:`connect_backend`, ...): a frozen dataclass's ``__init__`` goes
 through ``object.__setattr__`` once per field, which measured 1.2 us for
 ``ConnectionClosed``; the makers store through the slot descriptors
-directly, 0.5 us, and build the very same frozen object.
+directly, 0.5 us, and build the very same frozen object. The maker of
+``CloseConnection`` lives in ``_connection``, beside the rule that decides
+its ``reset``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class Side(enum.Enum):
 
 class Outcome(enum.Enum):
     """How a client connection ended; every accepted connection gets exactly one."""
+
+    # Identity hashing in C (see _health.HealthState): every close looks its
+    # outcome up in RESET_OUTCOMES, and Enum's own __hash__ is Python code.
+    __hash__ = object.__hash__
 
     COMPLETED = "completed"
     """Both sides sent EOF: the normal end."""
@@ -107,6 +113,9 @@ class CloseConnection:
 
     connection_id: int
     outcome: Outcome
+    reset: bool
+    """Close with RST (``SO_LINGER`` 0) rather than FIN. Which outcomes reset
+    is the core's rule: ``RESET_OUTCOMES`` in ``_connection``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,14 +222,14 @@ Output = Action | Event
 _new = object.__new__
 
 
-def _setters(cls: type, *names: str) -> tuple[Callable[[object, Any], None], ...]:
+def setters(cls: type, *names: str) -> tuple[Callable[[object, Any], None], ...]:
+    """The slot setters of ``cls``'s fields ``names``, for a maker (see the module docstring)."""
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-_CB_ID, _CB_ATTEMPT, _CB_BACKEND = _setters(ConnectBackend, "connection_id", "attempt", "backend")
-_SW_ID, _SW_SIDE = _setters(ShutdownWrite, "connection_id", "side")
-_CC_ID, _CC_OUTCOME = _setters(CloseConnection, "connection_id", "outcome")
-_CL_AT, _CL_ID, _CL_BACKEND, _CL_OUTCOME, _CL_ATTEMPTS, _CL_OPENED, _CL_CONNECTED = _setters(
+_CB_ID, _CB_ATTEMPT, _CB_BACKEND = setters(ConnectBackend, "connection_id", "attempt", "backend")
+_SW_ID, _SW_SIDE = setters(ShutdownWrite, "connection_id", "side")
+_CL_AT, _CL_ID, _CL_BACKEND, _CL_OUTCOME, _CL_ATTEMPTS, _CL_OPENED, _CL_CONNECTED = setters(
     ConnectionClosed,
     "at",
     "connection_id",
@@ -244,13 +253,6 @@ def shutdown_write(connection_id: int, side: Side) -> ShutdownWrite:
     action: ShutdownWrite = _new(ShutdownWrite)
     _SW_ID(action, connection_id)
     _SW_SIDE(action, side)
-    return action
-
-
-def close_connection(connection_id: int, outcome: Outcome) -> CloseConnection:
-    action: CloseConnection = _new(CloseConnection)
-    _CC_ID(action, connection_id)
-    _CC_OUTCOME(action, outcome)
     return action
 
 

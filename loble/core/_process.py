@@ -16,6 +16,11 @@ The process stops when the last one ends, or at the drain deadline, when the
 rest are cut and counted. A second request cuts them at once: an operator who
 asks twice means it. Shutdown requests once stopped change nothing.
 
+Each rule also says what it emits (a :class:`ProcessStep`): the first
+request stops accepting and announces the drain (``ShutdownStarted``), and
+the stop is announced (``ShutdownFinished``, with the count cut) when it
+happens.
+
 The machine is :data:`TRANSITIONS`; a pair missing from it raises
 :class:`StateMachineError`.
 """
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ._errors import StateMachineError
+from ._events import Output, ShutdownFinished, ShutdownStarted, StopAccepting
 
-__all__ = ["TRANSITIONS", "ProcessInput", "ProcessLifecycle", "ProcessState"]
+__all__ = ["TRANSITIONS", "ProcessInput", "ProcessLifecycle", "ProcessState", "ProcessStep"]
 
 
 class ProcessState(enum.Enum):
@@ -47,6 +54,19 @@ class ProcessInput(enum.Enum):
     DEADLINE = "deadline"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessStep:
+    """What one rule of :data:`TRANSITIONS` did.
+
+    ``cut``: the owner must close every connection still open, *then* carry
+    out ``outputs`` (a ``ShutdownFinished`` that counts the cut comes after
+    their closes).
+    """
+
+    cut: bool
+    outputs: tuple[Output, ...]
+
+
 class ProcessLifecycle:
     """The process-level state; ``ProxyCore`` feeds it and carries out the result."""
 
@@ -61,8 +81,8 @@ class ProcessLifecycle:
     def accepting(self) -> bool:
         return self.state is ProcessState.RUNNING
 
-    def handle(self, process_input: ProcessInput, now: float, in_flight: int) -> bool:
-        """Apply an input; return True when the connections still open must be cut."""
+    def handle(self, process_input: ProcessInput, now: float, in_flight: int) -> ProcessStep:
+        """Apply an input with ``in_flight`` connections open; return what to do."""
         rule = TRANSITIONS.get((self.state, process_input))
         if rule is None:
             raise StateMachineError(
@@ -71,32 +91,44 @@ class ProcessLifecycle:
         return rule(self, now, in_flight)
 
 
-Rule = Callable[[ProcessLifecycle, float, int], bool]
+Rule = Callable[[ProcessLifecycle, float, int], ProcessStep]
+
+_NOTHING = ProcessStep(cut=False, outputs=())
 
 
-def _begin(process: ProcessLifecycle, now: float, in_flight: int) -> bool:
+def _begin(process: ProcessLifecycle, now: float, in_flight: int) -> ProcessStep:
     if in_flight == 0:
         process.state = ProcessState.STOPPED
-        return False
+        return ProcessStep(
+            cut=False,
+            outputs=(
+                StopAccepting(),
+                ShutdownStarted(at=now, in_flight=0, deadline=now),
+                ShutdownFinished(at=now, cut=0),
+            ),
+        )
     process.state = ProcessState.DRAINING
-    process.deadline = now + process.drain_timeout
-    return False
+    process.deadline = deadline = now + process.drain_timeout
+    return ProcessStep(
+        cut=False,
+        outputs=(StopAccepting(), ShutdownStarted(at=now, in_flight=in_flight, deadline=deadline)),
+    )
 
 
-def _drained(process: ProcessLifecycle, now: float, in_flight: int) -> bool:
+def _drained(process: ProcessLifecycle, now: float, in_flight: int) -> ProcessStep:
     process.state = ProcessState.STOPPED
     process.deadline = None
-    return False
+    return ProcessStep(cut=False, outputs=(ShutdownFinished(at=now, cut=0),))
 
 
-def _cut(process: ProcessLifecycle, now: float, in_flight: int) -> bool:
+def _cut(process: ProcessLifecycle, now: float, in_flight: int) -> ProcessStep:
     process.state = ProcessState.STOPPED
     process.deadline = None
-    return True
+    return ProcessStep(cut=True, outputs=(ShutdownFinished(at=now, cut=in_flight),))
 
 
-def _ignore(process: ProcessLifecycle, now: float, in_flight: int) -> bool:
-    return False
+def _ignore(process: ProcessLifecycle, now: float, in_flight: int) -> ProcessStep:
+    return _NOTHING
 
 
 _R, _D, _S = ProcessState.RUNNING, ProcessState.DRAINING, ProcessState.STOPPED

@@ -13,12 +13,16 @@ every decision they make is made here:
   :meth:`client_error`, :meth:`backend_error`, :meth:`resource_exhausted`,
   :meth:`touch` (bytes moved)
   and :meth:`probe_result`;
-* ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes;
-* call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`.
+* ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes
+  (:meth:`wake_bound` says when asking can be skipped);
+* call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`;
+* read :meth:`statistics` for metrics and checks.
 
 Each call returns a list of outputs: actions to carry out and events to log,
 in order. Reports for a connection the core has already closed, or for an
-attempt it has given up on, are stale and return nothing.
+attempt it has given up on, are stale and return nothing: an empty list,
+except :meth:`connected`, which returns ``None`` so the driver knows to close
+the socket it just connected.
 """
 
 from __future__ import annotations
@@ -29,18 +33,11 @@ from collections.abc import Collection
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, make_balancer
 from ._config import Config
-from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState
+from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
-from ._events import (
-    CloseConnection,
-    ConnectionClosed,
-    Outcome,
-    Output,
-    ShutdownFinished,
-    ShutdownStarted,
-    StopAccepting,
-)
-from ._process import ProcessInput, ProcessLifecycle, ProcessState
+from ._events import ConnectionClosed, Outcome, Output
+from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
+from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue
 
 __all__ = ["ProxyCore"]
@@ -85,6 +82,14 @@ class ProxyCore:
         self._timers = TimerQueue(lanes=2)
         self._next_connection_id = 1
         self.cut_count = 0
+        self.touch_resolution = self._policy.touch_resolution
+        """Seconds: drivers tell the core of a connection's activity
+        (:meth:`touch`) at most once per this many seconds, the smaller of a
+        millisecond and 1% of the idle timeout. An idle timeout can so end a
+        connection at most this much before a full idle timeout has passed
+        since its last byte (see ``_connection.TOUCH_RESOLUTION``)."""
+        self._lead = self.timer_lead()
+        """:meth:`timer_lead` with shutdown possible, for :meth:`wake_bound`."""
 
     # -- reading -------------------------------------------------------------------
 
@@ -104,6 +109,29 @@ class ProxyCore:
     def stopped(self) -> bool:
         return self.process.state is ProcessState.STOPPED
 
+    def statistics(self) -> CoreStatistics:
+        """The core now, as an immutable value (built on demand: not for a hot loop)."""
+        control = self.control
+        snapshot = control.snapshot
+        return CoreStatistics(
+            process=self.process.state,
+            accepting=self.process.accepting,
+            in_flight=len(self.connections),
+            open_connection_ids=tuple(sorted(self.connections)),
+            snapshot_version=snapshot.version,
+            eligible=snapshot.addresses,
+            backends=tuple(
+                BackendStatistics(
+                    address=address,
+                    weight=backend.weight,
+                    state=control.state(address),
+                    active_connections=control.active_connections(address),
+                )
+                for address, backend in control.backends.items()
+            ),
+            cut=self.cut_count,
+        )
+
     def timer_lead(self, *, shutdown_possible: bool = True) -> float:
         """The soonest after any call that a timer the call files can fall due.
 
@@ -119,6 +147,20 @@ class ProxyCore:
         if shutdown_possible:
             leads.append(timeouts.drain)
         return min(leads)
+
+    def wake_bound(self, now: float, wake: float | None, *, lead: float | None = None) -> float:
+        """Until when a driver whose next wake-up is ``wake`` need not ask again.
+
+        After any core call at ``now``, no timer it filed is due before
+        ``now + lead`` (``lead`` is :meth:`timer_lead`, with shutdown
+        possible, unless given). So a driver that asked :meth:`next_deadline`
+        and got ``wake`` (None: nothing due) need not ask again after calls
+        made before the returned time, ``min(wake, now + lead)``: none of
+        them can bring its wake-up closer. After :meth:`handle_timer` it must
+        ask again (that call re-files timers anywhere after ``now``).
+        """
+        bound = now + (self._lead if lead is None else lead)
+        return wake if wake is not None and wake < bound else bound
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -139,8 +181,8 @@ class ProxyCore:
                 opened_at=now,
                 connected_at=None,
             )
-            close = CloseConnection(connection_id=connection_id, outcome=closed.outcome)
-            return connection_id, [close, closed]
+            # Nothing was carried: an orderly close (see RESET_OUTCOMES).
+            return connection_id, [close_connection(connection_id, closed.outcome), closed]
         connection = Connection(connection_id, self._policy)
         out: list[Output] = []
         connection.open_into(now, out)
@@ -152,30 +194,20 @@ class ProxyCore:
 
     def shutdown(self, now: float) -> list[Output]:
         """SIGTERM/SIGINT: stop accepting and drain (a second call cuts at once)."""
-        was = self.process.state
-        cut = self.process.handle(ProcessInput.SHUTDOWN, now, self.in_flight)
-        outputs: list[Output] = []
-        if was is ProcessState.RUNNING:
-            outputs.append(StopAccepting())
-            outputs.append(
-                ShutdownStarted(
-                    at=now,
-                    in_flight=self.in_flight,
-                    deadline=self.process.deadline if self.process.deadline is not None else now,
-                )
-            )
-            if self.stopped:
-                outputs.append(ShutdownFinished(at=now, cut=0))
-        if cut:
-            outputs.extend(self._cut_all(now))
-        return outputs
+        return self._carry_out(self.process.handle(ProcessInput.SHUTDOWN, now, self.in_flight), now)
 
     # -- connection reports ------------------------------------------------------------
 
-    def connected(self, connection_id: int, attempt: int, now: float) -> list[Output]:
+    def connected(self, connection_id: int, attempt: int, now: float) -> list[Output] | None:
+        """The backend accepted ``attempt``: the connection is established.
+
+        Returns None when the report is stale (the attempt was abandoned, or
+        the connection is gone): the driver then closes the socket it got.
+        A live report returns its outputs, possibly none.
+        """
         connection = self._live_attempt(connection_id, attempt)
         if connection is None:
-            return []
+            return None
         out: list[Output] = []
         connection.handle_into(_CONNECT_OK, now, out)
         # The live timer entry is the connect deadline, long before the idle
@@ -266,12 +298,9 @@ class ProxyCore:
             self._settle(connection, now, out)
         out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
-        if (
-            deadline is not None
-            and deadline <= now
-            and self.process.handle(ProcessInput.DEADLINE, now, self.in_flight)
-        ):
-            out.extend(self._cut_all(now))
+        if deadline is not None and deadline <= now:
+            step = self.process.handle(ProcessInput.DEADLINE, now, self.in_flight)
+            out.extend(self._carry_out(step, now))
         return out
 
     # -- internals ----------------------------------------------------------------------
@@ -325,8 +354,7 @@ class ProxyCore:
         if connection.state is _CLOSED:
             del self.connections[connection.connection_id]
             if self.process.state is _DRAINING and not self.connections:
-                self.process.handle(ProcessInput.IDLE, now, 0)
-                out.append(ShutdownFinished(at=now, cut=0))
+                out.extend(self._carry_out(self.process.handle(ProcessInput.IDLE, now, 0), now))
         else:
             # A deadline that moved later (activity, a half-close, a retry's
             # new connect timeout) keeps the old entry, which fires early and
@@ -351,12 +379,15 @@ class ProxyCore:
         connection.timer_due = due
         self._timers.push(due, connection.connection_id, lane)
 
-    def _cut_all(self, now: float) -> list[Output]:
+    def _carry_out(self, step: ProcessStep, now: float) -> list[Output]:
+        """A process rule's result: the cut connections' closes first, then
+        what the rule emits (the ``ShutdownFinished`` that counts them)."""
         out: list[Output] = []
-        connections = list(self.connections.values())
-        self.connections.clear()
-        for connection in connections:
-            connection.handle_into(ConnInput.CUT, now, out)
-        self.cut_count += len(connections)
-        out.append(ShutdownFinished(at=now, cut=len(connections)))
+        if step.cut:
+            connections = list(self.connections.values())
+            self.connections.clear()
+            for connection in connections:
+                connection.handle_into(ConnInput.CUT, now, out)
+            self.cut_count += len(connections)
+        out.extend(step.outputs)
         return out

@@ -29,8 +29,9 @@ that moment; ``ShutdownWrite`` makes the other side finish and close after a
 network delay; ``ProbeBackend`` becomes a probe result; ``CloseConnection``
 frees the backend's socket. The outcome goes back into the core as its next
 input. Reports the core finds stale (an attempt it has already timed out, a
-connection it has closed) come back as ``[]``; the world then closes the
-socket it opened, as a real driver would.
+connection it has closed) come back empty; a stale connect comes back as
+``None``, and the world then closes the socket it opened, as a real driver
+would.
 
 An answer is decided when its request is sent, and lands a round trip later.
 If the backend died in between (a crash, or a flapping backend's down half:
@@ -308,10 +309,10 @@ class Simulation:
     def _loop(self, horizon: float) -> None:
         heap = self._heap
         core = self.core
-        control = core.control
         monitor = self.monitor
         handlers = self._handlers
         next_deadline = core.next_deadline
+        wake_bound = core.wake_bound
         handle_timer = core.handle_timer
         apply = self._apply
         end_step = monitor.end_step
@@ -325,11 +326,12 @@ class Simulation:
         while True:
             # Asking the core for its deadline at every step costs a tenth of
             # the run. Every timer the core files is at least `lead` after the
-            # call that files it (see __init__), so after asking once, an event
-            # earlier than `floor` must still come first: skip the question.
+            # call that files it (ProxyCore.wake_bound), so after asking once,
+            # an event earlier than `floor` must still come first: skip the
+            # question.
             if not heap or heap[0][0] >= floor:
                 due = next_deadline()
-                floor = min(infinity if due is None else due, self.now + lead)
+                floor = wake_bound(self.now, due, lead=lead)
             if heap and (due is None or heap[0][0] <= due):
                 event = pop(heap)
                 now = event[0]
@@ -360,10 +362,10 @@ class Simulation:
             if (
                 monitor.pending
                 or now > monitor.connect_check_at
-                or control.snapshot.version != monitor.version
+                or core.snapshot.version != monitor.version
             ):
                 end_step()
-            if self.may_end and (core.stopped or (self.arrivals_done and not core.connections)):
+            if self.may_end and (core.stopped or (self.arrivals_done and not core.in_flight)):
                 break
         self.ended_at = self.now
 
@@ -517,7 +519,7 @@ class Simulation:
             self._apply(self.core.connect_failed(connection_id, attempt, now), now)
             return
         outputs = self.core.connected(connection_id, attempt, now)
-        if not outputs:
+        if outputs is None:
             backend.open -= 1  # stale: the core gave up on this attempt; hang up
             return
         self.monitor.connected(connection_id, now)

@@ -1,9 +1,10 @@
 """The invariant checker: watches the core from the outside, at every step.
 
 The monitor sees only what any driver sees: the outputs of each core call,
-the probe results the simulator feeds in, and read-only state
-(``control.snapshot``, ``control.state``, ``control.active_connections``,
-``connections``). It never calls a core decision function and holds no copy
+the probe results the simulator feeds in, and the core's public reading:
+``snapshot.version`` at each step, and ``statistics()`` (backend states and
+active counts, the open connections) at the end of the run. It never calls a
+core decision function and holds no copy
 of the health or connection machines. It keeps its own tally of what it
 observed and checks, at each output and at the end of each step, that the
 tally satisfies Loble's guarantees:
@@ -59,6 +60,7 @@ from loble.core import (
     HealthState,
     Outcome,
     Output,
+    ProcessState,
     ProxyCore,
     ShutdownFinished,
     ShutdownStarted,
@@ -195,7 +197,7 @@ class Monitor:
             )
 
     def connected(self, connection_id: int, now: float) -> None:
-        """The driver reported a connect the core took (it returned outputs)."""
+        """The driver reported a connect the core took (it did not return None)."""
         self.connecting.pop(connection_id, None)
         self.last_activity[connection_id] = now
 
@@ -400,34 +402,33 @@ class Monitor:
             self.membership_changed = False
             if self._healthy() != self.published:
                 self.violate(NO_CHURN, "membership changed without a new snapshot")
-        if self.core.control.snapshot.version != self.version:
-            self.violate(
-                NO_CHURN,
-                f"snapshot version {self.core.control.snapshot.version} was never published",
-            )
+        version = self.core.snapshot.version
+        if version != self.version:
+            self.violate(NO_CHURN, f"snapshot version {version} was never published")
 
     def end_run(self) -> None:
-        """Compare the tally with the core's read-only state once the run stops."""
-        core = self.core
-        for address in self.addresses:
+        """Compare the tally with the core's statistics once the run stops."""
+        statistics = self.core.statistics()
+        for backend in statistics.backends:
+            address = backend.address
             if self.started[address] - self.finished[address] != self.active[address]:
                 self.violate(CONSERVATION, f"{address}: started and finished do not balance")
-            if core.control.active_connections(address) != self.active[address]:
+            if backend.active_connections != self.active[address]:
                 self.violate(
                     CONSERVATION,
-                    f"{address}: core counts {core.control.active_connections(address)} "
+                    f"{address}: core counts {backend.active_connections} "
                     f"active, observed {self.active[address]}",
                 )
-            if core.control.state(address) is not self.state[address]:
+            if backend.state is not self.state[address]:
                 self.violate(NO_FLAPPING, f"{address}: a state change was not reported")
-        if list(self.open) != sorted(core.connections):
+        if tuple(self.open) != statistics.open_connection_ids:
             self.violate(
                 CONSERVATION,
-                f"{len(self.open)} connections observed open, the core has {core.in_flight}",
+                f"{len(self.open)} connections observed open, the core has {statistics.in_flight}",
             )
         if sum(self.outcomes.values()) + len(self.open) != self.accepted:
             self.violate(CONSERVATION, "outcomes plus open do not add up to accepted")
-        if core.stopped and (self.open or any(self.active.values())):
+        if statistics.process is ProcessState.STOPPED and (self.open or any(self.active.values())):
             self.violate(CONSERVATION, "the process stopped with connections open")
         # Left at the end: nothing may wait on a deadline that has passed.
         for connection_id, (attempt, started, _) in self.connecting.items():

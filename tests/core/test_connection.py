@@ -14,11 +14,7 @@ from loble.core import (
     Backend,
     CloseConnection,
     ConnectBackend,
-    Connection,
     ConnectionClosed,
-    ConnectionPolicy,
-    ConnInput,
-    ConnState,
     HealthInput,
     HealthReport,
     Outcome,
@@ -27,9 +23,20 @@ from loble.core import (
     Side,
     StateMachineError,
 )
-from loble.core._connection import TRANSITIONS
+from loble.core._connection import (
+    RESET_OUTCOMES,
+    TOUCH_RESOLUTION,
+    TRANSITIONS,
+    Connection,
+    ConnectionPolicy,
+    ConnInput,
+    ConnState,
+    close_connection,
+)
 
 BACKENDS = [Backend(address=f"10.0.0.{n}:80") for n in (1, 2, 3)]
+RESETTING = {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED}
+"""The outcomes that must close with RST: written out here, not read from the core."""
 In = ConnInput
 S = ConnState
 
@@ -101,7 +108,9 @@ def test_open_picks_and_connects() -> None:
 def test_no_backend_closes_at_once() -> None:
     conn = make(backends=[])
     outputs = conn.open(3.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.NO_BACKEND)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=Outcome.NO_BACKEND, reset=False)
+    ]
     closed = outputs[-1]
     assert isinstance(closed, ConnectionClosed)
     assert (closed.backend, closed.attempts, closed.outcome) == (None, 0, Outcome.NO_BACKEND)
@@ -143,7 +152,9 @@ def test_retries_are_bounded() -> None:
     conn.open(0.0)
     conn.handle(In.CONNECT_FAILED, 1.0)
     outputs = conn.handle(In.CONNECT_FAILED, 2.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED, reset=False)
+    ]
     assert conn.attempt == 2
 
 
@@ -151,7 +162,9 @@ def test_no_untried_backend_left_fails_the_connection() -> None:
     conn = make(retries=5, backends=BACKENDS[:1])
     conn.open(0.0)
     outputs = conn.handle(In.CONNECT_FAILED, 1.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=Outcome.CONNECT_FAILED, reset=False)
+    ]
 
 
 def test_half_close_from_the_client_then_the_backend() -> None:
@@ -159,7 +172,9 @@ def test_half_close_from_the_client_then_the_backend() -> None:
     assert conn.handle(In.CLIENT_EOF, 2.0) == [ShutdownWrite(connection_id=7, side=Side.BACKEND)]
     assert conn.state is S.CLIENT_DONE
     outputs = conn.handle(In.BACKEND_EOF, 3.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=Outcome.COMPLETED, reset=False)
+    ]
     assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
     closed = outputs[-1]
     assert isinstance(closed, ConnectionClosed)
@@ -171,7 +186,9 @@ def test_half_close_from_the_backend_then_the_client() -> None:
     assert conn.handle(In.BACKEND_EOF, 2.0) == [ShutdownWrite(connection_id=7, side=Side.CLIENT)]
     assert conn.state is S.BACKEND_DONE
     outputs = conn.handle(In.CLIENT_EOF, 3.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=Outcome.COMPLETED, reset=False)
+    ]
 
 
 ENDINGS = [
@@ -190,7 +207,9 @@ def test_open_states_end_on_errors_timeouts_and_cuts(
 ) -> None:
     conn = in_state(state)
     outputs = conn.handle(conn_input, 9.0)
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=outcome)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=outcome, reset=outcome in RESETTING)
+    ]
     assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
     assert conn.outcome is outcome
 
@@ -207,7 +226,9 @@ def test_aborts_while_connecting_report_no_verdict(conn_input: ConnInput, outcom
     conn = in_state(S.CONNECTING)
     outputs = conn.handle(conn_input, 1.0)
     assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
-    assert actions(outputs) == [CloseConnection(connection_id=7, outcome=outcome)]
+    assert actions(outputs) == [
+        CloseConnection(connection_id=7, outcome=outcome, reset=outcome in RESETTING)
+    ]
 
 
 MISSING = sorted(
@@ -285,3 +306,53 @@ def test_each_attempt_starts_and_finishes_exactly_once(
     closes = [o for o in outputs if isinstance(o, CloseConnection)]
     assert len(closes) == 1
     assert sum(isinstance(o, ConnectionClosed) for o in outputs) == 1
+
+
+# -- how a connection ends on the wire ------------------------------------------------
+
+
+def test_resets_are_exactly_the_truncated_streams() -> None:
+    # A reset or a local failure cut the stream short: RST, so the other side
+    # cannot take a truncated stream for a complete one. Everything else: FIN.
+    assert RESET_OUTCOMES == RESETTING
+    assert (
+        frozenset({Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED})
+        == RESET_OUTCOMES
+    )
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_close_says_whether_to_reset(outcome: Outcome) -> None:
+    close = close_connection(3, outcome)
+    assert (close.connection_id, close.outcome) == (3, outcome)
+    assert close.reset is (outcome in RESETTING)
+
+
+def test_a_reset_mid_stream_closes_with_rst_and_a_completed_one_with_fin() -> None:
+    conn = in_state(S.ESTABLISHED)
+    (close,) = [o for o in conn.handle(In.BACKEND_ERROR, 9.0) if isinstance(o, CloseConnection)]
+    assert close.reset is True
+    conn = in_state(S.CLIENT_DONE)
+    (close,) = [o for o in conn.handle(In.BACKEND_EOF, 9.0) if isinstance(o, CloseConnection)]
+    assert close.reset is False
+
+
+# -- the touch bound -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("idle", "resolution"),
+    [(300.0, TOUCH_RESOLUTION), (0.1, 0.001), (0.05, 0.0005), (0.001, 1e-05)],
+)
+def test_the_touch_resolution_is_a_millisecond_or_one_percent_of_idle(
+    idle: float, resolution: float
+) -> None:
+    policy = ConnectionPolicy(
+        pick=picker(BACKENDS),  # type: ignore[arg-type]
+        connect_timeout=5.0,
+        idle_timeout=idle,
+        connect_retries=0,
+    )
+    assert policy.touch_resolution == pytest.approx(resolution)
+    assert policy.touch_resolution <= idle / 100
+    assert TOUCH_RESOLUTION == 0.001

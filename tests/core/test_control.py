@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from loble.core import (
     Backend,
     BackendStateChanged,
-    ControlPlane,
     HealthConfig,
     HealthInput,
     HealthState,
@@ -17,6 +16,7 @@ from loble.core import (
     ProbeBackend,
     SnapshotPublished,
 )
+from loble.core._control import ControlPlane
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
 In = HealthInput

@@ -15,12 +15,8 @@ from loble.core import (
     ShutdownWrite,
     Side,
 )
-from loble.core._events import (
-    close_connection,
-    connect_backend,
-    connection_closed,
-    shutdown_write,
-)
+from loble.core._connection import close_connection
+from loble.core._events import connect_backend, connection_closed, shutdown_write
 
 BACKEND = Backend(address="10.0.0.1:80", weight=2)
 
@@ -35,7 +31,11 @@ BACKEND = Backend(address="10.0.0.1:80", weight=2)
         (shutdown_write(4, Side.CLIENT), ShutdownWrite(connection_id=4, side=Side.CLIENT)),
         (
             close_connection(5, Outcome.CUT),
-            CloseConnection(connection_id=5, outcome=Outcome.CUT),
+            CloseConnection(connection_id=5, outcome=Outcome.CUT, reset=False),
+        ),
+        (
+            close_connection(5, Outcome.BACKEND_RESET),
+            CloseConnection(connection_id=5, outcome=Outcome.BACKEND_RESET, reset=True),
         ),
         (
             connection_closed(9.5, 6, "10.0.0.1:80", Outcome.COMPLETED, 2, 1.0, 1.25),
@@ -50,7 +50,13 @@ BACKEND = Backend(address="10.0.0.1:80", weight=2)
             ),
         ),
     ],
-    ids=["ConnectBackend", "ShutdownWrite", "CloseConnection", "ConnectionClosed"],
+    ids=[
+        "ConnectBackend",
+        "ShutdownWrite",
+        "CloseConnection",
+        "CloseConnection-reset",
+        "ConnectionClosed",
+    ],
 )
 def test_makers_match_the_constructors_and_stay_frozen(made: object, constructed: object) -> None:
     assert type(made) is type(constructed)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loble.core import BackendHealth, HealthInput, HealthState, StateMachineError, Thresholds
-from loble.core._health import TRANSITIONS
+from loble.core import HealthInput, HealthState, StateMachineError
+from loble.core._health import TRANSITIONS, BackendHealth, Thresholds
 
 H, D, U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
 In = HealthInput

@@ -11,17 +11,17 @@ from hypothesis import strategies as st
 
 from loble.core import (
     BackendStateChanged,
+    BackendStatistics,
     CloseConnection,
     ConnectBackend,
     ConnectionClosed,
+    CoreStatistics,
     HealthInput,
     HealthReport,
     HealthState,
     Outcome,
     Output,
     ProbeBackend,
-    ProcessInput,
-    ProcessLifecycle,
     ProcessState,
     ProxyCore,
     ShutdownFinished,
@@ -33,8 +33,10 @@ from loble.core import (
     parse_config,
 )
 from loble.core._process import TRANSITIONS as PROCESS_TRANSITIONS
+from loble.core._process import ProcessInput, ProcessLifecycle, ProcessStep
 
 A, B = "127.0.0.1:7001", "127.0.0.1:7002"
+RESETTING = {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED}
 
 
 def core(**sections: dict[str, object]) -> ProxyCore:
@@ -78,7 +80,7 @@ def test_a_whole_connection() -> None:
     assert proxy.control.active_connections(A) == 0
     # Reports for a connection that is gone are stale and ignored.
     assert proxy.backend_eof(cid, 5.0) == []
-    assert proxy.connected(cid, 1, 5.0) == []
+    assert proxy.connected(cid, 1, 5.0) is None  # stale: the driver hangs up
     proxy.touch(cid, 5.0)
 
 
@@ -103,7 +105,7 @@ def test_an_end_while_connecting_abandons_the_attempt_without_a_verdict(
     ]
     assert proxy.control.health(A).consecutive_failures == 0
     assert proxy.control.state(A) is HealthState.HEALTHY
-    assert proxy.connected(cid, attempt, 0.6) == []  # the abandoned attempt
+    assert proxy.connected(cid, attempt, 0.6) is None  # the abandoned attempt
 
 
 def test_resource_exhaustion_on_an_open_connection_blames_no_backend() -> None:
@@ -138,9 +140,11 @@ def test_connect_timeout_retries_elsewhere_and_ignores_the_late_result() -> None
     assert (second.attempt, second.backend.address) == (2, B)
     assert proxy.control.active_connections(A) == 0
     # The first attempt's connect completes late: stale, nothing happens.
-    assert proxy.connected(cid, first.attempt, 2.5) == []
+    assert proxy.connected(cid, first.attempt, 2.5) is None
     assert proxy.connect_failed(cid, first.attempt, 2.5) == []
-    assert proxy.connected(cid, second.attempt, 2.6) != []
+    assert proxy.connected(cid, second.attempt, 2.6) == [
+        HealthReport(address=B, input=HealthInput.PASSIVE_SUCCESS)
+    ]
 
 
 def test_a_refused_connect_is_retried_on_the_other_backend() -> None:
@@ -222,6 +226,9 @@ def test_shutdown_drains_then_stops_when_the_last_connection_ends() -> None:
     # A client racing the closed listener is refused and counted.
     late, refused = proxy.accept(2.0)
     assert closed_of(refused).outcome is Outcome.REFUSED_SHUTTING_DOWN
+    assert refused[0] == CloseConnection(
+        connection_id=late, outcome=Outcome.REFUSED_SHUTTING_DOWN, reset=False
+    )
     assert late not in proxy.connections
     proxy.client_eof(cid, 3.0)
     outputs = proxy.backend_eof(cid, 4.0)
@@ -267,12 +274,58 @@ def test_process_table_rows_and_missing_pairs() -> None:
     process = ProcessLifecycle(drain_timeout=5.0)
     with pytest.raises(StateMachineError, match="can't handle IDLE when state=RUNNING"):
         process.handle(ProcessInput.IDLE, 0.0, 0)
-    assert process.handle(ProcessInput.SHUTDOWN, 1.0, 3) is False
+    assert process.handle(ProcessInput.SHUTDOWN, 1.0, 3) == ProcessStep(
+        cut=False,
+        outputs=(StopAccepting(), ShutdownStarted(at=1.0, in_flight=3, deadline=6.0)),
+    )
     assert (process.state, process.deadline) == (ProcessState.DRAINING, 6.0)
-    assert process.handle(ProcessInput.DEADLINE, 6.0, 3) is True
-    assert process.state is ProcessState.STOPPED
+    assert process.handle(ProcessInput.DEADLINE, 6.0, 3) == ProcessStep(
+        cut=True, outputs=(ShutdownFinished(at=6.0, cut=3),)
+    )
+    assert (process.state, process.deadline) == (ProcessState.STOPPED, None)
     with pytest.raises(StateMachineError, match="can't handle DEADLINE when state=STOPPED"):
         process.handle(ProcessInput.DEADLINE, 7.0, 0)
+    assert process.handle(ProcessInput.SHUTDOWN, 8.0, 0) == ProcessStep(cut=False, outputs=())
+
+
+@pytest.mark.parametrize(
+    ("before", "process_input", "in_flight", "step"),
+    [
+        (
+            "running",
+            ProcessInput.SHUTDOWN,
+            0,
+            ProcessStep(
+                cut=False,
+                outputs=(
+                    StopAccepting(),
+                    ShutdownStarted(at=2.0, in_flight=0, deadline=2.0),
+                    ShutdownFinished(at=2.0, cut=0),
+                ),
+            ),
+        ),
+        (
+            "draining",
+            ProcessInput.IDLE,
+            0,
+            ProcessStep(cut=False, outputs=(ShutdownFinished(at=2.0, cut=0),)),
+        ),
+        (
+            "draining",
+            ProcessInput.SHUTDOWN,
+            4,
+            ProcessStep(cut=True, outputs=(ShutdownFinished(at=2.0, cut=4),)),
+        ),
+    ],
+)
+def test_each_process_rule_returns_what_it_emits(
+    before: str, process_input: ProcessInput, in_flight: int, step: ProcessStep
+) -> None:
+    process = ProcessLifecycle(drain_timeout=5.0)
+    if before == "draining":
+        process.handle(ProcessInput.SHUTDOWN, 1.0, 1)
+    assert process.handle(process_input, 2.0, in_flight) == step
+    assert process.state is ProcessState.STOPPED
 
 
 # -- properties: a random driver --------------------------------------------------------
@@ -320,7 +373,8 @@ def test_random_drivers_keep_every_guarantee(steps: list[tuple[str, int]], algor
             cid, new = proxy.accept(now)
             accepted.add(cid)
         elif operation in ("connected", "connect_failed") and target is not None:
-            new = getattr(proxy, operation)(target, attempts.get(target, 0), now)
+            result = getattr(proxy, operation)(target, attempts.get(target, 0), now)
+            new = [] if result is None else result  # None: a stale connect
         elif operation in ("client_eof", "backend_eof", "client_error", "backend_error"):
             if target is None or proxy.connections[target].connected_at is None:
                 continue  # the driver reads neither side before the connect succeeds
@@ -348,6 +402,8 @@ def test_random_drivers_keep_every_guarantee(steps: list[tuple[str, int]], algor
                 attempts[output.connection_id] = output.attempt
             elif isinstance(output, ProbeBackend):
                 probes.append(output.backend.address)
+            elif isinstance(output, CloseConnection):
+                assert output.reset is (output.outcome in RESETTING)
         outputs += new
         # Active counts equal the attempts in flight, per backend.
         in_flight = Counter(
@@ -355,6 +411,13 @@ def test_random_drivers_keep_every_guarantee(steps: list[tuple[str, int]], algor
         )
         for address in (A, B):
             assert proxy.control.active_connections(address) == in_flight[address]
+        statistics = proxy.statistics()
+        assert statistics.open_connection_ids == tuple(sorted(proxy.connections))
+        assert statistics.in_flight == proxy.in_flight
+        assert {b.address: b.active_connections for b in statistics.backends} == {
+            address: in_flight[address] for address in (A, B)
+        }
+        assert statistics.eligible == proxy.snapshot.addresses
 
     # Finish: shut down and let the deadline cut the rest.
     outputs += proxy.shutdown(now)
@@ -394,6 +457,101 @@ def test_timer_lead_is_the_shortest_delay_a_call_can_file() -> None:
     assert proxy.next_deadline() == 13.0
     proxy.shutdown(11.0)
     assert proxy.next_deadline() == 11.0 + proxy.timer_lead()
+
+
+def test_wake_bound_is_the_sooner_of_the_wake_up_and_the_lead() -> None:
+    proxy = core(
+        timeouts={"connect": 3.0, "idle": 60.0, "drain": 1.5},
+        health={"probe_interval": 2.0},
+    )
+    # The lead defaults to timer_lead() with shutdown possible: 1.5.
+    assert proxy.wake_bound(10.0, None) == 11.5
+    assert proxy.wake_bound(10.0, 20.0) == 11.5
+    assert proxy.wake_bound(10.0, 10.25) == 10.25
+    assert proxy.wake_bound(10.0, 11.5) == 11.5
+    # A driver that never shuts down passes its own lead.
+    assert proxy.wake_bound(10.0, None, lead=proxy.timer_lead(shutdown_possible=False)) == 12.0
+    assert proxy.wake_bound(10.0, 30.0, lead=0.0) == 10.0
+
+
+def test_wake_bound_keeps_its_promise() -> None:
+    # Calls made before the bound file nothing due before it: asking
+    # next_deadline() again would not bring the wake-up closer.
+    proxy = core(timeouts={"connect": 2.0, "idle": 5.0, "drain": 4.0})
+    cid, outputs = proxy.accept(0.0)
+    wake = proxy.next_deadline()
+    bound = proxy.wake_bound(0.0, wake)
+    assert bound == 2.0
+    proxy.connected(cid, connect_of(outputs).attempt, 0.5)
+    proxy.accept(1.0)
+    proxy.shutdown(1.5)
+    deadline = proxy.next_deadline()
+    assert deadline is not None and deadline >= bound
+
+
+@pytest.mark.parametrize(("idle", "resolution"), [(300.0, 0.001), (0.1, 0.001), (0.02, 0.0002)])
+def test_the_touch_resolution_is_at_most_a_millisecond_and_one_percent_of_idle(
+    idle: float, resolution: float
+) -> None:
+    proxy = core(timeouts={"idle": idle})
+    assert proxy.touch_resolution == pytest.approx(resolution)
+    assert proxy.touch_resolution <= min(0.001, idle / 100)
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def test_statistics_describe_the_core_now() -> None:
+    proxy = core(
+        backends=[{"address": A, "weight": 3}, {"address": B}],  # type: ignore[dict-item]
+        health={"failure_threshold": 1},
+    )
+    statistics = proxy.statistics()
+    assert statistics == CoreStatistics(
+        process=ProcessState.RUNNING,
+        accepting=True,
+        in_flight=0,
+        open_connection_ids=(),
+        snapshot_version=1,
+        eligible=(A, B),
+        backends=(
+            BackendStatistics(address=A, weight=3, state=HealthState.HEALTHY, active_connections=0),
+            BackendStatistics(address=B, weight=1, state=HealthState.HEALTHY, active_connections=0),
+        ),
+        cut=0,
+    )
+    first = open_connection(proxy)
+    second, _ = proxy.accept(0.0)
+    third, refused = proxy.accept(0.0)
+    proxy.connect_failed(third, connect_of(refused).attempt, 0.1)  # B fails, out at once
+    later = proxy.statistics()
+    assert later.in_flight == 3
+    assert later.open_connection_ids == (first, second, third)
+    assert later.snapshot_version == 2
+    assert later.eligible == (A,)
+    assert [(b.address, b.state, b.active_connections) for b in later.backends] == [
+        (A, HealthState.HEALTHY, 3),
+        (B, HealthState.UNHEALTHY, 0),
+    ]
+    assert statistics.in_flight == 0  # a value: the first read did not change
+    with pytest.raises(AttributeError):
+        later.in_flight = 0  # type: ignore[misc]
+
+    proxy.shutdown(1.0)
+    draining = proxy.statistics()
+    assert (draining.process, draining.accepting, draining.cut) == (
+        ProcessState.DRAINING,
+        False,
+        0,
+    )
+    proxy.shutdown(2.0)  # a second request cuts at once
+    stopped = proxy.statistics()
+    assert (stopped.process, stopped.in_flight, stopped.open_connection_ids, stopped.cut) == (
+        ProcessState.STOPPED,
+        0,
+        (),
+        3,
+    )
 
 
 # -- several deadlines passed at one wake-up ---------------------------------------------

@@ -183,11 +183,13 @@ def test_the_settle_horizon_leaves_long_connections_open() -> None:
 def test_monitor_tally_matches_the_core_at_the_end() -> None:
     fault = {"at": 1.0, "until": 4.0, "backend": "10.9.0.2:80", "behaviour": "crash"}
     simulation = Simulation(scenario(sim_faults=[fault]), 3).run()
-    core, monitor = simulation.core, simulation.monitor
+    monitor = simulation.monitor
     assert monitor.violations == []
-    for address in monitor.addresses:
-        assert monitor.state[address] is core.control.state(address)
-        assert monitor.active[address] == core.control.active_connections(address) == 0
+    statistics = simulation.core.statistics()
+    assert [b.address for b in statistics.backends] == list(monitor.addresses)
+    for backend in statistics.backends:
+        assert monitor.state[backend.address] is backend.state
+        assert monitor.active[backend.address] == backend.active_connections == 0
     assert monitor.state["10.9.0.2:80"] is HealthState.HEALTHY
     assert sum(monitor.outcomes.values()) == monitor.accepted
     assert monitor.outcomes[Outcome.COMPLETED] > 0

@@ -13,7 +13,6 @@ from loble.core import (
     CloseConnection,
     ConnectBackend,
     ConnectionClosed,
-    ControlPlane,
     HealthInput,
     HealthReport,
     HealthState,
@@ -27,6 +26,7 @@ from loble.core import (
     _health,
     _timers,
 )
+from loble.core._control import ControlPlane
 from loble.sim import INVARIANTS, Monitor, Scenario, Simulation, build_report, load_scenario
 
 from .conftest import REPO, scenario
@@ -135,7 +135,9 @@ def test_graceful_shutdown(monitor: Monitor) -> None:
     monitor.finished_shutdown(ShutdownFinished(at=1.0, cut=0), 1.0)
     monitor.shutdown_started(ShutdownStarted(at=2.0, in_flight=1, deadline=4.0), 2.0)
     monitor.shutdown_started(ShutdownStarted(at=2.0, in_flight=1, deadline=4.0), 2.0)
-    monitor.accepted_connection(7, [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED)])
+    monitor.accepted_connection(
+        7, [CloseConnection(connection_id=7, outcome=Outcome.COMPLETED, reset=False)]
+    )
     monitor.connection_closed(closed(8, Outcome.CUT, at=3.0), 3.0)
     monitor.finished_shutdown(ShutdownFinished(at=5.0, cut=1), 5.0)
     assert set(invariants(monitor)) == {"graceful shutdown", "conservation"}
