@@ -5,7 +5,7 @@ when a socket is ready; no task, future or coroutine is created per
 connection, and none per wakeup:
 
 * each listening socket has a reader; it accepts up to
-  :data:`~._daemon.ACCEPT_BATCH` clients per wakeup;
+  :data:`~._datapath.ACCEPT_BATCH` clients per wakeup;
 * a backend connect is a non-blocking ``connect`` and a one-shot writer that
   fires when the handshake has finished;
 * each direction of an established connection has a reader on its source
@@ -33,57 +33,73 @@ single wait: ``docs/performance.md`` has the measured difference.
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from loble.core import Backend, ConnectBackend
+from loble.core import ConnectBackend, Side
 
-from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
+from ._copy import BufferPool, OneWay, Pumped
+from ._datapath import (
+    ACCEPT_BACKOFF,
+    AddressBook,
+    Attempt,
+    Dialed,
+    Link,
+    Reports,
+    accept_batch,
+    dial,
+    dial_finished,
+    send_eof,
+    set_reset,
+)
 from ._loop import readiness_for
 
-if TYPE_CHECKING:
-    from ._daemon import Addresses, Daemon, _Connection
-
-__all__ = ["CallbackPath"]
+__all__ = ["CallbackLink", "CallbackPath"]
 
 _READ = Pumped.READ
 _WRITE = Pumped.WRITE
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
-"""Made non-blocking by ``socket()`` itself where it can: one ``ioctl`` less per connect."""
-_ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
-"""accept() errors that concern one client only: skip it, accept the next."""
+_CONNECTED, _IN_PROGRESS = Dialed.CONNECTED, Dialed.IN_PROGRESS
+_REFUSED = Dialed.REFUSED
 
 
-class _Attempt:
-    """One connect attempt in progress: which addresses remain, and the socket."""
+class CallbackAttempt(Attempt):
+    """An attempt of this path: also the host-name lookup it may be waiting for."""
 
-    __slots__ = ("backend", "lookup", "number", "remaining", "sock", "started")
+    __slots__ = ("lookup",)
 
-    def __init__(self, number: int, backend: Backend, started: float) -> None:
-        self.number = number
-        self.backend = backend
-        self.started = started
-        self.remaining: Addresses = []
-        self.sock: socket.socket | None = None
+    def __init__(self, action: ConnectBackend, started: float) -> None:
+        super().__init__(action, started)
         self.lookup: asyncio.Future[Any] | None = None
 
 
+class CallbackLink(Link):
+    """A :class:`~._datapath.Link` of this path: also its connect attempt in progress."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, client: socket.socket) -> None:
+        super().__init__(client)
+        self.attempt: CallbackAttempt | None = None
+
+
 class CallbackPath:
-    """The data path of :mod:`._daemon` built on readiness callbacks.
+    """The data path built on readiness callbacks (a :class:`~._datapath.DataPath`).
 
     On Linux they live in a :class:`~._loop.Readiness` registry (the loop's
     own epoll set, or a private one); elsewhere they are the loop's own
     ``add_reader``/``add_writer``.
     """
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+    def __init__(
+        self, reports: Reports[CallbackLink], pool: BufferPool, now: Callable[[], float]
+    ) -> None:
+        self._reports = reports
+        self._pool = pool
+        self._now = now
+        self._addresses = AddressBook()
         loop = self._loop = asyncio.get_running_loop()
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
         """Listeners pausing after an accept error, and the handle that resumes each."""
@@ -116,26 +132,18 @@ class CallbackPath:
                 self._remove_reader(listener.fileno())
 
     def _on_acceptable(self, listener: socket.socket) -> None:
-        accepted = self._daemon.accepted
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as error:
-                if error.errno in _ACCEPT_SKIP:
-                    continue
-                # e.g. out of file descriptors: pause, let some connections close.
-                self._daemon.accept_failed(error)
-                self._pause(listener)
-                return
-            try:
-                client.setblocking(False)
-                client.setsockopt(*_NODELAY)
-                accepted(client)
-            except Exception:  # a bug: this client only, the batch goes on
-                self._daemon.logger.exception("accepting a connection failed")
-                client.close()
+        error = accept_batch(listener, self._on_client)
+        if error is not None:
+            # e.g. out of file descriptors: pause, let some connections close.
+            self._reports.accept_failed(error)
+            self._pause(listener)
+
+    def _on_client(self, client: socket.socket) -> None:
+        link = CallbackLink(client)
+        try:
+            self._reports.accepted(link)
+        except Exception:  # a bug: this client only, the batch goes on
+            self._failed(link)
 
     def _pause(self, listener: socket.socket) -> None:
         self._remove_reader(listener.fileno())
@@ -148,15 +156,13 @@ class CallbackPath:
 
     # -- connecting ----------------------------------------------------------------
 
-    def connect(self, connection: _Connection, action: ConnectBackend) -> None:
-        self._abandon(connection)
-        daemon = self._daemon
-        attempt = _Attempt(action.attempt, action.backend, daemon.now())
-        connection.attempt = attempt
-        addresses = daemon.addresses(action.backend)
+    def connect(self, link: CallbackLink, action: ConnectBackend) -> None:
+        self._abandon(link)
+        attempt = link.attempt = CallbackAttempt(action, self._now())
+        addresses = self._addresses.known(action.backend)
         if addresses is not None:
             attempt.remaining = list(addresses)
-            self._try_next(connection, attempt)
+            self._dial(link, attempt)
             return
         # A host name: look it up (in the loop's thread pool) for this attempt.
         backend = action.backend
@@ -164,76 +170,80 @@ class CallbackPath:
             self._loop.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
         )
         attempt.lookup = lookup
-        lookup.add_done_callback(lambda done: self._looked_up(connection, attempt, done))
+        lookup.add_done_callback(lambda done: self._looked_up(link, attempt, done))
 
     def _looked_up(
-        self, connection: _Connection, attempt: _Attempt, lookup: asyncio.Future[Any]
+        self, link: CallbackLink, attempt: CallbackAttempt, lookup: asyncio.Future[Any]
     ) -> None:
-        if connection.attempt is not attempt or lookup.cancelled():
+        if link.attempt is not attempt or lookup.cancelled():
             return
         attempt.lookup = None
         if lookup.exception() is None:
             attempt.remaining = [(info[0], info[4]) for info in lookup.result()]
-        self._try_next(connection, attempt)
+        try:
+            self._dial(link, attempt)
+        except Exception:
+            self._failed(link)
 
-    def _try_next(self, connection: _Connection, attempt: _Attempt) -> None:
-        """Connect to the next address of the attempt; report failure when none is left."""
-        while attempt.remaining:
-            family, address = attempt.remaining.pop(0)
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
-            except OSError as failure:
-                if failure.errno not in SHORTAGES:
-                    continue  # e.g. EAFNOSUPPORT: this address family is off here
-                connection.attempt = None  # EMFILE and the like: ours, not the backend's
-                self._daemon.out_of_resources(connection, failure)
-                return
-            try:
-                if not _NONBLOCK:
-                    sock.setblocking(False)
-                sock.setsockopt(*_NODELAY)
-                error = sock.connect_ex(address)
-            except OSError as failure:
-                sock.close()
-                connection.attempt = None
-                self._daemon.out_of_resources(connection, failure)
-                return
-            if error == 0 or (error == errno.EINPROGRESS and established(sock)):
-                self._connected(connection, attempt, sock)
-                return
-            if error == errno.EINPROGRESS:
-                attempt.sock = sock
-                self._add_writer(sock.fileno(), self._on_connect_done, connection, attempt)
-                return
-            sock.close()
-        connection.attempt = None
-        self._daemon.connect_failed(connection, attempt.number)
+    def _dial(self, link: CallbackLink, attempt: CallbackAttempt) -> None:
+        """Connect to the attempt's next address; report how it ended unless it is under way."""
+        dialed = dial(attempt)
+        if dialed is _IN_PROGRESS:
+            sock = attempt.sock
+            assert sock is not None
+            self._add_writer(sock.fileno(), self._on_connect_done, link, attempt)
+            return
+        link.attempt = None
+        if dialed is _CONNECTED:
+            self._connected(link, attempt)
+        elif dialed is _REFUSED:
+            self._reports.connect_failed(link, attempt)
+        else:
+            assert attempt.error is not None
+            self._reports.out_of_resources(link, attempt.error)
 
-    def _on_connect_done(self, connection: _Connection, attempt: _Attempt) -> None:
+    def _on_connect_done(self, link: CallbackLink, attempt: CallbackAttempt) -> None:
         sock = attempt.sock
         assert sock is not None
         self._remove_writer(sock.fileno())
+        try:
+            if dial_finished(sock):
+                link.attempt = None
+                self._connected(link, attempt)
+                return
+            attempt.sock = None
+            sock.close()
+            self._dial(link, attempt)
+        except Exception:
+            self._failed(link)
+
+    def _connected(self, link: CallbackLink, attempt: CallbackAttempt) -> None:
+        sock = attempt.sock
+        assert sock is not None
         attempt.sock = None
         try:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                sock.close()
-                self._try_next(connection, attempt)
-                return
-            self._connected(connection, attempt, sock)
-        except Exception:
-            if connection.backend is not sock:
-                sock.close()
-            self._failed(connection)
+            live = self._reports.connected(link, attempt)
+        except BaseException:
+            sock.close()
+            raise
+        if not live:
+            sock.close()  # stale: the core had given up on this attempt
+            return
+        link.join(sock, attempt.backend.address, self._pool)
+        add_reader = self._add_reader
+        epoll = self._epoll
+        for way in (link.to_backend, link.to_client):
+            assert way is not None
+            add_reader(way.source_fd, self._on_readable, link, way)
+            way.waiting = _READ
+            if epoll is not None:  # after a half-close, nothing else would see a reset
+                epoll.watch(way.source_fd, self._on_hangup, link, way)
 
-    def _connected(self, connection: _Connection, attempt: _Attempt, sock: socket.socket) -> None:
-        connection.attempt = None
-        self._daemon.connected(connection, attempt.number, attempt.backend, sock, attempt.started)
-
-    def _abandon(self, connection: _Connection) -> None:
-        attempt: _Attempt | None = connection.attempt
+    def _abandon(self, link: CallbackLink) -> None:
+        attempt = link.attempt
         if attempt is None:
             return
-        connection.attempt = None
+        link.attempt = None
         if attempt.lookup is not None:
             attempt.lookup.cancel()
         if attempt.sock is not None:
@@ -243,86 +253,76 @@ class CallbackPath:
 
     # -- forwarding ----------------------------------------------------------------
 
-    def forward(self, connection: _Connection) -> None:
-        add_reader = self._add_reader
-        epoll = self._epoll
-        for way in (connection.to_backend, connection.to_client):
-            assert way is not None
-            add_reader(way.source_fd, self._on_readable, connection, way)
-            way.waiting = _READ
-            if epoll is not None:  # after a half-close, nothing else would see a reset
-                epoll.watch(way.source_fd, self._on_hangup, connection, way)
-
-    def _on_hangup(self, connection: _Connection, way: OneWay) -> None:
+    def _on_hangup(self, link: CallbackLink, way: OneWay) -> None:
         # Nothing reads or writes this socket (its peer half-closed) and it broke.
         try:
-            self._daemon.copy_ended(connection, way, Pumped.SOURCE_ERROR)
+            self._reports.copy_ended(link, way, Pumped.SOURCE_ERROR)
         except Exception:
-            self._failed(connection)
+            self._failed(link)
 
-    def _on_readable(self, connection: _Connection, way: OneWay) -> None:
+    def _on_readable(self, link: CallbackLink, way: OneWay) -> None:
         try:
             end = way.pump()
             if way.moved:
-                self._daemon.active(connection)
+                self._reports.active(link)
             if end is _READ:
                 return  # the reader stays registered: the common case costs nothing more
             if end is _WRITE:
                 self._remove_reader(way.source_fd)
-                self._add_writer(way.sink_fd, self._on_writable, connection, way)
+                self._add_writer(way.sink_fd, self._on_writable, link, way)
                 way.waiting = _WRITE
                 return
             # The copy ended: report it while still registered (see close).
-            self._daemon.copy_ended(connection, way, end)
+            self._reports.copy_ended(link, way, end)
             if way.waiting is _READ:
                 self._remove_reader(way.source_fd)
                 way.waiting = None
         except Exception:
-            self._failed(connection)
+            self._failed(link)
 
-    def _on_writable(self, connection: _Connection, way: OneWay) -> None:
+    def _on_writable(self, link: CallbackLink, way: OneWay) -> None:
         try:
             end = way.pump()
             if way.moved:
-                self._daemon.active(connection)
+                self._reports.active(link)
             if end is _WRITE:
                 return
             if end is _READ:
                 self._remove_writer(way.sink_fd)
-                self._add_reader(way.source_fd, self._on_readable, connection, way)
+                self._add_reader(way.source_fd, self._on_readable, link, way)
                 way.waiting = _READ
                 return
             # The copy ended: report it while still registered (see close).
-            self._daemon.copy_ended(connection, way, end)
+            self._reports.copy_ended(link, way, end)
             if way.waiting is _WRITE:
                 self._remove_writer(way.sink_fd)
                 way.waiting = None
         except Exception:
-            self._failed(connection)
+            self._failed(link)
 
-    def _failed(self, connection: _Connection) -> None:
+    def shutdown_write(self, link: CallbackLink, side: Side) -> None:
+        sock = link.socket(side)
+        assert sock is not None
+        if not send_eof(sock):
+            self._reports.socket_failed(link, side)
+
+    def _failed(self, link: CallbackLink) -> None:
         # A bug, so what is registered is unknown: unregister everything
         # before the sockets close, or the selector would keep stale entries.
-        for sock in (connection.client, connection.backend):
+        for sock in (link.client, link.backend):
             if sock is not None and sock.fileno() >= 0:
                 self._remove_reader(sock.fileno())
                 self._remove_writer(sock.fileno())
                 if self._epoll is not None:
                     self._epoll.unwatch(sock.fileno())
-        for way in (connection.to_backend, connection.to_client):
+        for way in (link.to_backend, link.to_client):
             if way is not None:
                 way.waiting = None
-        self._daemon.driver_failed(connection)
-
-    def _forget_sockets(self, connection: _Connection) -> None:
-        if self._epoll is not None:
-            for sock in (connection.client, connection.backend):
-                if sock is not None and sock.fileno() >= 0:
-                    self._epoll.forget(sock.fileno())
+        self._reports.driver_failed(link)
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self, connection: _Connection) -> None:
+    def close(self, link: CallbackLink, reset: bool) -> None:
         """Close both sockets; what they had registered goes with them.
 
         In an epoll set, closing a socket takes it out of the set when no
@@ -330,16 +330,19 @@ class CallbackPath:
         never duplicates one, and workers are exec'd with close-on-exec
         descriptors): forgetting its callbacks is enough, no ``epoll_ctl``
         is needed. (A duplicate left open, e.g. by an in-process fork without
-        exec, would keep a stale entry reporting under a reused number.) That is also why
-        a direction whose copy ended reports it *before* unregistering: when
-        it was the connection's last, the core closes the connection at once
-        and the unregistering would be wasted. The loop's own selector (no
-        epoll) keeps a key per descriptor: there, what is registered is
-        unregistered first.
+        exec, would keep a stale entry reporting under a reused number.) That
+        is also why a direction whose copy ended reports it *before*
+        unregistering: when it was the connection's last, the core closes the
+        connection at once and the unregistering would be wasted. The loop's
+        own selector (no epoll) keeps a key per descriptor: there, what is
+        registered is unregistered first. Closing twice does nothing more:
+        a closed socket's descriptor is -1 and its directions hold nothing.
         """
-        self._abandon(connection)
+        self._abandon(link)
+        if reset:
+            set_reset(link.client, link.backend)
         unregister = self._epoll is None
-        for way in (connection.to_backend, connection.to_client):
+        for way in (link.to_backend, link.to_client):
             if way is None:
                 continue
             if unregister and way.waiting is _READ:
@@ -347,8 +350,10 @@ class CallbackPath:
             elif unregister and way.waiting is _WRITE:
                 self._remove_writer(way.sink_fd)
             way.waiting = None
-        self._forget_sockets(connection)
-        connection.client.close()
-        if connection.backend is not None:
-            connection.backend.close()
-        self._daemon.forget(connection)
+            way.release()
+        epoll = self._epoll
+        for sock in (link.client, link.backend):
+            if sock is not None:
+                if epoll is not None and sock.fileno() >= 0:
+                    epoll.forget(sock.fileno())
+                sock.close()

@@ -1,9 +1,12 @@
 """Prometheus metrics of one daemon, and the small HTTP endpoint that serves them.
 
-Counters and histograms are updated as the core's events go by; gauges
-(active connections, backend state, snapshot version, draining) are read from
-the core at scrape time by a collector, so they can never drift from the
-truth. Each daemon owns a private :class:`CollectorRegistry`, so several can
+:class:`Metrics` is one of the conductor's listeners
+(:class:`~._conductor.Listener`): counters and histograms are updated as the
+core's outputs go by, and a connection's bytes are counted when its record
+is dropped (and, for the open ones, just before a scrape). Gauges (active
+connections, backend state, snapshot version, draining) are read from the
+core's ``statistics()`` at scrape time by a collector, so they can never
+drift from the truth. Each daemon owns a private :class:`CollectorRegistry`, so several can
 run in one process. Every metric is documented in ``docs/metrics.md``.
 
 The metrics updated for every connection (connections by outcome, bytes,
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -46,11 +49,11 @@ from loble.core import (
     HealthReport,
     HealthState,
     Outcome,
-    Output,
     ProcessState,
     ProxyCore,
 )
 
+from ._datapath import Link
 from ._logging import log
 
 __all__ = ["TO_BACKEND", "TO_CLIENT", "Metrics", "serve_metrics"]
@@ -141,23 +144,51 @@ class Metrics:
         self._closed: dict[tuple[str, Outcome], Any] = {}
         self._durations: dict[str, Any] = {}
         self._connect_times: dict[str, Any] = {}
-        self._recorders: dict[type, Callable[[Any], None]] = {
+        self._recorders: dict[type, Callable[[Any], object]] = {
             ConnectionClosed: self._record_closed,
             HealthReport: self._record_health,
             ConnectBackend: self._record_connect,
             BackendStateChanged: self._record_transition,
         }
+        self._byte_counters: dict[str, tuple[_Count, _Count]] = {}
         self.before_render: Callable[[], None] = lambda: None
         """Called before each scrape: the daemon adds the bytes of open connections."""
 
-    def record(self, output: Output) -> None:
-        """Count one output of the core (most need nothing)."""
-        # A dict keyed by type instead of a match: most outputs (health
-        # reports, connect orders) need nothing, and this runs several times
-        # per connection.
-        handler = self._recorders.get(type(output))
-        if handler is not None:
-            handler(output)
+    # -- a listener of the core's outputs (see _conductor.Listener) -------------------
+
+    def handlers(self) -> Mapping[type, Callable[[Any], object]]:
+        # Most outputs (health reports other than failures, connect orders
+        # on a first attempt) need nothing: the conductor calls only these.
+        return self._recorders
+
+    def backend_connected(self, address: str, seconds: float) -> None:
+        self.connect_duration(address).observe(seconds)
+
+    def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
+        """Count the last bytes of a connection that ended."""
+        self.count_bytes(link)
+
+    def count_bytes(self, link: Link) -> None:
+        """Add what ``link`` moved since it was last counted.
+
+        Bytes are counted into the metric when a connection closes and, for
+        the open ones, just before a scrape: one counter update per scrape
+        instead of one per read.
+        """
+        if not link.backend_address:
+            return  # never connected: nothing moved
+        counters = self._byte_counters.get(link.backend_address)
+        if counters is None:
+            labels = self.bytes.labels
+            address = link.backend_address
+            counters = self._byte_counters[address] = (
+                labels(address, TO_BACKEND),
+                labels(address, TO_CLIENT),
+            )
+        for way, counter in ((link.to_backend, counters[0]), (link.to_client, counters[1])):
+            if way is not None and way.total != way.reported:
+                counter.inc(way.total - way.reported)
+                way.reported = way.total
 
     def _record_closed(self, output: ConnectionClosed) -> None:
         backend = output.backend or ""
@@ -315,14 +346,13 @@ class _Histograms:
 
 
 class _CoreCollector:
-    """Gauges read straight from the core when scraped."""
+    """Gauges read from the core's statistics when scraped."""
 
     def __init__(self, core: ProxyCore) -> None:
         self._core = core
 
     def collect(self) -> Iterator[Metric]:
-        core = self._core
-        control = core.control
+        stats = self._core.statistics()
         active = GaugeMetricFamily(
             "loble_backend_active_connections",
             "Connections on each backend, connecting or established.",
@@ -333,32 +363,33 @@ class _CoreCollector:
             "1 for the state each backend is in, 0 for the others.",
             labels=("backend", "state"),
         )
-        for address in control.backends:
-            active.add_metric((address,), control.active_connections(address))
-            current = control.state(address)
+        for backend in stats.backends:
+            active.add_metric((backend.address,), backend.active_connections)
             for health_state in HealthState:
-                state.add_metric((address, health_state.value), float(current is health_state))
+                state.add_metric(
+                    (backend.address, health_state.value), float(backend.state is health_state)
+                )
         yield active
         yield state
         yield GaugeMetricFamily(
             "loble_connections_in_flight",
             "Client connections open now, from accept to close.",
-            value=core.in_flight,
+            value=stats.in_flight,
         )
         yield GaugeMetricFamily(
             "loble_snapshot_version",
             "Version of the published snapshot; it changes only when membership does.",
-            value=core.snapshot.version,
+            value=stats.snapshot_version,
         )
         yield GaugeMetricFamily(
             "loble_snapshot_backends",
             "Backends eligible for new connections (in the snapshot).",
-            value=len(core.snapshot),
+            value=len(stats.eligible),
         )
         yield GaugeMetricFamily(
             "loble_draining",
             "1 once shutdown has begun: not accepting, waiting for connections to finish.",
-            value=float(core.process.state is not ProcessState.RUNNING),
+            value=float(stats.process is not ProcessState.RUNNING),
         )
 
 

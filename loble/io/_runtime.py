@@ -1,26 +1,56 @@
-"""Choosing the event loop: ``[runtime] backend`` is asyncio, uvloop or trio.
+"""Choosing how the daemon runs: the event loop, the data path, the copy, the clock.
 
-All of Loble's I/O is written against anyio, so the choice is only which
-loop ``anyio.run`` starts. On asyncio it is Loble's own loop
-(:func:`._loop.new_event_loop`): a standard selector loop whose epoll set
-also holds the data path's readiness callbacks, so a wakeup costs one
-``epoll_wait``. A runtime that is not installed is a user error with a
-one-line fix, never an ImportError traceback.
+``[runtime] backend`` is asyncio, uvloop or trio. All of Loble's I/O is
+written against anyio, so the choice is only which loop ``anyio.run``
+starts. On asyncio it is Loble's own loop (:func:`._loop.new_event_loop`): a
+standard selector loop whose epoll set also holds the data path's readiness
+callbacks, so a wakeup costs one ``epoll_wait``. A runtime that is not
+installed is a user error with a one-line fix, never an ImportError
+traceback.
+
+Two environment variables pick the data path (``LOBLE_DATA_PATH``:
+``callbacks``, the default on asyncio and uvloop, or ``tasks``) and how
+bytes move (``LOBLE_COPY``: ``auto``, ``splice`` or ``recv_into``); a bad
+value is a one-line :class:`~loble.core.LobleError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import os
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
-from loble.core import ConfigError, RuntimeConfig
+from loble.core import ConfigError, LobleError, RuntimeConfig
 
+from ._copy import SPLICE_AVAILABLE, CopyMethod
 from ._loop import new_event_loop
 
-__all__ = ["run", "runtime_options"]
+__all__ = [
+    "COPY_ENV",
+    "DATA_PATHS",
+    "DATA_PATH_ENV",
+    "choose_copy_method",
+    "choose_data_path",
+    "current_library",
+    "data_path_for",
+    "loop_clock",
+    "run",
+    "runtime_options",
+]
+
+COPY_ENV = "LOBLE_COPY"
+"""Environment variable: ``auto`` (default on Linux), ``splice`` or ``recv_into``."""
+
+DATA_PATH_ENV = "LOBLE_DATA_PATH"
+"""Environment variable: ``callbacks`` (default on asyncio/uvloop) or ``tasks``."""
+
+DATA_PATHS = ("callbacks", "tasks")
 
 
 def runtime_options(runtime: RuntimeConfig) -> tuple[str, dict[str, Any]]:
@@ -45,3 +75,55 @@ def run(main: Callable[[], Awaitable[object]], runtime: RuntimeConfig) -> None:
     """Run ``main`` to completion on the configured event loop."""
     backend, options = runtime_options(runtime)
     anyio.run(main, backend=backend, backend_options=options)
+
+
+def choose_copy_method(chosen: str | None) -> CopyMethod:
+    """``chosen``, else ``LOBLE_COPY``, else the fastest the platform has."""
+    value = chosen if chosen is not None else os.environ.get(COPY_ENV, "")
+    if not value:
+        return CopyMethod.default()
+    try:
+        method = CopyMethod(value)
+    except ValueError:
+        options = ", ".join(m.value for m in CopyMethod)
+        raise LobleError(f"{COPY_ENV}: {value!r} is not one of {options}") from None
+    if method.needs_splice and not SPLICE_AVAILABLE:
+        raise LobleError(f"{COPY_ENV}: {value!r} needs Linux; use 'recv_into'")
+    return method
+
+
+def choose_data_path(chosen: str | None) -> str:
+    """``chosen``, else ``LOBLE_DATA_PATH``; "" means the loop's default (:func:`data_path_for`)."""
+    value = chosen if chosen is not None else os.environ.get(DATA_PATH_ENV, "")
+    if value and value not in DATA_PATHS:
+        raise LobleError(f"{DATA_PATH_ENV}: {value!r} is not one of {', '.join(DATA_PATHS)}")
+    return value
+
+
+def data_path_for(chosen: str, library: str) -> str:
+    """The data path to run on ``library``: the chosen one, else the loop's fastest."""
+    if chosen == "callbacks" and library != "asyncio":
+        raise LobleError(f"{DATA_PATH_ENV}: 'callbacks' needs asyncio or uvloop")
+    return chosen or ("callbacks" if library == "asyncio" else "tasks")
+
+
+def current_library() -> str:
+    """``asyncio`` or ``trio``: what anyio runs on in this thread now."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"  # anyio runs on asyncio or trio
+    return "asyncio"
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running loop's monotonic clock, read the cheapest way (the core's ``now``)."""
+    if current_library() == "trio":
+        clock: Callable[[], float] = sys.modules["trio"].current_time  # trio runs this loop
+        return clock
+    loop = asyncio.get_running_loop()
+    # asyncio's loop.time() is time.monotonic() behind a Python call; read the
+    # same clock directly (it is read several times per connection). Other
+    # loops (uvloop) keep their own time().
+    plain = type(loop).time is asyncio.BaseEventLoop.time
+    return time.monotonic if plain else loop.time

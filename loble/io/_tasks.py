@@ -3,9 +3,11 @@
 Per client connection one task holds a task group; in it run the connect
 attempt and, once connected, one task per direction. A direction loops:
 move what it can (:meth:`~._copy.OneWay.pump`), then wait until its source
-is readable or, while bytes are held, until its sink is writable. The
-core's ``CloseConnection`` cancels the group; the connection's task then
-closes both sockets, so no socket or task outlives its connection.
+is readable or, while bytes are held, until its sink is writable. Closing a
+connection cancels its group; the connection's task then closes both
+sockets, once no task waits on them any more, so no socket or task outlives
+its connection and no wait is left on a descriptor number that a new socket
+may take.
 
 On trio the waits are ``trio.lowlevel.wait_readable``/``wait_writable``,
 which are cheap. On asyncio this path works too (the end-to-end tests run it
@@ -15,46 +17,74 @@ again; the ``callbacks`` path avoids that and is asyncio's default.
 
 from __future__ import annotations
 
-import errno
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from loble.core import ConnectBackend
+from loble.core import ConnectBackend, Side
 
-from ._copy import OneWay, Pumped
-from ._daemon import ACCEPT_BACKOFF, ACCEPT_BATCH, SHORTAGES, established
+from ._copy import BufferPool, OneWay, Pumped
+from ._datapath import (
+    ACCEPT_BACKOFF,
+    AddressBook,
+    Attempt,
+    Dialed,
+    Link,
+    Reports,
+    accept_batch,
+    dial,
+    dial_finished,
+    send_eof,
+    set_reset,
+)
 
-if TYPE_CHECKING:
-    from ._daemon import Daemon, _Connection
-
-__all__ = ["TaskPath"]
+__all__ = ["TaskLink", "TaskPath"]
 
 _READ = Pumped.READ
 _WRITE = Pumped.WRITE
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 
-Wait = Callable[[Any], Awaitable[None]]
+Wait = Callable[[socket.socket], Awaitable[None]]
+
+
+class TaskLink(Link):
+    """A :class:`~._datapath.Link` of this path: its task group and connect attempt."""
+
+    __slots__ = ("attempt", "tasks")
+
+    def __init__(self, client: socket.socket, tasks: TaskGroup) -> None:
+        super().__init__(client)
+        self.tasks = tasks
+        self.attempt: anyio.CancelScope | None = None
+        """The scope of the connect attempt in progress, if any."""
 
 
 class TaskPath:
-    """The data path of :mod:`._daemon` built on tasks and ``wait_readable``."""
+    """The data path built on tasks and ``wait_readable`` (a :class:`~._datapath.DataPath`)."""
 
-    def __init__(self, daemon: Daemon, tasks: TaskGroup, library: str) -> None:
-        self._daemon = daemon
+    def __init__(
+        self,
+        reports: Reports[TaskLink],
+        pool: BufferPool,
+        now: Callable[[], float],
+        tasks: TaskGroup,
+        library: str,
+    ) -> None:
+        self._reports = reports
+        self._pool = pool
+        self._now = now
         self._tasks = tasks
+        self._addresses = AddressBook()
         self._wait_readable: Wait = anyio.wait_readable
         self._wait_writable: Wait = anyio.wait_writable
         if library == "trio":
-            import trio
-
-            # anyio's wrappers only translate exceptions these never raise here.
-            self._wait_readable = trio.lowlevel.wait_readable
-            self._wait_writable = trio.lowlevel.wait_writable
+            # anyio's wrappers only translate exceptions these never raise
+            # here, at a lookup per wait; trio runs this loop, so it is imported.
+            lowlevel = sys.modules["trio"].lowlevel
+            self._wait_readable = lowlevel.wait_readable
+            self._wait_writable = lowlevel.wait_writable
 
     def dispose(self) -> None:
         pass  # holds nothing beyond its connections
@@ -69,61 +99,54 @@ class TaskPath:
     async def _accept_loop(self, listener: socket.socket) -> None:
         wait_readable = self._wait_readable
         start_soon = self._tasks.start_soon
+        serve_client = self._serve_client
+
+        def on_client(client: socket.socket) -> None:
+            start_soon(serve_client, client)
+
         while True:
             await wait_readable(listener)
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    client, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as error:
-                    if error.errno in _ACCEPT_SKIP:
-                        continue
-                    self._daemon.accept_failed(error)
-                    await anyio.sleep(ACCEPT_BACKOFF)
-                    break
-                client.setblocking(False)
-                client.setsockopt(*_NODELAY)
-                start_soon(self._serve_client, client)
+            error = accept_batch(listener, on_client)
+            if error is not None:
+                self._reports.accept_failed(error)
+                await anyio.sleep(ACCEPT_BACKOFF)
 
     async def _serve_client(self, client: socket.socket) -> None:
-        daemon = self._daemon
-        connection = None
+        link: TaskLink | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                connection = daemon.accepted(client, tasks)
+                link = TaskLink(client, tasks)
+                self._reports.accepted(link)
                 # Only the core ends a connection: its CloseConnection cancels this group.
                 await anyio.sleep_forever()
         except Exception:
-            if connection is None:
+            if link is None:
                 raise
-            daemon.driver_failed(connection)
+            self._reports.driver_failed(link)
         finally:
+            # No task of this connection waits on its sockets any more.
+            for way in (link.to_backend, link.to_client) if link is not None else ():
+                if way is not None:
+                    way.release()
             client.close()
-            if connection is not None:
-                if connection.backend is not None:
-                    connection.backend.close()
-                daemon.forget(connection)
+            if link is not None and link.backend is not None:
+                link.backend.close()
 
     # -- connecting ----------------------------------------------------------------
 
-    def connect(self, connection: _Connection, action: ConnectBackend) -> None:
-        previous: anyio.CancelScope | None = connection.attempt
+    def connect(self, link: TaskLink, action: ConnectBackend) -> None:
+        previous = link.attempt
         if previous is not None:
             previous.cancel()  # the core gave up on the previous attempt
-        scope = connection.attempt = anyio.CancelScope()
-        tasks: TaskGroup = connection.handle
-        tasks.start_soon(self._connect, connection, action, scope)
+        scope = link.attempt = anyio.CancelScope()
+        link.tasks.start_soon(self._connect, link, Attempt(action, self._now()), scope)
 
-    async def _connect(
-        self, connection: _Connection, action: ConnectBackend, scope: anyio.CancelScope
-    ) -> None:
-        daemon = self._daemon
-        backend = action.backend
+    async def _connect(self, link: TaskLink, attempt: Attempt, scope: anyio.CancelScope) -> None:
+        reports = self._reports
         with scope:
-            started = daemon.now()
-            addresses = daemon.addresses(backend)
+            addresses = self._addresses.known(attempt.backend)
             if addresses is None:
+                backend = attempt.backend
                 try:
                     found = await anyio.getaddrinfo(
                         backend.host, backend.port, type=socket.SOCK_STREAM
@@ -131,62 +154,78 @@ class TaskPath:
                 except OSError:
                     found = []
                 addresses = [(info[0], info[4]) for info in found]
-            for family, address in addresses:
-                try:
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                except OSError as failure:
-                    if failure.errno not in SHORTAGES:
-                        continue  # e.g. EAFNOSUPPORT: this address family is off here
-                    connection.attempt = None  # EMFILE and the like: ours, not the backend's
-                    daemon.out_of_resources(connection, failure)
-                    return
-                try:
-                    sock.setblocking(False)
-                    sock.setsockopt(*_NODELAY)
-                    error = sock.connect_ex(address)
-                    if error == errno.EINPROGRESS and not established(sock):
+            attempt.remaining = list(addresses)
+            while True:
+                dialed = dial(attempt)
+                if dialed is Dialed.IN_PROGRESS:
+                    sock = attempt.sock
+                    assert sock is not None
+                    try:
                         await self._wait_writable(sock)
-                        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    elif error == errno.EINPROGRESS:
-                        error = 0
-                except BaseException:
-                    sock.close()
-                    raise
-                if error == 0:
-                    connection.attempt = None
-                    daemon.connected(connection, action.attempt, backend, sock, started)
-                    return
-                sock.close()
-            connection.attempt = None
-            daemon.connect_failed(connection, action.attempt)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    if not dial_finished(sock):
+                        attempt.sock = None
+                        sock.close()
+                        continue
+                    dialed = Dialed.CONNECTED
+                link.attempt = None
+                if dialed is Dialed.CONNECTED:
+                    self._connected(link, attempt)
+                elif dialed is Dialed.REFUSED:
+                    reports.connect_failed(link, attempt)
+                else:
+                    assert attempt.error is not None
+                    reports.out_of_resources(link, attempt.error)
+                return
+
+    def _connected(self, link: TaskLink, attempt: Attempt) -> None:
+        sock = attempt.sock
+        assert sock is not None
+        attempt.sock = None
+        try:
+            live = self._reports.connected(link, attempt)
+        except BaseException:
+            sock.close()
+            raise
+        if not live:
+            sock.close()  # stale: the core had given up on this attempt
+            return
+        link.join(sock, attempt.backend.address, self._pool)
+        for way in (link.to_backend, link.to_client):
+            assert way is not None
+            link.tasks.start_soon(self._copy, link, way)
 
     # -- forwarding ----------------------------------------------------------------
 
-    def forward(self, connection: _Connection) -> None:
-        tasks: TaskGroup = connection.handle
-        for way in (connection.to_backend, connection.to_client):
-            assert way is not None
-            tasks.start_soon(self._copy, connection, way)
-
-    async def _copy(self, connection: _Connection, way: OneWay) -> None:
-        daemon = self._daemon
-        active = daemon.active
+    async def _copy(self, link: TaskLink, way: OneWay) -> None:
+        reports = self._reports
+        active = reports.active
         wait_readable, wait_writable = self._wait_readable, self._wait_writable
         source, sink = way.source, way.sink
         while True:
             end = way.pump()
             if way.moved:
-                active(connection)
+                active(link)
             if end is _READ:
                 await wait_readable(source)
             elif end is _WRITE:
                 await wait_writable(sink)
             else:
-                daemon.copy_ended(connection, way, end)
+                reports.copy_ended(link, way, end)
                 return
+
+    def shutdown_write(self, link: TaskLink, side: Side) -> None:
+        sock = link.socket(side)
+        assert sock is not None
+        if not send_eof(sock):
+            self._reports.socket_failed(link, side)
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self, connection: _Connection) -> None:
-        tasks: TaskGroup = connection.handle
-        tasks.cancel_scope.cancel()
+    def close(self, link: TaskLink, reset: bool) -> None:
+        """Cancel the connection's tasks; its own task closes the sockets (see the module doc)."""
+        if reset:
+            set_reset(link.client, link.backend)
+        link.tasks.cancel_scope.cancel()

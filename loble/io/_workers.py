@@ -45,7 +45,7 @@ from types import FrameType
 
 from loble.core import Config, LobleError, parse_address
 
-from ._daemon import format_address
+from ._datapath import format_address
 from ._logging import log
 
 __all__ = ["PORT_ENV", "WORKER_ENV", "run_workers", "worker_config", "worker_index"]

@@ -1,0 +1,315 @@
+"""The conductor: the core's one driver in the daemon, between the data path and the lifecycle.
+
+A :class:`Conductor` owns the :class:`~loble.core.ProxyCore`, the clock it
+reads and the table of connections (:class:`~._datapath.Link` by the core's
+connection id). Reports from the data path (:class:`~._datapath.Reports`)
+become core calls; the core's outputs are carried out from one FIFO queue:
+
+* actions go to whoever can do them: connects, half-closes and closes to
+  the data path, probes and "stop accepting" to the lifecycle's hooks;
+* every output, action or event, goes first to the *listeners* that asked
+  for its kind (metrics, log lines: :mod:`._metrics`, :mod:`._journal`);
+* a connection's record is dropped when the core says it closed
+  (``ConnectionClosed``), after the listeners have read its last figures.
+
+Carrying out an order can make the network answer at once (a half-close
+that fails reports the broken side): that report's outputs join the back of
+the queue and run after the ones before them, in the order the core made
+them. A call made while the queue is being worked through is never run
+inside another: the queue not being empty is the whole of that rule.
+
+Nothing here touches a socket or an event loop: the unit tests drive a
+conductor with a fake data path and a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from loble.core import (
+    Backend,
+    CloseConnection,
+    ConnectBackend,
+    ConnectionClosed,
+    Output,
+    ProbeBackend,
+    ProxyCore,
+    ShutdownWrite,
+    Side,
+    StopAccepting,
+)
+
+from ._copy import OneWay, Pumped
+from ._datapath import Attempt, DataPath, Link, Reports, peer_name
+from ._logging import log
+
+__all__ = ["Conductor", "Listener", "Timer"]
+
+LinkT = TypeVar("LinkT", bound=Link)
+
+Handler = Callable[[Any], object]
+"""A function of one kind of output (the kind is its key in a handler table)."""
+
+_EOF = Pumped.EOF
+_SOURCE_ERROR = Pumped.SOURCE_ERROR
+_CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
+
+RESOURCE_WARNING_INTERVAL = 1.0
+"""Seconds between two warnings that connects found no socket (one per second at most)."""
+
+
+class Timer(Protocol):
+    """When the lifecycle's timer task wakes next (an ``anyio.CancelScope`` is one)."""
+
+    deadline: float
+
+
+class Listener(Protocol):
+    """Something that follows the core's outputs: metrics, log lines."""
+
+    def handlers(self) -> Mapping[type, Handler]:
+        """Its function for each kind of output it wants, called in the core's order."""
+
+    def backend_connected(self, address: str, seconds: float) -> None:
+        """A connect to the backend at ``address`` succeeded after ``seconds``."""
+
+    def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
+        """The connection ended (``closed``) and its record goes: its last figures."""
+
+
+class Conductor(Generic[LinkT]):
+    """Drives one :class:`~loble.core.ProxyCore` for the daemon (see the module doc).
+
+    ``make_path`` builds the data path, given this conductor to report to.
+    ``probe(backend, timeout)`` starts a health probe whose result comes
+    back through :meth:`probe_result`; ``stop_accepting()`` closes the
+    listeners; ``stopped()`` is called once the core has stopped.
+    """
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        make_path: Callable[[Reports[LinkT]], DataPath[LinkT]],
+        *,
+        now: Callable[[], float],
+        logger: logging.Logger,
+        listeners: tuple[Listener, ...] = (),
+        probe: Callable[[Backend, float], object],
+        stop_accepting: Callable[[], object],
+        stopped: Callable[[], object],
+    ) -> None:
+        self.core = core
+        self.now = now
+        """The core's clock."""
+        self.logger = logger
+        self.links: dict[int, LinkT] = {}
+        """Open connections by the core's id: the conductor files and drops them."""
+        self.timer: Timer | None = None
+        """The lifecycle's timer, moved earlier when a call may have filed a sooner deadline."""
+        self._probe = probe
+        self._stop_accepting = stop_accepting
+        self._stopped = stopped
+        self._queue: deque[Output] = deque()
+        self._peers = core.config.logging.access_log
+        self._touch_resolution = core.touch_resolution
+        self._resource_warned = -math.inf
+        self._resource_failures = 0
+        own: dict[type, Handler] = {
+            ConnectBackend: self._connect,
+            ShutdownWrite: self._shutdown_write,
+            CloseConnection: self._close,
+            ProbeBackend: self._start_probe,
+            StopAccepting: self._stop,
+            ConnectionClosed: self._drop,
+        }
+        # One table: for each kind of output, the listeners' functions first
+        # (so they see a connection before its record is dropped), then the
+        # conductor's own. Kinds nobody handles are simply absent.
+        dispatch: dict[type, list[Handler]] = {}
+        for listener in listeners:
+            for kind, handler in listener.handlers().items():
+                dispatch.setdefault(kind, []).append(handler)
+        for kind, handler in own.items():
+            dispatch.setdefault(kind, []).append(handler)
+        self._dispatch = {kind: tuple(handlers) for kind, handlers in dispatch.items()}
+        self._connected_hooks = tuple(listener.backend_connected for listener in listeners)
+        self._dropped_hooks = tuple(listener.link_dropped for listener in listeners)
+        self.path = make_path(self)
+
+    # -- from the lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._carry_out(self.core.start(self.now()))
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown, as SIGTERM does; a second call cuts what remains."""
+        self._carry_out(self.core.shutdown(self.now()))
+
+    def next_deadline(self) -> float | None:
+        return self.core.next_deadline()
+
+    def handle_timer(self) -> None:
+        self._carry_out(self.core.handle_timer(self.now()))
+
+    def probe_result(self, address: str, ok: bool) -> None:
+        self._carry_out(self.core.probe_result(address, ok, self.now()))
+
+    # -- reports from the data path (Reports) --------------------------------------------
+
+    def accepted(self, link: LinkT) -> None:
+        connection_id, outputs = self.core.accept(self.now())
+        link.connection_id = connection_id
+        if self._peers:
+            link.peer = peer_name(link.client)
+        self.links[connection_id] = link
+        self._carry_out(outputs)
+
+    def accept_failed(self, error: OSError) -> None:
+        log(self.logger, logging.WARNING, "accept failed", error=str(error))
+
+    def connected(self, link: LinkT, attempt: Attempt) -> bool:
+        now = self.now()
+        outputs = self.core.connected(link.connection_id, attempt.number, now)
+        if outputs is None:
+            return False
+        seconds = now - attempt.started
+        address = attempt.backend.address
+        for hook in self._connected_hooks:
+            hook(address, seconds)
+        self._carry_out(outputs)
+        return True
+
+    def connect_failed(self, link: LinkT, attempt: Attempt) -> None:
+        self._carry_out(self.core.connect_failed(link.connection_id, attempt.number, self.now()))
+
+    def out_of_resources(self, link: LinkT, error: OSError) -> None:
+        """No socket for a backend connect (e.g. EMFILE): end this client's connection.
+
+        The shortage is this process's, not the backend's: reported as
+        ``RESOURCE_EXHAUSTED``, which gives no verdict on the backend, so fd
+        pressure never marks healthy backends unhealthy, and counts apart
+        from the peers' resets. Warned about once per second at most.
+        """
+        self._resource_failures += 1
+        now = self.now()
+        if now - self._resource_warned >= RESOURCE_WARNING_INTERVAL:
+            log(
+                self.logger,
+                logging.WARNING,
+                "no socket for a backend connect: closing the client",
+                error=str(error),
+                connections=self._resource_failures,
+            )
+            self._resource_warned = now
+            self._resource_failures = 0
+        self._carry_out(self.core.resource_exhausted(link.connection_id, now))
+
+    def copy_ended(self, link: LinkT, way: OneWay, end: Pumped) -> None:
+        from_client = way is link.to_backend
+        if end is _EOF:
+            if from_client:
+                self._carry_out(self.core.client_eof(link.connection_id, self.now()))
+            else:
+                self._carry_out(self.core.backend_eof(link.connection_id, self.now()))
+            return
+        source, sink = (_CLIENT, _BACKEND) if from_client else (_BACKEND, _CLIENT)
+        self.socket_failed(link, source if end is _SOURCE_ERROR else sink)
+
+    def socket_failed(self, link: LinkT, side: Side) -> None:
+        core = self.core
+        if side is _CLIENT:
+            self._carry_out(core.client_error(link.connection_id, self.now()))
+        else:
+            self._carry_out(core.backend_error(link.connection_id, self.now()))
+
+    def active(self, link: LinkT) -> None:
+        """Bytes moved: push the idle deadline back, at most once per touch resolution."""
+        now = self.now()
+        if now >= link.touch_due:
+            link.touch_due = now + self._touch_resolution
+            self.core.touch(link.connection_id, now)
+
+    def driver_failed(self, link: LinkT) -> None:
+        """A bug in the daemon, not a network event: keep serving the others, and
+        tell the core this connection is gone so its accounting stays right."""
+        self.logger.exception("connection %d failed", link.connection_id)
+        try:
+            if self.links.get(link.connection_id) is link:
+                self._carry_out(self.core.client_error(link.connection_id, self.now()))
+        finally:
+            # However that went, the path lets go of the sockets and the record goes.
+            self.path.close(link, True)
+            if self.links.get(link.connection_id) is link:
+                del self.links[link.connection_id]
+
+    # -- carrying out the core's outputs ---------------------------------------------------
+
+    def _carry_out(self, outputs: list[Output]) -> None:
+        """Do what the core asked, in order, each output's handlers in turn. Never blocks."""
+        queue = self._queue
+        if queue:
+            # Under way further up the stack: these run after what is queued.
+            queue.extend(outputs)
+            return
+        if outputs:
+            queue.extend(outputs)
+            dispatch = self._dispatch
+            try:
+                while queue:
+                    output = queue[0]  # stays queued while it runs: see the module doc
+                    for handler in dispatch.get(type(output), ()):
+                        handler(output)
+                    queue.popleft()
+            except BaseException:
+                queue.clear()  # after a failure, never replay stale orders later
+                raise
+        core = self.core
+        if core.stopped:
+            self._stopped()
+            return
+        # No timer the call filed is due before now + the core's timer lead
+        # (ProxyCore.wake_bound): wake by then at the latest. Cheaper than
+        # asking next_deadline() after every call, and it moves the timer once
+        # per lead, not per connection; the timer task asks next_deadline()
+        # itself when it wakes.
+        timer = self.timer
+        if timer is not None:
+            wake = timer.deadline
+            bound = core.wake_bound(self.now(), wake)
+            if bound < wake:
+                timer.deadline = bound
+
+    # One method per kind of action, found by type (most outputs, e.g. health
+    # reports, need nothing here): a dict lookup instead of a chain of
+    # isinstance checks, several times per connection.
+
+    def _connect(self, output: ConnectBackend) -> None:
+        link = self.links.get(output.connection_id)
+        if link is not None:
+            self.path.connect(link, output)
+
+    def _shutdown_write(self, output: ShutdownWrite) -> None:
+        link = self.links.get(output.connection_id)
+        if link is not None:
+            self.path.shutdown_write(link, output.side)
+
+    def _close(self, output: CloseConnection) -> None:
+        link = self.links.get(output.connection_id)
+        if link is not None:
+            self.path.close(link, output.reset)
+
+    def _drop(self, output: ConnectionClosed) -> None:
+        link = self.links.pop(output.connection_id, None)
+        if link is not None:
+            for hook in self._dropped_hooks:
+                hook(link, output)
+
+    def _start_probe(self, output: ProbeBackend) -> None:
+        self._probe(output.backend, output.timeout)
+
+    def _stop(self, output: StopAccepting) -> None:
+        self._stop_accepting()

@@ -1,0 +1,404 @@
+"""What every data path shares: the connection record, the two protocols, connect and accept.
+
+The daemon is three layers (``docs/architecture.md`` draws them): a *data
+path* owns the sockets, the *conductor* (:mod:`._conductor`) owns the core
+and carries out its orders, and the *lifecycle* (:mod:`._daemon`) starts and
+stops both. This module is the bottom of the data paths and knows nothing
+above it:
+
+* :class:`Link`, the daemon's record of one client connection (its sockets,
+  its two directions, when its activity is next worth telling the core);
+* :class:`DataPath`, what the conductor asks of a path, and
+  :class:`Reports`, what a path tells the conductor: the only two ways the
+  layers talk;
+* the one copy of the socket work both paths do the same way: a
+  non-blocking connect (:func:`dial`, walking an :class:`Attempt`'s
+  addresses), a batch of accepts (:func:`accept_batch`), a half-close
+  (:func:`send_eof`), a close that resets (:func:`set_reset`), a probe
+  (:func:`probe`).
+
+Which local errors are whose fault is the core's to say
+(:func:`loble.core.is_shortage`, :func:`loble.core.skips_one_client`); this
+module only asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+import anyio
+
+from loble.core import Backend, ConnectBackend, Side, is_shortage, skips_one_client
+
+from ._copy import BufferPool, OneWay, Pumped
+
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "ACCEPT_BATCH",
+    "AddressBook",
+    "Addresses",
+    "Attempt",
+    "DataPath",
+    "Dialed",
+    "Link",
+    "Reports",
+    "accept_batch",
+    "dial",
+    "dial_finished",
+    "format_address",
+    "peer_name",
+    "probe",
+    "send_eof",
+    "set_reset",
+]
+
+ACCEPT_BACKOFF = 0.1
+"""Seconds to pause accepting after an accept error such as EMFILE."""
+
+ACCEPT_BATCH = 64
+"""Connections accepted per wakeup of a listening socket at most."""
+
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+"""Made non-blocking by ``socket()`` itself where it can: one ``ioctl`` less per connect."""
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_name(sock: socket.socket) -> str:
+    """``host:port`` of the socket's peer, or "" once it is gone (e.g. it reset)."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return ""
+    if isinstance(address, tuple):
+        return format_address(str(address[0]), int(address[1]))
+    return str(address)
+
+
+# -- the record ----------------------------------------------------------------------
+
+
+class Link:
+    """The daemon's record of one client connection, from accept to close.
+
+    A data path makes it (with a subclass that adds the path's own state),
+    the conductor files it under the core's connection id, and the path
+    fills in the backend side once a connect succeeds (:meth:`join`). The
+    conductor drops it when the core says the connection closed.
+    """
+
+    __slots__ = (
+        "backend",
+        "backend_address",
+        "client",
+        "connection_id",
+        "peer",
+        "to_backend",
+        "to_client",
+        "touch_due",
+    )
+
+    def __init__(self, client: socket.socket) -> None:
+        self.connection_id = 0
+        """The core's id, set when the conductor files the link."""
+        self.client = client
+        self.peer = ""
+        """The client's address, read at accept only when the access log wants it."""
+        self.backend: socket.socket | None = None
+        self.backend_address = ""
+        self.to_backend: OneWay | None = None
+        self.to_client: OneWay | None = None
+        self.touch_due = 0.0
+        """When activity is next worth telling the core (``ProxyCore.touch_resolution``)."""
+
+    def join(self, backend: socket.socket, address: str, pool: BufferPool) -> None:
+        """The backend connected: build the two directions between the sockets."""
+        self.backend = backend
+        self.backend_address = address
+        self.to_backend = OneWay(self.client, backend, pool)
+        self.to_client = OneWay(backend, self.client, pool)
+
+    def socket(self, side: Side) -> socket.socket | None:
+        return self.client if side is Side.CLIENT else self.backend
+
+    @property
+    def bytes_to_backend(self) -> int:
+        return self.to_backend.total if self.to_backend is not None else 0
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.to_client.total if self.to_client is not None else 0
+
+
+L = TypeVar("L", bound=Link, contravariant=True)
+
+
+class Attempt:
+    """One connect attempt: the core's order, and the addresses still to try."""
+
+    __slots__ = ("backend", "error", "number", "remaining", "sock", "started")
+
+    def __init__(self, action: ConnectBackend, started: float) -> None:
+        self.number = action.attempt
+        self.backend = action.backend
+        self.started = started
+        self.remaining: Addresses = []
+        """``(family, sockaddr)`` pairs not tried yet, in order."""
+        self.sock: socket.socket | None = None
+        """The socket connected or connecting, once :func:`dial` made one."""
+        self.error: OSError | None = None
+        """Why :func:`dial` answered :attr:`Dialed.NO_RESOURCES`."""
+
+
+Addresses = list[tuple[int, tuple[object, ...]]]
+"""``(family, sockaddr)`` pairs to try in order for one backend."""
+
+
+class AddressBook:
+    """Where to connect for each backend, when it is known without a lookup.
+
+    A backend given as an IP literal has one address, computed once; a host
+    name is looked up for every attempt (:meth:`known` says None), so a DNS
+    change reaches the next connection.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, Addresses | None] = {}
+
+    def known(self, backend: Backend) -> Addresses | None:
+        address = backend.address
+        try:
+            return self._known[address]
+        except KeyError:
+            pass
+        try:
+            ip = ipaddress.ip_address(backend.host)
+        except ValueError:
+            found: Addresses | None = None
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            found = [(int(family), (str(ip), backend.port))]
+        self._known[address] = found
+        return found
+
+
+# -- the two protocols ------------------------------------------------------------------
+
+
+class DataPath(Protocol[L]):
+    """What the conductor asks of a data path: see :mod:`._callbacks` and :mod:`._tasks`.
+
+    Every socket operation on a connection is the path's: it accepts, it
+    connects (abandoning an earlier attempt of the same connection), it
+    builds the two directions once connected and moves the bytes, it
+    half-closes, and it closes, with RST where the core says ``reset``.
+    Nothing it is asked blocks; what the network does comes back through
+    :class:`Reports`.
+    """
+
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        """Accept on ``listeners`` until cancelled (the caller closes them)."""
+
+    def connect(self, link: L, action: ConnectBackend) -> None:
+        """Start the attempt, abandoning any earlier one of ``link``."""
+
+    def shutdown_write(self, link: L, side: Side) -> None:
+        """Send EOF to ``side``; the other direction keeps flowing."""
+
+    def close(self, link: L, reset: bool) -> None:
+        """Close the connection's sockets (RST if ``reset``, else FIN) and stop its work.
+
+        May be called again for a link already closed: it then does nothing."""
+
+    def dispose(self) -> None:
+        """Every connection is closed and serving has ended: release the rest."""
+
+
+class Reports(Protocol[L]):
+    """What a data path tells the conductor, each the moment it happens."""
+
+    def accepted(self, link: L) -> None:
+        """A client connected: file it and carry out the core's first orders."""
+
+    def accept_failed(self, error: OSError) -> None:
+        """Accepting failed for a reason of ours (e.g. EMFILE); the path pauses."""
+
+    def connected(self, link: L, attempt: Attempt) -> bool:
+        """The attempt connected; False if the core had given up on it (close the socket)."""
+
+    def connect_failed(self, link: L, attempt: Attempt) -> None:
+        """Every address of the attempt refused or failed."""
+
+    def out_of_resources(self, link: L, error: OSError) -> None:
+        """No socket for the connect (e.g. EMFILE): ours, not the backend's fault."""
+
+    def copy_ended(self, link: L, way: OneWay, end: Pumped) -> None:
+        """One direction stopped: EOF, or an error on its source or its sink."""
+
+    def socket_failed(self, link: L, side: Side) -> None:
+        """An operation on ``side``'s socket failed outside a copy (e.g. a half-close)."""
+
+    def active(self, link: L) -> None:
+        """Bytes moved on ``link``."""
+
+    def driver_failed(self, link: L) -> None:
+        """A bug in the path, not a network event: end this connection, keep the rest."""
+
+
+# -- socket work both paths do the same way ---------------------------------------------
+
+
+class Dialed(enum.Enum):
+    """What :func:`dial` got for an attempt."""
+
+    CONNECTED = "connected"
+    """:attr:`Attempt.sock` is connected (on loopback, usually at once)."""
+    IN_PROGRESS = "in_progress"
+    """:attr:`Attempt.sock` is connecting: wait until it is writable, then ask
+    :func:`dial_finished`."""
+    REFUSED = "refused"
+    """No address left: the attempt failed."""
+    NO_RESOURCES = "no_resources"
+    """No socket could be made (:attr:`Attempt.error`): this process's shortage."""
+
+
+def dial(attempt: Attempt) -> Dialed:
+    """Start a non-blocking connect to the attempt's next usable address.
+
+    An address whose socket cannot be made or set up for a reason that is
+    not a shortage (e.g. EAFNOSUPPORT: that family is off here) or whose
+    connect fails at once is skipped for the next; a shortage stops the
+    attempt, whoever's address it was.
+    """
+    remaining = attempt.remaining
+    while remaining:
+        family, address = remaining.pop(0)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+        except OSError as error:
+            if is_shortage(error.errno):
+                attempt.error = error
+                return Dialed.NO_RESOURCES
+            continue
+        try:
+            if not _NONBLOCK:
+                sock.setblocking(False)
+            sock.setsockopt(*NODELAY)
+            code = sock.connect_ex(address)
+        except OSError as error:
+            sock.close()
+            if is_shortage(error.errno):
+                attempt.error = error
+                return Dialed.NO_RESOURCES
+            continue
+        if code == 0 or (code == errno.EINPROGRESS and _established(sock)):
+            attempt.sock = sock
+            return Dialed.CONNECTED
+        if code == errno.EINPROGRESS:
+            attempt.sock = sock
+            return Dialed.IN_PROGRESS
+        sock.close()
+        if is_shortage(code):
+            attempt.error = OSError(code, "connect failed")
+            return Dialed.NO_RESOURCES
+    return Dialed.REFUSED
+
+
+def dial_finished(sock: socket.socket) -> bool:
+    """Whether a connect that was in progress succeeded (the socket turned writable)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    except OSError:
+        return False
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether a connect that answered EINPROGRESS has in fact completed.
+
+    On loopback (and for very near backends) the handshake usually finishes
+    inside ``connect`` itself: the backend's SYN-ACK is processed as the
+    call releases the socket. Asking costs one system call and saves a
+    writer registration, its removal and a wakeup; ``getpeername`` fails
+    with ENOTCONN while the handshake is still under way or has failed.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def accept_batch(
+    listener: socket.socket, on_client: Callable[[socket.socket], object]
+) -> OSError | None:
+    """Accept up to :data:`ACCEPT_BATCH` clients, each handed to ``on_client``.
+
+    Returns the error that should pause accepting (e.g. EMFILE), else None
+    (the backlog is empty or the batch is done). Errors that concern one
+    client only skip it.
+    """
+    for _ in range(ACCEPT_BATCH):
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            if skips_one_client(error.errno):
+                continue
+            return error
+        try:
+            client.setblocking(False)
+            client.setsockopt(*NODELAY)
+        except OSError:
+            client.close()  # gone before it could be set up (e.g. reset at once)
+            continue
+        on_client(client)
+    return None
+
+
+def send_eof(sock: socket.socket) -> bool:
+    """Half-close: ``shutdown(SHUT_WR)``; False if the socket is broken (its peer reset).
+
+    The direction into this socket has ended with nothing held (a copy reads
+    EOF only once its buffer is empty), so the EOF follows every byte.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False
+    return True
+
+
+def set_reset(*sockets: socket.socket | None) -> None:
+    """Make closing these sockets send RST instead of FIN (``SO_LINGER`` 0)."""
+    for sock in sockets:
+        if sock is not None and sock.fileno() >= 0:
+            # Already reset by its peer: closing sends nothing either way.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+
+
+async def probe(backend: Backend, timeout: float) -> bool:
+    """A health probe: whether a TCP connect to ``backend`` succeeds within ``timeout``."""
+    with anyio.move_on_after(timeout):
+        try:
+            stream = await anyio.connect_tcp(backend.host, backend.port)
+        except OSError:
+            return False
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        return True
+    return False

@@ -1,0 +1,112 @@
+"""The daemon's log lines about what the core decided: a listener of its outputs.
+
+A :class:`Journal` is one of the conductor's listeners (:class:`~._conductor.Listener`):
+it writes a line when a backend changes state, a snapshot is published,
+shutdown starts and finishes, and, with ``[logging] access_log``, one line
+per connection as its record is dropped. What the network did wrong (an
+accept that failed, no socket for a connect) is the conductor's to log;
+what the lifecycle does (listening, signals), the lifecycle's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from loble.core import (
+    BackendStateChanged,
+    ConnectionClosed,
+    HealthState,
+    LoggingConfig,
+    ShutdownFinished,
+    ShutdownStarted,
+    SnapshotPublished,
+)
+
+from ._datapath import Link
+from ._logging import log
+
+__all__ = ["Journal"]
+
+Handler = Callable[[Any], object]
+
+
+class Journal:
+    """Log lines for the core's events; see the module doc."""
+
+    def __init__(self, logger: logging.Logger, config: LoggingConfig, drain_timeout: float) -> None:
+        self.logger = logger
+        self._access_log = config.access_log
+        self._drain_timeout = drain_timeout
+        self._shutdown_began = 0.0
+
+    def handlers(self) -> Mapping[type, Handler]:
+        return {
+            BackendStateChanged: self._state_changed,
+            SnapshotPublished: self._snapshot,
+            ShutdownStarted: self._shutdown_started,
+            ShutdownFinished: self._shutdown_finished,
+        }
+
+    def backend_connected(self, address: str, seconds: float) -> None:
+        pass  # the access log line has the connect time, from the core's event
+
+    def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
+        if not self._access_log:
+            return
+        connected_at = closed.connected_at
+        connect_time = None if connected_at is None else round(connected_at - closed.opened_at, 6)
+        log(
+            self.logger,
+            logging.INFO,
+            "connection",
+            client=link.peer,
+            backend=closed.backend or "",
+            outcome=closed.outcome.value,
+            bytes_to_backend=link.bytes_to_backend,
+            bytes_to_client=link.bytes_to_client,
+            duration=round(closed.at - closed.opened_at, 6),
+            connect_time=connect_time,
+            attempts=closed.attempts,
+        )
+
+    def _state_changed(self, output: BackendStateChanged) -> None:
+        log(
+            self.logger,
+            logging.INFO if output.new is HealthState.HEALTHY else logging.WARNING,
+            "backend state changed",
+            backend=output.address,
+            old=output.old.value,
+            new=output.new.value,
+            reason=output.reason,
+        )
+
+    def _snapshot(self, output: SnapshotPublished) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "snapshot published",
+            version=output.version,
+            eligible=len(output.addresses),
+            backends=",".join(output.addresses),
+        )
+
+    def _shutdown_started(self, output: ShutdownStarted) -> None:
+        self._shutdown_began = output.at
+        log(
+            self.logger,
+            logging.INFO,
+            "shutdown started: not accepting, draining",
+            in_flight=output.in_flight,
+            drain_timeout=self._drain_timeout,
+        )
+
+    def _shutdown_finished(self, output: ShutdownFinished) -> None:
+        log(
+            self.logger,
+            logging.WARNING if output.cut else logging.INFO,
+            "shutdown finished",
+            cut=output.cut,
+            took=round(output.at - self._shutdown_began, 3),
+        )
