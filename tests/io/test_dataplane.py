@@ -409,7 +409,7 @@ async def test_both_sockets_of_a_proxied_connection_send_small_writes_at_once(
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
             await stream.send(b"x")
             await net.wait_for(lambda: bytes_to_backend(net, daemon) == 1)
-            (connection,) = daemon._connections.values()
+            (connection,) = daemon.conductor.links.values()
             for sock in (connection.client, connection.backend):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
