@@ -353,14 +353,32 @@ class PProxy(Proxy):
 
 
 class Loble(Proxy):
+    """Loble as installed for ``python``, or, given ``source``, the checkout at ``source``.
+
+    A ``source`` (``--loble-baseline``) is another checkout of Loble, e.g. a
+    ``git worktree`` of an earlier commit: it runs with the same Python and
+    dependencies, its own code first on ``PYTHONPATH``, as the subject
+    ``loble-base``, so one run measures a change before and after, interleaved.
+    """
+
     name = "loble"
     label = "Loble"
 
-    def __init__(self, python: str, repo: Path) -> None:
+    def __init__(self, python: str, repo: Path, source: Path | None = None) -> None:
         self.python = python
         self.repo = repo
+        self.source = source
+        if source is not None:
+            self.name = "loble-base"
+            self.label = f"Loble baseline ({_commit(source)})"
         self.reason: str | None = None
         self.checked = False
+
+    def _python(self) -> list[str]:
+        if self.source is None:
+            return [self.python]
+        # env execs python in place: the pid the RSS test reads is python's.
+        return ["env", f"PYTHONPATH={self.source}", self.python]
 
     def unavailable(self) -> str | None:
         if not self.checked:
@@ -369,10 +387,15 @@ class Loble(Proxy):
         return self.reason
 
     def _check(self) -> str | None:
-        argv = [self.python, "-m", "loble", "run", "--help"]
+        argv = [*self._python(), "-m", "loble", "run", "--help"]
         try:
             done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=60, cwd=self.repo, check=False
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=self.source or self.repo,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
             return f"`loble run` is not available yet ({error})"
@@ -382,7 +405,7 @@ class Loble(Proxy):
         return None
 
     def version(self) -> str:
-        return _first_line([self.python, "-m", "loble", "--version"])
+        return _first_line([*self._python(), "-m", "loble", "--version"])
 
     def argv(self, workdir: Path, port: int, backend: int, tag: str) -> list[str]:
         conf = workdir / f"loble-{tag}.toml"
@@ -402,7 +425,7 @@ class Loble(Proxy):
             "\n[[backends]]\n"
             f'address = "127.0.0.1:{backend}"\n'
         )
-        return [self.python, "-m", "loble", "run", "-c", str(conf)]
+        return [*self._python(), "-m", "loble", "run", "-c", str(conf)]
 
 
 def make_proxies(
@@ -413,8 +436,10 @@ def make_proxies(
     loble_python: str,
     repo: Path,
     wanted: tuple[str, ...],
+    loble_baseline: Path | None = None,
 ) -> list[Proxy]:
-    """The proxies named in *wanted*, in table order (unavailable ones included)."""
+    """The proxies named in *wanted*, in table order (unavailable ones included);
+    with ``loble_baseline``, the baseline checkout right after Loble."""
     builders: dict[str, Callable[[], Proxy]] = {
         "direct": Direct,
         "haproxy": lambda: HAProxy(haproxy_maxconn),
@@ -422,7 +447,24 @@ def make_proxies(
         "pproxy": lambda: PProxy(pproxy_venv, enabled=True),
         "loble": lambda: Loble(loble_python, repo),
     }
-    return [builders[name]() for name in PROXY_NAMES if name in wanted]
+    proxies = [builders[name]() for name in PROXY_NAMES if name in wanted]
+    if loble_baseline is not None and "loble" in wanted:
+        proxies.append(Loble(loble_python, repo, source=loble_baseline))
+    return proxies
+
+
+def _commit(checkout: Path) -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except OSError:
+        return str(checkout)
+    return done.stdout.strip() or str(checkout)
 
 
 def tool_version(argv: list[str]) -> str:

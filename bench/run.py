@@ -128,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="python that has loble installed (default: this one)",
     )
     parser.add_argument(
+        "--loble-baseline",
+        type=Path,
+        help="another Loble checkout (e.g. a git worktree of an earlier commit) to run "
+        "beside this one as 'loble-base', interleaved: a change measured before and after",
+    )
+    parser.add_argument(
         "--pproxy-venv", type=Path, default=BENCH / ".venv-pproxy", help="pproxy's own venv"
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -366,7 +372,7 @@ class Bench:
         record["wall_s"] = round(time.monotonic() - began, 2)
         self.records.append(record)
         self.console.print(
-            f"  {proxy.name:8} {load:10} {summary(record)}"
+            f"  {proxy.name:10} {load:10} {summary(record)}"
             f"  [dim](others busy {record['others_cpu_busy']:.0%} before)[/]"
         )
 
@@ -554,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             loble_python=args.loble_python,
             repo=REPO,
             wanted=args.proxies,
+            loble_baseline=args.loble_baseline.resolve() if args.loble_baseline else None,
         )
         proxies: list[Proxy] = []
         versions: dict[str, str] = {}
@@ -594,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = bench.medians()
     metrics = [m for m in METRICS if m.load in loads]
     render_table(console, proxies, metrics, medians, args.rounds)
+    if any(proxy.name == "loble-base" for proxy in proxies):
+        console.print(baseline_line(metrics, medians))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = started_at.strftime("%Y%m%d-%H%M%S")
     report = {
@@ -635,6 +644,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def baseline_line(metrics: list[Metric], medians: dict[str, Any]) -> str:
+    """Loble's medians as a ratio to the baseline checkout's, metric by metric."""
+    parts = []
+    for metric in metrics:
+        now = medians.get("loble", {}).get(metric.key)
+        base = medians.get("loble-base", {}).get(metric.key)
+        if now and base and base["median"]:
+            parts.append(f"{metric.title} {now['median'] / base['median']:.2f}x")
+    return "Loble / baseline: " + (", ".join(parts) if parts else "-")
+
+
 def background_line(busy: dict[str, float]) -> str:
     if not busy:
         return "Background CPU use was not sampled."
@@ -669,6 +689,11 @@ def write_markdown(
         "(x) is the ratio to HAProxy. For p99 latency and RSS lower is better.",
         "",
         markdown_table(proxies, metrics, medians),
+        *(
+            [baseline_line(metrics, medians), ""]
+            if any(proxy.name == "loble-base" for proxy in proxies)
+            else []
+        ),
         background_line(report["others_cpu_busy"]),
         "",
         "Lowest - highest round:",
