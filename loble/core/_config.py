@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ._errors import ConfigError
@@ -23,6 +23,8 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "RUNTIME_BACKENDS",
+    "WEIGHT",
+    "AdminConfig",
     "BackendConfig",
     "BalancerConfig",
     "Config",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 ALGORITHMS = ("round_robin", "random", "least_connections", "p2c")
+WEIGHT = integer(1, 1_000_000)
+"""The check of a backend's weight, in the config and for an operator's change."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 RUNTIME_BACKENDS = ("asyncio", "uvloop", "trio")
@@ -73,6 +77,9 @@ class TimeoutsConfig:
     connect: float = 5.0
     idle: float = 300.0
     drain: float = 30.0
+    removal: float = 0.0
+    """Seconds a backend removed by a reload may keep its connections; the
+    ones still open then are cut (``Outcome.REMOVED``). 0: no limit, wait."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +99,20 @@ class LoggingConfig:
 class RuntimeConfig:
     backend: str = "asyncio"
     workers: int = 1
+    pid_file: str = ""
+    """Where the daemon writes its process id (``loble reload`` reads it); "" for none."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """The admin API: status for anyone who can reach it, changes for the token holder."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1:9091"
+    token: str = ""
+    """The bearer token every change needs. Empty: every change is refused
+    (reading is still allowed), so an API switched on without a token is
+    read-only rather than open."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +130,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     backends: tuple[BackendConfig, ...] = ()
 
 
@@ -120,6 +142,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "logging": LoggingConfig,
     "runtime": RuntimeConfig,
+    "admin": AdminConfig,
 }
 _TOP_LEVEL = (*_SECTIONS, "backends")
 
@@ -131,6 +154,7 @@ _DEFAULT_TIMEOUTS = TimeoutsConfig()
 _DEFAULT_METRICS = MetricsConfig()
 _DEFAULT_LOGGING = LoggingConfig()
 _DEFAULT_RUNTIME = RuntimeConfig()
+_DEFAULT_ADMIN = AdminConfig()
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 # Host names as resolvers take them: DNS labels, plus the underscores that
@@ -169,6 +193,10 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
                 raise ValueError(f"{host!r} is not a valid IPv4 address") from None
     if not port_text.isdigit():
         raise ValueError(f"port '{port_text}' is not a number")
+    if not port_text.isascii():
+        # str.isdigit and int() take any Unicode digit (full-width ones, '²'): a port
+        # a resolver or another tool reads differently is a mistake.
+        raise ValueError(f"port '{port_text}' must be ASCII digits")
     port = int(port_text)
     low = 0 if allow_port_zero else 1
     if not low <= port <= 65535:
@@ -289,10 +317,17 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 "timeouts", table, "drain", _DEFAULT_TIMEOUTS.drain, seconds(positive=False)
             )
         ),
+        removal=float(
+            checker.value(
+                "timeouts", table, "removal", _DEFAULT_TIMEOUTS.removal, seconds(positive=False)
+            )
+        ),
     )
-    if timeouts.drain < 0:
-        checker.error("timeouts.drain", f"{timeouts.drain!r} must be >= 0 seconds")
-        timeouts = TimeoutsConfig(connect=timeouts.connect, idle=timeouts.idle)
+    for name in ("drain", "removal"):
+        value = getattr(timeouts, name)
+        if value < 0:
+            checker.error(f"timeouts.{name}", f"{value!r} must be >= 0 seconds")
+            timeouts = replace(timeouts, **{name: getattr(_DEFAULT_TIMEOUTS, name)})
 
     table = _section(checker, data, "metrics")
     metrics = MetricsConfig(
@@ -321,7 +356,19 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         workers=checker.value(
             "runtime", table, "workers", _DEFAULT_RUNTIME.workers, integer(1, 256)
         ),
+        pid_file=checker.value("runtime", table, "pid_file", _DEFAULT_RUNTIME.pid_file, _path),
     )
+
+    table = _section(checker, data, "admin")
+    admin = AdminConfig(
+        enabled=checker.value("admin", table, "enabled", _DEFAULT_ADMIN.enabled, boolean()),
+        address=checker.value(
+            "admin", table, "address", _DEFAULT_ADMIN.address, _address(allow_port_zero=True)
+        ),
+        token=_token(checker, table),
+    )
+
+    _check_together(checker, listener, health, metrics, admin)
 
     backends = _parse_backends(checker, data.get("backends"))
 
@@ -335,8 +382,69 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         metrics=metrics,
         logging=logging,
         runtime=runtime,
+        admin=admin,
         backends=backends,
     )
+
+
+def _path(raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        return 'is not a string (a file path, or "" for none)'
+    if "\0" in raw:
+        return "contains a NUL character"
+    return None
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]*")
+"""A bearer token as a header carries it: printable ASCII, no spaces."""
+
+
+def _token(checker: Checker, table: Mapping[str, Any]) -> str:
+    # The token is a secret: its errors never quote it, unlike every other key.
+    raw = table.get("token", _DEFAULT_ADMIN.token)
+    if not isinstance(raw, str):
+        checker.error("admin.token", "is not a string")
+        return _DEFAULT_ADMIN.token
+    if not _TOKEN.fullmatch(raw):
+        checker.error("admin.token", "must be printable ASCII without spaces (value not shown)")
+        return _DEFAULT_ADMIN.token
+    return raw
+
+
+def _check_together(
+    checker: Checker,
+    listener: ListenerConfig,
+    health: HealthConfig,
+    metrics: MetricsConfig,
+    admin: AdminConfig,
+) -> None:
+    """The rules that tie keys of different sections together."""
+    if health.probe_timeout > health.probe_interval:
+        # A probe still out when the next is due skips that round: the
+        # interval would silently stretch to the timeout.
+        checker.error(
+            "health.probe_timeout",
+            f"{health.probe_timeout!r} is longer than health.probe_interval "
+            f"({health.probe_interval!r})",
+        )
+    for name, section in (("metrics", metrics), ("admin", admin)):
+        if section.enabled and _same_socket(section.address, listener.address):
+            checker.error(
+                f"{name}.address",
+                f"{section.address!r} is also listener.address ({listener.address!r}): "
+                "give each its own port",
+            )
+
+
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _same_socket(one: str, other: str) -> bool:
+    """Would listening on both addresses collide? Port 0 never does (the OS picks)."""
+    (host, port), (other_host, other_port) = _canonical(one), _canonical(other)
+    if port != other_port or port == 0:
+        return False
+    return host == other_host or host in _WILDCARDS or other_host in _WILDCARDS
 
 
 def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
@@ -361,7 +469,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             checker.error(f"{path}.address", "missing: every backend needs 'host:port'")
             continue
         address = entry["address"]
-        weight = checker.value(path, entry, "weight", 1, integer(1, 1_000_000))
+        weight = checker.value(path, entry, "weight", 1, WEIGHT)
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -379,7 +487,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
 
 
 def _canonical(address: str) -> tuple[str, int]:
-    host, port = parse_address(address)
+    host, port = parse_address(address, allow_port_zero=True)
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
