@@ -8,12 +8,14 @@ objects.
 
 What a user of the library needs is exported here: what it takes to drive a
 :class:`ProxyCore` (its outputs, the enums they carry, its statistics, whose
-fault a socket error is), to write a balancer, and to parse a configuration
-(with the schema helper the simulator's scenarios use too). The machines
+fault a socket error is, the operator's admin states and inputs), to write a
+balancer, and to parse a configuration (with the schema helper the
+simulator's scenarios use too). The machines
 themselves (health, connection, process, control plane, timers) are the
 core's internals: tests that need them import the private modules.
 """
 
+from ._admin import AdminInput, AdminState
 from ._backend import Backend, Snapshot
 from ._balancers import (
     BALANCERS,
@@ -26,6 +28,7 @@ from ._balancers import (
 )
 from ._config import (
     ALGORITHMS,
+    AdminConfig,
     BackendConfig,
     BalancerConfig,
     Config,
@@ -43,6 +46,8 @@ from ._connection import RESET_OUTCOMES
 from ._errors import ConfigError, LobleError, StateMachineError
 from ._events import (
     Action,
+    AdminStateChanged,
+    BackendForgotten,
     BackendStateChanged,
     CloseConnection,
     ConnectBackend,
@@ -52,12 +57,14 @@ from ._events import (
     Outcome,
     Output,
     ProbeBackend,
+    Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
     ShutdownWrite,
     Side,
     SnapshotPublished,
     StopAccepting,
+    WeightChanged,
 )
 from ._faults import ACCEPT_SKIP_ERRNOS, SHORTAGE_ERRNOS, is_shortage, skips_one_client
 from ._health import HealthInput, HealthState
@@ -73,8 +80,13 @@ __all__ = [
     "RESET_OUTCOMES",
     "SHORTAGE_ERRNOS",
     "Action",
+    "AdminConfig",
+    "AdminInput",
+    "AdminState",
+    "AdminStateChanged",
     "Backend",
     "BackendConfig",
+    "BackendForgotten",
     "BackendStateChanged",
     "BackendStatistics",
     "Balancer",
@@ -103,6 +115,7 @@ __all__ = [
     "ProbeBackend",
     "ProcessState",
     "ProxyCore",
+    "Reconfigured",
     "RoundRobin",
     "RuntimeConfig",
     "ShutdownFinished",
@@ -114,6 +127,7 @@ __all__ = [
     "StateMachineError",
     "StopAccepting",
     "TimeoutsConfig",
+    "WeightChanged",
     "WeightedRandom",
     "boolean",
     "choice",

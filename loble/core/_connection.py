@@ -14,6 +14,7 @@ Theory of operation
     CLIENT_DONE --BACKEND_EOF--> CLOSED (COMPLETED)
     BACKEND_DONE --CLIENT_EOF--> CLOSED (COMPLETED)
     any open state --error, RESOURCE_EXHAUSTED, IDLE_TIMEOUT or CUT--> CLOSED
+    any open state --REMOVED--> CLOSED (its backend's removal deadline passed)
 
 A connection starts by picking a backend. No backend eligible: it closes at
 once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
@@ -112,6 +113,9 @@ class ConnInput(enum.Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     """The driver ran out of something of its own for this connection (file
     descriptors, socket memory): the connection ends, no backend is blamed."""
+    REMOVED = "removed"
+    """Its backend was removed by a reload and ``[timeouts] removal`` has
+    passed: the connection is cut, no verdict on the backend."""
 
 
 Picker = Callable[[Collection[str]], "Backend | None"]
@@ -316,13 +320,14 @@ class Connection:
 # -- how a connection ends on the wire -------------------------------------------
 
 RESET_OUTCOMES = frozenset(
-    {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED}
+    {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED, Outcome.REMOVED}
 )
 """Outcomes whose close is passed on as a reset (RST, ``SO_LINGER`` 0) to the
 side still open, not an orderly FIN.
 
-A reset or a local failure cut the stream short: an orderly FIN would make a
-truncated stream look complete to the other side. Every other outcome ends
+A reset, a local failure or a cut at the removal deadline of a backend a
+reload removed (``REMOVED``) cut the stream short: an orderly FIN would make
+a truncated stream look complete to the other side. Every other outcome ends
 with FIN: the stream ended (``COMPLETED``), nothing was carried yet
 (``NO_BACKEND``, ``CONNECT_FAILED``, ``REFUSED_SHUTTING_DOWN``), or the
 proxy ended it on purpose, by its own timeouts (``IDLE_TIMEOUT``, ``CUT`` at
@@ -404,6 +409,7 @@ TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CLIENT_ERROR): _abort(Outcome.CLIENT_RESET),
     (_C, _I.CUT): _abort(Outcome.CUT),
     (_C, _I.RESOURCE_EXHAUSTED): _abort(Outcome.RESOURCE_EXHAUSTED),
+    (_C, _I.REMOVED): _abort(Outcome.REMOVED),
     (_E, _I.CLIENT_EOF): _half_close(_CD, Side.BACKEND),
     (_E, _I.BACKEND_EOF): _half_close(_BD, Side.CLIENT),
     (_CD, _I.BACKEND_EOF): _abort(Outcome.COMPLETED),
@@ -417,3 +423,4 @@ for _state in (_E, _CD, _BD):
     TRANSITIONS[(_state, _I.IDLE_TIMEOUT)] = _abort(Outcome.IDLE_TIMEOUT)
     TRANSITIONS[(_state, _I.CUT)] = _abort(Outcome.CUT)
     TRANSITIONS[(_state, _I.RESOURCE_EXHAUSTED)] = _abort(Outcome.RESOURCE_EXHAUSTED)
+    TRANSITIONS[(_state, _I.REMOVED)] = _abort(Outcome.REMOVED)

@@ -1,13 +1,27 @@
 """The control plane: health records, the published snapshot, probe scheduling.
 
 It owns one :class:`BackendHealth` per backend, applies inputs to them, and
-rebuilds the :class:`Snapshot` only when the set of eligible (``HEALTHY``)
-backends changes: the same membership keeps the same version, so readers never
-see churn. It also decides which backends get probed and when: every
-``UNHEALTHY`` backend (it has no other way back), and with ``active = true``
-every backend. Time only comes in as ``now``; :meth:`next_deadline` and
-:meth:`handle_timer` let a driver (a real event loop or the simulator) run the
-probe schedule.
+rebuilds the :class:`Snapshot` only when the eligible backends change: the
+same membership keeps the same version, so readers never see churn. A
+backend is eligible when its health is ``HEALTHY``, its admin state (the
+operator's, ``_admin``) is ``READY``, and a reload has not removed it. It
+also decides which backends get probed and when: every ``UNHEALTHY`` backend
+(it has no other way back), and with ``active = true`` every backend; never
+one in ``MAINT`` or one a reload removed. Time only comes in as ``now``;
+:meth:`next_deadline` and :meth:`handle_timer` let a driver (a real event
+loop or the simulator) run the probe schedule.
+
+Membership also changes by the operator's hand (:meth:`set_admin`,
+:meth:`set_weight`) and by a reload (:meth:`reconfigure`), which adds
+backends, removes them and changes weights and health settings:
+
+* an added backend joins ``HEALTHY`` at once, or, with ``active = true``,
+  ``UNHEALTHY`` with reason "added, awaiting probes": it joins after
+  ``success_threshold`` probe successes, like any backend coming back;
+* a removed backend leaves the snapshot at once and is no longer probed; its
+  record stays (as :class:`_Leaving`) while attempts on it run, and is
+  forgotten (``BackendForgotten``) when the last one finishes. Re-added
+  before that, it is a normal backend again, with its state and connections.
 """
 
 from __future__ import annotations
@@ -16,43 +30,93 @@ import heapq
 import math
 from collections.abc import Iterable
 
+from ._admin import AdminInput, AdminState, next_admin_state
 from ._backend import Backend, Snapshot
 from ._config import HealthConfig
 from ._errors import LobleError
 from ._events import (
+    AdminStateChanged,
+    BackendForgotten,
     BackendStateChanged,
     Event,
     HealthReport,
     Output,
     ProbeBackend,
     SnapshotPublished,
+    WeightChanged,
 )
 from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
 
-__all__ = ["ControlPlane"]
+__all__ = ["ControlPlane", "Probed"]
 
 _PROBE_INPUT = {True: HealthInput.PROBE_SUCCESS, False: HealthInput.PROBE_FAILURE}
+_READY, _MAINT = AdminState.READY, AdminState.MAINT
+_HEALTHY, _UNHEALTHY = HealthState.HEALTHY, HealthState.UNHEALTHY
+_FINISHED, _FAILURE = HealthInput.CONNECTION_FINISHED, HealthInput.PASSIVE_FAILURE
+ADDED_REASON = "added, awaiting probes"
+
+
+class _Leaving(BackendHealth):
+    """The record of a backend a reload removed, while attempts on it run.
+
+    Normal records pay nothing for removal: only this subclass checks, after
+    each input, whether the last attempt has finished, and then answers with
+    :data:`_GONE` instead of a transition, which :meth:`ControlPlane._changed`
+    (off the hot path) turns into forgetting the backend.
+    """
+
+    __slots__ = ()
+
+    def handle(self, health_input: HealthInput) -> Transition | None:
+        transition = BackendHealth.handle(self, health_input)
+        if health_input is _FINISHED and self.active_connections == 0:
+            return _GONE
+        return transition
+
+
+_GONE = Transition(old=_HEALTHY, new=_HEALTHY, reason="forgotten")
+"""Not a transition: the sign that a removed backend's last attempt finished."""
+
+
+def _copy_record(record: BackendHealth, kind: type[BackendHealth]) -> BackendHealth:
+    copy = kind(record.address, record.thresholds)
+    for name in BackendHealth.__slots__:
+        setattr(copy, name, getattr(record, name))
+    return copy
+
+
+class Probed:
+    """The last probe result of a backend, for statistics."""
+
+    __slots__ = ("at", "ok")
+
+    def __init__(self, at: float, ok: bool) -> None:
+        self.at = at
+        self.ok = ok
 
 
 class ControlPlane:
     def __init__(self, backends: Iterable[Backend], health: HealthConfig | None = None) -> None:
         self.health_config = health or HealthConfig()
-        thresholds = Thresholds(
-            failure_threshold=self.health_config.failure_threshold,
-            success_threshold=self.health_config.success_threshold,
-        )
+        self._thresholds = _thresholds(self.health_config)
         self.backends: dict[str, Backend] = {}
+        """Every backend the core knows, in config order, then those a reload
+        removed that still carry attempts."""
         self._health: dict[str, BackendHealth] = {}
         self._reports: dict[str, dict[HealthInput, HealthReport]] = {}
+        self.admin: dict[str, AdminState] = {}
+        """The operator's admin state of each backend (``_admin``)."""
+        self.removing: dict[str, None] = {}
+        """Backends a reload removed that still carry attempts (ordered, unlike a set)."""
+        self.since: dict[str, tuple[float, str]] = {}
+        """When each backend's health state last changed, and why (absent: never)."""
+        self.probed: dict[str, Probed] = {}
+        """Each backend's last probe result (absent: never probed)."""
+        self._forgotten: str | None = None
         for backend in backends:
             if backend.address in self.backends:
                 raise LobleError(f"backend {backend.address} is listed twice")
-            self.backends[backend.address] = backend
-            self._health[backend.address] = BackendHealth(backend.address, thresholds)
-            self._reports[backend.address] = {
-                health_input: HealthReport.of(backend.address, health_input)
-                for health_input in HealthInput
-            }
+            self._add(backend)
         self.snapshot = Snapshot(version=1, backends=tuple(self.backends.values()))
         """The current snapshot; replaced whole, never mutated."""
         # Probe schedule: a heap of (due, sequence, address) with lazy deletion;
@@ -78,6 +142,14 @@ class ControlPlane:
 
     def states(self) -> dict[str, HealthState]:
         return {address: health.state for address, health in self._health.items()}
+
+    def eligible(self, address: str) -> bool:
+        """May new connections go to it (healthy, ready, not removed)?"""
+        return (
+            self._health[address].state is _HEALTHY
+            and self.admin[address] is _READY
+            and address not in self.removing
+        )
 
     # -- inputs ----------------------------------------------------------------
 
@@ -115,6 +187,10 @@ class ControlPlane:
         """
         health = self._health.get(address)
         if health is None:
+            if health_input is _FAILURE and address == self._forgotten:
+                # The verdict of the attempt whose end let a removed backend
+                # go (it follows that attempt's "finished"): nobody to judge.
+                return
             raise LobleError(f"unknown backend {address}")
         out.append(self._reports[address][health_input])
         transition = health.handle(health_input)
@@ -129,12 +205,113 @@ class ControlPlane:
         the current state count towards leaving it.
         """
         sent_in = self._probe_in_flight.pop(address, None)
-        if sent_in is not self._health[address].state:
+        health = self._health.get(address)
+        if health is None or sent_in is not health.state:
             # Not issued, or issued before the backend changed state: a probe
             # that left while it was healthy must not count as a success
-            # earned while unhealthy (the no-flapping rule).
+            # earned while unhealthy (the no-flapping rule). Or the backend
+            # is gone (a reload removed it).
             return []
+        self.probed[address] = Probed(now, ok)
         return self.apply(address, _PROBE_INPUT[ok], now)
+
+    # -- the operator and reloads ------------------------------------------------
+
+    def set_admin(self, address: str, admin_input: AdminInput, now: float) -> list[Event]:
+        """Apply an operator's request; LobleError (one line) if it is illegal."""
+        self._known(address)
+        old = self.admin[address]
+        new = next_admin_state(address, old, admin_input)
+        if new is old:
+            return []
+        self.admin[address] = new
+        events: list[Event] = [AdminStateChanged(at=now, address=address, old=old, new=new)]
+        if old is _MAINT:
+            self._resume_probes(address, now)
+        published = self._republish(now)
+        if published is not None:
+            events.append(published)
+        return events
+
+    def set_weight(self, address: str, weight: int, now: float) -> list[Event]:
+        """Give a backend a new weight (already validated); publish if it is eligible."""
+        self._known(address)
+        old = self.backends[address].weight
+        if weight == old:
+            return []
+        self.backends[address] = Backend(address=address, weight=weight)
+        events: list[Event] = [WeightChanged(at=now, address=address, old=old, new=weight)]
+        published = self._republish(now)
+        if published is not None:
+            events.append(published)
+        return events
+
+    def reconfigure(
+        self, backends: Iterable[Backend], health: HealthConfig, now: float
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], list[Event]]:
+        """Apply a reload's backends and health settings, as a diff.
+
+        Returns the addresses added, removed and reweighted, and the events:
+        weight changes, backends forgotten at once (removed with nothing on
+        them), then the snapshot if it changed.
+        """
+        wanted = {backend.address: backend for backend in backends}
+        self.health_config = health
+        thresholds = self._thresholds = _thresholds(health)
+        for record in self._health.values():
+            record.thresholds = thresholds
+        events: list[Event] = []
+        added: list[str] = []
+        reweighted: list[str] = []
+        removed = tuple(
+            address
+            for address in self.backends
+            if address not in wanted and address not in self.removing
+        )
+        for address, backend in wanted.items():
+            known = self.backends.get(address)
+            if known is None:
+                added.append(address)
+                self._add(backend, now=now)
+                continue
+            if address in self.removing:
+                added.append(address)
+                del self.removing[address]
+                self._health[address] = _copy_record(self._health[address], BackendHealth)
+                self._resume_probes(address, now)
+            if known.weight != backend.weight:
+                reweighted.append(address)
+                events.append(
+                    WeightChanged(at=now, address=address, old=known.weight, new=backend.weight)
+                )
+            self.backends[address] = backend
+        for address in removed:
+            record = self._health[address]
+            self._probe_due.pop(address, None)
+            self._probe_in_flight.pop(address, None)
+            if record.active_connections == 0:
+                events.append(self._forget(address, now))
+            else:
+                self.removing[address] = None
+                self._health[address] = _copy_record(record, _Leaving)
+        # Config order for the kept and added, then the ones still leaving.
+        self.backends = {
+            **{address: self.backends[address] for address in wanted},
+            **{address: self.backends[address] for address in self.removing},
+        }
+        for address in self.backends:
+            if address not in self._probe_due:
+                self._resume_probes(address, now)
+            else:
+                # A shorter interval applies from now on, not after the
+                # probe already scheduled on the old one.
+                soonest = now + health.probe_interval
+                if soonest < self._probe_due[address]:
+                    self._file_probe(address, soonest)
+        published = self._republish(now)
+        if published is not None:
+            events.append(published)
+        return tuple(added), removed, tuple(reweighted), events
 
     # -- probe timer -----------------------------------------------------------
 
@@ -173,6 +350,9 @@ class ControlPlane:
     # -- internals ---------------------------------------------------------------
 
     def _changed(self, address: str, transition: Transition, now: float) -> list[Event]:
+        if transition is _GONE:
+            return [self._forget(address, now)]
+        self.since[address] = (now, transition.reason)
         events: list[Event] = [
             BackendStateChanged(
                 at=now,
@@ -182,9 +362,9 @@ class ControlPlane:
                 reason=transition.reason,
             )
         ]
-        if transition.new is HealthState.UNHEALTHY:
+        if transition.new is _UNHEALTHY:
             self._schedule_probe(address, now)
-        elif transition.new is HealthState.HEALTHY and not self.health_config.active:
+        elif transition.new is _HEALTHY and not self.health_config.active:
             self._probe_due.pop(address, None)
         published = self._republish(now)
         if published is not None:
@@ -192,21 +372,68 @@ class ControlPlane:
         return events
 
     def _wants_probe(self, address: str) -> bool:
-        return self.health_config.active or self._health[address].state is HealthState.UNHEALTHY
+        if self.admin[address] is _MAINT or address in self.removing:
+            return False
+        return self.health_config.active or self._health[address].state is _UNHEALTHY
 
     def _schedule_probe(self, address: str, now: float) -> None:
         due = now + self.health_config.probe_interval
         if due <= now:  # an interval lost in float rounding: never re-arm at now
             due = math.nextafter(now, math.inf)
+        self._file_probe(address, due)
+
+    def _file_probe(self, address: str, due: float) -> None:
         self._probe_due[address] = due
         self._sequence += 1
         heapq.heappush(self._probe_heap, (due, self._sequence, address))
 
+    def _resume_probes(self, address: str, now: float) -> None:
+        """Probe it again if it should be and nothing is scheduled (after
+        maintenance, a re-add, or ``active`` switched on by a reload)."""
+        if address not in self._probe_due and self._wants_probe(address):
+            self._schedule_probe(address, now)
+
+    def _known(self, address: str) -> None:
+        if address not in self._health:
+            raise LobleError(f"backends: no backend {address!r}")
+        if address in self.removing:
+            raise LobleError(
+                f"backends: {address!r} was removed by a reload; its last connections are finishing"
+            )
+
+    def _add(self, backend: Backend, *, now: float | None = None) -> None:
+        """Start knowing a backend: at start-up (``now`` None) or added by a reload."""
+        address = backend.address
+        self.backends[address] = backend
+        record = self._health[address] = BackendHealth(address, self._thresholds)
+        self.admin.setdefault(address, _READY)
+        self._reports[address] = {
+            health_input: HealthReport.of(address, health_input) for health_input in HealthInput
+        }
+        if now is not None and self.health_config.active:
+            # Not proven yet: it joins as a backend coming back does.
+            record.state = _UNHEALTHY
+            self.since[address] = (now, ADDED_REASON)
+
+    def _forget(self, address: str, now: float) -> BackendForgotten:
+        self.removing.pop(address, None)
+        del self.backends[address], self._health[address], self._reports[address]
+        del self.admin[address]
+        self.since.pop(address, None)
+        self.probed.pop(address, None)
+        self._probe_due.pop(address, None)
+        self._probe_in_flight.pop(address, None)
+        self._forgotten = address
+        return BackendForgotten(at=now, address=address)
+
     def _republish(self, now: float) -> SnapshotPublished | None:
+        health, admin, removing = self._health, self.admin, self.removing
         eligible = tuple(
             backend
             for address, backend in self.backends.items()
-            if self._health[address].state is HealthState.HEALTHY
+            if health[address].state is _HEALTHY
+            and admin[address] is _READY
+            and address not in removing
         )
         if eligible == self.snapshot.backends:
             return None
@@ -214,3 +441,9 @@ class ControlPlane:
         return SnapshotPublished(
             at=now, version=self.snapshot.version, addresses=self.snapshot.addresses
         )
+
+
+def _thresholds(health: HealthConfig) -> Thresholds:
+    return Thresholds(
+        failure_threshold=health.failure_threshold, success_threshold=health.success_threshold
+    )

@@ -7,7 +7,9 @@ The core never does I/O. Every entry point returns a list of outputs:
   accepting. The driver carries each out and feeds the result back.
 * **events** are facts for logs, metrics and the simulator's invariant
   checks: a backend changed state, a snapshot was published, a connection
-  ended with an outcome, shutdown began or ended.
+  ended with an outcome, shutdown began or ended, an operator changed a
+  backend's admin state or weight, a reload was applied, a removed backend
+  was forgotten.
 
 All are frozen, slotted, keyword-only dataclasses, one class per kind. The
 four made for every connection also have a positional maker
@@ -26,11 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ._admin import AdminState
 from ._backend import Backend
 from ._health import HealthInput, HealthState
 
 __all__ = [
     "Action",
+    "AdminStateChanged",
+    "BackendForgotten",
     "BackendStateChanged",
     "CloseConnection",
     "ConnectBackend",
@@ -40,12 +45,14 @@ __all__ = [
     "Outcome",
     "Output",
     "ProbeBackend",
+    "Reconfigured",
     "ShutdownFinished",
     "ShutdownStarted",
     "ShutdownWrite",
     "Side",
     "SnapshotPublished",
     "StopAccepting",
+    "WeightChanged",
 ]
 
 
@@ -78,6 +85,9 @@ class Outcome(enum.Enum):
     """The proxy ran out of a resource of its own for this connection (file
     descriptors, socket memory): HAProxy's termination code ``R``. No backend
     is blamed."""
+    REMOVED = "removed"
+    """Its backend was removed by a reload and the connection was still open
+    ``[timeouts] removal`` seconds later: cut, with a reset."""
 
 
 # -- actions -----------------------------------------------------------------
@@ -179,6 +189,58 @@ class SnapshotPublished:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdminStateChanged:
+    """An operator changed a backend's admin state (see ``_admin``)."""
+
+    at: float
+    address: str
+    old: AdminState
+    new: AdminState
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeightChanged:
+    """A backend's weight changed, by an operator or a reload."""
+
+    at: float
+    address: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconfigured:
+    """A reload was applied: always the first output of ``ProxyCore.reconfigure``.
+
+    Addresses are in config order (``removed`` in the old config's).
+    ``changed`` names every configuration key whose value changed, as a
+    dotted path (``"balancer.algorithm"``), everything but the backends list,
+    which the other three fields describe. A reload that changes nothing
+    still says so, with every tuple empty.
+    """
+
+    at: float
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    reweighted: tuple[str, ...]
+    changed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendForgotten:
+    """A backend a reload removed carries nothing any more and is gone.
+
+    It left the snapshot at the reload; this comes when its last connection
+    ended (or was cut with ``Outcome.REMOVED``), at once if it had none. From
+    now on the core knows nothing of it: it is gone from ``statistics()``,
+    and a driver may drop its per-backend series.
+    """
+
+    at: float
+    address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionClosed:
     """One client connection's end, for the access log and the outcome counters."""
 
@@ -213,6 +275,10 @@ Event = (
     | ConnectionClosed
     | ShutdownStarted
     | ShutdownFinished
+    | AdminStateChanged
+    | WeightChanged
+    | Reconfigured
+    | BackendForgotten
 )
 Output = Action | Event
 

@@ -119,6 +119,7 @@ class BackendHealth:
         "address",
         "consecutive_failures",
         "consecutive_successes",
+        "peak_connections",
         "state",
         "thresholds",
     )
@@ -128,6 +129,8 @@ class BackendHealth:
         self.thresholds = thresholds
         self.state = HealthState.HEALTHY
         self.active_connections = 0
+        self.peak_connections = 0
+        """The most ``active_connections`` ever reached, for the status page."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
 
@@ -166,7 +169,9 @@ Rule = Callable[[BackendHealth], "tuple[HealthState, str] | None"]
 
 
 def _started(health: BackendHealth) -> None:
-    health.active_connections += 1
+    active = health.active_connections = health.active_connections + 1
+    if active > health.peak_connections:
+        health.peak_connections = active
 
 
 def _finished(health: BackendHealth) -> None:

@@ -16,6 +16,10 @@ every decision they make is made here:
 * ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes
   (:meth:`wake_bound` says when asking can be skipped);
 * call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`;
+* pass on an operator's requests with :meth:`admin` and :meth:`set_weight`,
+  and a reload's new, already validated configuration with
+  :meth:`reconfigure` (ask :meth:`next_deadline` and :meth:`timer_lead`
+  again after it: the timings may have changed);
 * read :meth:`statistics` for metrics and checks.
 
 Each call returns a list of outputs: actions to carry out and events to log,
@@ -29,13 +33,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection
+from dataclasses import fields
 
+from ._admin import AdminInput
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, make_balancer
-from ._config import Config
+from ._config import WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
-from ._events import ConnectionClosed, Outcome, Output
+from ._errors import LobleError
+from ._events import ConnectionClosed, Outcome, Output, Reconfigured
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
 from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue
@@ -64,6 +71,7 @@ class ProxyCore:
         balancer: Balancer | None = None,
     ) -> None:
         self.config = config
+        self._rng = rng
         self.control = ControlPlane(
             (Backend(address=b.address, weight=b.weight) for b in config.backends),
             config.health,
@@ -71,13 +79,9 @@ class ProxyCore:
         self.balancer = balancer or make_balancer(config.balancer.algorithm, rng)
         self.process = ProcessLifecycle(config.timeouts.drain)
         self.connections: dict[int, Connection] = {}
-        self._policy = ConnectionPolicy(
-            pick=self._pick,
-            connect_timeout=config.timeouts.connect,
-            idle_timeout=config.timeouts.idle,
-            connect_retries=config.balancer.connect_retries,
-            report=self.control.report,
-        )
+        self._policy = self._make_policy(config)
+        self._removal_deadlines: dict[str, float] = {}
+        """Removed backends whose connections are cut at a deadline, and when."""
         # Connection deadlines, one lane per kind (see _timers): connect, idle.
         self._timers = TimerQueue(lanes=2)
         self._next_connection_id = 1
@@ -113,6 +117,28 @@ class ProxyCore:
         """The core now, as an immutable value (built on demand: not for a hot loop)."""
         control = self.control
         snapshot = control.snapshot
+        admin, since, probed = control.admin, control.since, control.probed
+        removing = control.removing
+        backends = []
+        for address, backend in control.backends.items():
+            health = control.health(address)
+            changed = since.get(address)
+            probe = probed.get(address)
+            backends.append(
+                BackendStatistics(
+                    address=address,
+                    weight=backend.weight,
+                    state=health.state,
+                    active_connections=health.active_connections,
+                    admin=admin[address],
+                    since=None if changed is None else changed[0],
+                    reason="" if changed is None else changed[1],
+                    last_probe_at=None if probe is None else probe.at,
+                    last_probe_ok=None if probe is None else probe.ok,
+                    peak_connections=health.peak_connections,
+                    removing=address in removing,
+                )
+            )
         return CoreStatistics(
             process=self.process.state,
             accepting=self.process.accepting,
@@ -120,15 +146,7 @@ class ProxyCore:
             open_connection_ids=tuple(sorted(self.connections)),
             snapshot_version=snapshot.version,
             eligible=snapshot.addresses,
-            backends=tuple(
-                BackendStatistics(
-                    address=address,
-                    weight=backend.weight,
-                    state=control.state(address),
-                    active_connections=control.active_connections(address),
-                )
-                for address, backend in control.backends.items()
-            ),
+            backends=tuple(backends),
             cut=self.cut_count,
         )
 
@@ -246,6 +264,82 @@ class ProxyCore:
     def probe_result(self, address: str, ok: bool, now: float) -> list[Output]:
         return list(self.control.probe_result(address, ok, now))
 
+    # -- the operator and reloads ----------------------------------------------------------
+
+    def admin(self, address: str, admin_input: AdminInput, now: float) -> list[Output]:
+        """An operator's request on one backend (drain, undrain, maintenance, ready).
+
+        Returns an ``AdminStateChanged`` if it changed the admin state, then a
+        ``SnapshotPublished`` if that changed who takes new connections. An
+        unknown backend, one a reload removed, or a request the admin table
+        has no row for (``UNDRAIN`` in ``MAINT``) raises :class:`LobleError`
+        with one line for the operator.
+        """
+        return list(self.control.set_admin(address, admin_input, now))
+
+    def set_weight(self, address: str, weight: int, now: float) -> list[Output]:
+        """An operator's new weight for one backend, for new connections.
+
+        The bounds are a ``[[backends]] weight``'s; out of them, or for an
+        unknown backend, :class:`LobleError` with one line. Returns a
+        ``WeightChanged`` if it changed, then a ``SnapshotPublished`` if the
+        backend is in the snapshot (the balancers read weights from it).
+        """
+        problem = WEIGHT(weight)
+        if problem is not None:
+            raise LobleError(f"backend {address}: weight {weight!r} {problem}")
+        return list(self.control.set_weight(address, weight, now))
+
+    def reconfigure(self, config: Config, now: float) -> list[Output]:
+        """Apply a reload: a new, already validated configuration, as a diff.
+
+        Added backends join (with ``[health] active``, after their probes);
+        removed ones leave the snapshot at once, their connections run on (cut
+        with ``Outcome.REMOVED`` after ``[timeouts] removal`` seconds, if set)
+        and they are forgotten when the last one ends. Weights, the algorithm,
+        thresholds, timeouts, retries and probe settings apply to new
+        connections and the next probes; connections open now keep the
+        timeouts and retries they started with. Admin states survive. The
+        listener address and the runtime, metrics, logging and admin sections
+        are the driver's to apply: the core records them in :attr:`config`.
+
+        The first output is always a ``Reconfigured`` saying what changed;
+        then weight changes, backends forgotten at once, the new snapshot.
+        """
+        old = self.config
+        changed = _changed_keys(old, config)
+        added, removed, reweighted, events = self.control.reconfigure(
+            (Backend(address=b.address, weight=b.weight) for b in config.backends),
+            config.health,
+            now,
+        )
+        self.config = config
+        if config.balancer.algorithm != old.balancer.algorithm:
+            self.balancer = make_balancer(config.balancer.algorithm, self._rng)
+        if (
+            config.timeouts.connect != old.timeouts.connect
+            or config.timeouts.idle != old.timeouts.idle
+            or config.balancer.connect_retries != old.balancer.connect_retries
+        ):
+            # A new policy for new connections; open ones keep theirs.
+            self._policy = self._make_policy(config)
+            self.touch_resolution = self._policy.touch_resolution
+        self.process.drain_timeout = config.timeouts.drain
+        self._lead = self.timer_lead()
+        for address in added:
+            self._removal_deadlines.pop(address, None)
+        if config.timeouts.removal > 0:
+            for address in removed:
+                if address in self.control.removing:
+                    self._removal_deadlines[address] = now + config.timeouts.removal
+        out: list[Output] = [
+            Reconfigured(
+                at=now, added=added, removed=removed, reweighted=reweighted, changed=changed
+            )
+        ]
+        out.extend(events)
+        return out
+
     # -- time ------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -265,6 +359,8 @@ class ProxyCore:
         probe = self.control.next_deadline()
         if probe is not None:
             candidates.append(probe)
+        if self._removal_deadlines:
+            candidates.append(min(self._removal_deadlines.values()))
         if self.process.deadline is not None:
             candidates.append(self.process.deadline)
         return min(candidates) if candidates else None
@@ -296,6 +392,8 @@ class ProxyCore:
         for _, _, connection in expired:
             connection.handle_into(connection.timeout_input, now, out)
             self._settle(connection, now, out)
+        if self._removal_deadlines:
+            self._cut_removed(now, out)
         out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
         if deadline is not None and deadline <= now:
@@ -304,6 +402,30 @@ class ProxyCore:
         return out
 
     # -- internals ----------------------------------------------------------------------
+
+    def _make_policy(self, config: Config) -> ConnectionPolicy:
+        return ConnectionPolicy(
+            pick=self._pick,
+            connect_timeout=config.timeouts.connect,
+            idle_timeout=config.timeouts.idle,
+            connect_retries=config.balancer.connect_retries,
+            report=self.control.report,
+        )
+
+    def _cut_removed(self, now: float, out: list[Output]) -> None:
+        """Cut what still runs on removed backends whose removal deadline passed."""
+        due = [address for address, at in self._removal_deadlines.items() if at <= now]
+        if not due:
+            return
+        for address in due:
+            del self._removal_deadlines[address]
+        gone = set(due)
+        # Connection ids ascend in the table, so the cut order is fixed.
+        for connection in list(self.connections.values()):
+            backend = connection.backend
+            if backend is not None and backend.address in gone:
+                connection.handle_into(ConnInput.REMOVED, now, out)
+                self._settle(connection, now, out)
 
     def _pick(self, exclude: Collection[str]) -> Backend | None:
         # Each attempt reads the snapshot once, when it picks: for the first
@@ -391,3 +513,18 @@ class ProxyCore:
             self.cut_count += len(connections)
         out.extend(step.outputs)
         return out
+
+
+def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
+    """Dotted paths of every key whose value differs, in schema order (not backends)."""
+    changed: list[str] = []
+    for section in fields(Config):
+        if section.name == "backends":
+            continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if before == after:
+            continue
+        for key in fields(before):
+            if getattr(before, key.name) != getattr(after, key.name):
+                changed.append(f"{section.name}.{key.name}")
+    return tuple(changed)

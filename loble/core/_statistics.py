@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._admin import AdminState
 from ._health import HealthState
 from ._process import ProcessState
 
@@ -27,6 +28,19 @@ class BackendStatistics:
     state: HealthState
     active_connections: int
     """Attempts on it that have started and not finished: connecting or established."""
+    admin: AdminState = AdminState.READY
+    """The operator's say (``_admin``): new connections need ``READY`` and ``HEALTHY``."""
+    since: float | None = None
+    """When its health state last changed (or it was added awaiting probes); None if never."""
+    reason: str = ""
+    """Why, as the last ``BackendStateChanged`` said; "" if never."""
+    last_probe_at: float | None = None
+    """When its last probe result came in; None if never probed."""
+    last_probe_ok: bool | None = None
+    peak_connections: int = 0
+    """The most ``active_connections`` at once since start."""
+    removing: bool = False
+    """A reload removed it; it still carries connections and is forgotten when they end."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +58,7 @@ class CoreStatistics:
     eligible: tuple[str, ...]
     """The snapshot's backends (those new connections may go to), in config order."""
     backends: tuple[BackendStatistics, ...]
-    """Every configured backend, in config order."""
+    """Every backend the core knows: the configured ones in config order, then
+    those a reload removed that still carry connections."""
     cut: int
     """Connections cut by shutdown so far."""
