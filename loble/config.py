@@ -6,6 +6,8 @@ message per problem, never a traceback.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,13 @@ __all__ = ["load_config", "read_toml"]
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file, turning every failure into a one-line ConfigError."""
+    if not str(path):  # Path("") is ".", which would name the current directory
+        raise ConfigError(["config path is empty"])
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular_file(path)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a directory, not a TOML file"]) from None
     except PermissionError:
         raise ConfigError([f"{path}: permission denied"]) from None
     except UnicodeDecodeError:
@@ -40,6 +42,34 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return document
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: invalid TOML: {error}"]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion, so a
+        # few hundred levels exhaust the interpreter's stack.
+        raise ConfigError([f"{path}: invalid TOML: nested too deeply"]) from None
+
+
+def _read_regular_file(path: Path) -> str:
+    """The text of ``path``, refusing a FIFO, socket or device before opening it.
+
+    Opening a FIFO blocks until a writer comes (and would unblock a writer
+    waiting for a reader); a device such as /dev/zero never ends. ``stat``
+    follows symlinks without opening, so ``/dev/stdin`` redirected from a
+    file still reads. The ``fstat`` after a non-blocking open catches a path
+    swapped for a FIFO in between.
+    """
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError([f"{path}: is a directory, not a TOML file"])
+    _require_regular(path, mode)
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(descriptor, encoding="utf-8") as file:
+        _require_regular(path, os.fstat(descriptor).st_mode)
+        return file.read()
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ConfigError([f"{path}: is not a regular file"])
 
 
 def load_config(path: str | Path) -> Config:

@@ -76,6 +76,8 @@ def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict
 
 
 def _handle(args: argparse.Namespace) -> int:
+    if not args.scenario:  # Path("") is ".", which would name the current directory
+        raise LobleError("scenario path is empty")
     scenario = load_scenario(args.scenario)
     seed = scenario.sim.seed if args.seed is None else args.seed
     if args.runs < 1:

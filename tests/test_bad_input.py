@@ -1,0 +1,130 @@
+"""Bad input tried as a new user would, through the real ``loble`` command.
+
+Each case runs ``python -m loble`` as a subprocess, as a shell would, and
+expects one ``error: ...`` line on stderr and exit status 1, or, for a reader
+that closes stdout early, a quiet exit with status 141 (128 + SIGPIPE).
+Never a traceback, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIO = str(REPO / "scenarios" / "backend-crash.toml")
+TIMEOUT = 60  # seconds; a hang fails the test instead of the whole run
+
+MINIMAL_CONFIG = '[listener]\naddress = "127.0.0.1:0"\n\n[[backends]]\naddress = "127.0.0.1:9"\n'
+
+
+def loble(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loble", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def one_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single ``error:`` line of a failed command, after checking it is alone."""
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def config_commands(path: str) -> list[list[str]]:
+    return [["check-config", path], ["run", "-c", path]]
+
+
+# -- 1. a TOML file nested too deeply ----------------------------------------------------
+
+NESTED_500 = {
+    "arrays": "a = " + "[" * 500 + "]" * 500 + "\n",
+    "inline tables": "a = " + "{ b = " * 500 + "1" + " }" * 500 + "\n",
+    "arrays, far deeper": "a = " + "[" * 100_000 + "]" * 100_000 + "\n",
+}
+
+
+@pytest.mark.parametrize("document", NESTED_500.values(), ids=NESTED_500.keys())
+@pytest.mark.parametrize("command", ["check-config", "run", "sim"])
+def test_a_deeply_nested_file_is_one_line(tmp_path: Path, document: str, command: str) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(document, encoding="utf-8")
+    argv = [command, "-c", str(path)] if command == "run" else [command, str(path)]
+    line = one_error(loble(*argv))
+    assert line == f"error: {path}: invalid TOML: nested too deeply"
+
+
+# -- 4. a config path that is not a regular file -----------------------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO with a writer blocked in open(): it would be let through if loble opened it."""
+    path = tmp_path / "config.fifo"
+    os.mkfifo(path)
+    opened: list[int] = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(path, os.O_WRONLY)))
+    writer.start()
+    yield path
+    assert writer.is_alive() and not opened, "loble opened the FIFO"
+    release = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    writer.join(TIMEOUT)
+    os.close(release)
+    for descriptor in opened:
+        os.close(descriptor)
+
+
+def test_a_fifo_is_refused_without_opening_it(fifo: Path) -> None:
+    for argv in config_commands(str(fifo)):
+        assert one_error(loble(*argv)) == f"error: {fifo}: is not a regular file", argv
+
+
+@pytest.fixture
+def unix_socket(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "config.sock"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        yield path
+
+
+@pytest.mark.parametrize("kind", ["socket", "device"])
+def test_a_socket_or_device_is_refused(request: pytest.FixtureRequest, kind: str) -> None:
+    path = str(request.getfixturevalue("unix_socket")) if kind == "socket" else os.devnull
+    for argv in config_commands(path):
+        assert one_error(loble(*argv)) == f"error: {path}: is not a regular file", argv
+
+
+def test_an_empty_config_path_is_refused() -> None:
+    for argv in config_commands(""):
+        assert one_error(loble(*argv)) == "error: config path is empty", argv
+    assert one_error(loble("sim", "")) == "error: scenario path is empty"
+
+
+def test_a_directory_still_says_it_is_a_directory(tmp_path: Path) -> None:
+    for argv in config_commands(str(tmp_path)):
+        line = one_error(loble(*argv))
+        assert line == f"error: {tmp_path}: is a directory, not a TOML file", argv
+
+
+def test_a_symlink_to_a_regular_file_still_reads(tmp_path: Path) -> None:
+    target = tmp_path / "real.toml"
+    target.write_text(MINIMAL_CONFIG, encoding="utf-8")
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    result = loble("check-config", str(link))
+    assert result.returncode == 0, result.stderr
