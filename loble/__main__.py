@@ -3,12 +3,14 @@
 Each subsystem registers its own subcommands (``loble.io.cli``,
 ``loble.sim.cli``), so this file stays a table of contents. Every command
 turns a :class:`LobleError` into one line on stderr and exit status 1: a user
-never sees a traceback for their own bad input.
+never sees a traceback for their own bad input, nor for a reader that closes
+the output early (``loble sim ... --json | head -1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +19,14 @@ import tomli_w
 from loble import __version__
 from loble.config import load_config
 from loble.core import LobleError, config_to_dict
+
+EXIT_STDOUT_CLOSED = 128 + 13
+"""The status of a command whose reader closed stdout early: 128 + SIGPIPE (13).
+
+It is what the shell reports for ``cat`` or ``yes`` stopped the same way,
+so ``set -o pipefail`` treats Loble like them, and it tells a caller the
+output was cut short (an exit 0 would claim the whole report was read).
+"""
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -55,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Flush inside the try: a closed stdout raises here, not in the
+            # interpreter's final flush, which would print "Exception ignored".
+            # The finally covers argparse's --help too, which exits by SystemExit.
+            if sys.stdout is not None:  # None when started with fd 1 closed
+                sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_STDOUT_CLOSED
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -65,6 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so what is still buffered goes nowhere at exit.
+
+    The recipe of Python's ``signal`` docs. Restoring SIGPIPE's default
+    action instead would also kill the daemon when a client resets a socket.
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - a stdout with no fd
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

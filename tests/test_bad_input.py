@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from loble.__main__ import EXIT_STDOUT_CLOSED
+
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = str(REPO / "scenarios" / "backend-crash.toml")
 TIMEOUT = 60  # seconds; a hang fails the test instead of the whole run
@@ -67,6 +69,120 @@ def test_a_deeply_nested_file_is_one_line(tmp_path: Path, document: str, command
     argv = [command, "-c", str(path)] if command == "run" else [command, str(path)]
     line = one_error(loble(*argv))
     assert line == f"error: {path}: invalid TOML: nested too deeply"
+
+
+# -- 2. a reader that closes stdout early ------------------------------------------------
+
+
+def many_backends_config(tmp_path: Path) -> str:
+    """A config whose effective configuration (150 kB) cannot fit in a pipe's buffer."""
+    backends = "".join(
+        f'\n[[backends]]\naddress = "10.{i // 250}.0.{i % 250 + 1}:80"\n' for i in range(3000)
+    )
+    path = tmp_path / "many.toml"
+    path.write_text('[listener]\naddress = "127.0.0.1:0"\n' + backends, encoding="utf-8")
+    return str(path)
+
+
+def many_backends_scenario(tmp_path: Path) -> str:
+    """A one-second scenario whose report (170 kB) cannot fit in a pipe's buffer."""
+    backends = "".join(
+        f'[[backends]]\naddress = "10.0.{i // 250}.{i % 250 + 1}:8080"\n\n' for i in range(400)
+    )
+    path = tmp_path / "fleet.toml"
+    path.write_text(backends + "[sim]\nduration = 1.0\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["check-config", "sim --json", "sim"])
+def test_head_closing_the_pipe_ends_the_command_quietly(tmp_path: Path, command: str) -> None:
+    # `loble ... | head -1`: the output is larger than the pipe's buffer, so
+    # loble is still writing when the reader takes one line and goes away.
+    if command == "check-config":
+        argv = ["check-config", many_backends_config(tmp_path)]
+    else:  # the report as JSON, and as rich tables
+        argv = ["sim", many_backends_scenario(tmp_path), *command.split()[1:]]
+    command_line = [sys.executable, "-m", "loble", *argv]
+    process = subprocess.Popen(
+        command_line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    try:
+        status = process.wait(timeout=TIMEOUT)
+        stderr = process.stderr.read()
+    finally:
+        process.kill()
+        process.stderr.close()
+    assert first.strip()
+    assert stderr == ""
+    assert status == EXIT_STDOUT_CLOSED == 141
+
+
+@pytest.fixture
+def reader_gone() -> Iterator[int]:
+    """The write end of a pipe whose reader has already closed (``loble ... | true``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    yield write_end
+    os.close(write_end)
+
+
+SMALL_OUTPUT = {
+    "check-config": ["check-config", str(REPO / "config.toml")],
+    "sim --json": ["sim", SCENARIO, "--json"],
+    "sim": ["sim", SCENARIO],
+}
+
+
+@pytest.mark.parametrize("argv", SMALL_OUTPUT.values(), ids=SMALL_OUTPUT.keys())
+def test_a_reader_gone_before_any_output_ends_the_command_quietly(
+    reader_gone: int, argv: list[str]
+) -> None:
+    # The whole output fits in stdout's buffer, so it is written by the last
+    # flush: the one main() makes, not the interpreter's at exit.
+    result = subprocess.run(
+        [sys.executable, "-m", "loble", *argv],
+        stdout=reader_gone,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.stderr == ""
+    assert result.returncode == EXIT_STDOUT_CLOSED
+
+
+def test_help_with_the_reader_gone_ends_quietly(reader_gone: int) -> None:
+    # argparse writes help through its own guard, which drops an OSError and
+    # exits 0; main() must not turn that into a traceback either.
+    result = subprocess.run(
+        [sys.executable, "-m", "loble", "sim", "--help"],
+        stdout=reader_gone,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.stderr == ""
+    assert result.returncode in (0, EXIT_STDOUT_CLOSED)
+
+
+def test_an_error_with_stdout_closed_still_says_what_is_wrong(reader_gone: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loble", "check-config", "nope.toml"],
+        stdout=reader_gone,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.stderr == "error: nope.toml: no such file\n"
+    assert result.returncode == 1
 
 
 # -- 4. a config path that is not a regular file -----------------------------------------

@@ -12,6 +12,7 @@ for a bad scenario or a run that cannot go on (one line per problem, from
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -59,6 +60,18 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     sim.set_defaults(handler=_handle)
 
 
+class _StdoutConsole(Console):
+    """A rich Console that leaves a closed stdout to ``loble.__main__``.
+
+    rich's own answer is ``SystemExit(1)``; raising lets every command end
+    the same way, with the same exit status, whether it prints with rich or not.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def replay_command(scenario_path: str, seed: int) -> str:
     return f"loble sim {shlex.quote(scenario_path)} --seed {seed}"
 
@@ -103,7 +116,8 @@ def _single(args: argparse.Namespace, scenario: Scenario, seed: int) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        render_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 120))
+        width = None if sys.stdout.isatty() else 120
+        render_report(report, _StdoutConsole(highlight=False, width=width))
         if not report["ok"]:
             print(f"replay: {replay_command(args.scenario, seed)}")
     return 0 if report["ok"] else EXIT_INVARIANT_FAILED
