@@ -19,6 +19,7 @@ import tomli_w
 from loble import __version__
 from loble.config import load_config
 from loble.core import LobleError, config_to_dict
+from loble.io._runtime import runtime_options
 
 EXIT_STDOUT_CLOSED = 128 + 13
 """The status of a command whose reader closed stdout early: 128 + SIGPIPE (13).
@@ -31,6 +32,7 @@ output was cut short (an exit 0 would claim the whole report was read).
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
+    runtime_options(config.runtime)  # as `loble run` does: a missing uvloop or trio fails here
     effective = config_to_dict(config)
     backends = effective.pop("backends")
     print(f"# {args.path}: valid; the effective configuration, defaults filled in:")

@@ -185,6 +185,44 @@ def test_an_error_with_stdout_closed_still_says_what_is_wrong(reader_gone: int) 
     assert result.returncode == 1
 
 
+# -- 3. a runtime that is not installed ---------------------------------------------------
+
+
+def hidden_uvloop(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``import uvloop`` fails, as it does where it is not installed."""
+    hiding = tmp_path / "hide-uvloop"
+    hiding.mkdir()
+    (hiding / "uvloop.py").write_text(
+        'raise ImportError("uvloop is hidden by tests/test_bad_input.py")\n', encoding="utf-8"
+    )
+    inherited = os.environ.get("PYTHONPATH")
+    path = str(hiding) if not inherited else os.pathsep.join([str(hiding), inherited])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_check_config_refuses_a_runtime_that_is_not_installed_as_run_does(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "uvloop.toml"
+    path.write_text(MINIMAL_CONFIG + '\n[runtime]\nbackend = "uvloop"\n', encoding="utf-8")
+    env = hidden_uvloop(tmp_path)
+    expected = (
+        "error: runtime.backend: 'uvloop' is not installed: "
+        "pip install 'loble[uvloop]', or set backend = \"asyncio\""
+    )
+    for argv in config_commands(str(path)):
+        assert one_error(loble(*argv, env=env)) == expected, argv
+
+
+def test_check_config_accepts_uvloop_where_it_is_installed(tmp_path: Path) -> None:
+    pytest.importorskip("uvloop")
+    path = tmp_path / "uvloop.toml"
+    path.write_text(MINIMAL_CONFIG + '\n[runtime]\nbackend = "uvloop"\n', encoding="utf-8")
+    result = loble("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert 'backend = "uvloop"' in result.stdout
+
+
 # -- 4. a config path that is not a regular file -----------------------------------------
 
 
