@@ -12,7 +12,15 @@ import tomllib
 
 from loble.__main__ import main
 from loble.config import load_config, read_toml
-from loble.core import Backend, Config, ConfigError, config_to_dict, parse_address, parse_config
+from loble.core import (
+    AdminConfig,
+    Backend,
+    Config,
+    ConfigError,
+    config_to_dict,
+    parse_address,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.toml"
@@ -45,6 +53,9 @@ def test_defaults_are_documented_values() -> None:
     assert (config.logging.level, config.logging.format) == ("info", "logfmt")
     assert (config.runtime.backend, config.runtime.workers) == ("asyncio", 1)
     assert config.backends[0].weight == 1
+    assert config.timeouts.removal == 0.0
+    assert config.runtime.pid_file == ""
+    assert config.admin == AdminConfig(enabled=False, address="127.0.0.1:9091", token="")
 
 
 def test_the_example_config_is_valid() -> None:
@@ -153,10 +164,98 @@ def test_integers_are_accepted_as_seconds() -> None:
         (one_backend(metrics={"enabled": 1}), "metrics.enabled: 1 is not true or false"),
         (one_backend(listner={"address": "a:1"}), "listner: unknown key; did you mean 'listener'?"),
         (one_backend(zzz=1), "zzz: unknown key; valid keys: listener, balancer"),
+        (one_backend(timeouts={"removal": -1}), "timeouts.removal: -1.0 must be >= 0 seconds"),
+        (one_backend(timeouts={"removal": "1m"}), "timeouts.removal: '1m' is not a number"),
+        (
+            one_backend(runtime={"pid_file": 1}),
+            'runtime.pid_file: 1 is not a string (a file path, or "" for none)',
+        ),
+        (one_backend(runtime={"pid_file": "a\0b"}), "runtime.pid_file: 'a\\x00b' contains a NUL"),
+        (one_backend(admin={"enabled": "on"}), "admin.enabled: 'on' is not true or false"),
+        (one_backend(admin={"address": "localhost"}), "admin.address: 'localhost' has no port"),
+        (one_backend(admin={"tokn": "x"}), "admin.tokn: unknown key; did you mean 'token'?"),
+        (one_backend(admin={"token": 12}), "admin.token: is not a string"),
     ],
 )
 def test_each_error_names_the_key_and_the_value(data: dict[str, Any], message: str) -> None:
     assert any(message in error for error in errors_of(data)), errors_of(data)
+
+
+# -- the checks a new user tripped on (issue 11, item 6) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"backends": [{"address": "10.0.0.1:\uff18\uff10"}]},
+            "backends[0].address: '10.0.0.1:\uff18\uff10' port '\uff18\uff10' must be ASCII digits",
+        ),
+        (
+            {"backends": [{"address": "10.0.0.1:8\u00b2"}]},
+            "backends[0].address: '10.0.0.1:8\u00b2' port '8\u00b2' must be ASCII digits",
+        ),
+        (
+            one_backend(listener={"address": "127.0.0.1:\u0669\u0660"}),
+            "listener.address: '127.0.0.1:\u0669\u0660' port '\u0669\u0660' must be ASCII digits",
+        ),
+        (
+            one_backend(metrics={"enabled": True, "address": "127.0.0.1:9000"}),
+            "metrics.address: '127.0.0.1:9000' is also listener.address ('127.0.0.1:9000'): "
+            "give each its own port",
+        ),
+        (
+            one_backend(
+                listener={"address": "0.0.0.0:8000"},
+                admin={"enabled": True, "address": "127.0.0.1:8000"},
+            ),
+            "admin.address: '127.0.0.1:8000' is also listener.address ('0.0.0.0:8000'): "
+            "give each its own port",
+        ),
+        (
+            one_backend(
+                listener={"address": "[::1]:8000"},
+                admin={"enabled": True, "address": "[0::1]:8000"},
+            ),
+            "admin.address: '[0::1]:8000' is also listener.address ('[::1]:8000'): "
+            "give each its own port",
+        ),
+        (
+            one_backend(health={"probe_interval": 1.0, "probe_timeout": 1.5}),
+            "health.probe_timeout: 1.5 is longer than health.probe_interval (1.0)",
+        ),
+        (
+            one_backend(health={"probe_interval": 0.5}),
+            "health.probe_timeout: 1.0 is longer than health.probe_interval (0.5)",
+        ),
+    ],
+)
+def test_mistakes_a_new_user_made_are_one_line_each(data: dict[str, Any], message: str) -> None:
+    assert errors_of(data) == [message]
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"metrics": {"enabled": False, "address": "127.0.0.1:9000"}},  # off: no clash
+        {"admin": {"enabled": False, "address": "127.0.0.1:9000"}},
+        {  # port 0: the OS picks two different ports
+            "listener": {"address": "127.0.0.1:0"},
+            "metrics": {"enabled": True, "address": "127.0.0.1:0"},
+            "admin": {"enabled": True, "address": "127.0.0.1:0"},
+        },
+        {"metrics": {"enabled": True, "address": "127.0.0.2:9000"}},
+        {"health": {"probe_interval": 1.0, "probe_timeout": 1.0}},  # equal is fine
+    ],
+)
+def test_what_is_not_a_clash(sections: dict[str, Any]) -> None:
+    parse_config(one_backend(**sections))
+
+
+def test_an_admin_tokens_errors_never_show_it() -> None:
+    (error,) = errors_of(one_backend(admin={"token": "s3cret with spaces"}))
+    assert error == "admin.token: must be printable ASCII without spaces (value not shown)"
+    assert parse_config(one_backend(admin={"token": "Zm9v-._~+/="})).admin.token == "Zm9v-._~+/="
 
 
 def test_every_error_is_reported_at_once() -> None:
@@ -196,6 +295,18 @@ def test_effective_config_round_trips_through_toml() -> None:
     again = parse_config(tomllib.loads(tomli_w.dumps(config_to_dict(config))))
     assert again == config
     assert isinstance(again, Config)
+    full = parse_config(
+        one_backend(
+            timeouts={"removal": 2.5},
+            runtime={"pid_file": "/run/loble.pid"},
+            admin={"enabled": True, "address": "127.0.0.1:9191", "token": "abc"},
+        )
+    )
+    document = config_to_dict(full)
+    assert document["admin"] == {"enabled": True, "address": "127.0.0.1:9191", "token": "abc"}
+    assert document["timeouts"]["removal"] == 2.5
+    assert document["runtime"]["pid_file"] == "/run/loble.pid"
+    assert parse_config(tomllib.loads(tomli_w.dumps(document))) == full
 
 
 @pytest.mark.parametrize(

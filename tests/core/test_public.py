@@ -51,6 +51,14 @@ DRIVER_NAMES = (
     "is_shortage",
     "skips_one_client",
     "Checker",
+    # Operating it live (issue 11).
+    "AdminState",
+    "AdminInput",
+    "AdminConfig",
+    "AdminStateChanged",
+    "WeightChanged",
+    "Reconfigured",
+    "BackendForgotten",
 )
 
 
