@@ -44,6 +44,14 @@ the one in force. At one instant the fault schedule changes before anything
 else happens then (its events are scheduled first): every start, in file
 order, then every end.
 
+Operations: ``[[sim.operations]]`` are an operator's requests at set
+instants (drain, undrain, maintenance, ready, a weight, a reload), fed to
+the core as the daemon's admin API would. A request the core refuses (a
+backend a reload removed, ``undrain`` in maintenance) is the operator's
+mistake, not a bug: it is recorded in :attr:`Simulation.refused` and the run
+goes on. At one instant operations run after the fault schedule's changes
+and before anything else, in file order.
+
 A run ends when the process has stopped after a shutdown, when clients have
 stopped arriving (``sim.duration``) and no connection is open, or at
 ``duration + settle`` at the latest.
@@ -59,6 +67,9 @@ from collections.abc import Callable
 from typing import Any
 
 from loble.core import (
+    AdminInput,
+    AdminStateChanged,
+    BackendForgotten,
     BackendStateChanged,
     CloseConnection,
     ConnectBackend,
@@ -68,16 +79,18 @@ from loble.core import (
     Output,
     ProbeBackend,
     ProxyCore,
+    Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
     ShutdownWrite,
     Side,
     SnapshotPublished,
     StopAccepting,
+    WeightChanged,
 )
 
 from ._monitor import CORE_INPUTS, Monitor
-from ._scenario import ALL_BACKENDS, Fault, Scenario
+from ._scenario import ALL_BACKENDS, Fault, Operation, Scenario
 
 __all__ = ["SimBackend", "Simulation", "SimulationError"]
 
@@ -94,6 +107,7 @@ _FAULT = 8
 _FAULT_END = 9
 _SHUTDOWN = 10
 _ARRIVALS_END = 11
+_OPERATION = 12
 EVENT_NAMES = (
     "arrival",
     "connect_ok",
@@ -107,7 +121,14 @@ EVENT_NAMES = (
     "fault_end",
     "shutdown",
     "arrivals_end",
+    "operation",
 )
+_ADMIN_INPUTS = {
+    "drain": AdminInput.DRAIN,
+    "undrain": AdminInput.UNDRAIN,
+    "maintenance": AdminInput.MAINTENANCE,
+    "ready": AdminInput.READY,
+}
 
 # Behaviours as small ints: the connect decision is on the hot path.
 _UP, _CRASH, _BLACKHOLE, _RESET, _SLOW, _CAPACITY, _FLAPPING = range(7)
@@ -227,10 +248,13 @@ class Simulation:
         self._scheduled_in_phase = 0
         self._arrivals_until = sim.duration
         self._expovariate = self.rng.expovariate
+        self.refused: list[tuple[float, str, str]] = []
+        """Operations the core refused: (at, action, the one-line reason)."""
         self.may_end = False
         """Set once arrivals end or shutdown begins: only then can the run stop early."""
         # The soonest any core call can file a timer for (ProxyCore.timer_lead);
         # the loop relies on it to skip next_deadline().
+        self._peek_every_step = peek_every_step
         lead = self.core.timer_lead(shutdown_possible=sim.shutdown_at is not None)
         self._timer_lead = 0.0 if peek_every_step else lead
         idle = scenario.config.timeouts.idle
@@ -250,6 +274,10 @@ class Simulation:
             StopAccepting: self._stop_accepting,
             ShutdownStarted: monitor.shutdown_started,
             ShutdownFinished: monitor.finished_shutdown,
+            AdminStateChanged: monitor.admin_changed,
+            WeightChanged: monitor.weight_changed,
+            Reconfigured: self._reconfigured,
+            BackendForgotten: monitor.forgotten,
         }
         if trace is not None:
             self._dispatch = {
@@ -268,6 +296,7 @@ class Simulation:
             self._on_fault_end,
             self._on_shutdown,
             self._on_arrivals_end,
+            self._on_operation,
         )
 
     # -- running ---------------------------------------------------------------------------
@@ -283,6 +312,8 @@ class Simulation:
         for index, fault in enumerate(sim.faults):
             if fault.until is not None:
                 self._schedule(fault.until, _FAULT_END, index)
+        for index, operation in enumerate(sim.operations):
+            self._schedule(operation.at, _OPERATION, index)
         self._schedule(0.0, _ARRIVAL, False)
         self._schedule(sim.duration, _ARRIVALS_END)
         if sim.shutdown_at is not None:
@@ -343,6 +374,10 @@ class Simulation:
                 if trace is not None:
                     trace(_event_record(step, now, event))
                 handlers[event[2]](event, now)
+                if event[2] == _OPERATION:
+                    # A reload may change every timing: ask again, on the new lead.
+                    lead = self._timer_lead
+                    floor = -infinity
             elif due is not None:
                 now = due
                 if now > horizon:
@@ -603,6 +638,39 @@ class Simulation:
             # A crashed process takes its connections with it: each client sees a reset.
             for connection_id in backend.sockets:
                 self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+
+    # -- the operator ---------------------------------------------------------------------------
+
+    def _on_operation(self, event: tuple[Any, ...], now: float) -> None:
+        operation: Operation = self.scenario.sim.operations[event[3]]
+        core = self.core
+        try:
+            if operation.action == "reload":
+                assert operation.config is not None
+                outputs = core.reconfigure(operation.config, now)
+            elif operation.action == "weight":
+                outputs = core.set_weight(operation.backend, operation.weight, now)
+            else:
+                outputs = core.admin(operation.backend, _ADMIN_INPUTS[operation.action], now)
+        except LobleError as refusal:
+            self.refused.append((now, operation.action, str(refusal)))
+            if self.trace is not None:
+                self.trace({"step": self.monitor.step, "t": now, "refused": str(refusal)})
+            return
+        self._apply(outputs, now)
+
+    def _reconfigured(self, event: Reconfigured, now: float) -> None:
+        config = self.core.config
+        for backend in config.backends:
+            if backend.address not in self.backends:
+                self.backends[backend.address] = SimBackend(backend.address)
+        # Clients keep their pace: bytes flow often enough for the shortest
+        # idle timeout any open connection may be on.
+        self._touch_every = min(self._touch_every, config.timeouts.idle / 2)
+        if not self._peek_every_step:
+            shutdown_possible = self.scenario.sim.shutdown_at is not None
+            self._timer_lead = self.core.timer_lead(shutdown_possible=shutdown_possible)
+        self.monitor.reconfigured(event, now)
 
     # -- the process ---------------------------------------------------------------------------
 

@@ -10,15 +10,22 @@ observed and checks, at each output and at the end of each step, that the
 tally satisfies Loble's guarantees:
 
 * **safe draining**: a connection never starts on a backend the monitor last
-  saw ``DRAINING`` or ``UNHEALTHY``; a backend never becomes ``UNHEALTHY``
-  while the monitor counts attempts active on it.
+  saw ``DRAINING`` or ``UNHEALTHY``, drained or in maintenance by an
+  operator, or removed by a reload; a backend never becomes ``UNHEALTHY``
+  while the monitor counts attempts active on it; a removed backend's
+  connections are cut (``REMOVED``) no earlier than its removal deadline.
 * **no flapping**: every transition is one of the four in the design and is
   backed by its full run of consecutive outcomes, counted from the verdicts
   and probe results the monitor saw.
-* **no churn**: a snapshot is published exactly when the set of ``HEALTHY``
-  backends changes, with the next version and that set.
+* **no churn**: a snapshot is published exactly when the set of eligible
+  backends (``HEALTHY``, admin ``READY``, not removed) changes, or the
+  weight of one of them does, with the next version and that set. So an
+  operator's admin change or reweight publishes exactly when it changes
+  what new connections see.
 * **conservation**: every accepted connection ends exactly once; attempts
-  started and finished balance per backend, against the core's own counts.
+  started and finished balance per backend, against the core's own counts;
+  a reload adds and removes exactly the backends its config does, and a
+  removed backend is forgotten only once nothing is active on it.
 * **graceful shutdown**: nothing is cut before the drain deadline, nothing is
   accepted after shutdown begins, and the drain never overruns its deadline.
 
@@ -26,7 +33,8 @@ Safety alone lets a core that does nothing pass, so three checks watch that
 things *happen*, and on time:
 
 * **draining ends**: a backend the monitor counts ``DRAINING`` with no
-  attempt active at the end of a step should have become ``UNHEALTHY``.
+  attempt active at the end of a step should have become ``UNHEALTHY``; a
+  removed backend with none active should have been forgotten.
 * **bounded retries**: per connection, attempts are numbered 1, 2, ... and
   never exceed ``1 + connect_retries``; a retry never goes to a backend that
   connection already tried.
@@ -44,12 +52,16 @@ those are the same observations.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loble.core import (
+    AdminState,
+    AdminStateChanged,
+    BackendForgotten,
     BackendStateChanged,
     CloseConnection,
     Config,
@@ -62,9 +74,11 @@ from loble.core import (
     Output,
     ProcessState,
     ProxyCore,
+    Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
     SnapshotPublished,
+    WeightChanged,
 )
 
 __all__ = ["INVARIANTS", "Monitor", "Violation"]
@@ -107,6 +121,8 @@ _COMPLETED, _IDLE_TIMEOUT, _CONNECT_FAILED = (
     Outcome.CONNECT_FAILED,
 )
 _BACKEND_RESET, _CUT, _REFUSED = Outcome.BACKEND_RESET, Outcome.CUT, Outcome.REFUSED_SHUTTING_DOWN
+_REMOVED = Outcome.REMOVED
+_READY = AdminState.READY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,11 +142,20 @@ class Monitor:
     def __init__(self, config: Config, core: ProxyCore) -> None:
         self.core = core
         self.addresses = tuple(backend.address for backend in config.backends)
+        """The backends the core knows now: config order, then those leaving."""
+        self.known: dict[str, None] = dict.fromkeys(self.addresses)
+        """Every backend ever known, in the order first seen (for the report)."""
         self.failure_threshold = config.health.failure_threshold
         self.success_threshold = config.health.success_threshold
         self.connect_retries = config.balancer.connect_retries
         self.connect_timeout = config.timeouts.connect
         self.idle_timeout = config.timeouts.idle
+        self._current_from = 0
+        """Connections from this id on run on the current timeouts and retries;
+        older ones on a generation in :attr:`_generations` (a reload changed them)."""
+        self._generations: list[tuple[int, float, float, int]] = []
+        """(first connection id, connect, idle, retries) of earlier configs."""
+        self.last_accepted = 0
         self.timer_step = False
         """Set by the driver while it applies the outputs of ``handle_timer``."""
         self.step = 0
@@ -145,6 +170,19 @@ class Monitor:
         self.resets = dict.fromkeys(self.addresses, 0)
         self.consecutive_failures = dict.fromkeys(self.addresses, 0)
         self.consecutive_successes = dict.fromkeys(self.addresses, 0)
+        self.admin = dict.fromkeys(self.addresses, _READY)
+        self.weight = {backend.address: backend.weight for backend in config.backends}
+        self.removing: dict[str, float] = {}
+        """Backends a reload removed, not yet forgotten, and when their
+        connections may be cut (inf: never)."""
+        self.barred: set[str] = set()
+        """Backends no connection may start on whatever their health: drained
+        or in maintenance by the operator, or removed by a reload."""
+        self.leaving_idle: list[str] = []
+        """Removed backends seen with nothing active in this step: they must
+        be forgotten by its end."""
+        self.reweighted = False
+        """An eligible backend's weight changed: a snapshot must follow."""
         self.version: int | None = None
         self.published: tuple[str, ...] = ()
         self.membership_changed = False
@@ -185,6 +223,7 @@ class Monitor:
 
     def accepted_connection(self, connection_id: int, outputs: Sequence[Output]) -> None:
         self.accepted += 1
+        self.last_accepted = connection_id
         self.open[connection_id] = None
         if self.shutdown is not None and not (
             len(outputs) == 2
@@ -206,11 +245,14 @@ class Monitor:
         last = self.last_activity.get(connection_id)
         if last is None:
             return  # not connected, or already closed: the report is stale
-        if now > last + self.idle_timeout + _LATE:
+        idle = self.idle_timeout
+        if connection_id < self._current_from:
+            idle = self._policy(connection_id)[1]
+        if now > last + idle + _LATE:
             self.violate(
                 TIMEOUTS_ON_TIME,
                 f"connection {connection_id} still open at its first activity in "
-                f"{now - last:.6f} s, past its idle timeout at t={last + self.idle_timeout:.6f}",
+                f"{now - last:.6f} s, past its idle timeout at t={last + idle:.6f}",
             )
         self.last_activity[connection_id] = now
 
@@ -227,6 +269,9 @@ class Monitor:
     def connect_started(self, action: ConnectBackend, now: float) -> None:
         connection_id, attempt = action.connection_id, action.attempt
         address = action.backend.address
+        connect_timeout, connect_retries = self.connect_timeout, self.connect_retries
+        if connection_id < self._current_from:
+            connect_timeout, _, connect_retries = self._policy(connection_id)
         previous = self.connecting.get(connection_id)
         if previous is None:
             tried: tuple[str, ...] = (address,)
@@ -238,7 +283,7 @@ class Monitor:
         else:
             number, started, tried = previous
             if self.timer_step:
-                self._abandoned(connection_id, number, started, now)
+                self._abandoned(connection_id, number, started, now, connect_timeout)
             if attempt != number + 1:
                 self.violate(
                     BOUNDED_RETRIES,
@@ -251,17 +296,24 @@ class Monitor:
                     f"already tried ({', '.join(tried)})",
                 )
             tried = (*tried, address)
-        if attempt > 1 + self.connect_retries:
+        if attempt > 1 + connect_retries:
             self.violate(
                 BOUNDED_RETRIES,
                 f"connection {connection_id}: attempt {attempt} exceeds 1 + connect_retries "
-                f"({self.connect_retries})",
+                f"({connect_retries})",
             )
         self.connecting[connection_id] = (attempt, now, tried)
-        due = now + self.connect_timeout
-        if not self.connect_deadlines:
+        due = now + connect_timeout
+        deadlines = self.connect_deadlines
+        if not deadlines:
             self.connect_check_at = due + _LATE
-        self.connect_deadlines.append((due, connection_id, attempt))
+            deadlines.append((due, connection_id, attempt))
+        elif due >= deadlines[-1][0]:
+            deadlines.append((due, connection_id, attempt))
+        else:
+            # Only after a reload shortened the connect timeout: keep the order.
+            bisect.insort(deadlines, (due, connection_id, attempt))
+            self.connect_check_at = deadlines[0][0] + _LATE
 
     def health_report(self, report: HealthReport, now: float) -> None:
         address, health_input = report.address, report.input
@@ -271,6 +323,12 @@ class Monitor:
                     SAFE_DRAINING,
                     f"a connection started on {address} while {self.state[address].name}",
                 )
+            if address in self.barred:
+                self.violate(
+                    SAFE_DRAINING,
+                    f"a connection started on {address} while admin={self.admin[address].name}"
+                    f"{', removed by a reload' if address in self.removing else ''}",
+                )
             self.started[address] += 1
             self.active[address] += 1
         elif health_input is _FINISHED:
@@ -279,9 +337,13 @@ class Monitor:
             if active <= 0:
                 if active < 0:
                     self.violate(CONSERVATION, f"{address}: more attempts finished than started")
-                elif self.state[address] is _D:
-                    self.drained.append(address)  # must be UNHEALTHY by the end of the step
-                    self.pending = True
+                else:
+                    if self.state[address] is _D:
+                        self.drained.append(address)  # must be UNHEALTHY by the end of the step
+                        self.pending = True
+                    if address in self.removing:
+                        self.leaving_idle.append(address)  # must be forgotten by then
+                        self.pending = True
         elif health_input is _SUCCESS:
             self._success(address)
         else:
@@ -329,18 +391,105 @@ class Monitor:
         if self.version is not None:
             if event.version != self.version + 1:
                 self.violate(NO_CHURN, f"version {event.version} published after {self.version}")
-            if event.addresses == self.published:
+            if event.addresses == self.published and not self.reweighted:
                 self.violate(NO_CHURN, f"version {event.version} has unchanged membership")
-        expected = self._healthy()
+        expected = self._eligible()
         if event.addresses != expected:
             self.violate(
                 NO_CHURN,
-                f"version {event.version} lists {list(event.addresses)}, healthy are "
+                f"version {event.version} lists {list(event.addresses)}, eligible are "
                 f"{list(expected)}",
             )
         self.version = event.version
         self.published = event.addresses
         self.membership_changed = False
+        self.reweighted = False
+
+    def admin_changed(self, event: AdminStateChanged, now: float) -> None:
+        address = event.address
+        if event.old is not self.admin[address]:
+            self.violate(
+                NO_CHURN,
+                f"{address} left admin {event.old.name} but was {self.admin[address].name}",
+            )
+        if event.new is event.old:
+            self.violate(NO_CHURN, f"{address}: an admin change to the same state was announced")
+        self.admin[address] = event.new
+        self._bar(address)
+        self.membership_changed = self.pending = True
+
+    def weight_changed(self, event: WeightChanged, now: float) -> None:
+        address = event.address
+        if event.old != self.weight[address] or event.new == event.old:
+            self.violate(
+                NO_CHURN,
+                f"{address}: weight {event.old}->{event.new} announced, it was "
+                f"{self.weight[address]}",
+            )
+        self.weight[address] = event.new
+        if self.state[address] is _H and address not in self.barred:
+            self.reweighted = self.pending = True
+
+    def reconfigured(self, event: Reconfigured, now: float) -> None:
+        """A reload: check its diff against the new config, and follow it."""
+        config = self.core.config
+        wanted = tuple(backend.address for backend in config.backends)
+        live = [address for address in self.addresses if address not in self.removing]
+        added = tuple(a for a in wanted if a not in live)
+        removed = tuple(a for a in live if a not in wanted)
+        if (event.added, event.removed) != (added, removed):
+            self.violate(
+                CONSERVATION,
+                f"reload announced added {list(event.added)}, removed {list(event.removed)}; "
+                f"the config adds {list(added)}, removes {list(removed)}",
+            )
+        reweighted = tuple(
+            b.address
+            for b in config.backends
+            if b.address in self.addresses and b.weight != self.weight[b.address]
+        )
+        if event.reweighted != reweighted:
+            self.violate(
+                CONSERVATION,
+                f"reload announced reweighted {list(event.reweighted)}, "
+                f"the config {list(reweighted)}",
+            )
+        for backend in config.backends:
+            address = backend.address
+            if address in self.removing:
+                del self.removing[address]  # re-added before it was forgotten: as it was
+                self._bar(address)
+            elif address not in live:
+                self._new_backend(address, backend.weight, config.health.active)
+        removal = config.timeouts.removal
+        for address in removed:
+            self.removing[address] = now + removal if removal > 0 else math.inf
+            self.barred.add(address)
+            if not self.active[address]:
+                self.leaving_idle.append(address)
+        self.addresses = (*wanted, *self.removing)
+        self.failure_threshold = config.health.failure_threshold
+        self.success_threshold = config.health.success_threshold
+        policy = (config.timeouts.connect, config.timeouts.idle, config.balancer.connect_retries)
+        if policy != (self.connect_timeout, self.idle_timeout, self.connect_retries):
+            self._generations.append(
+                (self._current_from, self.connect_timeout, self.idle_timeout, self.connect_retries)
+            )
+            self._current_from = self.last_accepted + 1
+            self.connect_timeout, self.idle_timeout, self.connect_retries = policy
+        self.membership_changed = self.pending = True
+
+    def forgotten(self, event: BackendForgotten, now: float) -> None:
+        address = event.address
+        if address not in self.removing:
+            self.violate(CONSERVATION, f"{address} forgotten, but no reload removed it")
+        elif self.active[address]:
+            self.violate(
+                CONSERVATION, f"{address} forgotten with {self.active[address]} attempts active"
+            )
+        self.removing.pop(address, None)
+        self.barred.discard(address)
+        self.addresses = tuple(a for a in self.addresses if a != address)
 
     def connection_closed(self, event: ConnectionClosed, now: float) -> None:
         connection_id, outcome = event.connection_id, event.outcome
@@ -358,9 +507,18 @@ class Monitor:
         if outcome is _IDLE_TIMEOUT:
             self._idle_timed_out(connection_id, last, now)
         elif pending is not None and outcome is _CONNECT_FAILED and self.timer_step:
-            self._abandoned(connection_id, pending[0], pending[1], now)
+            connect_timeout = self._policy(connection_id)[0]
+            self._abandoned(connection_id, pending[0], pending[1], now, connect_timeout)
         if outcome is _BACKEND_RESET and event.backend is not None:
             self.resets[event.backend] += 1
+        elif outcome is _REMOVED:
+            deadline = self.removing.get(event.backend or "")
+            if deadline is None or now + _LATE < deadline:
+                self.violate(
+                    SAFE_DRAINING,
+                    f"connection {connection_id} cut as REMOVED from {event.backend} "
+                    f"before its removal deadline (or its backend was not removed)",
+                )
         elif outcome is _CUT:
             shutdown = self.shutdown
             if shutdown is None or event.at < shutdown.deadline:
@@ -395,12 +553,23 @@ class Monitor:
                         f"{address} still DRAINING at the end of the step with nothing active",
                     )
             self.drained.clear()
+        if self.leaving_idle:
+            for address in self.leaving_idle:
+                if address in self.removing and not self.active[address]:
+                    self.violate(
+                        DRAINING_ENDS,
+                        f"{address} was removed and has nothing active, but is not forgotten",
+                    )
+            self.leaving_idle.clear()
+        if self.reweighted:
+            self.reweighted = False
+            self.violate(NO_CHURN, "an eligible backend's weight changed without a new snapshot")
         if self.now > self.connect_check_at:
             self._overdue_connects(self.now)
         if self.membership_changed:
             # A state change that kept membership (DRAINING -> UNHEALTHY) publishes nothing.
             self.membership_changed = False
-            if self._healthy() != self.published:
+            if self._eligible() != self.published:
                 self.violate(NO_CHURN, "membership changed without a new snapshot")
         version = self.core.snapshot.version
         if version != self.version:
@@ -409,6 +578,12 @@ class Monitor:
     def end_run(self) -> None:
         """Compare the tally with the core's statistics once the run stops."""
         statistics = self.core.statistics()
+        if tuple(backend.address for backend in statistics.backends) != self.addresses:
+            self.violate(
+                CONSERVATION,
+                f"the core knows {[b.address for b in statistics.backends]}, "
+                f"the monitor {list(self.addresses)}",
+            )
         for backend in statistics.backends:
             address = backend.address
             if self.started[address] - self.finished[address] != self.active[address]:
@@ -421,6 +596,10 @@ class Monitor:
                 )
             if backend.state is not self.state[address]:
                 self.violate(NO_FLAPPING, f"{address}: a state change was not reported")
+            if backend.admin is not self.admin[address] or backend.weight != self.weight[address]:
+                self.violate(NO_CHURN, f"{address}: an admin or weight change was not reported")
+            if backend.removing is not (address in self.removing):
+                self.violate(CONSERVATION, f"{address}: a removal was not reported")
         if tuple(self.open) != statistics.open_connection_ids:
             self.violate(
                 CONSERVATION,
@@ -432,14 +611,14 @@ class Monitor:
             self.violate(CONSERVATION, "the process stopped with connections open")
         # Left at the end: nothing may wait on a deadline that has passed.
         for connection_id, (attempt, started, _) in self.connecting.items():
-            if self.now > started + self.connect_timeout + _LATE:
+            if self.now > started + self._policy(connection_id)[0] + _LATE:
                 self.violate(
                     TIMEOUTS_ON_TIME,
                     f"connection {connection_id}: attempt {attempt} started at t={started:.6f} "
                     f"still connecting when the run ended, past its connect timeout",
                 )
         for connection_id, last in self.last_activity.items():
-            if self.now > last + self.idle_timeout + _LATE:
+            if self.now > last + self._policy(connection_id)[1] + _LATE:
                 self.violate(
                     TIMEOUTS_ON_TIME,
                     f"connection {connection_id} idle since t={last:.6f} still open when "
@@ -448,13 +627,25 @@ class Monitor:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _abandoned(self, connection_id: int, attempt: int, started: float, now: float) -> None:
+    def _policy(self, connection_id: int) -> tuple[float, float, int]:
+        """(connect timeout, idle timeout, retries) the connection runs on."""
+        if connection_id >= self._current_from:
+            return self.connect_timeout, self.idle_timeout, self.connect_retries
+        firsts = [generation[0] for generation in self._generations]
+        _, connect, idle, retries = self._generations[
+            bisect.bisect_right(firsts, connection_id) - 1
+        ]
+        return connect, idle, retries
+
+    def _abandoned(
+        self, connection_id: int, attempt: int, started: float, now: float, connect_timeout: float
+    ) -> None:
         """The core's timer gave up on an attempt: not before its connect timeout."""
-        if now < started + self.connect_timeout:
+        if now < started + connect_timeout:
             self.violate(
                 TIMEOUTS_ON_TIME,
                 f"connection {connection_id}: attempt {attempt} timed out after "
-                f"{now - started:.6f} s, before the connect timeout ({self.connect_timeout} s)",
+                f"{now - started:.6f} s, before the connect timeout ({connect_timeout} s)",
             )
 
     def _idle_timed_out(self, connection_id: int, last: float | None, now: float) -> None:
@@ -464,7 +655,7 @@ class Monitor:
                 f"connection {connection_id} closed for idleness before it connected",
             )
             return
-        due = last + self.idle_timeout
+        due = last + self._policy(connection_id)[1]
         if not due <= now <= due + _LATE:
             self.violate(
                 TIMEOUTS_ON_TIME,
@@ -494,6 +685,33 @@ class Monitor:
         self.consecutive_successes[address] = 0
         self.consecutive_failures[address] += 1
 
-    def _healthy(self) -> tuple[str, ...]:
-        state = self.state
-        return tuple(address for address in self.addresses if state[address] is _H)
+    def _eligible(self) -> tuple[str, ...]:
+        state, barred = self.state, self.barred
+        return tuple(
+            address for address in self.addresses if state[address] is _H and address not in barred
+        )
+
+    def _bar(self, address: str) -> None:
+        if self.admin[address] is _READY and address not in self.removing:
+            self.barred.discard(address)
+        else:
+            self.barred.add(address)
+
+    def _new_backend(self, address: str, weight: int, probed_first: bool) -> None:
+        """A backend a reload added: fresh counts; unproven if probes are active."""
+        self.known[address] = None
+        self.state[address] = _U if probed_first else _H
+        self.admin[address] = _READY
+        self.weight[address] = weight
+        self.barred.discard(address)
+        for tally in (self.active, self.consecutive_failures, self.consecutive_successes):
+            tally[address] = 0
+        for total in (
+            self.started,
+            self.finished,
+            self.passive_failures,
+            self.probe_failures,
+            self.probes,
+            self.resets,
+        ):
+            total.setdefault(address, 0)

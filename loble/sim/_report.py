@@ -41,13 +41,12 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
     config = scenario.config
     end = simulation.ended_at
     backends = []
-    for backend_config in config.backends:
-        address = backend_config.address
+    for address in monitor.known:
         world = simulation.backends[address]
         backends.append(
             {
                 "address": address,
-                "weight": backend_config.weight,
+                "weight": monitor.weight[address],
                 "connections": monitor.started[address],
                 "connect_failures": monitor.passive_failures[address],
                 "probes": monitor.probes[address],
@@ -121,6 +120,10 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
             "connect_latency_ms": latency,
         },
         "shutdown": shutdown,
+        "refused_operations": [
+            {"at": _round(at), "action": action, "reason": reason}
+            for at, action, reason in simulation.refused
+        ],
         "invariants": invariants,
     }
 
@@ -204,6 +207,9 @@ def render_report(report: dict[str, Any], console: Console) -> None:
             f"deadline {shutdown['deadline']:.3f} s: finished at {shutdown['finished_at']} s, "
             f"{shutdown['cut']} cut"
         )
+
+    for refusal in report["refused_operations"]:
+        console.print(f"Refused at {refusal['at']:.3f} s: {refusal['action']}: {refusal['reason']}")
 
     invariants = Table(title="Invariants (checked at every step)", title_justify="left")
     invariants.add_column("invariant")

@@ -34,6 +34,7 @@ __all__ = [
     "Distribution",
     "Fault",
     "NetworkConfig",
+    "Operation",
     "RatePhase",
     "Scenario",
     "SimConfig",
@@ -62,7 +63,24 @@ _DISTRIBUTION_KEYS: dict[str, tuple[str, ...]] = {
     "uniform": ("kind", "low", "high"),
     "lognormal": ("kind", "median", "sigma"),
 }
-_SIM_KEYS = ("config", "duration", "seed", "shutdown_at", "settle", "clients", "network", "faults")
+_SIM_KEYS = (
+    "config",
+    "duration",
+    "seed",
+    "shutdown_at",
+    "settle",
+    "clients",
+    "network",
+    "faults",
+    "operations",
+)
+WEIGHT = integer(1, 1_000_000)
+"""A ``[[backends]] weight``'s bounds, which ``ProxyCore.set_weight`` enforces too."""
+ACTIONS = ("drain", "undrain", "maintenance", "ready", "weight", "reload")
+"""What an operator does at a scheduled instant: an admin request on one
+backend (``drain``, ``undrain``, ``maintenance``, ``ready``), a new
+``weight`` for one, or a ``reload`` of the whole configuration."""
+_OPERATION_KEYS = ("at", "action", "backend", "weight", "config")
 _CLIENT_KEYS = ("arrival", "rate", "schedule", "duration", "bytes", "half_close")
 _NETWORK_KEYS = ("latency",)
 _FAULT_KEYS = ("at", "until", "backend", "behaviour", "period", "limit", "delay", "probability")
@@ -169,6 +187,22 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Operation:
+    """At ``at``, an operator's ``action`` (see :data:`ACTIONS`).
+
+    ``backend`` for the admin actions and ``weight``; ``weight`` for
+    ``weight``; ``config`` for ``reload``: the new configuration, already
+    validated, which the core applies as a diff.
+    """
+
+    at: float
+    action: str
+    backend: str = ""
+    weight: int = 0
+    config: Config | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
     duration: float = 60.0
     """Seconds during which clients arrive; the run then settles (see ``settle``)."""
@@ -180,6 +214,7 @@ class SimConfig:
     clients: ClientsConfig = ClientsConfig()
     network: NetworkConfig = NetworkConfig()
     faults: tuple[Fault, ...] = ()
+    operations: tuple[Operation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,8 +256,16 @@ def parse_scenario(
         config = parse_config(lb_part)
     except ConfigError as error:
         checker.errors.extend(error.errors)
+    operations = _parse_operations(checker, sim_table.get("operations"), lb_part, base_dir)
+    # A fault or an operation may name any backend the run will know: the
+    # scenario's own, and those a reload adds.
     addresses = _addresses(lb_part.get("backends"))
-    sim = _parse_sim(checker, sim_table, addresses)
+    for operation in operations:
+        if operation.config is not None:
+            added = (b.address for b in operation.config.backends if b.address not in addresses)
+            addresses = (*addresses, *added)
+    _check_operation_backends(checker, sim_table.get("operations"), addresses)
+    sim = _parse_sim(checker, sim_table, addresses, operations)
     if checker.errors or config is None:
         raise ConfigError(checker.errors)
     return Scenario(name=name, config=config, sim=sim)
@@ -265,7 +308,12 @@ def _period(raw: Any) -> str | None:
     return problem
 
 
-def _parse_sim(checker: Checker, table: Mapping[str, Any], addresses: tuple[str, ...]) -> SimConfig:
+def _parse_sim(
+    checker: Checker,
+    table: Mapping[str, Any],
+    addresses: tuple[str, ...],
+    operations: tuple[Operation, ...],
+) -> SimConfig:
     checker.unknown_keys("sim", table, _SIM_KEYS)
     defaults = SimConfig()
     duration = float(checker.value("sim", table, "duration", defaults.duration, seconds()))
@@ -289,6 +337,7 @@ def _parse_sim(checker: Checker, table: Mapping[str, Any], addresses: tuple[str,
         clients=clients,
         network=network,
         faults=faults,
+        operations=operations,
     )
 
 
@@ -419,3 +468,112 @@ def _parse_faults(checker: Checker, raw: Any, addresses: tuple[str, ...]) -> tup
         if len(checker.errors) == before:
             faults.append(fault)
     return tuple(faults)
+
+
+def _parse_operations(
+    checker: Checker, raw: Any, lb_part: Mapping[str, Any], base_dir: Path | None
+) -> tuple[Operation, ...]:
+    """``[[sim.operations]]``: an operator's actions in virtual time.
+
+    A reload's ``config`` is a path to a config file (relative to the
+    scenario) or an inline table; either way its sections replace the
+    scenario's own whole, as ``sim.config`` does, so ``config = { backends =
+    [...] }`` changes only the backends.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        checker.error("sim.operations", f"{raw!r} is not an array of tables ([[sim.operations]])")
+        return ()
+    operations: list[Operation] = []
+    for index, entry in enumerate(raw):
+        path = f"sim.operations[{index}]"
+        if not isinstance(entry, Mapping):
+            checker.error(path, f"{entry!r} is not a table")
+            continue
+        checker.unknown_keys(path, entry, _OPERATION_KEYS)
+        before = len(checker.errors)
+        for required in ("at", "action"):
+            if required not in entry:
+                checker.error(f"{path}.{required}", "missing: every operation needs at and action")
+        at = float(checker.value(path, entry, "at", 0.0, _number))
+        action = checker.value(path, entry, "action", "reload", choice(ACTIONS))
+        backend = ""
+        weight = 0
+        config: Config | None = None
+        if action == "reload":
+            for stray in ("backend", "weight"):
+                if stray in entry:
+                    checker.error(f"{path}.{stray}", "a reload takes only 'config'")
+            config = _reload_config(checker, path, entry, lb_part, base_dir)
+        else:
+            if "config" in entry:
+                checker.error(f"{path}.config", f"only a reload takes a config, not {action!r}")
+            if "backend" not in entry:
+                checker.error(f"{path}.backend", f"missing: {action!r} needs the backend's address")
+            elif not isinstance(entry["backend"], str):
+                checker.error(f"{path}.backend", f"{entry['backend']!r} is not an address")
+            else:
+                backend = entry["backend"]
+            if action == "weight":
+                if "weight" not in entry:
+                    checker.error(f"{path}.weight", "missing: 'weight' needs the new weight")
+                weight = checker.value(path, entry, "weight", 1, WEIGHT)
+            elif "weight" in entry:
+                checker.error(
+                    f"{path}.weight", f"only action 'weight' takes a weight, not {action!r}"
+                )
+        if len(checker.errors) == before:
+            operations.append(
+                Operation(at=at, action=action, backend=backend, weight=weight, config=config)
+            )
+    return tuple(operations)
+
+
+def _reload_config(
+    checker: Checker,
+    path: str,
+    entry: Mapping[str, Any],
+    lb_part: Mapping[str, Any],
+    base_dir: Path | None,
+) -> Config | None:
+    if "config" not in entry:
+        checker.error(f"{path}.config", "missing: a reload needs a config (a path or a table)")
+        return None
+    raw = entry["config"]
+    if isinstance(raw, str):
+        try:
+            table: Mapping[str, Any] = read_toml((base_dir or Path()) / raw)
+        except ConfigError as error:
+            checker.errors.extend(f"{path}.config: {line}" for line in error.errors)
+            return None
+    elif isinstance(raw, Mapping):
+        table = raw
+    else:
+        checker.error(f"{path}.config", f"{raw!r} is not a path or a table")
+        return None
+    document = {**lb_part, **{key: value for key, value in table.items() if key != "sim"}}
+    try:
+        return parse_config(document)
+    except ConfigError as error:
+        checker.errors.extend(f"{path}.config.{line}" for line in error.errors)
+        return None
+
+
+def _check_operation_backends(checker: Checker, raw: Any, addresses: tuple[str, ...]) -> None:
+    if not isinstance(raw, list):
+        return
+    for position, entry in enumerate(raw):
+        if not isinstance(entry, Mapping):
+            continue
+        backend = entry.get("backend")
+        if (
+            isinstance(backend, str)
+            and entry.get("action") != "reload"
+            and backend not in addresses
+        ):
+            close = difflib.get_close_matches(backend, addresses, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            checker.error(
+                f"sim.operations[{position}].backend", f"{backend!r} is not a backend address{hint}"
+            )

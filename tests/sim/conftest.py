@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted((REPO / "scenarios").glob("*.toml"))
 
 BASE: dict[str, Any] = {
-    "health": {"failure_threshold": 2, "success_threshold": 2, "probe_interval": 0.5},
+    "health": {
+        "failure_threshold": 2,
+        "success_threshold": 2,
+        "probe_interval": 0.5,
+        "probe_timeout": 0.5,
+    },
     "timeouts": {"connect": 0.5, "idle": 30.0, "drain": 5.0},
     "backends": [{"address": "10.9.0.1:80"}, {"address": "10.9.0.2:80"}],
     "sim": {

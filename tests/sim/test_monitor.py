@@ -215,7 +215,12 @@ def every_backend_refuses(retries: int) -> Scenario:
     backends = [{"address": f"10.9.0.{i}:80"} for i in range(1, 5)]
     return scenario(
         balancer={"connect_retries": retries},
-        health={"failure_threshold": 50, "success_threshold": 2, "probe_interval": 0.5},
+        health={
+            "failure_threshold": 50,
+            "success_threshold": 2,
+            "probe_interval": 0.5,
+            "probe_timeout": 0.5,
+        },
         backends=backends,
         sim_duration=3.0,
         sim_faults=[{"at": 1.0, "backend": "*", "behaviour": "crash"}],

@@ -45,6 +45,9 @@ seconds = st.floats(min_value=0.05, max_value=2.0, allow_nan=False).map(lambda x
 @st.composite
 def lb_config(draw: st.DrawFn) -> dict[str, Any]:
     count = draw(st.integers(1, 5))
+    interval = draw(st.floats(0.2, 2.0).map(lambda x: round(x, 2)))
+    # A probe may take at most an interval (the config refuses longer).
+    timeout = min(interval, draw(st.floats(0.05, 1.0).map(lambda x: round(x, 2))))
     return {
         "balancer": {
             "algorithm": draw(st.sampled_from(ALGORITHMS)),
@@ -53,8 +56,8 @@ def lb_config(draw: st.DrawFn) -> dict[str, Any]:
         "health": {
             "failure_threshold": draw(st.integers(1, 4)),
             "success_threshold": draw(st.integers(1, 3)),
-            "probe_interval": draw(st.floats(0.2, 2.0).map(lambda x: round(x, 2))),
-            "probe_timeout": draw(st.floats(0.05, 1.0).map(lambda x: round(x, 2))),
+            "probe_interval": interval,
+            "probe_timeout": timeout,
             "active": draw(st.booleans()),
         },
         "timeouts": {
