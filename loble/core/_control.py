@@ -61,16 +61,19 @@ class _Leaving(BackendHealth):
 
     Normal records pay nothing for removal: only this subclass checks, after
     each input, whether the last attempt has finished, and then answers with
-    :data:`_GONE` instead of a transition, which :meth:`ControlPlane._changed`
-    (off the hot path) turns into forgetting the backend.
+    :data:`_GONE` instead of no transition, which :meth:`ControlPlane._changed`
+    (off the hot path) turns into forgetting the backend; after a real
+    transition on that last finish, ``_changed`` forgets it too.
     """
 
     __slots__ = ()
 
     def handle(self, health_input: HealthInput) -> Transition | None:
         transition = BackendHealth.handle(self, health_input)
-        if health_input is _FINISHED and self.active_connections == 0:
+        if transition is None and health_input is _FINISHED and self.active_connections == 0:
             return _GONE
+        # (A real transition on the last finish, DRAINING -> UNHEALTHY, is
+        # announced first; _changed then forgets the backend.)
         return transition
 
 
@@ -142,14 +145,6 @@ class ControlPlane:
 
     def states(self) -> dict[str, HealthState]:
         return {address: health.state for address, health in self._health.items()}
-
-    def eligible(self, address: str) -> bool:
-        """May new connections go to it (healthy, ready, not removed)?"""
-        return (
-            self._health[address].state is _HEALTHY
-            and self.admin[address] is _READY
-            and address not in self.removing
-        )
 
     # -- inputs ----------------------------------------------------------------
 
@@ -369,6 +364,8 @@ class ControlPlane:
         published = self._republish(now)
         if published is not None:
             events.append(published)
+        if address in self.removing and self._health[address].active_connections == 0:
+            events.append(self._forget(address, now))
         return events
 
     def _wants_probe(self, address: str) -> bool:

@@ -175,6 +175,9 @@ class Monitor:
         self.removing: dict[str, float] = {}
         """Backends a reload removed, not yet forgotten, and when their
         connections may be cut (inf: never)."""
+        self.cut_after: dict[str, float] = {}
+        """The removal deadline of each removed backend, kept after it is
+        forgotten: its last cut connection's close follows the forgetting."""
         self.barred: set[str] = set()
         """Backends no connection may start on whatever their health: drained
         or in maintenance by the operator, or removed by a reload."""
@@ -458,12 +461,15 @@ class Monitor:
             address = backend.address
             if address in self.removing:
                 del self.removing[address]  # re-added before it was forgotten: as it was
+                del self.cut_after[address]
                 self._bar(address)
             elif address not in live:
                 self._new_backend(address, backend.weight, config.health.active)
         removal = config.timeouts.removal
         for address in removed:
-            self.removing[address] = now + removal if removal > 0 else math.inf
+            self.removing[address] = self.cut_after[address] = (
+                now + removal if removal > 0 else math.inf
+            )
             self.barred.add(address)
             if not self.active[address]:
                 self.leaving_idle.append(address)
@@ -512,7 +518,7 @@ class Monitor:
         if outcome is _BACKEND_RESET and event.backend is not None:
             self.resets[event.backend] += 1
         elif outcome is _REMOVED:
-            deadline = self.removing.get(event.backend or "")
+            deadline = self.cut_after.get(event.backend or "")
             if deadline is None or now + _LATE < deadline:
                 self.violate(
                     SAFE_DRAINING,

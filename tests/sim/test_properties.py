@@ -145,6 +145,76 @@ def test_every_invariant_holds_in_generated_scenarios(document: dict[str, Any], 
     )
 
 
+POOL = [f"10.1.0.{i + 1}:80" for i in range(7)]
+"""Addresses a reload may add: the generated fleet's, and two more."""
+
+
+@st.composite
+def operations(draw: st.DrawFn, base: dict[str, Any], end: float) -> list[dict[str, Any]]:
+    """An operator's random requests and reloads; refused ones are part of the test."""
+    schedule: list[dict[str, Any]] = []
+    for _ in range(draw(st.integers(1, 6))):
+        at = round(draw(st.floats(0.0, end)), 2)
+        action = draw(
+            st.sampled_from(["drain", "undrain", "maintenance", "ready", "weight"] + ["reload"] * 2)
+        )
+        if action != "reload":
+            entry: dict[str, Any] = {
+                "at": at,
+                "action": action,
+                "backend": draw(st.sampled_from(POOL[:5])),
+            }
+            if action == "weight":
+                entry["weight"] = draw(st.integers(1, 10))
+            schedule.append(entry)
+            continue
+        fleet = draw(st.lists(st.sampled_from(POOL), min_size=1, max_size=5, unique=True))
+        config: dict[str, Any] = {
+            "backends": [{"address": a, "weight": draw(st.integers(1, 10))} for a in fleet]
+        }
+        if draw(st.booleans()):
+            other = draw(lb_config())
+            config.update({key: other[key] for key in ("balancer", "health", "timeouts")})
+            config["timeouts"]["removal"] = draw(st.sampled_from([0.0, 0.2, 1.0]))
+        schedule.append({"at": at, "action": "reload", "config": config})
+    return schedule
+
+
+@given(data=st.data(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60 * SCALE)
+def test_every_invariant_holds_under_random_operations_and_reloads(
+    data: st.DataObject, seed: int
+) -> None:
+    document = data.draw(lb_config())
+    duration = data.draw(st.floats(2.0, 15.0).map(lambda x: round(x, 1)))
+    addresses = [b["address"] for b in document["backends"]]
+    document["sim"] = {
+        "duration": duration,
+        "clients": clients(data.draw),
+        "network": {"latency": LATENCY},
+        "faults": data.draw(faults(addresses, duration, must_end=False)),
+        "operations": data.draw(operations(document, duration)),
+    }
+    if data.draw(st.booleans()):
+        document["sim"]["shutdown_at"] = round(data.draw(st.floats(0.0, duration)), 2)
+    # An operation may name a backend only the pool knows: give it a home.
+    known = set(addresses)
+    for operation in document["sim"]["operations"]:
+        known.update(b["address"] for b in operation.get("config", {}).get("backends", []))
+    for operation in document["sim"]["operations"]:
+        if operation.get("backend") not in known and operation["action"] != "reload":
+            operation["backend"] = addresses[0]
+    simulation = Simulation(parse_scenario(document), seed).run()
+    report = build_report(simulation)
+    failed = [row["first"] for row in report["invariants"] if not row["held"]]
+    assert report["ok"], failed
+    outcomes = report["clients"]["outcomes"]
+    assert (
+        sum(outcomes.values()) + report["clients"]["in_flight_at_end"]
+        == report["clients"]["arrived"]
+    )
+
+
 def recovery_bound(
     config: Config, max_duration: float, max_rtt: float, max_delay: float = 0.0
 ) -> float:
