@@ -80,8 +80,8 @@ class CallbackLink(Link):
 
     __slots__ = ("attempt",)
 
-    def __init__(self, client: socket.socket) -> None:
-        super().__init__(client)
+    def __init__(self, client: socket.socket, address: object) -> None:
+        super().__init__(client, address)
         self.attempt: CallbackAttempt | None = None
 
 
@@ -138,8 +138,8 @@ class CallbackPath:
             self._reports.accept_failed(error)
             self._pause(listener)
 
-    def _on_client(self, client: socket.socket) -> None:
-        link = CallbackLink(client)
+    def _on_client(self, client: socket.socket, address: object) -> None:
+        link = CallbackLink(client, address)
         try:
             self._reports.accepted(link)
         except Exception:  # a bug: this client only, the batch goes on
@@ -191,7 +191,13 @@ class CallbackPath:
         if dialed is _IN_PROGRESS:
             sock = attempt.sock
             assert sock is not None
-            self._add_writer(sock.fileno(), self._on_connect_done, link, attempt)
+            try:
+                self._add_writer(sock.fileno(), self._on_connect_done, link, attempt)
+            except OSError as error:  # epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
+                attempt.sock = None
+                sock.close()
+                link.attempt = None
+                self._reports.out_of_resources(link, error)
             return
         link.attempt = None
         if dialed is _CONNECTED:
@@ -220,24 +226,32 @@ class CallbackPath:
     def _connected(self, link: CallbackLink, attempt: CallbackAttempt) -> None:
         sock = attempt.sock
         assert sock is not None
-        attempt.sock = None
         try:
-            live = self._reports.connected(link, attempt)
+            live = self._reports.connected(link, attempt)  # forward() runs in there
         except BaseException:
-            sock.close()
+            if link.backend is not sock:
+                sock.close()
             raise
         if not live:
+            attempt.sock = None
             sock.close()  # stale: the core had given up on this attempt
-            return
+
+    def forward(self, link: CallbackLink, attempt: Attempt) -> None:
+        sock = attempt.sock
+        assert sock is not None
+        attempt.sock = None
         link.join(sock, attempt.backend.address, self._pool)
         add_reader = self._add_reader
         epoll = self._epoll
-        for way in (link.to_backend, link.to_client):
-            assert way is not None
-            add_reader(way.source_fd, self._on_readable, link, way)
-            way.waiting = _READ
-            if epoll is not None:  # after a half-close, nothing else would see a reset
-                epoll.watch(way.source_fd, self._on_hangup, link, way)
+        try:
+            for way in (link.to_backend, link.to_client):
+                assert way is not None
+                add_reader(way.source_fd, self._on_readable, link, way)
+                way.waiting = _READ
+                if epoll is not None:  # after a half-close, nothing else would see a reset
+                    epoll.watch(way.source_fd, self._on_hangup, link, way)
+        except OSError as error:  # epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
+            self._reports.out_of_resources(link, error)
 
     def _abandon(self, link: CallbackLink) -> None:
         attempt = link.attempt
@@ -357,3 +371,4 @@ class CallbackPath:
                 if epoll is not None and sock.fileno() >= 0:
                     epoll.forget(sock.fileno())
                 sock.close()
+        self._reports.released(link)

@@ -9,8 +9,9 @@ become core calls; the core's outputs are carried out from one FIFO queue:
   the data path, probes and "stop accepting" to the lifecycle's hooks;
 * every output, action or event, goes first to the *listeners* that asked
   for its kind (metrics, log lines: :mod:`._metrics`, :mod:`._journal`);
-* a connection's record is dropped when the core says it closed
-  (``ConnectionClosed``), after the listeners have read its last figures.
+* a connection's record leaves the table when the core says it closed
+  (``ConnectionClosed``); the listeners read its final figures once the
+  data path has also released it (its sockets closed, no copy running).
 
 Carrying out an order can make the network answer at once (a half-close
 that fails reports the broken side): that report's outputs join the back of
@@ -31,8 +32,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from loble.core import (
+    AdminInput,
     Backend,
     CloseConnection,
+    Config,
     ConnectBackend,
     ConnectionClosed,
     Output,
@@ -44,7 +47,7 @@ from loble.core import (
 )
 
 from ._copy import OneWay, Pumped
-from ._datapath import Attempt, DataPath, Link, Reports, peer_name
+from ._datapath import Attempt, DataPath, Link, Reports
 from ._logging import log
 
 __all__ = ["Conductor", "Listener", "Timer"]
@@ -78,7 +81,10 @@ class Listener(Protocol):
         """A connect to the backend at ``address`` succeeded after ``seconds``."""
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
-        """The connection ended (``closed``) and its record goes: its last figures."""
+        """The connection ended (``closed``) and the path released it: its final figures."""
+
+    def probed(self, address: str, ok: bool) -> None:
+        """A health probe of the backend at ``address`` finished: ``ok`` or not."""
 
 
 class Conductor(Generic[LinkT]):
@@ -114,7 +120,6 @@ class Conductor(Generic[LinkT]):
         self._stop_accepting = stop_accepting
         self._stopped = stopped
         self._queue: deque[Output] = deque()
-        self._peers = core.config.logging.access_log
         self._touch_resolution = core.touch_resolution
         self._resource_warned = -math.inf
         self._resource_failures = 0
@@ -138,6 +143,7 @@ class Conductor(Generic[LinkT]):
         self._dispatch = {kind: tuple(handlers) for kind, handlers in dispatch.items()}
         self._connected_hooks = tuple(listener.backend_connected for listener in listeners)
         self._dropped_hooks = tuple(listener.link_dropped for listener in listeners)
+        self._probed_hooks = tuple(listener.probed for listener in listeners)
         self.path = make_path(self)
 
     # -- from the lifecycle ------------------------------------------------------------
@@ -156,15 +162,45 @@ class Conductor(Generic[LinkT]):
         self._carry_out(self.core.handle_timer(self.now()))
 
     def probe_result(self, address: str, ok: bool) -> None:
+        for hook in self._probed_hooks:
+            hook(address, ok)
         self._carry_out(self.core.probe_result(address, ok, self.now()))
+
+    # -- from the operator (reload, the admin API) ------------------------------------------
+
+    def reconfigure(self, config: Config) -> list[Output]:
+        """Apply a reloaded configuration; returns the outputs, carried out."""
+        outputs = self.core.reconfigure(config, self.now())
+        self._touch_resolution = self.core.touch_resolution
+        self._carry_out(outputs)
+        self._wake()
+        return outputs
+
+    def admin(self, address: str, admin_input: AdminInput) -> list[Output]:
+        """An operator's change of one backend's admin state (LobleError if refused)."""
+        outputs = self.core.admin(address, admin_input, self.now())
+        self._carry_out(outputs)
+        self._wake()
+        return outputs
+
+    def set_weight(self, address: str, weight: int) -> list[Output]:
+        """An operator's new weight for one backend (LobleError if refused)."""
+        outputs = self.core.set_weight(address, weight, self.now())
+        self._carry_out(outputs)
+        return outputs
+
+    def _wake(self) -> None:
+        # An operator's input may file a deadline sooner than the timer lead
+        # promises for connection inputs (a removal cut-off, probing that
+        # starts again): the timer asks next_deadline() again now.
+        if self.timer is not None:
+            self.timer.deadline = self.now()
 
     # -- reports from the data path (Reports) --------------------------------------------
 
     def accepted(self, link: LinkT) -> None:
         connection_id, outputs = self.core.accept(self.now())
         link.connection_id = connection_id
-        if self._peers:
-            link.peer = peer_name(link.client)
         self.links[connection_id] = link
         self._carry_out(outputs)
 
@@ -180,6 +216,9 @@ class Conductor(Generic[LinkT]):
         address = attempt.backend.address
         for hook in self._connected_hooks:
             hook(address, seconds)
+        # Both directions exist before anything the core said runs, so every
+        # order it gives for this connection finds it forwarding.
+        self.path.forward(link, attempt)
         self._carry_out(outputs)
         return True
 
@@ -232,6 +271,15 @@ class Conductor(Generic[LinkT]):
         if now >= link.touch_due:
             link.touch_due = now + self._touch_resolution
             self.core.touch(link.connection_id, now)
+
+    def released(self, link: LinkT) -> None:
+        if link.released:
+            return  # closed twice (after a bug): counted once
+        link.released = True
+        closed = link.ended
+        if closed is not None:
+            for hook in self._dropped_hooks:
+                hook(link, closed)
 
     def driver_failed(self, link: LinkT) -> None:
         """A bug in the daemon, not a network event: keep serving the others, and
@@ -303,10 +351,15 @@ class Conductor(Generic[LinkT]):
             self.path.close(link, output.reset)
 
     def _drop(self, output: ConnectionClosed) -> None:
+        # The core has closed it: out of the table. Its figures are final once
+        # the path has released it too, which on one path comes first (a
+        # close there is immediate) and on the other a moment later.
         link = self.links.pop(output.connection_id, None)
         if link is not None:
-            for hook in self._dropped_hooks:
-                hook(link, output)
+            link.ended = output
+            if link.released:
+                for hook in self._dropped_hooks:
+                    hook(link, output)
 
     def _start_probe(self, output: ProbeBackend) -> None:
         self._probe(output.backend, output.timeout)

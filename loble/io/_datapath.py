@@ -35,7 +35,14 @@ from typing import Protocol, TypeVar
 
 import anyio
 
-from loble.core import Backend, ConnectBackend, Side, is_shortage, skips_one_client
+from loble.core import (
+    Backend,
+    ConnectBackend,
+    ConnectionClosed,
+    Side,
+    is_shortage,
+    skips_one_client,
+)
 
 from ._copy import BufferPool, OneWay, Pumped
 
@@ -53,7 +60,6 @@ __all__ = [
     "dial",
     "dial_finished",
     "format_address",
-    "peer_name",
     "probe",
     "send_eof",
     "set_reset",
@@ -77,17 +83,6 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def peer_name(sock: socket.socket) -> str:
-    """``host:port`` of the socket's peer, or "" once it is gone (e.g. it reset)."""
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return ""
-    if isinstance(address, tuple):
-        return format_address(str(address[0]), int(address[1]))
-    return str(address)
-
-
 # -- the record ----------------------------------------------------------------------
 
 
@@ -105,18 +100,24 @@ class Link:
         "backend_address",
         "client",
         "connection_id",
-        "peer",
+        "ended",
+        "peer_address",
+        "released",
         "to_backend",
         "to_client",
         "touch_due",
     )
 
-    def __init__(self, client: socket.socket) -> None:
+    def __init__(self, client: socket.socket, peer_address: object = None) -> None:
         self.connection_id = 0
         """The core's id, set when the conductor files the link."""
         self.client = client
-        self.peer = ""
-        """The client's address, read at accept only when the access log wants it."""
+        self.peer_address = peer_address
+        """The client's address as ``accept`` returned it (formatted only when asked)."""
+        self.ended: ConnectionClosed | None = None
+        """How the core ended the connection, once it has (the conductor notes it)."""
+        self.released = False
+        """Whether the path has closed the sockets and stopped every copy."""
         self.backend: socket.socket | None = None
         self.backend_address = ""
         self.to_backend: OneWay | None = None
@@ -133,6 +134,14 @@ class Link:
 
     def socket(self, side: Side) -> socket.socket | None:
         return self.client if side is Side.CLIENT else self.backend
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, or "" if unknown."""
+        address = self.peer_address
+        if isinstance(address, tuple) and len(address) >= 2:
+            return format_address(str(address[0]), int(address[1]))
+        return ""
 
     @property
     def bytes_to_backend(self) -> int:
@@ -215,12 +224,18 @@ class DataPath(Protocol[L]):
     def connect(self, link: L, action: ConnectBackend) -> None:
         """Start the attempt, abandoning any earlier one of ``link``."""
 
+    def forward(self, link: L, attempt: Attempt) -> None:
+        """The attempt's socket connected and the core agrees: build both directions
+        (:meth:`Link.join`) and start moving bytes."""
+
     def shutdown_write(self, link: L, side: Side) -> None:
         """Send EOF to ``side``; the other direction keeps flowing."""
 
     def close(self, link: L, reset: bool) -> None:
         """Close the connection's sockets (RST if ``reset``, else FIN) and stop its work.
 
+        Once the sockets are closed and no copy can move another byte, the
+        path reports :meth:`Reports.released` (at once, or a moment later).
         May be called again for a link already closed: it then does nothing."""
 
     def dispose(self) -> None:
@@ -237,7 +252,12 @@ class Reports(Protocol[L]):
         """Accepting failed for a reason of ours (e.g. EMFILE); the path pauses."""
 
     def connected(self, link: L, attempt: Attempt) -> bool:
-        """The attempt connected; False if the core had given up on it (close the socket)."""
+        """The attempt connected (its socket is :attr:`Attempt.sock`).
+
+        If the core agrees, the conductor asks the path to :meth:`DataPath.forward`
+        before it carries out anything else, and answers True; False if the
+        core had given up on the attempt (the path closes the socket).
+        """
 
     def connect_failed(self, link: L, attempt: Attempt) -> None:
         """Every address of the attempt refused or failed."""
@@ -253,6 +273,9 @@ class Reports(Protocol[L]):
 
     def active(self, link: L) -> None:
         """Bytes moved on ``link``."""
+
+    def released(self, link: L) -> None:
+        """The connection's sockets are closed and no copy runs: its figures are final."""
 
     def driver_failed(self, link: L) -> None:
         """A bug in the path, not a network event: end this connection, keep the rest."""
@@ -342,9 +365,9 @@ def _established(sock: socket.socket) -> bool:
 
 
 def accept_batch(
-    listener: socket.socket, on_client: Callable[[socket.socket], object]
+    listener: socket.socket, on_client: Callable[[socket.socket, object], object]
 ) -> OSError | None:
-    """Accept up to :data:`ACCEPT_BATCH` clients, each handed to ``on_client``.
+    """Accept up to :data:`ACCEPT_BATCH` clients, each handed to ``on_client`` with its address.
 
     Returns the error that should pause accepting (e.g. EMFILE), else None
     (the backlog is empty or the batch is done). Errors that concern one
@@ -352,7 +375,7 @@ def accept_batch(
     """
     for _ in range(ACCEPT_BATCH):
         try:
-            client, _ = listener.accept()
+            client, address = listener.accept()
         except BlockingIOError:
             return None
         except OSError as error:
@@ -365,7 +388,7 @@ def accept_batch(
         except OSError:
             client.close()  # gone before it could be set up (e.g. reset at once)
             continue
-        on_client(client)
+        on_client(client, address)
     return None
 
 

@@ -54,8 +54,8 @@ class TaskLink(Link):
 
     __slots__ = ("attempt", "tasks")
 
-    def __init__(self, client: socket.socket, tasks: TaskGroup) -> None:
-        super().__init__(client)
+    def __init__(self, client: socket.socket, address: object, tasks: TaskGroup) -> None:
+        super().__init__(client, address)
         self.tasks = tasks
         self.attempt: anyio.CancelScope | None = None
         """The scope of the connect attempt in progress, if any."""
@@ -101,8 +101,8 @@ class TaskPath:
         start_soon = self._tasks.start_soon
         serve_client = self._serve_client
 
-        def on_client(client: socket.socket) -> None:
-            start_soon(serve_client, client)
+        def on_client(client: socket.socket, address: object) -> None:
+            start_soon(serve_client, client, address)
 
         while True:
             await wait_readable(listener)
@@ -111,11 +111,11 @@ class TaskPath:
                 self._reports.accept_failed(error)
                 await anyio.sleep(ACCEPT_BACKOFF)
 
-    async def _serve_client(self, client: socket.socket) -> None:
+    async def _serve_client(self, client: socket.socket, address: object) -> None:
         link: TaskLink | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                link = TaskLink(client, tasks)
+                link = TaskLink(client, address, tasks)
                 self._reports.accepted(link)
                 # Only the core ends a connection: its CloseConnection cancels this group.
                 await anyio.sleep_forever()
@@ -129,8 +129,10 @@ class TaskPath:
                 if way is not None:
                     way.release()
             client.close()
-            if link is not None and link.backend is not None:
-                link.backend.close()
+            if link is not None:
+                if link.backend is not None:
+                    link.backend.close()
+                self._reports.released(link)
 
     # -- connecting ----------------------------------------------------------------
 
@@ -183,15 +185,20 @@ class TaskPath:
     def _connected(self, link: TaskLink, attempt: Attempt) -> None:
         sock = attempt.sock
         assert sock is not None
-        attempt.sock = None
         try:
-            live = self._reports.connected(link, attempt)
+            live = self._reports.connected(link, attempt)  # forward() runs in there
         except BaseException:
-            sock.close()
+            if link.backend is not sock:
+                sock.close()
             raise
         if not live:
+            attempt.sock = None
             sock.close()  # stale: the core had given up on this attempt
-            return
+
+    def forward(self, link: TaskLink, attempt: Attempt) -> None:
+        sock = attempt.sock
+        assert sock is not None
+        attempt.sock = None
         link.join(sock, attempt.backend.address, self._pool)
         for way in (link.to_backend, link.to_client):
             assert way is not None
@@ -226,6 +233,8 @@ class TaskPath:
 
     def close(self, link: TaskLink, reset: bool) -> None:
         """Cancel the connection's tasks; its own task closes the sockets (see the module doc)."""
+        if link.tasks.cancel_scope.cancel_called:
+            return  # already closing: the first close decided RST or FIN
         if reset:
             set_reset(link.client, link.backend)
         link.tasks.cancel_scope.cancel()

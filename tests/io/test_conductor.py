@@ -62,21 +62,41 @@ class FakePath:
         self.calls: list[tuple[Any, ...]] = []
         self.attempts: dict[int, Attempt] = {}
         self.on_shutdown_write: Callable[[Link, Side], None] | None = None
+        self.release_at_once = True
+        """As the callbacks path: closing releases at once (tasks: a moment later)."""
+        self.busy = 0
+        """How many of this path's methods are on the stack: an order never runs inside one."""
 
     async def serve(self, listeners: Any) -> None:  # pragma: no cover - not served here
         raise AssertionError("not used")
 
     def connect(self, link: Link, action: ConnectBackend) -> None:
+        assert not self.busy, "an order ran inside another"
         self.calls.append(("connect", link.connection_id, action.attempt, action.backend.address))
-        self.attempts[link.connection_id] = Attempt(action, clock.now)
+        attempt = self.attempts[link.connection_id] = Attempt(action, clock.now)
+        attempt.sock = FakeSocket()  # type: ignore[assignment]
+
+    def forward(self, link: Link, attempt: Attempt) -> None:
+        self.calls.append(("forward", link.connection_id, attempt.number))
+        link.backend_address = attempt.backend.address
+        link.to_backend = FakeWay()  # type: ignore[assignment]
+        link.to_client = FakeWay()  # type: ignore[assignment]
 
     def shutdown_write(self, link: Link, side: Side) -> None:
+        assert not self.busy, "an order ran inside another"
         self.calls.append(("shutdown_write", link.connection_id, side))
-        if self.on_shutdown_write is not None:
-            self.on_shutdown_write(link, side)
+        self.busy += 1
+        try:
+            if self.on_shutdown_write is not None:
+                self.on_shutdown_write(link, side)
+        finally:
+            self.busy -= 1
 
     def close(self, link: Link, reset: bool) -> None:
+        assert not self.busy, "an order ran inside another"
         self.calls.append(("close", link.connection_id, reset))
+        if self.release_at_once:
+            self.reports.released(link)
 
     def dispose(self) -> None:
         self.calls.append(("dispose",))
@@ -100,14 +120,10 @@ class Recorder:
         self.outputs: list[Output] = []
         self.connected: list[tuple[str, float]] = []
         self.dropped: list[tuple[int, Outcome]] = []
-        self.depth = 0
-        self.deepest = 0
+        self.probe_results: list[tuple[str, bool]] = []
 
     def _record(self, output: Output) -> None:
-        self.depth += 1
-        self.deepest = max(self.deepest, self.depth)
         self.outputs.append(output)
-        self.depth -= 1
 
     def handlers(self) -> Mapping[type, Callable[[Any], object]]:
         kinds = (
@@ -127,6 +143,9 @@ class Recorder:
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         self.dropped.append((link.connection_id, closed.outcome))
+
+    def probed(self, address: str, ok: bool) -> None:
+        self.probe_results.append((address, ok))
 
 
 class Timer:
@@ -171,17 +190,14 @@ class Rig:
         self.stopped += 1
 
     def accept(self) -> Link:
-        link = Link(FakeSocket())  # type: ignore[arg-type]
+        link = Link(FakeSocket(), ("127.0.0.1", 40000))  # type: ignore[arg-type]
         self.conductor.accepted(link)
         return link
 
     def connect(self, link: Link) -> Attempt:
-        """The path's connect for ``link`` succeeds; the directions are built."""
+        """The path's connect for ``link`` succeeds; the conductor has it forwarded."""
         attempt = self.path.attempts[link.connection_id]
         assert self.conductor.connected(link, attempt)
-        link.backend_address = attempt.backend.address
-        link.to_backend = FakeWay()  # type: ignore[assignment]
-        link.to_client = FakeWay()  # type: ignore[assignment]
         return attempt
 
 
@@ -197,7 +213,10 @@ def test_a_connection_from_accept_to_close_goes_through_the_path_in_order() -> N
     assert rig.path.calls == [("connect", link.connection_id, 1, GOOD)]
     assert rig.conductor.links == {link.connection_id: link}
     clock.now += 0.002
+    before = len(rig.recorder.outputs)
     rig.connect(link)
+    assert rig.path.calls[-1] == ("forward", link.connection_id, 1)
+    assert len(rig.recorder.outputs) > before  # the core's outputs ran after forward
     assert rig.recorder.connected == [(GOOD, pytest.approx(0.002))]
     rig.conductor.copy_ended(link, way(link, from_client=True), Pumped.EOF)
     assert rig.path.calls[-1] == ("shutdown_write", link.connection_id, Side.BACKEND)
@@ -248,7 +267,9 @@ def test_a_connect_that_completes_after_the_core_gave_up_is_stale() -> None:
     assert rig.path.calls[-1] == ("connect", link.connection_id, 2, OTHER)
     second = rig.path.attempts[link.connection_id]
     assert rig.conductor.connected(link, first) is False  # the path closes that socket
+    assert ("forward", link.connection_id, 1) not in rig.path.calls
     assert rig.conductor.connected(link, second) is True
+    assert rig.path.calls[-1] == ("forward", link.connection_id, 2)
     assert [address for address, _ in rig.recorder.connected] == [OTHER]
 
 
@@ -261,10 +282,10 @@ def test_a_report_made_while_carrying_out_runs_after_what_is_queued() -> None:
     before = len(rig.recorder.outputs)
     rig.conductor.copy_ended(link, way(link, from_client=True), Pumped.EOF)
     kinds = [type(output).__name__ for output in rig.recorder.outputs[before:]]
-    # The ShutdownWrite ran whole before the failure's outputs (never nested).
+    # The ShutdownWrite ran whole before the failure's outputs: the close came
+    # after shutdown_write returned (FakePath asserts no order runs inside another).
     assert kinds[0] == "ShutdownWrite"
     assert "CloseConnection" in kinds[1:]
-    assert rig.recorder.deepest == 1
     assert rig.path.calls[-2:] == [
         ("shutdown_write", link.connection_id, Side.BACKEND),
         ("close", link.connection_id, True),
@@ -355,6 +376,7 @@ def test_probes_and_stopping_go_to_the_lifecycle_s_hooks() -> None:
     rig.conductor.handle_timer()
     assert sorted(rig.probes) == [(GOOD, 0.5), (OTHER, 0.5)]
     rig.conductor.probe_result(GOOD, False)
+    assert rig.recorder.probe_results == [(GOOD, False)]
     link = rig.accept()
     rig.conductor.shutdown()
     assert rig.stopped_accepting == 1
@@ -432,3 +454,18 @@ def test_activity_is_told_to_the_core_once_per_touch_resolution() -> None:
     clock.now += rig.core.touch_resolution
     rig.conductor.active(link)
     assert touches == [pytest.approx(1000.0), pytest.approx(1000.0 + rig.core.touch_resolution)]
+
+
+def test_final_figures_wait_for_both_the_core_and_the_path() -> None:
+    # On the tasks path the sockets close a moment after the core's close:
+    # the listeners get the record once both have happened, whichever is last.
+    rig = Rig()
+    rig.path.release_at_once = False
+    link = rig.accept()
+    rig.connect(link)
+    rig.conductor.socket_failed(link, Side.CLIENT)
+    assert rig.conductor.links == {}  # out of the table at once
+    assert rig.recorder.dropped == []  # but a copy may still move its last bytes
+    rig.conductor.released(link)
+    rig.conductor.released(link)  # a second release (a close after a bug) counts once
+    assert rig.recorder.dropped == [(link.connection_id, Outcome.CLIENT_RESET)]
