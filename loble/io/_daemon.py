@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: bind, start the layers, serve until shutdown, stop.
+"""The daemon's lifecycle: bind, start the layers, serve until shutdown, reload, stop.
 
 :class:`Daemon` is the top of the daemon's three layers (``docs/architecture.md``
 draws them) and holds the lifecycle alone:
@@ -13,36 +13,61 @@ draws them) and holds the lifecycle alone:
 * this module binds the listening sockets, picks the loop's clock and the
   data path (:mod:`._runtime`), and runs, in one anyio task group, the
   timer (sleeps until the core's next deadline), the signal watcher, the
-  accept loop, the metrics endpoint and health probes, until the core says
-  it has stopped.
+  accept loops, the metrics endpoint, the admin API (:mod:`._admin`) and
+  health probes, until the core says it has stopped.
+
+A reload (SIGHUP, ``loble reload``, ``POST /reload``) reads the configuration
+file again. An invalid file is rejected with every error logged and nothing
+changed. A valid one goes to the core as one input (``reconfigure``), which
+applies it as a diff; what only the lifecycle can do it does here: a changed
+listener address is bound before the old listener closes, and the old one
+then stops accepting as at a shutdown, its connections untouched; the log
+level and format take effect at once; a changed metrics, admin or runtime
+section waits for a restart, and the reload's log line says so.
 
 It decides nothing: which backend, when to retry, when a connection is
 idle and when draining ends all come out of the core. Everything runs on
-the event loop's thread, including the metrics endpoint.
+the event loop's thread, including the HTTP endpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import socket
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TypeAlias
 
 import anyio
 from anyio.abc import SocketListener, TaskGroup, TaskStatus
+from starlette.applications import Starlette
 
-from loble.core import Backend, Config, LobleError, ProxyCore, parse_address
+from loble.core import (
+    AdminInput,
+    Backend,
+    Config,
+    ConfigError,
+    LobleError,
+    ProxyCore,
+    Reconfigured,
+    parse_address,
+)
 
+from ._admin import UnknownBackend, admin_app
 from ._callbacks import CallbackLink, CallbackPath
 from ._conductor import Conductor
 from ._copy import BufferPool
 from ._datapath import format_address, probe
+from ._http import GRACEFUL_SECONDS, bind_tcp, serve_asgi
 from ._journal import Journal
-from ._logging import log
-from ._metrics import Metrics, serve_metrics
+from ._logging import LEVELS, formatter_for, log
+from ._metrics import Metrics, metrics_app
 from ._runtime import (
     choose_copy_method,
     choose_data_path,
@@ -50,11 +75,15 @@ from ._runtime import (
     data_path_for,
     loop_clock,
 )
+from ._status import status_document
 from ._tasks import TaskLink, TaskPath
 
-__all__ = ["Daemon"]
+__all__ = ["RESTART_SECTIONS", "Daemon"]
 
 AnyConductor: TypeAlias = "Conductor[CallbackLink] | Conductor[TaskLink]"
+
+RESTART_SECTIONS = ("runtime", "metrics", "admin")
+"""Configuration sections a reload records but only a restart applies."""
 
 
 class Daemon:
@@ -65,6 +94,8 @@ class Daemon:
     environment variables, else the fastest the platform and loop allow.
     ``reuse_port`` sets ``SO_REUSEPORT`` on the listening sockets and
     ``worker`` is this process's index, when it is one of several workers.
+    ``reload_from`` reads the configuration again for a reload (e.g. the
+    file the daemon started from); without it, a reload is refused.
     """
 
     def __init__(
@@ -77,6 +108,7 @@ class Daemon:
         data_path: str | None = None,
         reuse_port: bool = False,
         worker: int | None = None,
+        reload_from: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.core = ProxyCore(config, rng or random.Random())
@@ -90,15 +122,27 @@ class Daemon:
         """The data path in use, once running: ``callbacks`` or ``tasks``."""
         self.reuse_port = reuse_port
         self.worker = worker
+        self.reload_from = reload_from
         self.listen_addresses: list[tuple[str, int]] = []
         """Where clients connect (the OS-chosen port when configured as 0)."""
         self.metrics_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
         self.conductor: AnyConductor | None = None
         """The core's driver, while running."""
-        self._accepting: anyio.CancelScope | None = None
+        self.reloads = 0
+        """Reloads applied since start."""
         self._started = False
+        self._started_at = 0.0
+        self._tasks: TaskGroup | None = None
         self._listeners: list[SocketListener] = []
-        self._metrics_listeners: list[SocketListener] = []
+        self._accepting: list[anyio.CancelScope] = []
+        """One scope per set of listeners being served; cancelling one closes its set."""
+        self._stopped_accepting = False
+        self._metrics_socket: socket.socket | None = None
+        self._admin_socket: socket.socket | None = None
+        self._reloading = anyio.Lock()
+        self._endpoints = 0
+        """HTTP endpoints serving (metrics, admin); they end before the task group."""
 
     # -- reading -------------------------------------------------------------------
 
@@ -122,18 +166,23 @@ class Daemon:
         """
         if self._listeners:
             return
+        config = self.config
         listeners = await self._listen(
-            self.config.listener.address, "listener.address", reuse_port=self.reuse_port
+            config.listener.address, "listener.address", reuse_port=self.reuse_port
         )
-        if self.config.metrics.enabled:
-            try:
-                self._metrics_listeners = await self._listen(
-                    self.config.metrics.address, "metrics.address"
-                )
-            except LobleError:
-                for listener in listeners:
-                    await listener.aclose()
-                raise
+        try:
+            if config.metrics.enabled:
+                self._metrics_socket = bind_tcp(config.metrics.address, "metrics.address")
+                self.metrics_address = _address(self._metrics_socket)
+            if config.admin.enabled:
+                self._admin_socket = bind_tcp(config.admin.address, "admin.address")
+                self.admin_address = _address(self._admin_socket)
+        except LobleError:
+            for listener in listeners:
+                await listener.aclose()
+            if self._metrics_socket is not None:
+                self._metrics_socket.close()
+            raise
         self._listeners = listeners
         self.listen_addresses = [_local(listener) for listener in listeners]
 
@@ -152,26 +201,21 @@ class Daemon:
         self.data_path_name = data_path_for(self._data_path, current_library())
         await self.bind()
         self._started = True
-        self._accepting = anyio.CancelScope()
+        pid_file = self._write_pid_file()
         try:
             async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                self._http_stop = anyio.Event()
+                self._endpoints_done = anyio.Event()
                 conductor = self.conductor = self._conduct(tasks)
+                self._started_at = conductor.now()
                 self.metrics.before_render = self._count_bytes_in_flight
                 if handle_signals:
                     await tasks.start(self._watch_signals, conductor)
                 tasks.start_soon(self._run_timer, conductor)
-                tasks.start_soon(self._accept_all, conductor)
-                for listener in self._metrics_listeners:
-                    self.metrics_address = _local(listener)
-                    tasks.start_soon(serve_metrics, listener, self.metrics, self.logger)
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "metrics endpoint",
-                        address=f"http://{format_address(*self.metrics_address)}/metrics",
-                    )
+                self._serve_listeners(conductor, self._listeners)
+                self._start_endpoints(tasks)
                 config = self.config
-                worker = {} if self.worker is None else {"worker": self.worker}
                 log(
                     self.logger,
                     logging.INFO,
@@ -181,7 +225,6 @@ class Daemon:
                     backends=len(config.backends),
                     data_path=self.data_path_name,
                     copy=self.copy_method.value,
-                    **worker,
                 )
                 conductor.start()
                 task_status.started()
@@ -189,6 +232,8 @@ class Daemon:
             if self.conductor is not None:
                 self.conductor.path.dispose()
             self.pool.close()
+            if pid_file is not None:
+                _remove_pid_file(pid_file)
         log(self.logger, logging.INFO, "stopped")
 
     def shutdown(self) -> None:
@@ -199,7 +244,6 @@ class Daemon:
 
     def _conduct(self, tasks: TaskGroup) -> AnyConductor:
         """The conductor and its data path, on the loop running now."""
-        assert self._accepting is not None
         now = loop_clock()
         listeners = (self.metrics, self.journal)
 
@@ -214,8 +258,8 @@ class Daemon:
                 logger=self.logger,
                 listeners=listeners,
                 probe=start_probe,
-                stop_accepting=self._accepting.cancel,
-                stopped=tasks.cancel_scope.cancel,
+                stop_accepting=self._stop_accepting,
+                stopped=self._finish,
             )
         return Conductor[TaskLink](
             self.core,
@@ -224,9 +268,51 @@ class Daemon:
             logger=self.logger,
             listeners=listeners,
             probe=start_probe,
-            stop_accepting=self._accepting.cancel,
-            stopped=tasks.cancel_scope.cancel,
+            stop_accepting=self._stop_accepting,
+            stopped=self._finish,
         )
+
+    def _finish(self) -> None:
+        """The core has stopped: end the HTTP endpoints gracefully, then everything else."""
+        assert self._tasks is not None
+        self._http_stop.set()
+        self._tasks.start_soon(self._cancel_after_endpoints)
+
+    async def _cancel_after_endpoints(self) -> None:
+        assert self._tasks is not None
+        with anyio.move_on_after(GRACEFUL_SECONDS + 1.0):
+            while self._endpoints:
+                await self._endpoints_done.wait()
+        self._tasks.cancel_scope.cancel()
+
+    async def _endpoint(self, app: Starlette, sock: socket.socket) -> None:
+        self._endpoints += 1
+        try:
+            await serve_asgi(app, sock, self.logger, self._http_stop)
+        finally:
+            self._endpoints -= 1
+            self._endpoints_done.set()
+            self._endpoints_done = anyio.Event()
+
+    def _start_endpoints(self, tasks: TaskGroup) -> None:
+        if self._metrics_socket is not None and self.metrics_address is not None:
+            tasks.start_soon(self._endpoint, metrics_app(self.metrics), self._metrics_socket)
+            log(
+                self.logger,
+                logging.INFO,
+                "metrics endpoint",
+                address=f"http://{format_address(*self.metrics_address)}/metrics",
+            )
+        if self._admin_socket is not None and self.admin_address is not None:
+            admin = admin_app(self, self.config.admin.token, self.logger)
+            tasks.start_soon(self._endpoint, admin, self._admin_socket)
+            log(
+                self.logger,
+                logging.INFO,
+                "admin API",
+                address=f"http://{format_address(*self.admin_address)}/",
+                changes="refused: no token" if not self.config.admin.token else "with the token",
+            )
 
     async def _listen(
         self, address: str, key: str, *, reuse_port: bool = False
@@ -248,7 +334,8 @@ class Daemon:
     async def _watch_signals(
         self, conductor: AnyConductor, *, task_status: TaskStatus[None]
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with anyio.open_signal_receiver(*watched) as signals:
             task_status.started()
             async for signum in signals:
                 log(
@@ -258,7 +345,12 @@ class Daemon:
                     signal=signal.Signals(signum).name,
                     in_flight=self.core.in_flight,
                 )
-                conductor.shutdown()
+                if signum == signal.SIGHUP:
+                    # A terminal or SSH hang-up sends it too: it reloads, never kills.
+                    with contextlib.suppress(LobleError):  # logged by reload()
+                        await self.reload()
+                else:
+                    conductor.shutdown()
 
     async def _run_timer(self, conductor: AnyConductor) -> None:
         while True:
@@ -268,27 +360,39 @@ class Daemon:
                 await anyio.sleep_forever()
             conductor.handle_timer()
 
-    async def _accept_all(self, conductor: AnyConductor) -> None:
-        listeners = self._listeners
+    def _serve_listeners(self, conductor: AnyConductor, listeners: list[SocketListener]) -> None:
+        """Accept on ``listeners`` until shutdown, or until a reload replaces them."""
+        assert self._tasks is not None
+        scope = anyio.CancelScope()
+        self._accepting.append(scope)
+        self._tasks.start_soon(self._accept_on, conductor, listeners, scope)
+
+    async def _accept_on(
+        self, conductor: AnyConductor, listeners: list[SocketListener], scope: anyio.CancelScope
+    ) -> None:
         raw: list[socket.socket] = []
         for listener in listeners:
             sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
             sock.setblocking(False)
             raw.append(sock)
-        assert self._accepting is not None
         try:
-            with self._accepting:
+            with scope:
                 await conductor.path.serve(raw)
         finally:
             # Closing the listening sockets is what makes new connects fail fast.
             with anyio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+            if scope in self._accepting:
+                self._accepting.remove(scope)
+
+    def _stop_accepting(self) -> None:
+        self._stopped_accepting = True
+        for scope in self._accepting:
+            scope.cancel()
 
     async def _probe(self, backend: Backend, timeout: float) -> None:
         ok = await probe(backend, timeout)
-        self.metrics.probe(backend.address, ok)
-        log(self.logger, logging.DEBUG, "probe", backend=backend.address, ok=ok)
         if self.conductor is not None:
             self.conductor.probe_result(backend.address, ok)
 
@@ -296,6 +400,145 @@ class Daemon:
         if self.conductor is not None:
             for link in self.conductor.links.values():
                 self.metrics.count_bytes(link)
+
+    # -- the operator: reload and the admin API (admin._admin.Control) ------------------
+
+    async def reload(self) -> dict[str, object]:
+        """Read the configuration again and apply it; :class:`LobleError` if refused.
+
+        Every error of an invalid file is logged, and the running
+        configuration stays. Reloads never overlap: a second waits for the first.
+        """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, object]:
+        conductor = self.conductor
+        if conductor is None or self._tasks is None:
+            raise LobleError("reload: the daemon is not running")
+        if self.reload_from is None:
+            raise self._refuse(LobleError("reload: this daemon has no configuration file to read"))
+        try:
+            new = self.reload_from()
+        except ConfigError as error:
+            raise self._refuse(error) from None
+        old = self.config
+        if new.listener != old.listener and not self._stopped_accepting:
+            # Bound before the old listener closes: no moment without one.
+            try:
+                listeners = await self._listen(
+                    new.listener.address, "listener.address", reuse_port=self.reuse_port
+                )
+            except LobleError as error:
+                raise self._refuse(error) from None
+            replaced = list(self._accepting)
+            self._listeners = listeners
+            self.listen_addresses = [_local(listener) for listener in listeners]
+            self._serve_listeners(conductor, listeners)
+            for scope in replaced:
+                scope.cancel()  # the old listener closes; its connections run on
+        if new.logging.level != old.logging.level:
+            self.logger.setLevel(LEVELS[new.logging.level])
+        if new.logging.format != old.logging.format:
+            for handler in self.logger.handlers:
+                handler.setFormatter(formatter_for(new.logging))
+        self.journal.reconfigure(new.logging, new.timeouts.drain)
+        self.config = new
+        outputs = conductor.reconfigure(new)
+        self.reloads += 1
+        applied = next(output for output in outputs if isinstance(output, Reconfigured))
+        restart = [key for key in applied.changed if key.split(".", 1)[0] in RESTART_SECTIONS]
+        if restart:
+            log(
+                self.logger,
+                logging.WARNING,
+                "reload: these take effect at the next start",
+                keys=",".join(restart),
+            )
+        return {
+            "reloaded": True,
+            "added": list(applied.added),
+            "removed": list(applied.removed),
+            "reweighted": list(applied.reweighted),
+            "changed": list(applied.changed),
+            "restart_needed": restart,
+            "listeners": [format_address(*address) for address in self.listen_addresses],
+        }
+
+    def _refuse(self, error: LobleError) -> LobleError:
+        problems = str(error).splitlines()
+        log(
+            self.logger,
+            logging.ERROR,
+            "reload rejected: the running configuration stays",
+            errors=len(problems),
+        )
+        for problem in problems:
+            log(self.logger, logging.ERROR, "reload error", error=problem)
+        return error
+
+    async def status(self) -> dict[str, object]:
+        if self.conductor is None:
+            raise LobleError("the daemon is not running")
+        return status_document(
+            self.core,
+            self.metrics,
+            now=self.conductor.now(),
+            started=self._started_at,
+            listeners=self.listen_addresses,
+            worker=self.worker,
+        )
+
+    async def admin(self, address: str, admin_input: AdminInput) -> dict[str, object]:
+        conductor = self._running(address)
+        conductor.admin(address, admin_input)
+        return self._backend_status(address)
+
+    async def set_weight(self, address: str, weight: int) -> dict[str, object]:
+        conductor = self._running(address)
+        conductor.set_weight(address, weight)
+        return self._backend_status(address)
+
+    def _running(self, address: str) -> AnyConductor:
+        if self.conductor is None:
+            raise LobleError("the daemon is not running")
+        if all(backend.address != address for backend in self.core.statistics().backends):
+            raise UnknownBackend(f"no backend {address!r}")
+        return self.conductor
+
+    def _backend_status(self, address: str) -> dict[str, object]:
+        for backend in self.core.statistics().backends:
+            if backend.address == address:
+                return {
+                    "address": address,
+                    "state": backend.state.value,
+                    "admin": backend.admin.value,
+                    "weight": backend.weight,
+                }
+        raise UnknownBackend(f"no backend {address!r}")
+
+    def _write_pid_file(self) -> Path | None:
+        name = self.config.runtime.pid_file
+        if not name or self.worker is not None:  # with workers, the supervisor's pid
+            return None
+        path = Path(name)
+        try:
+            path.write_text(f"{os.getpid()}\n")
+        except OSError as error:
+            raise LobleError(f"runtime.pid_file: cannot write {name}: {error.strerror}") from None
+        return path
+
+
+def _remove_pid_file(path: Path) -> None:
+    # Only our own: a second daemon started with the same file owns it now.
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+
+
+def _address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
 
 def _local(listener: SocketListener) -> tuple[str, int]:

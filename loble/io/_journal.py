@@ -15,13 +15,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from loble.core import (
+    AdminState,
+    AdminStateChanged,
     BackendStateChanged,
     ConnectionClosed,
     HealthState,
     LoggingConfig,
+    Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
     SnapshotPublished,
+    WeightChanged,
 )
 
 from ._datapath import Link
@@ -40,9 +44,18 @@ class Journal:
         self._access_log = config.access_log
         self._drain_timeout = drain_timeout
         self._shutdown_began = 0.0
+        self._probes: dict[str, bool] = {}
+
+    def reconfigure(self, config: LoggingConfig, drain_timeout: float) -> None:
+        """A reload: the access log and the drain timeout may have changed."""
+        self._access_log = config.access_log
+        self._drain_timeout = drain_timeout
 
     def handlers(self) -> Mapping[type, Handler]:
         return {
+            Reconfigured: self._reconfigured,
+            AdminStateChanged: self._admin_changed,
+            WeightChanged: self._weight_changed,
             BackendStateChanged: self._state_changed,
             SnapshotPublished: self._snapshot,
             ShutdownStarted: self._shutdown_started,
@@ -51,6 +64,19 @@ class Journal:
 
     def backend_connected(self, address: str, seconds: float) -> None:
         pass  # the access log line has the connect time, from the core's event
+
+    def probed(self, address: str, ok: bool) -> None:
+        # A probe that answers as the last one did is routine (debug); one
+        # whose answer changed is news (info).
+        changed = self._probes.get(address) is not ok
+        self._probes[address] = ok
+        log(
+            self.logger,
+            logging.INFO if changed else logging.DEBUG,
+            "probe",
+            backend=address,
+            ok=ok,
+        )
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         if not self._access_log:
@@ -69,6 +95,37 @@ class Journal:
             duration=round(closed.at - closed.opened_at, 6),
             connect_time=connect_time,
             attempts=closed.attempts,
+        )
+
+    def _reconfigured(self, output: Reconfigured) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "configuration reloaded",
+            added=",".join(output.added),
+            removed=",".join(output.removed),
+            reweighted=",".join(output.reweighted),
+            changed=",".join(output.changed),
+        )
+
+    def _admin_changed(self, output: AdminStateChanged) -> None:
+        log(
+            self.logger,
+            logging.WARNING if output.new is not AdminState.READY else logging.INFO,
+            "backend admin state changed",
+            backend=output.address,
+            old=output.old.value,
+            new=output.new.value,
+        )
+
+    def _weight_changed(self, output: WeightChanged) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "backend weight changed",
+            backend=output.address,
+            old=output.old,
+            new=output.new,
         )
 
     def _state_changed(self, output: BackendStateChanged) -> None:

@@ -17,9 +17,18 @@ from typing import Any, TextIO
 
 from loble.core import LoggingConfig
 
-__all__ = ["JsonFormatter", "LogfmtFormatter", "configure_logging", "log"]
+__all__ = [
+    "LEVELS",
+    "LIBRARY_LOGGERS",
+    "JsonFormatter",
+    "LogfmtFormatter",
+    "WorkerTag",
+    "configure_logging",
+    "formatter_for",
+    "log",
+]
 
-_LEVELS = {
+LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
@@ -77,14 +86,50 @@ def _logfmt_value(value: object) -> str:
     return f'"{escaped}"'
 
 
-def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> logging.Logger:
-    """Send the ``loble`` loggers to ``stream`` (stderr) in the configured format."""
+def formatter_for(config: LoggingConfig) -> logging.Formatter:
+    """The formatter of ``[logging] format``."""
+    return JsonFormatter() if config.format == "json" else LogfmtFormatter()
+
+
+LIBRARY_LOGGERS = ("asyncio", "trio", "hypercorn.error")
+"""Loggers of the libraries the daemon runs on, whose warnings an operator must see:
+the event loop's (e.g. ``socket.accept() out of system resource`` when
+descriptors run out under the HTTP endpoints) and the HTTP server's."""
+
+
+class WorkerTag(logging.Filter):
+    """Adds ``worker=k`` to every line of worker ``k`` (with ``[runtime] workers``)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**getattr(record, "fields", {}), "worker": self.worker}
+        return True
+
+
+def configure_logging(
+    config: LoggingConfig, stream: TextIO | None = None, *, worker: int | None = None
+) -> logging.Logger:
+    """Send the ``loble`` loggers to ``stream`` (stderr) in the configured format.
+
+    The libraries' warnings and errors (:data:`LIBRARY_LOGGERS`) go to the same
+    handler, so every line the process writes has one format; a worker's
+    lines each carry ``worker=k``.
+    """
     logger = logging.getLogger("loble")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.format == "json" else LogfmtFormatter())
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-    logger.addHandler(handler)
-    logger.setLevel(_LEVELS[config.level])
-    logger.propagate = False
+    handler.setFormatter(formatter_for(config))
+    if worker is not None:
+        handler.addFilter(WorkerTag(worker))
+    levels = {"loble": LEVELS[config.level]}
+    levels.update(dict.fromkeys(LIBRARY_LOGGERS, logging.WARNING))
+    for name, level in levels.items():
+        target = logging.getLogger(name)
+        for old in list(target.handlers):
+            target.removeHandler(old)
+        target.addHandler(handler)
+        target.setLevel(level)
+        target.propagate = False
     return logger

@@ -18,19 +18,17 @@ proxied connection, some 8% of the new-connections rate
 (``docs/performance.md``). The rarer metrics (retries, probes, health
 transitions) stay prometheus_client objects.
 
-The endpoint runs on the daemon's own event loop (no thread): a scrape reads
-the core from the only thread that touches it.
+The endpoint (:func:`metrics_app`, served by :mod:`._http`) runs on the
+daemon's own event loop (no thread): a scrape reads the core from the only
+thread that touches it.
 """
 
 from __future__ import annotations
 
-import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import anyio
-from anyio.abc import SocketListener, SocketStream
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -40,6 +38,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from loble.core import (
     BackendStateChanged,
@@ -54,9 +56,8 @@ from loble.core import (
 )
 
 from ._datapath import Link
-from ._logging import log
 
-__all__ = ["TO_BACKEND", "TO_CLIENT", "Metrics", "serve_metrics"]
+__all__ = ["TO_BACKEND", "TO_CLIENT", "Metrics", "metrics_app"]
 
 TO_BACKEND = "to_backend"
 TO_CLIENT = "to_client"
@@ -226,7 +227,23 @@ class Metrics:
             histogram = self._connect_times[backend] = self.connect_time.labels(backend)
         return histogram
 
-    def probe(self, address: str, ok: bool) -> None:
+    def figures(self, address: str) -> dict[str, object]:
+        """A backend's totals for the status page: connections by outcome, bytes each way.
+
+        Call :attr:`before_render` first to include the bytes of open connections.
+        """
+        outcomes = {
+            values[1]: int(count)
+            for values, count in self.connections.items()
+            if values[0] == address and count
+        }
+        return {
+            "connections": outcomes,
+            "bytes_to_backend": int(self.bytes.value(address, TO_BACKEND)),
+            "bytes_to_client": int(self.bytes.value(address, TO_CLIENT)),
+        }
+
+    def probed(self, address: str, ok: bool) -> None:
         self.probes.labels(address, "success" if ok else "failure").inc()
 
     def render(self) -> bytes:
@@ -275,6 +292,15 @@ class _Counters:
         if series is None:
             series = self._series[values] = _Count()
         return series
+
+    def value(self, *values: str) -> float:
+        """The series' count now (0 if it never existed)."""
+        series = self._series.get(values)
+        return series.value if series is not None else 0.0
+
+    def items(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        for values, series in self._series.items():
+            yield values, series.value
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -395,54 +421,11 @@ class _CoreCollector:
 
 # -- the endpoint ------------------------------------------------------------------
 
-_REQUEST_LIMIT = 8_192
-_REQUEST_TIMEOUT = 10.0
 
+def metrics_app(metrics: Metrics) -> Starlette:
+    """The metrics endpoint: ``GET /metrics`` (and ``HEAD``); any other path is a 404."""
 
-async def serve_metrics(listener: SocketListener, metrics: Metrics, logger: logging.Logger) -> None:
-    """Answer ``GET /metrics`` on ``listener`` until cancelled."""
-    async with listener, anyio.create_task_group() as scrapes:
-        while True:
-            try:
-                stream = await listener.accept()
-            except (OSError, anyio.BrokenResourceError) as error:
-                # trio reports EMFILE from accept as BrokenResourceError, not OSError
-                log(logger, logging.WARNING, "metrics accept failed", error=str(error))
-                await anyio.sleep(0.1)  # e.g. out of file descriptors: let some close
-                continue
-            scrapes.start_soon(_answer, stream, metrics)
+    async def scrape(request: Request) -> Response:
+        return Response(metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-
-async def _answer(stream: SocketStream, metrics: Metrics) -> None:
-    async with stream:
-        request = b""
-        with anyio.move_on_after(_REQUEST_TIMEOUT):
-            try:
-                while b"\r\n\r\n" not in request and len(request) < _REQUEST_LIMIT:
-                    request += await stream.receive(_REQUEST_LIMIT)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                return
-        if b"\r\n\r\n" not in request:
-            return  # slow, huge or not HTTP: nothing worth answering
-        method, _, rest = request.partition(b" ")
-        path = rest.partition(b" ")[0].partition(b"?")[0]
-        if method not in (b"GET", b"HEAD"):
-            status, content_type, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-        elif path in (b"/metrics", b"/"):
-            status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
-        else:
-            status, content_type, body = "404 Not Found", "text/plain", b"try /metrics\n"
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        try:
-            await stream.send(head if method == b"HEAD" else head + body)
-            await stream.send_eof()
-            # Wait for the scraper to close first: closing with its bytes unread
-            # would reset the connection and could lose the response.
-            with anyio.move_on_after(_REQUEST_TIMEOUT):
-                while True:
-                    await stream.receive(_REQUEST_LIMIT)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            return
+    return Starlette(routes=[Route("/metrics", scrape, methods=["GET", "HEAD"])])

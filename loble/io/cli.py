@@ -74,13 +74,25 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _quiet_metrics()
     runtime_options(config.runtime)  # a missing runtime fails before any socket opens
-    logger = configure_logging(config.logging)
     index = worker_index()
+    logger = configure_logging(config.logging, worker=index)
     if index is None and config.runtime.workers > 1:
         return run_workers(config, args.config, logger)
+    path = args.config
+
+    def reload_from() -> Config:
+        fresh = load_config(path)
+        return fresh if index is None else worker_config(fresh, index)
+
     if index is not None:
         config = worker_config(config, index)
-    daemon = Daemon(config, logger=logger, reuse_port=index is not None, worker=index)
+    daemon = Daemon(
+        config,
+        logger=logger,
+        reuse_port=index is not None,
+        worker=index,
+        reload_from=reload_from,
+    )
     run(daemon.run, config.runtime)
     return 0
 

@@ -296,15 +296,17 @@ async def _loopback() -> AsyncIterator[Loopback]:
             tasks.cancel_scope.cancel()
 
 
-async def scrape(address: tuple[str, int], path: str = "/metrics") -> tuple[str, str]:
-    """GET ``path``; return the status line and the body."""
+async def scrape(address: tuple[str, int], path: str = "/metrics") -> tuple[int, str]:
+    """GET ``path``; return the status code and the body."""
     with anyio.fail_after(WAIT_BOUND):
         async with await anyio.connect_tcp(*address) as stream:
-            await stream.send(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            await stream.send(
+                f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode()
+            )
             await stream.send_eof()
             response = await read_all(stream)
     head, _, body = response.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0].decode(), body.decode()
+    return int(head.split(b" ", 2)[1]), body.decode()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

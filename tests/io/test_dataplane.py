@@ -293,7 +293,12 @@ async def test_killed_backend_drains_goes_unhealthy_and_comes_back_through_probe
         a, b, c = [await lab.backend(name) for name in ("a", "b", "c")]
         daemon = await lab.daemon(
             [a.address, b.address, c.address],
-            health={"failure_threshold": 3, "success_threshold": 2, "probe_interval": 0.05},
+            health={
+                "failure_threshold": 3,
+                "success_threshold": 2,
+                "probe_interval": 0.05,
+                "probe_timeout": 0.05,
+            },
         )
         state = daemon.core.control.state
         # One long connection on each backend (round robin hands out one each).

@@ -38,7 +38,7 @@ async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) ->
             assert await net.request(daemon.listen_address) == b"a:ping"
         await net.wait_for(lambda: daemon.core.in_flight == 0)
         status, body = await net.scrape(daemon.metrics_address)
-        assert status == "HTTP/1.1 200 OK"
+        assert status == 200
         samples = net.samples(body)
         assert (
             value(samples, "loble_connections_total", backend=a.address, outcome="completed") == 3
@@ -97,8 +97,9 @@ async def test_metrics_endpoint_answers_404_elsewhere(net: Any) -> None:
     async with net.loopback() as lab:
         a = await lab.backend("a")
         daemon = await lab.daemon([a.address], metrics={"enabled": True, "address": "127.0.0.1:0"})
-        status, _ = await net.scrape(daemon.metrics_address, "/nope")
-        assert status == "HTTP/1.1 404 Not Found"
+        for path in ("/nope", "/", "/metrics/extra"):
+            status, _ = await net.scrape(daemon.metrics_address, path)
+            assert status == 404, path
 
 
 async def test_every_metric_is_documented(net: Any) -> None:
