@@ -1,10 +1,10 @@
 """The ``loble`` command line.
 
 Each subsystem registers its own subcommands (``loble.io.cli``,
-``loble.sim.cli``), so this file stays a table of contents. Every command
-turns a :class:`LobleError` into one line on stderr and exit status 1: a user
-never sees a traceback for their own bad input, nor for a reader that closes
-the output early (``loble sim ... --json | head -1``).
+``loble.io.admin_cli``, ``loble.sim.cli``), so this file stays a table of
+contents. Every command turns a :class:`LobleError` into one line on stderr
+and exit status 1: a user never sees a traceback for their own bad input,
+nor for a reader that closes the output early (``loble sim ... --json | head -1``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loble.io.admin_cli import register as register_admin
     from loble.io.cli import register as register_io
     from loble.sim.cli import register as register_sim
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH")
     check.set_defaults(handler=_check_config)
     register_io(commands)
+    register_admin(commands)
     register_sim(commands)
     return parser
 
