@@ -423,7 +423,7 @@ class Daemon:
         except ConfigError as error:
             raise self._refuse(error) from None
         old = self.config
-        if new.listener != old.listener and not self._stopped_accepting:
+        if self._listener_moved(new) and not self._stopped_accepting:
             # Bound before the old listener closes: no moment without one.
             try:
                 listeners = await self._listen(
@@ -464,6 +464,18 @@ class Daemon:
             "restart_needed": restart,
             "listeners": [format_address(*address) for address in self.listen_addresses],
         }
+
+    def _listener_moved(self, new: Config) -> bool:
+        """Whether a reload asks to listen somewhere else than the daemon does now.
+
+        The address as written, or as bound: a file that names the port the
+        daemon got for ``:0`` asks for no move.
+        """
+        old = self.config.listener
+        if new.listener.address == old.address:
+            return False
+        host, port = parse_address(new.listener.address, allow_port_zero=True)
+        return not (port and (host, port) in self.listen_addresses)
 
     def _refuse(self, error: LobleError) -> LobleError:
         problems = str(error).splitlines()

@@ -12,9 +12,13 @@ The supervisor:
   port: it binds (never listens on) a ``SO_REUSEPORT`` socket and keeps it
   for its lifetime, which also keeps the port reserved;
 * forwards SIGTERM and SIGINT to every worker (a first signal drains, a
-  second cuts, exactly as with one process). Workers run in their own
-  session, so Ctrl-C in a terminal reaches them once, through the
-  supervisor; on Linux a worker also gets SIGTERM if the supervisor dies;
+  second cuts, exactly as with one process), and on SIGHUP validates the
+  configuration file once and, if it is valid, sends SIGHUP to every worker,
+  each of which reloads it (an invalid file is logged and reaches none);
+* writes ``[runtime] pid_file`` (its own pid: the one ``loble reload``
+  signals). Workers run in their own session, so Ctrl-C in a terminal
+  reaches them once, through the supervisor; on Linux a worker also gets
+  SIGTERM if the supervisor dies;
 * exits 0 once every worker has exited 0, or, after a forwarded signal, was
   killed by it (a worker still starting has no handler yet: the default
   action ends it, with nothing to drain). If a worker fails (exits non-zero
@@ -41,9 +45,11 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 
-from loble.core import Config, LobleError, parse_address
+from loble.config import load_config
+from loble.core import Config, ConfigError, LobleError, parse_address
 
 from ._datapath import format_address
 from ._logging import log
@@ -101,9 +107,32 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
         forwarded.append(signum)  # asked from outside, unlike our own drain after a failure
         send(signum)
 
+    def reload(signum: int, frame: FrameType | None) -> None:
+        # Validated once here: an invalid file reaches no worker, and every
+        # worker reloads the same valid one. SIGHUP never stops either.
+        try:
+            load_config(config_path)
+        except ConfigError as error:
+            problems = str(error).splitlines()
+            log(
+                logger,
+                logging.ERROR,
+                "reload rejected: the running configuration stays",
+                errors=len(problems),
+            )
+            for problem in problems:
+                log(logger, logging.ERROR, "reload error", error=problem)
+            return
+        log(logger, logging.INFO, "reloading every worker", workers=len(workers))
+        for _, process in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
+
     previous = {
         signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
     }
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    pid_file = _write_pid_file(config)
     try:
         for index in range(count):
             process = subprocess.Popen(
@@ -138,11 +167,28 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if pid_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if int(pid_file.read_text().strip()) == os.getpid():
+                    pid_file.unlink()
         for _, process in workers.values():  # only on an exception: do not orphan them
             process.kill()
             process.wait()
         if reserved is not None:
             reserved.close()
+
+
+def _write_pid_file(config: Config) -> Path | None:
+    """The supervisor's pid, for ``loble reload``: its SIGHUP reaches every worker."""
+    name = config.runtime.pid_file
+    if not name:
+        return None
+    path = Path(name)
+    try:
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as error:
+        raise LobleError(f"runtime.pid_file: cannot write {name}: {error.strerror}") from None
+    return path
 
 
 def _reserve_port(address: str) -> socket.socket | None:
@@ -167,8 +213,12 @@ def _reserve_port(address: str) -> socket.socket | None:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: a worker whose supervisor is
-    # killed (SIGKILL, OOM) gets SIGTERM and drains instead of living on.
+    # Runs in the child between fork and exec. An ignored signal stays ignored
+    # across exec: a SIGHUP (a reload) that reaches a worker still starting,
+    # before its daemon watches for it, must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A worker whose supervisor is killed (SIGKILL, OOM) gets SIGTERM and
+    # drains instead of living on.
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)

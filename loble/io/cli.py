@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 from functools import partial
 from typing import Any
 
@@ -71,6 +72,9 @@ def _quiet_metrics() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # A hang-up reloads once the daemon watches for it; until then (start-up,
+    # or a worker still starting) it must not kill the process either.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_config(args.config)
     _quiet_metrics()
     runtime_options(config.runtime)  # a missing runtime fails before any socket opens

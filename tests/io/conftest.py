@@ -22,6 +22,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import tomli_w
 from anyio.abc import Process, SocketStream, TaskGroup
 from prometheus_client.parser import text_string_to_metric_families
 
+from loble.config import load_config
 from loble.core import parse_config
 from loble.io import Daemon
 from loble.io._copy import SPLICE_AVAILABLE
@@ -255,8 +257,11 @@ class Loopback:
         *,
         copy: str | None = None,
         data_path: str | None = None,
+        config_path: Path | None = None,
         **sections: Any,
     ) -> Daemon:
+        """A daemon in front of ``backends``; with ``config_path``, its document is
+        written there and a reload (SIGHUP, ``Daemon.reload``) reads that file."""
         document: dict[str, Any] = {
             "listener": {"address": sections.pop("listen", "127.0.0.1:0")},
             "backends": [{"address": address} for address in backends],
@@ -271,7 +276,17 @@ class Loopback:
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
         logger.addHandler(self.logs)
-        daemon = Daemon(parse_config(document), logger=logger, copy=copy, data_path=data_path)
+        reload_from = None
+        if config_path is not None:
+            config_path.write_text(tomli_w.dumps(document), encoding="utf-8")
+            reload_from = partial(load_config, config_path)
+        daemon = Daemon(
+            parse_config(document),
+            logger=logger,
+            copy=copy,
+            data_path=data_path,
+            reload_from=reload_from,
+        )
         self.daemons.append(daemon)
         await self.tasks.start(_run_daemon, daemon)
         return daemon
