@@ -461,10 +461,12 @@ def _is_loble(pid: int) -> bool:
     SIGHUP would end most programs, so look before signalling (Linux's /proc).
     """
     try:
-        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True
-    return b"loble" in command_line
+    # `loble run`, `python -m loble run`, `/usr/bin/loble run`: one argument
+    # names loble itself (a mere "loble" in a path, as a checkout's, does not).
+    return any(Path(os.fsdecode(argument)).name == "loble" for argument in arguments)
 
 
 def _reload_summary(done: Mapping[str, Any]) -> str:
