@@ -315,9 +315,13 @@ def status_view(document: Mapping[str, Any]) -> Group:
     )
     if document.get("worker") is not None:
         header.append(f" · worker {document['worker']}")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("backend", "state", "admin"):
-        table.add_column(name, no_wrap=True)
+    # On a narrow terminal the reason wraps and the figures squeeze; who and
+    # in what state are never cut short.
+    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
+    widest = max((len(str(backend.get("address"))) for backend in backends), default=7)
+    table.add_column("backend", no_wrap=True, min_width=widest + 11 * _any_removing(backends))
+    table.add_column("state", no_wrap=True, min_width=len("unhealthy"))
+    table.add_column("admin", no_wrap=True, min_width=len("maint"))
     for name in ("weight", "active", "peak", "completed", "failed", "to backend", "to client"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("last change")
@@ -346,9 +350,13 @@ def status_view(document: Mapping[str, Any]) -> Group:
     return Group(header, table)
 
 
+def _any_removing(backends: Sequence[Mapping[str, Any]]) -> bool:
+    return any(backend.get("removing") for backend in backends)
+
+
 def _console() -> Console:
-    # Not a terminal (a pipe, a file, a test): wide enough that no column wraps.
-    return _StdoutConsole(highlight=False, width=None if sys.stdout.isatty() else 160)
+    # Not a terminal (a pipe, a file, a test): wide enough that no cell is cut.
+    return _StdoutConsole(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 class _StdoutConsole(Console):

@@ -9,6 +9,7 @@ line on stderr the operator sees, with exit status 1 and no traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -20,6 +21,9 @@ from typing import Any
 
 import anyio
 import pytest
+from rich.console import Console
+
+from loble.io.admin_cli import status_view
 
 pytestmark = pytest.mark.anyio
 
@@ -399,3 +403,45 @@ async def test_reload_with_a_missing_or_stale_pid_file_is_one_line(
         await other.stdin.aclose()
         with anyio.fail_after(COMMAND_BOUND):
             assert await other.wait() == 0
+
+
+def test_the_table_shows_probes_removal_and_bytes_in_units() -> None:
+    backend = {
+        "address": "10.0.0.1:80",
+        "state": "unhealthy",
+        "admin": "maint",
+        "weight": 2,
+        "active_connections": 1,
+        "peak_connections": 9,
+        "since_seconds": 125.0,
+        "reason": "3 consecutive failures",
+        "last_probe_ok": False,
+        "last_probe_seconds": 0.5,
+        "removing": True,
+        "connections": {"completed": 4, "connect_failed": 2, "cut": 1, "no_backend": 5},
+        "bytes_to_backend": 1536,
+        "bytes_to_client": 3 * 1024**3,
+    }
+    probed = {**backend, "address": "10.0.0.2:80", "removing": False, "last_probe_ok": True}
+    document = {
+        "process": "draining",
+        "snapshot_version": 7,
+        "in_flight": 1,
+        "eligible": [],
+        "uptime": 7200.0,
+        "pid": 42,
+        "worker": None,
+        "backends": [backend, probed],
+    }
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status_view(document))
+    text = console.export_text()
+    assert text.splitlines()[0] == (
+        "process draining · snapshot v7 · 1 in flight · 0 of 2 backends eligible · up 2.0 h · pid 42"
+    )
+    assert row(text, "10.0.0.1:80") == [
+        *("10.0.0.1:80", "(removing)", "unhealthy", "maint", "2", "1", "9", "4", "3"),
+        *("1.5", "KiB", "3.0", "GiB", "2.1", "min", "ago:", "3", "consecutive", "failures"),
+        *("failed,", "0.5", "s", "ago"),
+    ]
+    assert row(text, "10.0.0.2:80")[-4:] == ["ok,", "0.5", "s", "ago"]
