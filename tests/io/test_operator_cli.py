@@ -418,7 +418,7 @@ def test_the_table_shows_probes_removal_and_bytes_in_units() -> None:
         "last_probe_ok": False,
         "last_probe_seconds": 0.5,
         "removing": True,
-        "connections": {"completed": 4, "connect_failed": 2, "cut": 1, "no_backend": 5},
+        "connections": {"completed": 4, "connect_failed": 2, "cut": 1},
         "bytes_to_backend": 1536,
         "bytes_to_client": 3 * 1024**3,
     }
