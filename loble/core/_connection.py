@@ -63,6 +63,7 @@ from ._backend import Backend
 from ._errors import StateMachineError
 from ._events import (
     CloseConnection,
+    ConnectFailed,
     HealthReport,
     Outcome,
     Output,
@@ -313,6 +314,7 @@ class Connection:
                 self.attempt,
                 self.opened_at,
                 self.connected_at,
+                self.tried,
             )
         )
 
@@ -360,6 +362,34 @@ def _connect_ok(conn: Connection, now: float, out: list[Output]) -> None:
     conn.policy.report(out, conn.backend.address, _SUCCESS, now)
 
 
+def _connect_refused(conn: Connection, now: float, out: list[Output]) -> None:
+    assert conn.backend is not None
+    out.append(
+        ConnectFailed(
+            at=now,
+            connection_id=conn.connection_id,
+            attempt=conn.attempt,
+            backend=conn.backend.address,
+            timed_out=False,
+        )
+    )
+    _connect_failed(conn, now, out)
+
+
+def _connect_timed_out(conn: Connection, now: float, out: list[Output]) -> None:
+    assert conn.backend is not None
+    out.append(
+        ConnectFailed(
+            at=now,
+            connection_id=conn.connection_id,
+            attempt=conn.attempt,
+            backend=conn.backend.address,
+            timed_out=True,
+        )
+    )
+    _connect_failed(conn, now, out)
+
+
 def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
     assert conn.backend is not None
     # The retry picks before this attempt's reports are applied: it reads the
@@ -404,8 +434,8 @@ _SUCCESS, _FAILURE = HealthInput.PASSIVE_SUCCESS, HealthInput.PASSIVE_FAILURE
 
 TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CONNECT_OK): _connect_ok,
-    (_C, _I.CONNECT_FAILED): _connect_failed,
-    (_C, _I.CONNECT_TIMEOUT): _connect_failed,
+    (_C, _I.CONNECT_FAILED): _connect_refused,
+    (_C, _I.CONNECT_TIMEOUT): _connect_timed_out,
     (_C, _I.CLIENT_ERROR): _abort(Outcome.CLIENT_RESET),
     (_C, _I.CUT): _abort(Outcome.CUT),
     (_C, _I.RESOURCE_EXHAUSTED): _abort(Outcome.RESOURCE_EXHAUSTED),

@@ -39,6 +39,7 @@ __all__ = [
     "BackendStateChanged",
     "CloseConnection",
     "ConnectBackend",
+    "ConnectFailed",
     "ConnectionClosed",
     "Event",
     "HealthReport",
@@ -252,6 +253,23 @@ class ConnectionClosed:
     attempts: int
     opened_at: float
     connected_at: float | None
+    tried: tuple[str, ...] = ()
+    """The backends of the attempts before the last, in order (retries)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectFailed:
+    """One connect attempt failed: refused (or unreachable), or timed out.
+
+    Its ``PASSIVE_FAILURE`` health report follows; this says why, for the
+    operator (Envoy's ``upstream_cx_connect_fail`` and ``_timeout``).
+    """
+
+    at: float
+    connection_id: int
+    attempt: int
+    backend: str
+    timed_out: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +291,7 @@ Event = (
     | BackendStateChanged
     | SnapshotPublished
     | ConnectionClosed
+    | ConnectFailed
     | ShutdownStarted
     | ShutdownFinished
     | AdminStateChanged
@@ -295,15 +314,18 @@ def setters(cls: type, *names: str) -> tuple[Callable[[object, Any], None], ...]
 
 _CB_ID, _CB_ATTEMPT, _CB_BACKEND = setters(ConnectBackend, "connection_id", "attempt", "backend")
 _SW_ID, _SW_SIDE = setters(ShutdownWrite, "connection_id", "side")
-_CL_AT, _CL_ID, _CL_BACKEND, _CL_OUTCOME, _CL_ATTEMPTS, _CL_OPENED, _CL_CONNECTED = setters(
-    ConnectionClosed,
-    "at",
-    "connection_id",
-    "backend",
-    "outcome",
-    "attempts",
-    "opened_at",
-    "connected_at",
+_CL_AT, _CL_ID, _CL_BACKEND, _CL_OUTCOME, _CL_ATTEMPTS, _CL_OPENED, _CL_CONNECTED, _CL_TRIED = (
+    setters(
+        ConnectionClosed,
+        "at",
+        "connection_id",
+        "backend",
+        "outcome",
+        "attempts",
+        "opened_at",
+        "connected_at",
+        "tried",
+    )
 )
 
 
@@ -330,6 +352,7 @@ def connection_closed(
     attempts: int,
     opened_at: float,
     connected_at: float | None,
+    tried: tuple[str, ...],
 ) -> ConnectionClosed:
     event: ConnectionClosed = _new(ConnectionClosed)
     _CL_AT(event, at)
@@ -339,4 +362,5 @@ def connection_closed(
     _CL_ATTEMPTS(event, attempts)
     _CL_OPENED(event, opened_at)
     _CL_CONNECTED(event, connected_at)
+    _CL_TRIED(event, tried)
     return event

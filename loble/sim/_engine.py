@@ -73,6 +73,7 @@ from loble.core import (
     BackendStateChanged,
     CloseConnection,
     ConnectBackend,
+    ConnectFailed,
     ConnectionClosed,
     HealthReport,
     LobleError,
@@ -266,6 +267,7 @@ class Simulation:
             HealthReport: monitor.health_report,
             ConnectBackend: self._connect,
             ConnectionClosed: monitor.connection_closed,
+            ConnectFailed: _ignore,  # the monitor follows the health reports it comes with
             CloseConnection: self._close,
             ShutdownWrite: self._shutdown_write,
             BackendStateChanged: monitor.state_changed,
@@ -701,3 +703,7 @@ def _fields(output: Any) -> dict[str, Any]:
             value = list(value)
         data[name] = value
     return data
+
+
+def _ignore(output: object, now: float) -> None:
+    """An output the simulator has nothing to do for."""

@@ -14,6 +14,7 @@ from loble.core import (
     Backend,
     CloseConnection,
     ConnectBackend,
+    ConnectFailed,
     ConnectionClosed,
     HealthInput,
     HealthReport,
@@ -71,7 +72,9 @@ def reports(outputs: list[Output]) -> list[tuple[str, HealthInput]]:
 
 
 def actions(outputs: list[Output]) -> list[Output]:
-    return [o for o in outputs if not isinstance(o, (HealthReport, ConnectionClosed))]
+    return [
+        o for o in outputs if not isinstance(o, (HealthReport, ConnectionClosed, ConnectFailed))
+    ]
 
 
 def established() -> Connection:
@@ -142,6 +145,14 @@ def test_failed_connect_retries_on_a_different_backend(failure: ConnInput) -> No
     conn.open(0.0)
     outputs = conn.handle(failure, 5.0)
     assert outputs == [
+        # Why it failed comes first, for the operator: refused, or timed out.
+        ConnectFailed(
+            at=5.0,
+            connection_id=7,
+            attempt=1,
+            backend=A1,
+            timed_out=failure is In.CONNECT_TIMEOUT,
+        ),
         HealthReport(address=A1, input=HealthInput.CONNECTION_FINISHED),
         HealthReport(address=A1, input=HealthInput.PASSIVE_FAILURE),
         HealthReport(address="10.0.0.2:80", input=HealthInput.CONNECTION_STARTED),

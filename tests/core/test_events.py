@@ -38,7 +38,9 @@ BACKEND = Backend(address="10.0.0.1:80", weight=2)
             CloseConnection(connection_id=5, outcome=Outcome.BACKEND_RESET, reset=True),
         ),
         (
-            connection_closed(9.5, 6, "10.0.0.1:80", Outcome.COMPLETED, 2, 1.0, 1.25),
+            connection_closed(
+                9.5, 6, "10.0.0.1:80", Outcome.COMPLETED, 2, 1.0, 1.25, ("10.0.0.2:80",)
+            ),
             ConnectionClosed(
                 at=9.5,
                 connection_id=6,
@@ -47,6 +49,7 @@ BACKEND = Backend(address="10.0.0.1:80", weight=2)
                 attempts=2,
                 opened_at=1.0,
                 connected_at=1.25,
+                tried=("10.0.0.2:80",),
             ),
         ),
     ],

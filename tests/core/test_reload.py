@@ -170,7 +170,12 @@ def test_a_failed_connect_on_a_removed_backend_is_retried_and_blames_nobody() ->
     cid = connect_to(proxy, B, 0.0)
     proxy.reconfigure(config(A), 1.0)
     outputs = proxy.connect_failed(cid, 1, 1.5)
-    assert kinds(outputs)[:3] == ["HealthReport", "BackendForgotten", "HealthReport"]
+    assert kinds(outputs)[:4] == [
+        "ConnectFailed",
+        "HealthReport",
+        "BackendForgotten",
+        "HealthReport",
+    ]
     (retry,) = [o for o in outputs if isinstance(o, ConnectBackend)]
     assert (retry.backend.address, retry.attempt) == (A, 2)
 
