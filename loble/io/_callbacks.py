@@ -52,6 +52,7 @@ from ._datapath import (
     accept_batch,
     dial,
     dial_finished,
+    listener_label,
     send_eof,
     set_reset,
 )
@@ -80,8 +81,8 @@ class CallbackLink(Link):
 
     __slots__ = ("attempt",)
 
-    def __init__(self, client: socket.socket, address: object) -> None:
-        super().__init__(client, address)
+    def __init__(self, client: socket.socket, address: object, listener: str) -> None:
+        super().__init__(client, address, listener)
         self.attempt: CallbackAttempt | None = None
 
 
@@ -118,7 +119,9 @@ class CallbackPath:
 
     async def serve(self, listeners: Sequence[socket.socket]) -> None:
         for listener in listeners:
-            self._add_reader(listener.fileno(), self._on_acceptable, listener)
+            self._add_reader(
+                listener.fileno(), self._on_acceptable, listener, listener_label(listener)
+            )
         try:
             await anyio.sleep_forever()
         finally:
@@ -131,26 +134,29 @@ class CallbackPath:
             for listener in listeners:
                 self._remove_reader(listener.fileno())
 
-    def _on_acceptable(self, listener: socket.socket) -> None:
-        error = accept_batch(listener, self._on_client)
+    def _on_acceptable(self, listener: socket.socket, label: str) -> None:
+        def on_client(client: socket.socket, address: object) -> None:
+            self._on_client(client, address, label)
+
+        error = accept_batch(listener, on_client)
         if error is not None:
             # e.g. out of file descriptors: pause, let some connections close.
             self._reports.accept_failed(error)
-            self._pause(listener)
+            self._pause(listener, label)
 
-    def _on_client(self, client: socket.socket, address: object) -> None:
-        link = CallbackLink(client, address)
+    def _on_client(self, client: socket.socket, address: object, label: str) -> None:
+        link = CallbackLink(client, address, label)
         try:
             self._reports.accepted(link)
         except Exception:  # a bug: this client only, the batch goes on
             self._failed(link)
 
-    def _pause(self, listener: socket.socket) -> None:
+    def _pause(self, listener: socket.socket, label: str) -> None:
         self._remove_reader(listener.fileno())
 
         def resume() -> None:
             del self._paused[listener]
-            self._add_reader(listener.fileno(), self._on_acceptable, listener)
+            self._add_reader(listener.fileno(), self._on_acceptable, listener, label)
 
         self._paused[listener] = self._loop.call_later(ACCEPT_BACKOFF, resume)
 

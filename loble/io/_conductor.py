@@ -77,6 +77,9 @@ class Listener(Protocol):
     def handlers(self) -> Mapping[type, Handler]:
         """Its function for each kind of output it wants, called in the core's order."""
 
+    def link_accepted(self, link: Link) -> None:
+        """A client connection was accepted (on ``link.listener``) and filed."""
+
     def backend_connected(self, address: str, seconds: float) -> None:
         """A connect to the backend at ``address`` succeeded after ``seconds``."""
 
@@ -141,6 +144,7 @@ class Conductor(Generic[LinkT]):
         for kind, handler in own.items():
             dispatch.setdefault(kind, []).append(handler)
         self._dispatch = {kind: tuple(handlers) for kind, handlers in dispatch.items()}
+        self._accepted_hooks = tuple(listener.link_accepted for listener in listeners)
         self._connected_hooks = tuple(listener.backend_connected for listener in listeners)
         self._dropped_hooks = tuple(listener.link_dropped for listener in listeners)
         self._probed_hooks = tuple(listener.probed for listener in listeners)
@@ -202,6 +206,8 @@ class Conductor(Generic[LinkT]):
         connection_id, outputs = self.core.accept(self.now())
         link.connection_id = connection_id
         self.links[connection_id] = link
+        for hook in self._accepted_hooks:
+            hook(link)
         self._carry_out(outputs)
 
     def accept_failed(self, error: OSError) -> None:

@@ -131,6 +131,8 @@ class Daemon:
         """The core's driver, while running."""
         self.reloads = 0
         """Reloads applied since start."""
+        self.finished = False
+        """True once :meth:`run` has returned (its endpoints closed, its sockets released)."""
         self._started = False
         self._started_at = 0.0
         self._tasks: TaskGroup | None = None
@@ -209,6 +211,8 @@ class Daemon:
                 self._endpoints_done = anyio.Event()
                 conductor = self.conductor = self._conduct(tasks)
                 self._started_at = conductor.now()
+                self.metrics.now = conductor.now
+                self.metrics.started = self._started_at
                 self.metrics.before_render = self._count_bytes_in_flight
                 if handle_signals:
                     await tasks.start(self._watch_signals, conductor)
@@ -234,6 +238,7 @@ class Daemon:
             self.pool.close()
             if pid_file is not None:
                 _remove_pid_file(pid_file)
+            self.finished = True
         log(self.logger, logging.INFO, "stopped")
 
     def shutdown(self) -> None:
@@ -363,6 +368,7 @@ class Daemon:
     def _serve_listeners(self, conductor: AnyConductor, listeners: list[SocketListener]) -> None:
         """Accept on ``listeners`` until shutdown, or until a reload replaces them."""
         assert self._tasks is not None
+        self.metrics.listening(format_address(*_local(listener)) for listener in listeners)
         scope = anyio.CancelScope()
         self._accepting.append(scope)
         self._tasks.start_soon(self._accept_on, conductor, listeners, scope)

@@ -60,6 +60,7 @@ __all__ = [
     "dial",
     "dial_finished",
     "format_address",
+    "listener_label",
     "probe",
     "send_eof",
     "set_reset",
@@ -101,6 +102,7 @@ class Link:
         "client",
         "connection_id",
         "ended",
+        "listener",
         "peer_address",
         "released",
         "to_backend",
@@ -108,10 +110,14 @@ class Link:
         "touch_due",
     )
 
-    def __init__(self, client: socket.socket, peer_address: object = None) -> None:
+    def __init__(
+        self, client: socket.socket, peer_address: object = None, listener: str = ""
+    ) -> None:
         self.connection_id = 0
         """The core's id, set when the conductor files the link."""
         self.client = client
+        self.listener = listener
+        """The address of the listening socket that accepted it."""
         self.peer_address = peer_address
         """The client's address as ``accept`` returned it (formatted only when asked)."""
         self.ended: ConnectionClosed | None = None
@@ -362,6 +368,12 @@ def _established(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def listener_label(listener: socket.socket) -> str:
+    """``host:port`` a listening socket is bound to, as metrics and logs name it."""
+    address = listener.getsockname()
+    return format_address(str(address[0]), int(address[1]))
 
 
 def accept_batch(

@@ -62,6 +62,9 @@ class Journal:
             ShutdownFinished: self._shutdown_finished,
         }
 
+    def link_accepted(self, link: Link) -> None:
+        pass  # the access log writes one line per connection, when it ends
+
     def backend_connected(self, address: str, seconds: float) -> None:
         pass  # the access log line has the connect time, from the core's event
 
@@ -89,6 +92,7 @@ class Journal:
             "connection",
             client=link.peer,
             backend=closed.backend or "",
+            tried=",".join(closed.tried),
             outcome=closed.outcome.value,
             bytes_to_backend=link.bytes_to_backend,
             bytes_to_client=link.bytes_to_client,

@@ -25,11 +25,12 @@ thread that touches it.
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,16 +44,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from loble import __version__
 from loble.core import (
+    AdminState,
     BackendStateChanged,
     ConnectBackend,
+    ConnectFailed,
     ConnectionClosed,
-    HealthInput,
-    HealthReport,
     HealthState,
     Outcome,
     ProcessState,
     ProxyCore,
+    Reconfigured,
 )
 
 from ._datapath import Link
@@ -92,10 +95,25 @@ class Metrics:
         )
         self.connect_failures = Counter(
             "loble_connect_failures",
-            "Connect attempts refused or timed out, by backend.",
-            ("backend",),
+            "Connect attempts that failed, by backend and reason (refused or timeout).",
+            ("backend", "reason"),
             registry=registry,
         )
+        self.accepted = Counter(
+            "loble_listener_connections",
+            "Client connections accepted, by listening address.",
+            ("listener",),
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "loble_build_info",
+            "Always 1: the Loble version and the Python that runs it, as labels.",
+            ("version", "python"),
+            registry=registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        # Open descriptors, memory, CPU: prometheus_client's own collector.
+        ProcessCollector(registry=registry)
         self.bytes = _Counters(
             "loble_backend_bytes",
             "Bytes proxied, by backend and direction (to_backend or to_client).",
@@ -129,31 +147,47 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
-        # Every backend's series exist from the start, at zero, so a rate()
+        # Every documented series exists from the start, at zero, so a rate()
         # over a fresh daemon and an absent series never mean different things.
         for backend in core.config.backends:
-            address = backend.address
-            self.retries.labels(address)
-            self.connect_failures.labels(address)
-            self.bytes.labels(address, TO_BACKEND)
-            self.bytes.labels(address, TO_CLIENT)
-            for outcome in Outcome:
-                if outcome not in _WITHOUT_BACKEND:
-                    self.connections.labels(address, outcome.value)
-        self.connections.labels("", Outcome.NO_BACKEND.value)
-        registry.register(_CoreCollector(core))
+            self._start_series(backend.address)
+        for outcome in _WITHOUT_BACKEND:
+            self.connections.labels("", outcome.value)
+        self.now: Callable[[], float] | None = None
+        """The core's clock, once the daemon runs (for the seconds since a state change)."""
+        self.started = 0.0
+        """When the daemon started, on that clock."""
+        registry.register(_CoreCollector(core, self))
         self._closed: dict[tuple[str, Outcome], Any] = {}
         self._durations: dict[str, Any] = {}
         self._connect_times: dict[str, Any] = {}
         self._recorders: dict[type, Callable[[Any], object]] = {
             ConnectionClosed: self._record_closed,
-            HealthReport: self._record_health,
+            ConnectFailed: self._record_connect_failure,
             ConnectBackend: self._record_connect,
             BackendStateChanged: self._record_transition,
+            Reconfigured: self._record_reload,
         }
         self._byte_counters: dict[str, tuple[_Count, _Count]] = {}
+        self._accepted: dict[str, Any] = {}
         self.before_render: Callable[[], None] = lambda: None
         """Called before each scrape: the daemon adds the bytes of open connections."""
+
+    def _start_series(self, address: str) -> None:
+        self.retries.labels(address)
+        for reason in ("refused", "timeout"):
+            self.connect_failures.labels(address, reason)
+        for result in ("success", "failure"):
+            self.probes.labels(address, result)
+        for old in HealthState:
+            for new in HealthState:
+                if old is not new:
+                    self.transitions.labels(address, old.value, new.value)
+        self.bytes.labels(address, TO_BACKEND)
+        self.bytes.labels(address, TO_CLIENT)
+        for outcome in Outcome:
+            if outcome not in _WITHOUT_BACKEND:
+                self.connections.labels(address, outcome.value)
 
     # -- a listener of the core's outputs (see _conductor.Listener) -------------------
 
@@ -164,6 +198,17 @@ class Metrics:
 
     def backend_connected(self, address: str, seconds: float) -> None:
         self.connect_duration(address).observe(seconds)
+
+    def link_accepted(self, link: Link) -> None:
+        counter = self._accepted.get(link.listener)
+        if counter is None:
+            counter = self._accepted[link.listener] = self.accepted.labels(link.listener)
+        counter.inc()
+
+    def listening(self, listeners: Iterable[str]) -> None:
+        """The addresses the daemon accepts on now: their series exist from now on."""
+        for listener in listeners:
+            self._accepted.setdefault(listener, self.accepted.labels(listener))
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         """Count the last bytes of a connection that ended."""
@@ -203,9 +248,13 @@ class Metrics:
         if output.backend is not None:
             self.connection_duration(backend).observe(output.at - output.opened_at)
 
-    def _record_health(self, output: HealthReport) -> None:
-        if output.input is HealthInput.PASSIVE_FAILURE:
-            self.connect_failures.labels(output.address).inc()
+    def _record_connect_failure(self, output: ConnectFailed) -> None:
+        reason = "timeout" if output.timed_out else "refused"
+        self.connect_failures.labels(output.backend, reason).inc()
+
+    def _record_reload(self, output: Reconfigured) -> None:
+        for address in output.added:
+            self._start_series(address)
 
     def _record_connect(self, output: ConnectBackend) -> None:
         if output.attempt > 1:
@@ -374,11 +423,41 @@ class _Histograms:
 class _CoreCollector:
     """Gauges read from the core's statistics when scraped."""
 
-    def __init__(self, core: ProxyCore) -> None:
+    def __init__(self, core: ProxyCore, metrics: Metrics) -> None:
         self._core = core
+        self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         stats = self._core.statistics()
+        weight = GaugeMetricFamily(
+            "loble_backend_weight",
+            "Each backend's weight now (configured, or set through the admin API).",
+            labels=("backend",),
+        )
+        admin = GaugeMetricFamily(
+            "loble_backend_admin_state",
+            "1 for the admin state each backend is in (ready, drain, maint), 0 for the others.",
+            labels=("backend", "state"),
+        )
+        age = GaugeMetricFamily(
+            "loble_backend_state_age_seconds",
+            "Seconds since each backend's health state last changed (since start if never).",
+            labels=("backend",),
+        )
+        clock = self._metrics.now
+        now = clock() if clock is not None else None
+        for backend in stats.backends:
+            weight.add_metric((backend.address,), backend.weight)
+            for admin_state in AdminState:
+                admin.add_metric(
+                    (backend.address, admin_state.value), float(backend.admin is admin_state)
+                )
+            if now is not None:
+                since = backend.since if backend.since is not None else self._metrics.started
+                age.add_metric((backend.address,), max(0.0, now - since))
+        yield weight
+        yield admin
+        yield age
         active = GaugeMetricFamily(
             "loble_backend_active_connections",
             "Connections on each backend, connecting or established.",

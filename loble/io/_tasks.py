@@ -37,6 +37,7 @@ from ._datapath import (
     accept_batch,
     dial,
     dial_finished,
+    listener_label,
     send_eof,
     set_reset,
 )
@@ -54,8 +55,10 @@ class TaskLink(Link):
 
     __slots__ = ("attempt", "tasks")
 
-    def __init__(self, client: socket.socket, address: object, tasks: TaskGroup) -> None:
-        super().__init__(client, address)
+    def __init__(
+        self, client: socket.socket, address: object, listener: str, tasks: TaskGroup
+    ) -> None:
+        super().__init__(client, address, listener)
         self.tasks = tasks
         self.attempt: anyio.CancelScope | None = None
         """The scope of the connect attempt in progress, if any."""
@@ -101,8 +104,10 @@ class TaskPath:
         start_soon = self._tasks.start_soon
         serve_client = self._serve_client
 
+        label = listener_label(listener)
+
         def on_client(client: socket.socket, address: object) -> None:
-            start_soon(serve_client, client, address)
+            start_soon(serve_client, client, address, label)
 
         while True:
             await wait_readable(listener)
@@ -111,11 +116,11 @@ class TaskPath:
                 self._reports.accept_failed(error)
                 await anyio.sleep(ACCEPT_BACKOFF)
 
-    async def _serve_client(self, client: socket.socket, address: object) -> None:
+    async def _serve_client(self, client: socket.socket, address: object, label: str) -> None:
         link: TaskLink | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                link = TaskLink(client, address, tasks)
+                link = TaskLink(client, address, label, tasks)
                 self._reports.accepted(link)
                 # Only the core ends a connection: its CloseConnection cancels this group.
                 await anyio.sleep_forever()

@@ -308,6 +308,9 @@ async def _loopback() -> AsyncIterator[Loopback]:
                     while not daemon.core.stopped:
                         daemon.shutdown()  # twice if need be: cut what a test left open
                     await wait_for(lambda d=daemon: d.open_connections == 0)
+                    # Its HTTP endpoints end gracefully: cancelled mid-way,
+                    # hypercorn's asyncio server fails.
+                    await wait_for(lambda d=daemon: d.finished or not d.conductor)
             tasks.cancel_scope.cancel()
 
 

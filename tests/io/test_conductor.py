@@ -121,6 +121,7 @@ class Recorder:
         self.connected: list[tuple[str, float]] = []
         self.dropped: list[tuple[int, Outcome]] = []
         self.probe_results: list[tuple[str, bool]] = []
+        self.accepted: list[int] = []
 
     def _record(self, output: Output) -> None:
         self.outputs.append(output)
@@ -143,6 +144,9 @@ class Recorder:
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         self.dropped.append((link.connection_id, closed.outcome))
+
+    def link_accepted(self, link: Link) -> None:
+        self.accepted.append(link.connection_id)
 
     def probed(self, address: str, ok: bool) -> None:
         self.probe_results.append((address, ok))
@@ -211,6 +215,7 @@ def test_a_connection_from_accept_to_close_goes_through_the_path_in_order() -> N
     rig = Rig()
     link = rig.accept()
     assert rig.path.calls == [("connect", link.connection_id, 1, GOOD)]
+    assert rig.recorder.accepted == [link.connection_id]
     assert rig.conductor.links == {link.connection_id: link}
     clock.now += 0.002
     before = len(rig.recorder.outputs)

@@ -134,7 +134,7 @@ async def test_refused_connect_is_retried_on_another_backend(
         replies = [await net.request(daemon.listen_address) for _ in range(6)]
         assert {served_by(reply) for reply in replies} == {"good"}
         retries = daemon.metrics.retries.labels(good.address)._value.get()
-        failures = daemon.metrics.connect_failures.labels(refused)._value.get()
+        failures = daemon.metrics.connect_failures.labels(refused, "refused")._value.get()
         assert retries == failures >= 3
         assert outcomes(daemon, Outcome.COMPLETED) == 6
         assert outcomes(daemon, Outcome.CONNECT_FAILED) == 0
@@ -158,7 +158,7 @@ async def test_connect_timeout_abandons_the_attempt_and_retries_elsewhere(
             )
             replies = [await net.request(daemon.listen_address) for _ in range(2)]
             assert {served_by(reply) for reply in replies} == {"good"}
-            timed_out = daemon.metrics.connect_failures.labels(silent)._value.get()
+            timed_out = daemon.metrics.connect_failures.labels(silent, "timeout")._value.get()
             assert daemon.metrics.retries.labels(good.address)._value.get() == timed_out >= 1
             assert daemon.core.control.active_connections(silent) == 0
             assert outcomes(daemon, Outcome.COMPLETED) == 2

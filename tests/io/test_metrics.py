@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import loble
 from loble.core import ProxyCore, parse_config
 from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics
 
@@ -51,7 +52,9 @@ async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) ->
             value(samples, "loble_backend_bytes_total", backend=a.address, direction="to_client")
             == 18
         )
-        assert value(samples, "loble_connect_failures_total", backend=refused) == 1
+        assert (
+            value(samples, "loble_connect_failures_total", backend=refused, reason="refused") == 1
+        )
         assert value(samples, "loble_connect_retries_total", backend=a.address) == 1
         into_unhealthy = [
             count
@@ -60,7 +63,7 @@ async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) ->
             and ("backend", refused) in labels
             and ("to", "unhealthy") in labels
         ]
-        assert into_unhealthy == [1]
+        assert sorted(into_unhealthy) == [0, 1]  # from healthy: 1; from draining: 0
         assert value(samples, "loble_backend_state", backend=refused, state="unhealthy") == 1
         assert value(samples, "loble_backend_state", backend=refused, state="healthy") == 0
         assert value(samples, "loble_backend_state", backend=a.address, state="healthy") == 1
@@ -79,6 +82,21 @@ async def test_metrics_endpoint_reports_traffic_health_and_draining(net: Any) ->
         ] * 3
         assert all(line["client"].startswith("127.0.0.1:") for line in access)
         assert [line["attempts"] for line in access] == [1, 2, 1]
+        assert [line["tried"] for line in access] == ["", refused, ""]  # every backend tried
+
+        # The operator's metrics.
+        listener = f"127.0.0.1:{daemon.listen_address[1]}"
+        assert value(samples, "loble_listener_connections_total", listener=listener) == 3
+        assert value(samples, "loble_backend_weight", backend=a.address) == 1
+        assert value(samples, "loble_backend_admin_state", backend=a.address, state="ready") == 1
+        assert value(samples, "loble_backend_admin_state", backend=a.address, state="drain") == 0
+        assert value(samples, "loble_backend_state_age_seconds", backend=refused) >= 0
+        assert (
+            value(samples, "loble_connect_failures_total", backend=refused, reason="timeout") == 0
+        )
+        builds = [labels for (name, labels), _ in samples.items() if name == "loble_build_info"]
+        assert builds and ("version", loble.__version__) in builds[0]
+        assert value(samples, "process_open_fds") > 0  # prometheus_client's process collector
 
         # While draining: the endpoint still answers and shows the connection in flight.
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
@@ -100,6 +118,23 @@ async def test_metrics_endpoint_answers_404_elsewhere(net: Any) -> None:
         for path in ("/nope", "/", "/metrics/extra"):
             status, _ = await net.scrape(daemon.metrics_address, path)
             assert status == 404, path
+
+
+async def test_every_documented_series_exists_from_start_up(net: Any) -> None:
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address])
+        samples = net.samples(daemon.metrics.render().decode())
+    for labels in (
+        {"backend": a.address, "from": "healthy", "to": "draining"},
+        {"backend": a.address, "from": "unhealthy", "to": "healthy"},
+    ):
+        assert value(samples, "loble_health_transitions_total", **labels) == 0
+    for result in ("success", "failure"):
+        assert value(samples, "loble_probes_total", backend=a.address, result=result) == 0
+    for outcome in ("refused_shutting_down", "no_backend"):
+        assert value(samples, "loble_connections_total", backend="", outcome=outcome) == 0
+    assert value(samples, "loble_connections_total", backend=a.address, outcome="removed") == 0
 
 
 async def test_every_metric_is_documented(net: Any) -> None:
