@@ -78,9 +78,12 @@ from ._runtime import (
 from ._status import status_document
 from ._tasks import TaskLink, TaskPath
 
-__all__ = ["RESTART_SECTIONS", "Daemon"]
+__all__ = ["DRAIN_PROGRESS_SECONDS", "RESTART_SECTIONS", "Daemon"]
 
 AnyConductor: TypeAlias = "Conductor[CallbackLink] | Conductor[TaskLink]"
+
+DRAIN_PROGRESS_SECONDS = 5.0
+"""How often a draining daemon logs how many connections it still waits for."""
 
 RESTART_SECTIONS = ("runtime", "metrics", "admin")
 """Configuration sections a reload records but only a restart applies."""
@@ -131,6 +134,8 @@ class Daemon:
         """The core's driver, while running."""
         self.reloads = 0
         """Reloads applied since start."""
+        self.drain_progress_seconds = DRAIN_PROGRESS_SECONDS
+        """How often a draining shutdown logs its progress."""
         self.finished = False
         """True once :meth:`run` has returned (its endpoints closed, its sockets released)."""
         self._started = False
@@ -396,6 +401,22 @@ class Daemon:
         self._stopped_accepting = True
         for scope in self._accepting:
             scope.cancel()
+        if self._tasks is not None:
+            self._tasks.start_soon(self._report_draining)
+
+    async def _report_draining(self) -> None:
+        """A line every few seconds while a shutdown waits for connections to finish."""
+        began = anyio.current_time()
+        while True:
+            await anyio.sleep(self.drain_progress_seconds)
+            log(
+                self.logger,
+                logging.INFO,
+                "draining",
+                in_flight=self.core.in_flight,
+                waited=round(anyio.current_time() - began, 1),
+                drain_timeout=self.config.timeouts.drain,
+            )
 
     async def _probe(self, backend: Backend, timeout: float) -> None:
         ok = await probe(backend, timeout)

@@ -11,6 +11,7 @@ what the lifecycle does (listening, signals), the lifecycle's.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from loble.core import (
     ConnectionClosed,
     HealthState,
     LoggingConfig,
+    Outcome,
     Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
@@ -31,9 +33,14 @@ from loble.core import (
 from ._datapath import Link
 from ._logging import log
 
-__all__ = ["Journal"]
+__all__ = ["NO_BACKEND_LOG_INTERVAL", "Journal"]
+
+NO_BACKEND_LOG_INTERVAL = 1.0
+"""Seconds between two "no backend eligible" lines (each counts the clients since the last)."""
 
 Handler = Callable[[Any], object]
+
+_NO_BACKEND = Outcome.NO_BACKEND
 
 
 class Journal:
@@ -45,6 +52,8 @@ class Journal:
         self._drain_timeout = drain_timeout
         self._shutdown_began = 0.0
         self._probes: dict[str, bool] = {}
+        self._refused = 0
+        self._refused_logged = -math.inf
 
     def reconfigure(self, config: LoggingConfig, drain_timeout: float) -> None:
         """A reload: the access log and the drain timeout may have changed."""
@@ -82,6 +91,8 @@ class Journal:
         )
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
+        if closed.outcome is _NO_BACKEND:
+            self._no_backend(closed.at)
         if not self._access_log:
             return
         connected_at = closed.connected_at
@@ -100,6 +111,20 @@ class Journal:
             connect_time=connect_time,
             attempts=closed.attempts,
         )
+
+    def _no_backend(self, at: float) -> None:
+        # Every client is being turned away: an error, but one line a second
+        # at most, however many clients arrive.
+        self._refused += 1
+        if at - self._refused_logged >= NO_BACKEND_LOG_INTERVAL:
+            log(
+                self.logger,
+                logging.ERROR,
+                "no backend eligible: closing clients at once",
+                clients=self._refused,
+            )
+            self._refused_logged = at
+            self._refused = 0
 
     def _reconfigured(self, output: Reconfigured) -> None:
         log(

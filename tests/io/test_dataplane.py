@@ -181,6 +181,12 @@ async def test_no_backend_eligible_closes_the_client_at_once_and_counts_it(net: 
         assert await net.request(daemon.listen_address) == b""
         await net.wait_for(lambda: daemon.metrics.no_backend._value.get() == 1)
         assert outcomes(daemon, Outcome.NO_BACKEND) == 1
+        # An error line, at most one a second however many clients are refused.
+        for _ in range(3):
+            assert await net.request(daemon.listen_address) == b""
+        await net.wait_for(lambda: outcomes(daemon, Outcome.NO_BACKEND) == 4)
+        (line,) = lab.logs.find("no backend eligible: closing clients at once")
+        assert line["clients"] == 1
 
 
 async def test_idle_connection_is_closed_on_both_sides(

@@ -37,12 +37,15 @@ async def test_shutdown_drains_in_flight_connections_and_refuses_new_ones(net: A
     async with net.loopback() as lab:
         backend = await lab.backend("a")
         daemon = await lab.daemon([backend.address])
+        daemon.drain_progress_seconds = 0.05
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
             await stream.send(b"before ")
             await net.wait_for(lambda: len(backend.open) == 1)
             daemon.shutdown()
             await net.wait_for(lambda: refused(daemon.listen_address), what="listener closed")
             assert not daemon.core.stopped
+            # While it drains, a line every few seconds says what it waits for.
+            await net.wait_for(lambda: lab.logs.find("draining", in_flight=1))
             await stream.send(b"and after")
             await stream.send_eof()
             assert await net.read_all(stream) == b"a:before and after"
