@@ -185,6 +185,16 @@ async def test_reload_through_the_api(net: Any, tmp_path: Path) -> None:
         assert status == 200 and done["added"] == [b.address]
         _, body = await call(daemon.admin_address, "GET", "/status")
         assert [x["address"] for x in body["backends"]] == [a.address, b.address]
+        # States an operator set survive a reload.
+        status, _ = await call(
+            daemon.admin_address, "POST", f"/backends/{a.address}/drain", token=TOKEN
+        )
+        assert status == 200
+        status, done = await call(daemon.admin_address, "POST", "/reload", token=TOKEN)
+        assert status == 200 and done["added"] == []
+        _, body = await call(daemon.admin_address, "GET", "/status")
+        assert backend_of(body, a.address)["admin"] == "drain"
+        assert body["eligible"] == [b.address]
         path.write_text("[[backends]]\naddress = 'nope'\n", encoding="utf-8")
         status, refused = await call(daemon.admin_address, "POST", "/reload", token=TOKEN)
         assert status == 400 and refused["errors"] == ["backends[0].address: 'nope' has no port"]

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from loble.core import LoggingConfig
-from loble.io._logging import JsonFormatter, LogfmtFormatter, configure_logging, log
+from loble.io._journal import Journal
+from loble.io._logging import (
+    LIBRARY_LOGGERS,
+    JsonFormatter,
+    LogfmtFormatter,
+    configure_logging,
+    log,
+)
 
 
 def record(message: str, **fields: object) -> logging.LogRecord:
@@ -51,10 +58,13 @@ def test_json_is_one_object_per_line() -> None:
 
 @pytest.fixture
 def loble_logger() -> Iterator[logging.Logger]:
-    logger = logging.getLogger("loble")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield logger
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    # configure_logging sets up Loble's logger and the libraries' loggers:
+    # put all of them back as they were.
+    loggers = [logging.getLogger(name) for name in ("loble", *LIBRARY_LOGGERS)]
+    saved = [(list(x.handlers), x.level, x.propagate) for x in loggers]
+    yield loggers[0]
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
 def test_configure_logging_applies_format_and_level(loble_logger: logging.Logger) -> None:
@@ -65,3 +75,38 @@ def test_configure_logging_applies_format_and_level(loble_logger: logging.Logger
     (line,) = stream.getvalue().splitlines()
     assert json.loads(line)["msg"] == "shown"
     assert json.loads(line)["logger"] == "loble.demo"
+
+
+def test_a_probe_whose_answer_changed_is_info_a_repeat_is_debug() -> None:
+    logger = logging.getLogger("loble.test.probes")
+    logger.setLevel(logging.DEBUG)
+    seen: list[tuple[int, object]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.levelno, getattr(record, "fields", {}).get("ok")))
+
+    logger.addHandler(Keep())
+    logger.propagate = False
+    journal = Journal(logger, LoggingConfig(), drain_timeout=30.0)
+    for ok in (False, False, False, True, True):
+        journal.probed("127.0.0.1:9101", ok)
+    assert seen == [
+        (logging.INFO, False),
+        (logging.DEBUG, False),
+        (logging.DEBUG, False),
+        (logging.INFO, True),
+        (logging.DEBUG, True),
+    ]
+
+
+def test_every_line_of_a_worker_says_which(loble_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logger = configure_logging(LoggingConfig(format="json"), stream, worker=1)
+    log(logger, logging.INFO, "listening", address="127.0.0.1:9000")
+    logging.getLogger("asyncio").warning("a library's warning")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["msg"], line["worker"]) for line in lines] == [
+        ("listening", 1),
+        ("a library's warning", 1),
+    ]
