@@ -99,6 +99,9 @@ class Daemon:
     ``worker`` is this process's index, when it is one of several workers.
     ``reload_from`` reads the configuration again for a reload (e.g. the
     file the daemon started from); without it, a reload is refused.
+    ``admin_socket``, a listening socket, is where the admin API is served
+    (with ``[admin] enabled``) instead of binding ``[admin] address``: a
+    worker's private one, which its supervisor binds (see :mod:`._supervisor_admin`).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Daemon:
         reuse_port: bool = False,
         worker: int | None = None,
         reload_from: Callable[[], Config] | None = None,
+        admin_socket: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.core = ProxyCore(config, rng or random.Random())
@@ -147,6 +151,7 @@ class Daemon:
         self._stopped_accepting = False
         self._metrics_socket: socket.socket | None = None
         self._admin_socket: socket.socket | None = None
+        self._given_admin_socket = admin_socket
         self._reloading = anyio.Lock()
         self._endpoints = 0
         """HTTP endpoints serving (metrics, admin); they end before the task group."""
@@ -182,7 +187,9 @@ class Daemon:
                 self._metrics_socket = bind_tcp(config.metrics.address, "metrics.address")
                 self.metrics_address = _address(self._metrics_socket)
             if config.admin.enabled:
-                self._admin_socket = bind_tcp(config.admin.address, "admin.address")
+                self._admin_socket = self._given_admin_socket or bind_tcp(
+                    config.admin.address, "admin.address"
+                )
                 self.admin_address = _address(self._admin_socket)
         except LobleError:
             for listener in listeners:
