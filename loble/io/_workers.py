@@ -25,13 +25,20 @@ The supervisor:
   or is killed) while no shutdown was asked for, the supervisor asks the
   others to drain and exits 1.
 
+Admin API: with ``[admin] enabled``, the supervisor serves the one admin
+API for the whole process on ``[admin] address``; each worker serves its own
+on a private loopback socket the supervisor binds and hands down
+(:mod:`._supervisor_admin`), and the supervisor's status sums the workers'
+and sends each change to every one.
+
 Metrics: each worker serves its own ``/metrics`` (its own core, its own
 counters); worker *k* listens on the metrics port + *k* (with port 0 each
 picks its own). Sum over workers in Prometheus.
 
-A worker learns its index and the resolved port from environment variables
-set by the supervisor (:data:`WORKER_ENV`, :data:`PORT_ENV`); they are an
-internal interface, not configuration.
+A worker learns its index, the resolved port and its admin socket from
+environment variables set by the supervisor (:data:`WORKER_ENV`,
+:data:`PORT_ENV`, :data:`~._supervisor_admin.WORKER_ADMIN_FD_ENV`); they are
+an internal interface, not configuration.
 """
 
 from __future__ import annotations
@@ -48,11 +55,19 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from loble.config import load_config
 from loble.core import Config, ConfigError, LobleError, parse_address
 
 from ._datapath import format_address
+from ._http import bind_tcp
 from ._logging import log
+from ._supervisor_admin import (
+    WORKER_ADMIN_FD_ENV,
+    SupervisorAdmin,
+    SupervisorControl,
+    WorkerAdmin,
+    bind_worker_admin,
+    check_reload,
+)
 
 __all__ = ["PORT_ENV", "WORKER_ENV", "run_workers", "worker_config", "worker_index"]
 
@@ -91,6 +106,16 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
     reserved = _reserve_port(config.listener.address)
     if reserved is not None:
         environment[PORT_ENV] = str(reserved.getsockname()[1])
+    admin: SupervisorAdmin | None = None
+    if config.admin.enabled:
+        try:
+            admin_socket = bind_tcp(config.admin.address, "admin.address")
+        except LobleError:
+            if reserved is not None:
+                reserved.close()
+            raise
+        control = SupervisorControl(config_path, config.admin.token, logger)
+        admin = SupervisorAdmin(control, admin_socket, config.admin.token)
     command = [sys.executable, "-m", "loble", "run", "-c", config_path]
     workers: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
     stopping = False
@@ -111,18 +136,9 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
         # Validated once here: an invalid file reaches no worker, and every
         # worker reloads the same valid one. SIGHUP never stops either.
         try:
-            load_config(config_path)
-        except ConfigError as error:
-            problems = str(error).splitlines()
-            log(
-                logger,
-                logging.ERROR,
-                "reload rejected: the running configuration stays",
-                errors=len(problems),
-            )
-            for problem in problems:
-                log(logger, logging.ERROR, "reload error", error=problem)
-            return
+            check_reload(config_path, logger)
+        except ConfigError:
+            return  # logged, every problem
         log(logger, logging.INFO, "reloading every worker", workers=len(workers))
         for _, process in workers.values():
             with contextlib.suppress(ProcessLookupError):
@@ -132,16 +148,19 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
         signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
     }
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
-    pid_file = _write_pid_file(config)
-    try:
+    pid_file: Path | None = None
+    try:  # everything from here is undone in the finally, the pid file's failure too
+        pid_file = _write_pid_file(config)
+        if admin is not None:
+            admin.start()
         for index in range(count):
-            process = subprocess.Popen(
-                command,
-                env={**environment, WORKER_ENV: str(index)},
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
+            process, admin_address = _start_worker(
+                command, {**environment, WORKER_ENV: str(index)}, admin=admin is not None
             )
             workers[process.pid] = (index, process)
+            if admin is not None and admin_address is not None:
+                worker = WorkerAdmin(index=index, pid=process.pid, address=admin_address)
+                admin.control.workers = (*admin.control.workers, worker)
             if forwarded:  # a signal came while starting: this worker missed it
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(forwarded[-1])
@@ -176,6 +195,33 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
             process.wait()
         if reserved is not None:
             reserved.close()
+        if admin is not None:
+            admin.close()
+
+
+def _start_worker(
+    command: list[str], environment: dict[str, str], *, admin: bool
+) -> tuple[subprocess.Popen[bytes], tuple[str, int] | None]:
+    """Start one worker; with ``admin``, with a private admin socket and where it listens."""
+    if not admin:
+        process = subprocess.Popen(
+            command, env=environment, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        return process, None
+    private = bind_worker_admin()
+    try:
+        host, port = private.getsockname()[:2]
+        process = subprocess.Popen(
+            command,
+            env={**environment, WORKER_ADMIN_FD_ENV: str(private.fileno())},
+            pass_fds=(private.fileno(),),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        # Only the worker keeps it open: once it exits, a request is refused, not left hanging.
+        private.close()
+    return process, (str(host), int(port))
 
 
 def _write_pid_file(config: Config) -> Path | None:

@@ -21,6 +21,7 @@ from ._daemon import Daemon
 from ._demo import run_backends, run_demo
 from ._logging import configure_logging
 from ._runtime import run, runtime_options
+from ._supervisor_admin import worker_admin_socket
 from ._workers import run_workers, worker_config, worker_index
 
 
@@ -96,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         reuse_port=index is not None,
         worker=index,
         reload_from=reload_from,
+        # A worker serves its admin API on the socket its supervisor bound for it.
+        admin_socket=worker_admin_socket() if index is not None else None,
     )
     run(daemon.run, config.runtime)
     return 0
