@@ -52,9 +52,10 @@ from ._datapath import (
     accept_batch,
     dial,
     dial_finished,
+    hand_over,
     listener_label,
-    send_eof,
     set_reset,
+    shut_write,
 )
 from ._loop import readiness_for
 
@@ -207,7 +208,7 @@ class CallbackPath:
             return
         link.attempt = None
         if dialed is _CONNECTED:
-            self._connected(link, attempt)
+            hand_over(self._reports, link, attempt)
         elif dialed is _REFUSED:
             self._reports.connect_failed(link, attempt)
         else:
@@ -221,26 +222,13 @@ class CallbackPath:
         try:
             if dial_finished(sock):
                 link.attempt = None
-                self._connected(link, attempt)
+                hand_over(self._reports, link, attempt)
                 return
             attempt.sock = None
             sock.close()
             self._dial(link, attempt)
         except Exception:
             self._failed(link)
-
-    def _connected(self, link: CallbackLink, attempt: CallbackAttempt) -> None:
-        sock = attempt.sock
-        assert sock is not None
-        try:
-            live = self._reports.connected(link, attempt)  # forward() runs in there
-        except BaseException:
-            if link.backend is not sock:
-                sock.close()
-            raise
-        if not live:
-            attempt.sock = None
-            sock.close()  # stale: the core had given up on this attempt
 
     def forward(self, link: CallbackLink, attempt: Attempt) -> None:
         sock = attempt.sock
@@ -321,10 +309,7 @@ class CallbackPath:
             self._failed(link)
 
     def shutdown_write(self, link: CallbackLink, side: Side) -> None:
-        sock = link.socket(side)
-        assert sock is not None
-        if not send_eof(sock):
-            self._reports.socket_failed(link, side)
+        shut_write(self._reports, link, side)
 
     def _failed(self, link: CallbackLink) -> None:
         # A bug, so what is registered is unknown: unregister everything

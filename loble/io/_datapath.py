@@ -60,10 +60,12 @@ __all__ = [
     "dial",
     "dial_finished",
     "format_address",
+    "hand_over",
     "listener_label",
     "probe",
     "send_eof",
     "set_reset",
+    "shut_write",
 ]
 
 ACCEPT_BACKOFF = 0.1
@@ -344,6 +346,33 @@ def dial(attempt: Attempt) -> Dialed:
             attempt.error = OSError(code, "connect failed")
             return Dialed.NO_RESOURCES
     return Dialed.REFUSED
+
+
+def hand_over(reports: Reports[L], link: L, attempt: Attempt) -> None:
+    """The attempt's socket connected: tell the conductor, which has the path forward it.
+
+    If the core had given up on the attempt, the socket is closed here; if
+    the report fails (a bug), a socket the link does not own yet is too.
+    """
+    sock = attempt.sock
+    assert sock is not None
+    try:
+        live = reports.connected(link, attempt)  # the path's forward() runs in there
+    except BaseException:
+        if link.backend is not sock:
+            sock.close()
+        raise
+    if not live:
+        attempt.sock = None
+        sock.close()  # stale: the core had given up on this attempt
+
+
+def shut_write(reports: Reports[L], link: L, side: Side) -> None:
+    """Half-close ``side``; a socket already broken is reported as a failure of that side."""
+    sock = link.socket(side)
+    assert sock is not None
+    if not send_eof(sock):
+        reports.socket_failed(link, side)
 
 
 def dial_finished(sock: socket.socket) -> bool:

@@ -37,9 +37,10 @@ from ._datapath import (
     accept_batch,
     dial,
     dial_finished,
+    hand_over,
     listener_label,
-    send_eof,
     set_reset,
+    shut_write,
 )
 
 __all__ = ["TaskLink", "TaskPath"]
@@ -179,26 +180,13 @@ class TaskPath:
                     dialed = Dialed.CONNECTED
                 link.attempt = None
                 if dialed is Dialed.CONNECTED:
-                    self._connected(link, attempt)
+                    hand_over(self._reports, link, attempt)
                 elif dialed is Dialed.REFUSED:
                     reports.connect_failed(link, attempt)
                 else:
                     assert attempt.error is not None
                     reports.out_of_resources(link, attempt.error)
                 return
-
-    def _connected(self, link: TaskLink, attempt: Attempt) -> None:
-        sock = attempt.sock
-        assert sock is not None
-        try:
-            live = self._reports.connected(link, attempt)  # forward() runs in there
-        except BaseException:
-            if link.backend is not sock:
-                sock.close()
-            raise
-        if not live:
-            attempt.sock = None
-            sock.close()  # stale: the core had given up on this attempt
 
     def forward(self, link: TaskLink, attempt: Attempt) -> None:
         sock = attempt.sock
@@ -229,10 +217,7 @@ class TaskPath:
                 return
 
     def shutdown_write(self, link: TaskLink, side: Side) -> None:
-        sock = link.socket(side)
-        assert sock is not None
-        if not send_eof(sock):
-            self._reports.socket_failed(link, side)
+        shut_write(self._reports, link, side)
 
     # -- closing -------------------------------------------------------------------
 
