@@ -34,6 +34,9 @@ def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
     runtime_options(config.runtime)  # as `loble run` does: a missing uvloop or trio fails here
     effective = config_to_dict(config)
+    if effective["admin"]["token"]:
+        # The token is a secret: never printed, never logged.
+        effective["admin"]["token"] = "(set, not shown)"
     backends = effective.pop("backends")
     print(f"# {args.path}: valid; the effective configuration, defaults filled in:")
     print(tomli_w.dumps(effective), end="")

@@ -29,7 +29,7 @@ from loble.core import LobleError, parse_address
 
 from ._runtime import current_library
 
-__all__ = ["bind_tcp", "serve_asgi"]
+__all__ = ["GRACEFUL_SECONDS", "IDLE_SECONDS", "READ_SECONDS", "bind_tcp", "serve_asgi"]
 
 GRACEFUL_SECONDS = 1.0
 """How long a request in progress may take once its endpoint stops."""
@@ -41,6 +41,12 @@ Hypercorn notices a client that closes before its first request only at this
 timeout (measured: 30 such connections stayed in CLOSE-WAIT for its default
 5 s). An idle scrape holds a descriptor the proxy may need, so idle ones go
 quickly: a scraper opens a connection per scrape anyway."""
+
+
+READ_SECONDS = 5
+"""How long a request may take to arrive once begun: a slowloris client that
+sends its headers a byte at a time is closed after this, so a few of them
+cannot hold the endpoint's (and the proxy's) descriptors for long."""
 
 
 def bind_tcp(address: str, key: str, backlog: int = 128) -> socket.socket:
@@ -81,6 +87,7 @@ async def serve_asgi(
     config.errorlog = logger
     config.graceful_timeout = GRACEFUL_SECONDS
     config.keep_alive_timeout = IDLE_SECONDS
+    config.read_timeout = READ_SECONDS
     config.include_server_header = False
     if current_library() == "trio":
         await hypercorn.trio.serve(asgi, config, shutdown_trigger=stop.wait)

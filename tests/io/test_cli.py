@@ -126,3 +126,16 @@ def test_the_variables_choose_how_bytes_move(monkeypatch: pytest.MonkeyPatch) ->
     expected = CopyMethod.AUTO if SPLICE_AVAILABLE else CopyMethod.RECV_INTO
     assert Daemon(config).copy_method is expected
     assert Daemon(config, copy="recv_into").copy_method is CopyMethod.RECV_INTO
+
+
+def test_check_config_never_prints_the_admin_token(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[admin]\nenabled = true\ntoken = "hunter2-secret"\n[[backends]]\naddress = "127.0.0.1:9"\n'
+    )
+    assert main(["check-config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "hunter2-secret" not in printed
+    assert 'token = "(set, not shown)"' in printed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import loble
 from loble.core import ProxyCore, parse_config
+from loble.io import _http as http
 from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics
 
 pytestmark = pytest.mark.anyio
@@ -196,3 +198,54 @@ def test_per_connection_metrics_render_as_prometheus_client_would() -> None:
     rendered = ours.render().decode()
     for prefix in ("loble_backend_connect_duration_seconds", "loble_backend_bytes"):
         assert series(rendered, prefix) == series(expected, prefix)
+
+
+async def test_a_slowloris_on_the_http_endpoints_is_closed_and_leaks_nothing(
+    net: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "READ_SECONDS", 1)  # the bound a request has to arrive in
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon(
+            [a.address],
+            metrics={"enabled": True, "address": "127.0.0.1:0"},
+            admin={"enabled": True, "address": "127.0.0.1:0", "token": "t"},
+        )
+
+        def open_fds() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        before = open_fds()
+        for address in (daemon.metrics_address, daemon.admin_address):
+            slow = [await anyio.connect_tcp(*address) for _ in range(10)]
+            closed: list[int] = []
+
+            async def drip(index: int, stream: Any, closed: list[int] = closed) -> None:
+                # Headers a byte at a time, never finished: the server must hang up.
+                await stream.send(b"GET /status HTTP/1.1\r\n")
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            await stream.send(b"X")
+                        except (anyio.BrokenResourceError, OSError):
+                            break
+                        with anyio.move_on_after(0.2):
+                            try:
+                                if not await stream.receive():
+                                    break
+                            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                                break
+                closed.append(index)
+
+            async with anyio.create_task_group() as tasks:
+                for index, stream in enumerate(slow):
+                    tasks.start_soon(drip, index, stream)
+                # Meanwhile an honest request is answered at once.
+                status, _ = await net.scrape(
+                    address, "/metrics" if address == daemon.metrics_address else "/status"
+                )
+                assert status == 200
+            assert sorted(closed) == list(range(10))
+            for stream in slow:
+                await stream.aclose()
+        await net.wait_for(lambda: open_fds() <= before, what="the slow connections' descriptors")
