@@ -101,6 +101,9 @@ class RuntimeConfig:
     workers: int = 1
     pid_file: str = ""
     """Where the daemon writes its process id (``loble reload`` reads it); "" for none."""
+    user: str = ""
+    """The user to run as once every socket is bound (started as root to bind a
+    port below 1024, say); "" to stay who started it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -357,6 +360,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             "runtime", table, "workers", _DEFAULT_RUNTIME.workers, integer(1, 256)
         ),
         pid_file=checker.value("runtime", table, "pid_file", _DEFAULT_RUNTIME.pid_file, _path),
+        user=checker.value("runtime", table, "user", _DEFAULT_RUNTIME.user, _user_name),
     )
 
     table = _section(checker, data, "admin")
@@ -385,6 +389,17 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         admin=admin,
         backends=backends,
     )
+
+
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+
+
+def _user_name(raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        return 'is not a string (a user name, or "" to stay who started it)'
+    if raw and not _USER_NAME.fullmatch(raw):
+        return "is not a user name"
+    return None
 
 
 def _path(raw: Any) -> str | None:

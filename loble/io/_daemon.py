@@ -73,6 +73,7 @@ from ._runtime import (
     choose_data_path,
     current_library,
     data_path_for,
+    drop_privileges,
     loop_clock,
 )
 from ._status import status_document
@@ -216,6 +217,13 @@ class Daemon:
         await self.bind()
         self._started = True
         pid_file = self._write_pid_file()
+        try:
+            # Every socket is bound: serve as [runtime] user from here on.
+            drop_privileges(self.config.runtime.user)
+        except LobleError:
+            if pid_file is not None:
+                _remove_pid_file(pid_file)
+            raise
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import pwd
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ __all__ = [
     "choose_data_path",
     "current_library",
     "data_path_for",
+    "drop_privileges",
     "loop_clock",
     "run",
     "runtime_options",
@@ -127,3 +129,28 @@ def loop_clock() -> Callable[[], float]:
     # loops (uvloop) keep their own time().
     plain = type(loop).time is asyncio.BaseEventLoop.time
     return time.monotonic if plain else loop.time
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its uid, its gid, no other groups), as HAProxy's ``user``.
+
+    Called once every socket is bound: a daemon started as root to bind a
+    privileged port serves as an unprivileged user. "" changes nothing; an
+    unknown user, or a process not allowed to change, is a one-line error.
+    """
+    if not user:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise LobleError(f"runtime.user: no user {user!r} on this machine") from None
+    if (os.getuid(), os.getgid()) == (entry.pw_uid, entry.pw_gid):
+        return
+    try:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except PermissionError:
+        raise LobleError(
+            f"runtime.user: cannot become {user!r}: only root can change its user"
+        ) from None

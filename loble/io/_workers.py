@@ -60,6 +60,7 @@ from loble.core import Config, ConfigError, LobleError, parse_address
 from ._datapath import format_address
 from ._http import bind_tcp
 from ._logging import log
+from ._runtime import drop_privileges
 from ._supervisor_admin import (
     WORKER_ADMIN_FD_ENV,
     SupervisorAdmin,
@@ -165,6 +166,7 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(forwarded[-1])
         log(logger, logging.INFO, "workers started", workers=count, pids=sorted(workers))
+        drop_privileges(config.runtime.user)  # every worker is started and the admin bound
         failed = False
         while workers:
             pid, status = os.wait()

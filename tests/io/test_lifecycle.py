@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 import socket
 from pathlib import Path
@@ -233,3 +235,38 @@ async def test_workers_that_cannot_start_make_the_supervisor_exit_1(
             await net.wait_for(lambda: len(child.json_lines("worker failed")) >= 1)
             assert child.has("Address already in use")
             assert not child.has("Traceback")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can change its user")
+async def test_runtime_user_drops_privileges_once_bound(net: Any, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        document = {
+            "listener": {"address": "127.0.0.1:0"},
+            "runtime": {"user": "nobody"},
+            "logging": {"format": "json"},
+            "backends": [{"address": backend.address}],
+        }
+        path = net.write_config(tmp_path / "loble.toml", document)
+        async with net.loble_process("run", "-c", str(path)) as child:
+            host, _, port = (await child.wait_json("listening"))["address"].rpartition(":")
+            status = Path(f"/proc/{child.process.pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uids.split()[1:] == [str(nobody.pw_uid)] * 4  # real, effective, saved, fs
+            assert await net.request((host, int(port))) == b"a:ping"
+            child.signal(signal.SIGTERM)
+            assert await child.exit_code() == 0
+
+
+async def test_an_unknown_runtime_user_is_a_one_line_error(net: Any, tmp_path: Path) -> None:
+    document = {
+        "listener": {"address": "127.0.0.1:0"},
+        "runtime": {"user": "no-such-user-here"},
+        "backends": [{"address": "127.0.0.1:9"}],
+    }
+    path = net.write_config(tmp_path / "loble.toml", document)
+    async with net.loble_process("run", "-c", str(path)) as child:
+        assert await child.exit_code() == 1
+        await net.wait_for(lambda: child.has("error: runtime.user: no user 'no-such-user-here'"))
+        assert not child.has("Traceback")
