@@ -55,6 +55,7 @@ def test_defaults_are_documented_values() -> None:
     assert config.backends[0].weight == 1
     assert config.timeouts.removal == 0.0
     assert config.runtime.pid_file == ""
+    assert config.runtime.user == ""
     assert config.admin == AdminConfig(enabled=False, address="127.0.0.1:9091", token="")
 
 
@@ -171,6 +172,11 @@ def test_integers_are_accepted_as_seconds() -> None:
             'runtime.pid_file: 1 is not a string (a file path, or "" for none)',
         ),
         (one_backend(runtime={"pid_file": "a\0b"}), "runtime.pid_file: 'a\\x00b' contains a NUL"),
+        (
+            one_backend(runtime={"user": 0}),
+            'runtime.user: 0 is not a string (a user name, or "" to stay who started it)',
+        ),
+        (one_backend(runtime={"user": "root; rm"}), "runtime.user: 'root; rm' is not a user name"),
         (one_backend(admin={"enabled": "on"}), "admin.enabled: 'on' is not true or false"),
         (one_backend(admin={"address": "localhost"}), "admin.address: 'localhost' has no port"),
         (one_backend(admin={"tokn": "x"}), "admin.tokn: unknown key; did you mean 'token'?"),
