@@ -5,9 +5,9 @@ rebuilds the :class:`Snapshot` only when the eligible backends change: the
 same membership keeps the same version, so readers never see churn. A
 backend is eligible when its health is ``HEALTHY``, its admin state (the
 operator's, ``_admin``) is ``READY``, and a reload has not removed it. It
-also decides which backends get probed and when: every ``UNHEALTHY`` backend
-(it has no other way back), and with ``active = true`` every backend; never
-one in ``MAINT`` or one a reload removed. Time only comes in as ``now``;
+also decides which backends get probed and when: every ``DRAINING`` and
+``UNHEALTHY`` backend (they have no other way back), and with ``active =
+true`` every backend; never one in ``MAINT`` or one a reload removed. Time only comes in as ``now``;
 :meth:`next_deadline` and :meth:`handle_timer` let a driver (a real event
 loop or the simulator) run the probe schedule.
 
@@ -357,10 +357,14 @@ class ControlPlane:
                 reason=transition.reason,
             )
         ]
-        if transition.new is _UNHEALTHY:
+        if transition.new is _HEALTHY:
+            if not self.health_config.active:
+                self._probe_due.pop(address, None)
+        elif transition.old is _HEALTHY:
+            # Out of the snapshot, DRAINING or UNHEALTHY: only probes can bring
+            # it back, the first an interval from now. DRAINING -> UNHEALTHY
+            # keeps the schedule it has.
             self._schedule_probe(address, now)
-        elif transition.new is _HEALTHY and not self.health_config.active:
-            self._probe_due.pop(address, None)
         published = self._republish(now)
         if published is not None:
             events.append(published)
@@ -371,7 +375,7 @@ class ControlPlane:
     def _wants_probe(self, address: str) -> bool:
         if self.admin[address] is _MAINT or address in self.removing:
             return False
-        return self.health_config.active or self._health[address].state is _UNHEALTHY
+        return self.health_config.active or self._health[address].state is not _HEALTHY
 
     def _schedule_probe(self, address: str, now: float) -> None:
         due = now + self.health_config.probe_interval

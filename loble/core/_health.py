@@ -7,7 +7,8 @@ Every backend is in one of three states:
 
 * ``HEALTHY``: eligible for new connections; it is in the snapshot.
 * ``DRAINING``: judged bad while connections were still running on it. It
-  gets no new connections, and the ones it has run to completion.
+  gets no new connections, and the ones it has run to completion; it is
+  probed, and comes back with them if the probes say it recovered.
 * ``UNHEALTHY``: judged bad and carrying nothing. It gets no client traffic;
   only health probes reach it.
 
@@ -16,6 +17,7 @@ Every backend is in one of three states:
     HEALTHY --failure_threshold failures, active > 0--> DRAINING
     HEALTHY --failure_threshold failures, active == 0--> UNHEALTHY
     DRAINING --active connections reach 0--> UNHEALTHY
+    DRAINING --success_threshold probe successes--> HEALTHY (connections kept)
     UNHEALTHY --success_threshold probe successes--> HEALTHY
 
 Six inputs drive it: a connection attempt started or finished on the backend
@@ -28,15 +30,25 @@ Rules that hold everywhere, and that this module alone enforces:
 * **No flapping.** Only a full run of consecutive outcomes moves a backend:
   a success resets the failure count and a failure resets the success count.
   Entering ``UNHEALTHY`` resets both, so a backend becomes eligible again only
-  after ``success_threshold`` consecutive successes seen *while* unhealthy.
+  after ``success_threshold`` consecutive successes seen *while* unhealthy;
+  ``DRAINING`` is entered on a failure, so its success count starts at 0 too.
 * **Safe draining.** A backend with active connections never becomes
   ``UNHEALTHY``; it drains first. ``DRAINING`` and ``UNHEALTHY`` backends are
   not in the snapshot, so a new connection starting on one is a driver bug
   and raises :class:`StateMachineError`, as does any pair missing from the
   table (h2's rule: illegal means "missing from the table").
-* **Recovery needs probes.** An ``UNHEALTHY`` backend carries no traffic, so
-  no passive outcome can ever reach it; only probes bring it back. Which
+* **Recovery needs probes.** A backend out of the snapshot gets no new
+  traffic, so only probes bring it back: ``success_threshold`` consecutive
+  probe successes, from ``UNHEALTHY`` or from ``DRAINING``. A ``DRAINING``
+  backend that recovers keeps its connections, untouched: without that row a
+  few seconds of trouble would keep a backend out for as long as its longest
+  connection lasts (a pub/sub session or a pooled connection: hours). Which
   backends get probed, and when, is the control plane's job.
+* **Only probes earn recovery.** A passive success while ``DRAINING`` is the
+  verdict of an attempt begun while the backend was still ``HEALTHY``: like a
+  probe sent before a state change, it proves nothing about the backend
+  since, so it neither counts towards the run nor breaks it. A failure of any
+  kind breaks it: coming back late is cheap, flapping is not.
 
 A passive success arrives while its attempt is active (the connect just
 succeeded), so ``UNHEALTHY``, which carries nothing, never sees one. A
@@ -217,6 +229,21 @@ def _unhealthy_success(health: BackendHealth) -> tuple[HealthState, str] | None:
     return HealthState.HEALTHY, f"{health.consecutive_successes} consecutive probe successes"
 
 
+def _draining_success(health: BackendHealth) -> tuple[HealthState, str] | None:
+    _count_success(health)
+    if health.consecutive_successes < health.thresholds.success_threshold:
+        return None
+    return HealthState.HEALTHY, (
+        f"{health.consecutive_successes} consecutive probe successes while draining, "
+        f"{health.active_connections} active kept"
+    )
+
+
+def _draining_passive_success(health: BackendHealth) -> None:
+    """An attempt begun while HEALTHY connected: no evidence about the backend
+    since it went out, so the probe run is left as it is."""
+
+
 _H, _D, _U = HealthState.HEALTHY, HealthState.DRAINING, HealthState.UNHEALTHY
 _I = HealthInput
 
@@ -229,9 +256,9 @@ TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
     (_H, _I.PROBE_FAILURE): _healthy_failure,
     # DRAINING: no CONNECTION_STARTED row; it is out of the snapshot.
     (_D, _I.CONNECTION_FINISHED): _draining_finished,
-    (_D, _I.PASSIVE_SUCCESS): _count_success,
+    (_D, _I.PASSIVE_SUCCESS): _draining_passive_success,
     (_D, _I.PASSIVE_FAILURE): _count_failure,
-    (_D, _I.PROBE_SUCCESS): _count_success,
+    (_D, _I.PROBE_SUCCESS): _draining_success,
     (_D, _I.PROBE_FAILURE): _count_failure,
     # UNHEALTHY: carries no connection: only probes, and the failure verdict
     # of an attempt that ended as its backend drained, reach it.

@@ -582,6 +582,7 @@ class Simulation:
 
     def _probe(self, action: ProbeBackend, now: float) -> None:
         backend = self.backends[action.backend.address]
+        self.monitor.probe_sent(backend.address)
         timeout = action.timeout
         rtt = self._latency()
         if backend.behaviour == _BLACKHOLE:

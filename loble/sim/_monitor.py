@@ -14,9 +14,12 @@ tally satisfies Loble's guarantees:
   operator, or removed by a reload; a backend never becomes ``UNHEALTHY``
   while the monitor counts attempts active on it; a removed backend's
   connections are cut (``REMOVED``) no earlier than its removal deadline.
-* **no flapping**: every transition is one of the four in the design and is
+* **no flapping**: every transition is one of the five in the design and is
   backed by its full run of consecutive outcomes, counted from the verdicts
-  and probe results the monitor saw.
+  and probe results the monitor saw. A ``DRAINING`` backend comes back to
+  ``HEALTHY`` only after ``success_threshold`` probe successes in a row, each
+  of a probe sent while it was draining, with no failure between them (a
+  passive success there is no evidence either way).
 * **no churn**: a snapshot is published exactly when the set of eligible
   backends (``HEALTHY``, admin ``READY``, not removed) changes, or the
   weight of one of them does, with the next version and that set. So an
@@ -32,9 +35,12 @@ tally satisfies Loble's guarantees:
 Safety alone lets a core that does nothing pass, so three checks watch that
 things *happen*, and on time:
 
-* **draining ends**: a backend the monitor counts ``DRAINING`` with no
-  attempt active at the end of a step should have become ``UNHEALTHY``; a
-  removed backend with none active should have been forgotten.
+* **draining ends**, one of two ways: a backend the monitor counts
+  ``DRAINING`` with no attempt active at the end of a step should have become
+  ``UNHEALTHY``; one whose probes answered ``success_threshold`` times in a
+  row while it drained should be ``HEALTHY`` again by the end of that step,
+  connections and all. A removed backend with none active should have been
+  forgotten.
 * **bounded retries**: per connection, attempts are numbered 1, 2, ... and
   never exceed ``1 + connect_retries``; a retry never goes to a backend that
   connection already tried.
@@ -170,6 +176,14 @@ class Monitor:
         self.resets = dict.fromkeys(self.addresses, 0)
         self.consecutive_failures = dict.fromkeys(self.addresses, 0)
         self.consecutive_successes = dict.fromkeys(self.addresses, 0)
+        self.probe_run = dict.fromkeys(self.addresses, 0)
+        """Probe successes in a row since the last state change or failure,
+        counting only probes sent in the current state (what recovery from
+        DRAINING needs)."""
+        self.probe_sent_in: dict[str, HealthState] = {}
+        """Backends with a probe out, and the state the monitor saw when it was sent."""
+        self.recovering: list[str] = []
+        """DRAINING backends whose probe run reached the threshold in this step."""
         self.admin = dict.fromkeys(self.addresses, _READY)
         self.weight = {backend.address: backend.weight for backend in config.backends}
         self.removing: dict[str, float] = {}
@@ -259,6 +273,10 @@ class Monitor:
             )
         self.last_activity[connection_id] = now
 
+    def probe_sent(self, address: str) -> None:
+        """The driver carries out a ``ProbeBackend`` for ``address``."""
+        self.probe_sent_in[address] = self.state[address]
+
     def probe_result(self, address: str, ok: bool) -> None:
         self.probes[address] += 1
         if ok:
@@ -266,6 +284,16 @@ class Monitor:
         else:
             self.probe_failures[address] += 1
             self._failure(address)
+        state = self.state.get(address)
+        if self.probe_sent_in.pop(address, None) is not state:
+            return  # sent before the backend last changed state: no evidence now
+        if not ok:
+            self.probe_run[address] = 0
+        elif state is _D:
+            run = self.probe_run[address] = self.probe_run[address] + 1
+            if run >= self.success_threshold:
+                self.recovering.append(address)  # must be HEALTHY by the end of the step
+                self.pending = True
 
     # -- outputs, in order ---------------------------------------------------------------
 
@@ -352,6 +380,7 @@ class Monitor:
         else:
             self.passive_failures[address] += 1
             self._failure(address)
+            self.probe_run[address] = 0
 
     def state_changed(self, event: BackendStateChanged, now: float) -> None:
         address, old, new = event.address, event.old, event.new
@@ -375,8 +404,17 @@ class Monitor:
                     f"{address} {old.name}->{new.name} after {successes} consecutive successes "
                     f"(threshold {self.success_threshold})",
                 )
+        elif old is _D and new is _H:
+            run = self.probe_run[address]
+            if run < self.success_threshold:
+                self.violate(
+                    NO_FLAPPING,
+                    f"{address} {old.name}->{new.name} after {run} consecutive probe successes "
+                    f"while draining (threshold {self.success_threshold})",
+                )
         elif not (old is _D and new is _U):
             self.violate(NO_FLAPPING, f"{address} {old.name}->{new.name} is not a transition")
+        self.probe_run[address] = 0
         if new is _U:
             if self.active[address]:
                 self.violate(
@@ -467,6 +505,7 @@ class Monitor:
                 self._new_backend(address, backend.weight, config.health.active)
         removal = config.timeouts.removal
         for address in removed:
+            self.probe_sent_in.pop(address, None)  # the core forgets its probe too
             self.removing[address] = self.cut_after[address] = (
                 now + removal if removal > 0 else math.inf
             )
@@ -494,6 +533,7 @@ class Monitor:
                 CONSERVATION, f"{address} forgotten with {self.active[address]} attempts active"
             )
         self.removing.pop(address, None)
+        self.probe_sent_in.pop(address, None)
         self.barred.discard(address)
         self.addresses = tuple(a for a in self.addresses if a != address)
 
@@ -559,6 +599,16 @@ class Monitor:
                         f"{address} still DRAINING at the end of the step with nothing active",
                     )
             self.drained.clear()
+        if self.recovering:
+            for address in self.recovering:
+                if self.state[address] is _D and self.probe_run[address] >= self.success_threshold:
+                    self.violate(
+                        DRAINING_ENDS,
+                        f"{address} still DRAINING at the end of the step after "
+                        f"{self.probe_run[address]} consecutive probe successes "
+                        f"(threshold {self.success_threshold})",
+                    )
+            self.recovering.clear()
         if self.leaving_idle:
             for address in self.leaving_idle:
                 if address in self.removing and not self.active[address]:
@@ -710,7 +760,12 @@ class Monitor:
         self.admin[address] = _READY
         self.weight[address] = weight
         self.barred.discard(address)
-        for tally in (self.active, self.consecutive_failures, self.consecutive_successes):
+        for tally in (
+            self.active,
+            self.consecutive_failures,
+            self.consecutive_successes,
+            self.probe_run,
+        ):
             tally[address] = 0
         for total in (
             self.started,

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loble.core import (
+    AdminInput,
     Backend,
     BackendStateChanged,
     HealthConfig,
@@ -146,6 +147,85 @@ def test_a_probe_sent_before_a_state_change_does_not_count_after_it() -> None:
         BackendStateChanged,
         SnapshotPublished,
     ]
+
+
+def test_a_draining_backend_is_probed_and_comes_back_with_its_connections() -> None:
+    # Passive checks only: going DRAINING is what starts A's probes.
+    control = plane(failure_threshold=1, success_threshold=2, probe_interval=2.0)
+    control.start(0.0)
+    for _ in range(2):
+        control.apply(A, In.CONNECTION_STARTED, 1.0)  # two long-lived sessions
+    control.apply(A, In.PASSIVE_FAILURE, 10.0)
+    assert control.state(A) is HealthState.DRAINING
+    assert control.snapshot.addresses == (B, C)
+    assert control.next_deadline() == 12.0
+    (probe,) = control.handle_timer(12.0)
+    assert probe.backend.address == A
+    assert control.probe_result(A, True, 12.1) == []
+    assert control.handle_timer(14.0) == [probe]
+    events = control.probe_result(A, True, 14.1)
+    assert events == [
+        BackendStateChanged(
+            at=14.1,
+            address=A,
+            old=HealthState.DRAINING,
+            new=HealthState.HEALTHY,
+            reason="2 consecutive probe successes while draining, 2 active kept",
+        ),
+        SnapshotPublished(at=14.1, version=3, addresses=(A, B, C)),
+    ]
+    assert control.active_connections(A) == 2
+    assert control.since[A] == (14.1, events[0].reason)  # type: ignore[union-attr]
+    # Healthy again with passive checks only: the probe schedule stops.
+    assert control.next_deadline() is None
+    # Its sessions end in HEALTHY, as any others.
+    for _ in range(2):
+        assert control.apply(A, In.CONNECTION_FINISHED, 20.0) == []
+    assert control.state(A) is HealthState.HEALTHY
+
+
+def test_draining_then_drained_keeps_its_probe_schedule() -> None:
+    control = plane(failure_threshold=1, success_threshold=2, probe_interval=2.0)
+    control.apply(A, In.CONNECTION_STARTED, 0.0)
+    control.apply(A, In.PASSIVE_FAILURE, 10.0)
+    (probe,) = control.handle_timer(12.0)
+    assert control.probe_result(A, True, 12.1) == []
+    # Drained a moment later: UNHEALTHY, probed on the same schedule, and the
+    # success earned while draining does not carry over (recovery starts afresh).
+    control.apply(A, In.CONNECTION_FINISHED, 12.5)
+    assert control.state(A) is HealthState.UNHEALTHY
+    assert control.health(A).consecutive_successes == 0
+    assert control.next_deadline() == 14.0
+    assert control.handle_timer(14.0) == [probe]
+    assert control.probe_result(A, True, 14.1) == []
+    assert control.state(A) is HealthState.UNHEALTHY
+
+
+def test_a_probe_sent_while_healthy_does_not_count_once_draining() -> None:
+    control = plane(active=True, failure_threshold=1, success_threshold=1, probe_interval=2.0)
+    control.start(0.0)
+    assert len(control.handle_timer(2.0)) == 3
+    control.apply(A, In.CONNECTION_STARTED, 2.01)
+    control.apply(A, In.PASSIVE_FAILURE, 2.02)
+    assert control.state(A) is HealthState.DRAINING
+    assert control.probe_result(A, True, 2.03) == []  # sent while healthy
+    assert control.state(A) is HealthState.DRAINING
+    assert [p.backend.address for p in control.handle_timer(4.02)] == [A]
+    assert [type(e) for e in control.probe_result(A, True, 4.1)] == [
+        BackendStateChanged,
+        SnapshotPublished,
+    ]
+    assert (control.state(A), control.active_connections(A)) == (HealthState.HEALTHY, 1)
+
+
+def test_a_draining_backend_in_maintenance_is_not_probed() -> None:
+    control = plane(failure_threshold=1, probe_interval=2.0)
+    control.apply(A, In.CONNECTION_STARTED, 0.0)
+    control.apply(A, In.PASSIVE_FAILURE, 1.0)
+    control.set_admin(A, AdminInput.MAINTENANCE, 1.5)
+    assert control.handle_timer(3.0) == []
+    control.set_admin(A, AdminInput.READY, 4.0)  # probing again, an interval on
+    assert [p.backend.address for p in control.handle_timer(6.0)] == [A]
 
 
 def test_a_failing_probe_keeps_the_backend_out() -> None:

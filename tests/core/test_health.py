@@ -46,9 +46,10 @@ ROWS = [
     (H, In.PROBE_SUCCESS, {"failures": 2}, H, (0, 0, 1)),
     (H, In.PROBE_FAILURE, {"failures": 1}, H, (0, 2, 0)),
     (D, In.CONNECTION_FINISHED, {"active": 2}, D, (1, 0, 0)),
-    (D, In.PASSIVE_SUCCESS, {"active": 1, "failures": 3}, D, (1, 0, 1)),
+    # A passive success while draining neither counts nor breaks the probe run.
+    (D, In.PASSIVE_SUCCESS, {"active": 1, "failures": 3, "successes": 1}, D, (1, 3, 1)),
     (D, In.PASSIVE_FAILURE, {"active": 1, "successes": 1}, D, (1, 1, 0)),
-    (D, In.PROBE_SUCCESS, {"active": 1}, D, (1, 0, 1)),
+    (D, In.PROBE_SUCCESS, {"active": 1, "failures": 3}, D, (1, 0, 1)),
     (D, In.PROBE_FAILURE, {"active": 1}, D, (1, 1, 0)),
     (U, In.PASSIVE_FAILURE, {"successes": 1}, U, (0, 1, 0)),
     (U, In.PROBE_SUCCESS, {}, U, (0, 0, 1)),
@@ -77,6 +78,7 @@ def test_row_without_transition(
 def test_rows_cover_the_whole_table() -> None:
     assert {(state, health_input) for state, health_input, *_ in ROWS} | {
         (D, In.CONNECTION_FINISHED),
+        (D, In.PROBE_SUCCESS),
         (U, In.PROBE_SUCCESS),
     } == set(TRANSITIONS)
 
@@ -113,6 +115,33 @@ def test_draining_becomes_unhealthy_when_the_last_connection_finishes() -> None:
         "drained: last active connection finished",
     )
     assert (health.consecutive_failures, health.consecutive_successes) == (0, 0)
+
+
+def test_draining_recovers_after_success_threshold_probe_successes_keeping_its_connections() -> (
+    None
+):
+    health = make(D, active=3, failures=3, successes=1)
+    transition = health.handle(In.PROBE_SUCCESS)
+    assert transition is not None
+    assert (transition.old, transition.new, transition.reason) == (
+        D,
+        H,
+        "2 consecutive probe successes while draining, 3 active kept",
+    )
+    assert (health.active_connections, health.consecutive_failures) == (3, 0)
+    # Back in the snapshot with its connections: they finish there as any others.
+    assert health.handle(In.CONNECTION_FINISHED) is None
+    assert (health.state, health.active_connections) == (H, 2)
+
+
+def test_a_failure_while_draining_breaks_the_probe_run() -> None:
+    health = make(D, active=1, success_threshold=2)
+    for health_input in (In.PROBE_SUCCESS, In.PASSIVE_FAILURE, In.PROBE_SUCCESS):
+        assert health.handle(health_input) is None
+    assert health.handle(In.PASSIVE_SUCCESS) is None  # no evidence: no count
+    transition = health.handle(In.PROBE_SUCCESS)
+    assert transition is not None
+    assert (transition.old, transition.new) == (D, H)
 
 
 def test_unhealthy_recovers_after_success_threshold_probe_successes() -> None:
@@ -204,9 +233,11 @@ def test_no_transition_without_a_full_run_of_consecutive_outcomes(
 ) -> None:
     health = make(failure_threshold=failure_threshold, success_threshold=success_threshold)
     # The last `threshold` outcome inputs before each transition out of HEALTHY
-    # (and back into it) must all be failures (successes).
+    # must all be failures; back into it, from DRAINING or UNHEALTHY, the last
+    # `success_threshold` outcomes seen since it went out must all be probe
+    # successes (a passive success while out is no evidence: not an outcome).
     outcomes: list[HealthInput] = []
-    since_unhealthy: list[HealthInput] = []
+    since_out: list[HealthInput] = []
     for health_input, transition, (old, *_rest), _after in run_legal(health, inputs):
         if health_input in (
             In.PASSIVE_SUCCESS,
@@ -215,8 +246,8 @@ def test_no_transition_without_a_full_run_of_consecutive_outcomes(
             In.PROBE_FAILURE,
         ):
             outcomes.append(health_input)
-            if old is U:
-                since_unhealthy.append(health_input)
+            if old is not H and health_input is not In.PASSIVE_SUCCESS:
+                since_out.append(health_input)
         if transition is None:
             continue
         if transition.old is H:
@@ -224,11 +255,34 @@ def test_no_transition_without_a_full_run_of_consecutive_outcomes(
             assert len(tail) == failure_threshold
             assert all(o in (In.PASSIVE_FAILURE, In.PROBE_FAILURE) for o in tail)
         if transition.new is H:
-            tail = since_unhealthy[-success_threshold:]
+            tail = since_out[-success_threshold:]
             assert len(tail) == success_threshold
             assert all(o is In.PROBE_SUCCESS for o in tail)
-        if transition.new is U:
-            since_unhealthy = []
+            assert transition.old in (D, U)
+        if transition.old is H or transition.new is U:
+            since_out = []  # gone out, or drained: the run starts again
+
+
+@given(
+    st.lists(st.sampled_from([*HealthInput, *[In.PROBE_SUCCESS] * 3]), max_size=200),
+    st.integers(min_value=1, max_value=5),
+)
+def test_draining_recovers_exactly_at_the_run_and_keeps_every_connection(
+    inputs: list[HealthInput], success_threshold: int
+) -> None:
+    # Probe successes weighted up, so runs long enough to recover happen often.
+    health = make(failure_threshold=1, success_threshold=success_threshold)
+    run = 0  # probe successes since the last failure, while DRAINING
+    for health_input, transition, (old, active, *_rest), active_after in run_legal(health, inputs):
+        if old is D and health_input is In.PROBE_SUCCESS:
+            run += 1
+        elif health_input in (In.PASSIVE_FAILURE, In.PROBE_FAILURE) or old is not D:
+            run = 0
+        recovered = transition is not None and (transition.old, transition.new) == (D, H)
+        assert recovered is (old is D and run == success_threshold)
+        if recovered:
+            assert active_after == active > 0
+            run = 0
 
 
 @given(LEGAL_STEPS)
@@ -236,8 +290,11 @@ def test_never_leaves_draining_with_active_connections(inputs: list[HealthInput]
     health = make()
     for _input, transition, (_old, active, *_rest), active_after in run_legal(health, inputs):
         if transition is not None and transition.old is D:
-            assert transition.new is U
-            assert (active, active_after) == (1, 0)
+            # Drained, or recovered with every connection it had.
+            if transition.new is U:
+                assert (active, active_after) == (1, 0)
+            else:
+                assert (transition.new, active_after) == (H, active)
         if transition is not None and transition.new is U:
             assert active_after == 0
 

@@ -31,8 +31,15 @@ DOC = REPO / "docs" / "simulation.md"
 
 
 def _never_drains(monkeypatch: pytest.MonkeyPatch) -> None:
-    key = (HealthState.DRAINING, HealthInput.CONNECTION_FINISHED)
-    monkeypatch.setitem(_health.TRANSITIONS, key, _health._finished)
+    # DRAINING never moves on: neither to UNHEALTHY when it drains nor back
+    # to HEALTHY on its probes (which would rescue some runs).
+    draining = HealthState.DRAINING
+    monkeypatch.setitem(
+        _health.TRANSITIONS, (draining, HealthInput.CONNECTION_FINISHED), _health._finished
+    )
+    monkeypatch.setitem(
+        _health.TRANSITIONS, (draining, HealthInput.PROBE_SUCCESS), _health._count_success
+    )
 
 
 BREAKAGES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {

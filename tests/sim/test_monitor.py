@@ -90,6 +90,84 @@ def test_recovery_without_its_run_of_successes_is_flapping(monitor: Monitor) -> 
     assert invariants(monitor) == ["no flapping"]
 
 
+def drain(monitor: Monitor, address: str) -> None:
+    """One connection on ``address``, then the failures that take it to DRAINING."""
+    report(monitor, address, HealthInput.CONNECTION_STARTED)
+    for _ in range(2):
+        report(monitor, address, HealthInput.PASSIVE_FAILURE)
+    change(monitor, address, H, D)
+
+
+def probe(monitor: Monitor, address: str, ok: bool) -> None:
+    monitor.probe_sent(address)
+    monitor.probe_result(address, ok)
+
+
+def test_back_from_draining_after_its_run_of_probe_successes_is_no_flapping(
+    monitor: Monitor,
+) -> None:
+    drain(monitor, A)
+    probe(monitor, A, True)
+    report(monitor, A, HealthInput.PASSIVE_SUCCESS)  # no evidence: neither counts nor breaks
+    probe(monitor, A, True)
+    change(monitor, A, D, H)
+    assert monitor.violations == []
+    assert monitor.active[A] == 1  # its connection kept
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        ["probe ok"],
+        ["probe ok", "probe failed", "probe ok"],
+        ["probe ok", "passive failure", "probe ok"],
+        ["probe ok", "passive success"],
+        ["stale probe ok", "probe ok"],
+    ],
+)
+def test_back_from_draining_without_its_run_of_probe_successes_is_flapping(
+    monitor: Monitor, before: list[str]
+) -> None:
+    for step in before:
+        if step == "stale probe ok":
+            # Sent while A was still healthy: it proves nothing once A drains.
+            monitor.probe_sent(A)
+            report(monitor, A, HealthInput.CONNECTION_STARTED)
+            for _ in range(2):
+                report(monitor, A, HealthInput.PASSIVE_FAILURE)
+            change(monitor, A, H, D)
+            monitor.probe_result(A, True)
+            continue
+        if monitor.state[A] is H:
+            drain(monitor, A)
+        if step.startswith("probe"):
+            probe(monitor, A, step == "probe ok")
+        else:
+            report(monitor, A, HealthInput[step.upper().replace(" ", "_")])
+    change(monitor, A, D, H)
+    assert invariants(monitor) == ["no flapping"]
+    assert "while draining (threshold 2)" in str(monitor.violations[0])
+
+
+def test_a_draining_backend_that_ignores_its_probes_is_caught(monitor: Monitor) -> None:
+    drain(monitor, A)
+    for _ in range(2):
+        probe(monitor, A, True)
+    monitor.end_step()
+    (stuck,) = [str(v) for v in monitor.violations if v.invariant == "draining ends"]
+    assert "still DRAINING at the end of the step after 2 consecutive probe successes" in stuck
+
+
+def test_a_probe_out_when_its_backend_is_removed_proves_nothing(monitor: Monitor) -> None:
+    drain(monitor, A)
+    probe(monitor, A, True)
+    monitor.probe_sent(A)
+    monitor.probe_sent_in.pop(A)  # as reconfigured() does for a removed backend
+    monitor.probe_result(A, True)
+    change(monitor, A, D, H)
+    assert invariants(monitor) == ["no flapping"]
+
+
 def test_impossible_transitions(monitor: Monitor) -> None:
     change(monitor, A, U, D)  # A was healthy, and U -> D is no transition
     assert invariants(monitor) == ["no flapping", "no flapping", "safe draining"]
@@ -176,16 +254,50 @@ def run_shipped(name: str, seed: int = 1) -> dict[str, Any]:
 
 
 def test_a_draining_backend_that_never_drains_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The reviewer's mutant: DRAINING counts its connections down and never moves on.
-    assert run_shipped("slow-drain")["ok"]
+    # The reviewer's mutant: DRAINING counts its connections down and never
+    # moves on (not back to HEALTHY either, which would hide it in some runs).
+    assert run_shipped("slow-drain", seed=2)["ok"]
     monkeypatch.setitem(
         _health.TRANSITIONS, (D, HealthInput.CONNECTION_FINISHED), _health._finished
     )
-    result = run_shipped("slow-drain")
+    monkeypatch.setitem(_health.TRANSITIONS, (D, HealthInput.PROBE_SUCCESS), _health._count_success)
+    result = run_shipped("slow-drain", seed=2)
     assert failed(result) == ["draining ends"]
     assert (
         "10.0.2.1:5432 still DRAINING at the end of the step with nothing active"
         in first_violations(result, "draining ends")[0]
+    )
+
+
+def test_a_draining_backend_whose_probes_are_ignored_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The machine before recovery while draining: probe successes only count.
+    # In slow-drain's seed 1 backend 1 answers again while it still drains.
+    result = run_shipped("slow-drain")
+    assert result["ok"]
+    assert ("draining", "healthy") in [(c["old"], c["new"]) for c in result["timeline"]]
+    monkeypatch.setitem(_health.TRANSITIONS, (D, HealthInput.PROBE_SUCCESS), _health._count_success)
+    result = run_shipped("slow-drain")
+    assert failed(result) == ["draining ends"]
+    assert (
+        "10.0.2.1:5432 still DRAINING at the end of the step after 2 consecutive probe "
+        "successes (threshold 2)" in first_violations(result, "draining ends")[0]
+    )
+
+
+def test_a_draining_backend_back_at_its_first_probe_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def eager(health: _health.BackendHealth) -> tuple[HealthState, str]:
+        return H, "one probe answered"
+
+    monkeypatch.setitem(_health.TRANSITIONS, (D, HealthInput.PROBE_SUCCESS), eager)
+    result = run_shipped("slow-drain")
+    assert failed(result) == ["no flapping"]
+    assert (
+        "DRAINING->HEALTHY after 1 consecutive probe successes while draining"
+        in (first_violations(result, "no flapping")[0])
     )
 
 

@@ -335,6 +335,7 @@ class ControlPlaneMachine(RuleBasedStateMachine):
         for output in outputs:
             if isinstance(output, ProbeBackend):
                 self.probes.append(output.backend.address)
+                self.monitor.probe_sent(output.backend.address)
             else:
                 handlers[type(output).__name__](output, self.now)
         self.monitor.end_step()
