@@ -5,7 +5,8 @@ when a socket is ready; no task, future or coroutine is created per
 connection, and none per wakeup:
 
 * each listening socket has a reader; it accepts up to
-  :data:`~._datapath.ACCEPT_BATCH` clients per wakeup;
+  :data:`~._datapath.ACCEPT_BATCH` clients per wakeup. Pausing (at the
+  connection limit) removes the readers, resuming adds them back;
 * a backend connect is a non-blocking ``connect`` and a one-shot writer that
   fires when the handshake has finished;
 * each direction of an established connection has a reader on its source
@@ -105,6 +106,10 @@ class CallbackPath:
         loop = self._loop = asyncio.get_running_loop()
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
         """Listeners pausing after an accept error, and the handle that resumes each."""
+        self._serving: dict[socket.socket, str] = {}
+        """Listeners being served, and their labels."""
+        self._accepting = True
+        """False while the conductor has paused accepting (:meth:`pause_accepting`)."""
         self._epoll, self._private = readiness_for(loop)
         readiness: Any = self._epoll or loop
         self._add_reader: Callable[..., None] = readiness.add_reader
@@ -120,24 +125,42 @@ class CallbackPath:
 
     async def serve(self, listeners: Sequence[socket.socket]) -> None:
         for listener in listeners:
-            self._add_reader(
-                listener.fileno(), self._on_acceptable, listener, listener_label(listener)
-            )
+            label = self._serving[listener] = listener_label(listener)
+            if self._accepting:
+                self._add_reader(listener.fileno(), self._on_acceptable, listener, label)
         try:
             await anyio.sleep_forever()
         finally:
-            # Every pending resume, not just the last: one left behind would
+            # Every pending resume of these listeners: one left behind would
             # register a closed listener's descriptor number, which a new
             # socket may already have taken.
-            for handle in self._paused.values():
-                handle.cancel()
-            self._paused.clear()
             for listener in listeners:
+                handle = self._paused.pop(listener, None)
+                if handle is not None:
+                    handle.cancel()
+                del self._serving[listener]
                 self._remove_reader(listener.fileno())
 
+    def pause_accepting(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        for listener in self._serving:
+            if listener not in self._paused:  # one backing off has no reader
+                self._remove_reader(listener.fileno())
+
+    def resume_accepting(self) -> None:
+        if self._accepting:
+            return
+        self._accepting = True
+        for listener, label in self._serving.items():
+            if listener not in self._paused:  # one backing off adds its reader when due
+                self._add_reader(listener.fileno(), self._on_acceptable, listener, label)
+
     def _on_acceptable(self, listener: socket.socket, label: str) -> None:
-        def on_client(client: socket.socket, address: object) -> None:
+        def on_client(client: socket.socket, address: object) -> bool:
             self._on_client(client, address, label)
+            return self._accepting  # paused by that client: the rest wait in the backlog
 
         error = accept_batch(listener, on_client)
         if error is not None:
@@ -153,11 +176,14 @@ class CallbackPath:
             self._failed(link)
 
     def _pause(self, listener: socket.socket, label: str) -> None:
-        self._remove_reader(listener.fileno())
+        """Back off after an accept error: no reader for :data:`ACCEPT_BACKOFF` seconds."""
+        if self._accepting:  # else pause_accepting took the reader already
+            self._remove_reader(listener.fileno())
 
         def resume() -> None:
             del self._paused[listener]
-            self._add_reader(listener.fileno(), self._on_acceptable, listener, label)
+            if self._accepting:
+                self._add_reader(listener.fileno(), self._on_acceptable, listener, label)
 
         self._paused[listener] = self._loop.call_later(ACCEPT_BACKOFF, resume)
 

@@ -19,6 +19,16 @@ the queue and run after the ones before them, in the order the core made
 them. A call made while the queue is being worked through is never run
 inside another: the queue not being empty is the whole of that rule.
 
+The conductor also keeps the process inside its descriptors. It counts the
+connections that hold sockets (from the path's ``accepted`` to its
+``released``) against a :class:`~._datapath.ConnectionBudget`: at the
+budget's ``connections`` it asks the path to pause accepting, so clients
+wait in the kernel's backlog instead of being accepted and reset for want
+of a backend socket; below it again, the path resumes. An accept that fails
+anyway (EMFILE: the limit lowered from outside, descriptors taken by
+something else) has the path back off and retry. Either shortage is logged
+once as it begins and once as it ends (:class:`Shortage`), never per client.
+
 Nothing here touches a socket or an event loop: the unit tests drive a
 conductor with a fake data path and a fake clock.
 """
@@ -47,10 +57,10 @@ from loble.core import (
 )
 
 from ._copy import OneWay, Pumped
-from ._datapath import Attempt, DataPath, Link, Reports
+from ._datapath import Attempt, ConnectionBudget, DataPath, Link, Reports
 from ._logging import log
 
-__all__ = ["Conductor", "Listener", "Timer"]
+__all__ = ["Conductor", "Listener", "Shortage", "Timer"]
 
 LinkT = TypeVar("LinkT", bound=Link)
 
@@ -63,6 +73,28 @@ _CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
 
 RESOURCE_WARNING_INTERVAL = 1.0
 """Seconds between two warnings that connects found no socket (one per second at most)."""
+
+
+RECOVERED_SHARE = 0.75
+"""A stretch at the connection limit ends (its line is logged) once the connections
+open fall to this share of the limit. Accepting itself resumes below the limit:
+while clients wait, it pauses again with the next accept and resumes with the
+next close, and all of that is one stretch, not a line per close."""
+
+
+class Shortage:
+    """One stretch of time out of connections or descriptors: what its closing line says."""
+
+    __slots__ = ("accepted", "began", "failures", "pauses")
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self.pauses = 1
+        """Times accepting paused for the connection limit in this stretch."""
+        self.accepted = 0
+        """Clients accepted during it: they came while the proxy was full or nearly."""
+        self.failures = 1
+        """Accepts that failed in it (the path retries every ``ACCEPT_BACKOFF``)."""
 
 
 class Timer(Protocol):
@@ -97,6 +129,7 @@ class Conductor(Generic[LinkT]):
     ``probe(backend, timeout)`` starts a health probe whose result comes
     back through :meth:`probe_result`; ``stop_accepting()`` closes the
     listeners; ``stopped()`` is called once the core has stopped.
+    ``budget`` is how many connections the descriptors carry (None: no limit).
     """
 
     def __init__(
@@ -110,6 +143,7 @@ class Conductor(Generic[LinkT]):
         probe: Callable[[Backend, float], object],
         stop_accepting: Callable[[], object],
         stopped: Callable[[], object],
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.core = core
         self.now = now
@@ -126,6 +160,23 @@ class Conductor(Generic[LinkT]):
         self._touch_resolution = core.touch_resolution
         self._resource_warned = -math.inf
         self._resource_failures = 0
+        self.budget = budget
+        self.holding = 0
+        """Connections holding sockets: accepted and not yet released by the path."""
+        self.connection_limit = budget.connections if budget is not None else math.inf
+        """At this many connections holding sockets, accepting pauses."""
+        self.accepting_paused = False
+        """Whether the path is paused at :attr:`connection_limit`."""
+        self._recovered_at = (
+            min(budget.connections - 1, int(budget.connections * RECOVERED_SHARE))
+            if budget is not None
+            else 0
+        )
+        """At this many connections or fewer, the stretch at the limit has ended."""
+        self._full: Shortage | None = None
+        """The stretch at the connection limit under way, if any."""
+        self._short: Shortage | None = None
+        """The stretch of failing accepts under way, if any."""
         own: dict[type, Handler] = {
             ConnectBackend: self._connect,
             ShutdownWrite: self._shutdown_write,
@@ -153,6 +204,17 @@ class Conductor(Generic[LinkT]):
     # -- from the lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
+        budget = self.budget
+        if budget is not None:
+            log(
+                self.logger,
+                logging.INFO,
+                "connection limit",
+                connections=budget.connections,
+                descriptor_limit=budget.descriptor_limit,
+                reserved=budget.reserved,
+                per_connection=budget.per_connection,
+            )
         self._carry_out(self.core.start(self.now()))
 
     def shutdown(self) -> None:
@@ -203,6 +265,14 @@ class Conductor(Generic[LinkT]):
     # -- reports from the data path (Reports) --------------------------------------------
 
     def accepted(self, link: LinkT) -> None:
+        # Counted first: whatever happens next, the path releases this link.
+        holding = self.holding = self.holding + 1
+        if self._short is not None:
+            self._accepts_again()
+        if self._full is not None:
+            self._full.accepted += 1
+        if holding >= self.connection_limit:
+            self._pause()
         connection_id, outputs = self.core.accept(self.now())
         link.connection_id = connection_id
         self.links[connection_id] = link
@@ -211,7 +281,20 @@ class Conductor(Generic[LinkT]):
         self._carry_out(outputs)
 
     def accept_failed(self, error: OSError) -> None:
-        log(self.logger, logging.WARNING, "accept failed", error=str(error))
+        """An accept failed (the path backs off and retries): one line per stretch."""
+        short = self._short
+        if short is not None:
+            short.failures += 1
+            return
+        self._short = Shortage(self.now())
+        log(
+            self.logger,
+            logging.WARNING,
+            "accepting paused: accept failed",
+            error=str(error),
+            open=self.holding,
+            limit=self._limit_label(),
+        )
 
     def connected(self, link: LinkT, attempt: Attempt) -> bool:
         now = self.now()
@@ -282,6 +365,12 @@ class Conductor(Generic[LinkT]):
         if link.released:
             return  # closed twice (after a bug): counted once
         link.released = True
+        holding = self.holding = self.holding - 1
+        if self.accepting_paused and holding < self.connection_limit:
+            self.accepting_paused = False
+            self.path.resume_accepting()
+        if self._full is not None and holding <= self._recovered_at:
+            self._below_limit()
         closed = link.ended
         if closed is not None:
             for hook in self._dropped_hooks:
@@ -299,6 +388,60 @@ class Conductor(Generic[LinkT]):
             self.path.close(link, True)
             if self.links.get(link.connection_id) is link:
                 del self.links[link.connection_id]
+
+    # -- the connection limit ---------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if self.accepting_paused:
+            return
+        self.accepting_paused = True
+        self.path.pause_accepting()
+        full = self._full
+        if full is not None:
+            full.pauses += 1  # still the same stretch: no line
+            return
+        self._full = Shortage(self.now())
+        budget = self.budget
+        log(
+            self.logger,
+            logging.WARNING,
+            "accepting paused: connection limit reached",
+            open=self.holding,
+            limit=self._limit_label(),
+            descriptor_limit=budget.descriptor_limit if budget is not None else "",
+        )
+
+    def _below_limit(self) -> None:
+        full = self._full
+        assert full is not None
+        self._full = None
+        log(
+            self.logger,
+            logging.INFO,
+            "accepting resumed: below the connection limit",
+            seconds=round(self.now() - full.began, 3),
+            pauses=full.pauses,
+            accepted=full.accepted,
+            open=self.holding,
+            limit=self._limit_label(),
+        )
+
+    def _accepts_again(self) -> None:
+        short = self._short
+        assert short is not None
+        self._short = None
+        log(
+            self.logger,
+            logging.INFO,
+            "accepting resumed: accepts work again",
+            seconds=round(self.now() - short.began, 3),
+            failures=short.failures,
+            open=self.holding,
+        )
+
+    def _limit_label(self) -> int | str:
+        limit = self.connection_limit
+        return "none" if limit == math.inf else int(limit)
 
     # -- carrying out the core's outputs ---------------------------------------------------
 

@@ -63,7 +63,7 @@ from ._admin import UnknownBackend, admin_app
 from ._callbacks import CallbackLink, CallbackPath
 from ._conductor import Conductor
 from ._copy import BufferPool
-from ._datapath import format_address, probe
+from ._datapath import connection_budget, format_address, probe
 from ._http import GRACEFUL_SECONDS, bind_tcp, serve_asgi
 from ._journal import Journal
 from ._logging import LEVELS, formatter_for, log
@@ -271,6 +271,10 @@ class Daemon:
         """The conductor and its data path, on the loop running now."""
         now = loop_clock()
         listeners = (self.metrics, self.journal)
+        endpoints = (self._metrics_socket is not None) + (self._admin_socket is not None)
+        budget = connection_budget(
+            self.copy_method, endpoints=endpoints, backends=len(self.config.backends)
+        )
 
         def start_probe(backend: Backend, timeout: float) -> None:
             tasks.start_soon(self._probe, backend, timeout)
@@ -285,6 +289,7 @@ class Daemon:
                 probe=start_probe,
                 stop_accepting=self._stop_accepting,
                 stopped=self._finish,
+                budget=budget,
             )
         return Conductor[TaskLink](
             self.core,
@@ -295,6 +300,7 @@ class Daemon:
             probe=start_probe,
             stop_accepting=self._stop_accepting,
             stopped=self._finish,
+            budget=budget,
         )
 
     def _finish(self) -> None:

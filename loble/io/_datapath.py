@@ -15,7 +15,9 @@ above it:
   non-blocking connect (:func:`dial`, walking an :class:`Attempt`'s
   addresses), a batch of accepts (:func:`accept_batch`), a half-close
   (:func:`send_eof`), a close that resets (:func:`set_reset`), a probe
-  (:func:`probe`).
+  (:func:`probe`);
+* how many client connections the process's descriptors can carry at once
+  (:func:`connection_budget`), which the conductor enforces.
 
 Which local errors are whose fault is the core's to say
 (:func:`loble.core.is_shortage`, :func:`loble.core.skips_one_client`); this
@@ -28,9 +30,12 @@ import contextlib
 import enum
 import errno
 import ipaddress
+import os
+import resource
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import anyio
@@ -44,7 +49,7 @@ from loble.core import (
     skips_one_client,
 )
 
-from ._copy import BufferPool, OneWay, Pumped
+from ._copy import BufferPool, CopyMethod, OneWay, Pumped
 
 __all__ = [
     "ACCEPT_BACKOFF",
@@ -52,11 +57,13 @@ __all__ = [
     "AddressBook",
     "Addresses",
     "Attempt",
+    "ConnectionBudget",
     "DataPath",
     "Dialed",
     "Link",
     "Reports",
     "accept_batch",
+    "connection_budget",
     "dial",
     "dial_finished",
     "format_address",
@@ -69,7 +76,7 @@ __all__ = [
 ]
 
 ACCEPT_BACKOFF = 0.1
-"""Seconds to pause accepting after an accept error such as EMFILE."""
+"""Seconds to pause accepting after an accept error such as EMFILE, before trying again."""
 
 ACCEPT_BATCH = 64
 """Connections accepted per wakeup of a listening socket at most."""
@@ -246,6 +253,15 @@ class DataPath(Protocol[L]):
         path reports :meth:`Reports.released` (at once, or a moment later).
         May be called again for a link already closed: it then does nothing."""
 
+    def pause_accepting(self) -> None:
+        """Stop accepting on every listener (clients wait in the kernel's backlog).
+
+        Takes effect at once: an accept batch under way stops after the
+        client being accepted. Calling it while paused does nothing."""
+
+    def resume_accepting(self) -> None:
+        """Accept again on every listener still served. Does nothing unless paused."""
+
     def dispose(self) -> None:
         """Every connection is closed and serving has ended: release the rest."""
 
@@ -406,13 +422,15 @@ def listener_label(listener: socket.socket) -> str:
 
 
 def accept_batch(
-    listener: socket.socket, on_client: Callable[[socket.socket, object], object]
+    listener: socket.socket, on_client: Callable[[socket.socket, object], bool]
 ) -> OSError | None:
     """Accept up to :data:`ACCEPT_BATCH` clients, each handed to ``on_client`` with its address.
 
-    Returns the error that should pause accepting (e.g. EMFILE), else None
-    (the backlog is empty or the batch is done). Errors that concern one
-    client only skip it.
+    ``on_client`` answers whether to go on: False (the path was just paused,
+    e.g. at the connection limit) ends the batch there, leaving the rest in
+    the backlog. Returns the error that should pause accepting (e.g.
+    EMFILE), else None (the backlog is empty, the batch is done or was
+    stopped). Errors that concern one client only skip it.
     """
     for _ in range(ACCEPT_BATCH):
         try:
@@ -429,8 +447,96 @@ def accept_batch(
         except OSError:
             client.close()  # gone before it could be set up (e.g. reset at once)
             continue
-        on_client(client, address)
+        if not on_client(client, address):
+            return None
     return None
+
+
+# -- how many connections the descriptors carry ----------------------------------------
+
+SOCKETS_PER_CONNECTION = 2
+"""The client's socket and the backend's (a retry closes one attempt's before the next)."""
+
+PIPE_ENDS_PER_CONNECTION = 4
+"""With ``splice`` (or ``auto``): a pipe, two ends, per direction while bytes are in it."""
+
+HTTP_RESERVE = 8
+"""Descriptors kept for each HTTP endpoint (metrics, admin): concurrent requests it
+can still take while the proxy is full."""
+
+SLACK = 8
+"""Descriptors the process opens at its own pace: a host name's lookup (a file,
+a UDP socket), a module imported late, a connect attempt closing as the next
+one opens."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionBudget:
+    """How many client connections the process's descriptors carry at once.
+
+    ``connections = max(1, (descriptor_limit - reserved) // per_connection)``;
+    see :func:`connection_budget` for each term.
+    """
+
+    descriptor_limit: int
+    """``RLIMIT_NOFILE``'s soft limit when the daemon started."""
+    reserved: int
+    """Descriptors not for client connections: open at start, HTTP, probes, slack."""
+    per_connection: int
+    """Descriptors one client connection may hold at most."""
+    connections: int
+    """Client connections carried at once; at this many, accepting pauses."""
+
+
+def connection_budget(
+    copy: CopyMethod, *, endpoints: int, backends: int, in_use: int | None = None
+) -> ConnectionBudget | None:
+    """The connections this process can carry, from ``RLIMIT_NOFILE`` read now (None: no limit).
+
+    The arithmetic, in the spirit of HAProxy deriving ``maxconn`` from the
+    ulimit (``maxsock = 2 * maxconn + 2 * maxpipes + reserved``)::
+
+        per_connection = 2 sockets (+ 4 pipe ends when the copy may splice)
+        reserved       = in_use + 8 per HTTP endpoint + 1 per backend + 8
+        connections    = max(1, (descriptor_limit - reserved) // per_connection)
+
+    * ``per_connection``: the client socket and the backend socket; with
+      ``splice`` or ``auto``, each direction also holds a pipe (two ends)
+      while bytes are in it. Pipes the pool keeps are covered too: the pool
+      makes a pipe only when it has none to hand out, so the pipes open never
+      exceed two per connection open at the busiest moment, which is at most
+      two per connection of this budget. (With ``recv_into``: 2.)
+    * ``in_use``: descriptors open as serving starts, counted, not guessed
+      (standard streams, the event loop's epoll set and wake-up pipes, the
+      listening sockets, the metrics and admin sockets).
+    * 8 per HTTP endpoint (:data:`HTTP_RESERVE`): a scrape or an admin
+      request still gets a descriptor while the proxy is full.
+    * 1 per backend: a health probe is one socket, one at a time per backend.
+    * 8 (:data:`SLACK`): what the process opens at its own pace.
+
+    At least one connection, so a limit too low for the reserve still serves.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if in_use is None:
+        in_use = _open_descriptors()
+    per_connection = SOCKETS_PER_CONNECTION + (PIPE_ENDS_PER_CONNECTION if copy.needs_splice else 0)
+    reserved = in_use + HTTP_RESERVE * endpoints + backends + SLACK
+    return ConnectionBudget(
+        descriptor_limit=soft,
+        reserved=reserved,
+        per_connection=per_connection,
+        connections=max(1, (soft - reserved) // per_connection),
+    )
+
+
+def _open_descriptors() -> int:
+    """How many descriptors this process has open (``/proc/self/fd`` or ``/dev/fd``)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(directory)) - 1  # the listing's own descriptor
+    return 16  # no way to count: a typical daemon's start-up set
 
 
 def send_eof(sock: socket.socket) -> bool:

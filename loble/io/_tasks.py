@@ -1,7 +1,11 @@
 """The task data path (any anyio backend; the default on trio): raw sockets and waits.
 
 Per client connection one task holds a task group; in it run the connect
-attempt and, once connected, one task per direction. A direction loops:
+attempt and, once connected, one task per direction. The client is reported
+to the conductor the moment it is accepted, before its task runs, so the
+count of open connections is right within an accept batch and the
+conductor's pause at the connection limit stops that batch at once; orders
+given before the task runs (the first connect, a close) wait for it. A direction loops:
 move what it can (:meth:`~._copy.OneWay.pump`), then wait until its source
 is readable or, while bytes are held, until its sink is writable. Closing a
 connection cancels its group; the connection's task then closes both
@@ -54,13 +58,17 @@ Wait = Callable[[socket.socket], Awaitable[None]]
 class TaskLink(Link):
     """A :class:`~._datapath.Link` of this path: its task group and connect attempt."""
 
-    __slots__ = ("attempt", "tasks")
+    __slots__ = ("attempt", "scope", "tasks", "waiting_connect")
 
-    def __init__(
-        self, client: socket.socket, address: object, listener: str, tasks: TaskGroup
-    ) -> None:
+    def __init__(self, client: socket.socket, address: object, listener: str) -> None:
         super().__init__(client, address, listener)
-        self.tasks = tasks
+        self.scope = anyio.CancelScope()
+        """The connection's own scope: cancelling it (a close) ends all its tasks,
+        or, before its task has started, has the task end at once."""
+        self.tasks: TaskGroup | None = None
+        """The connection's task group, once its task runs."""
+        self.waiting_connect: ConnectBackend | None = None
+        """A connect ordered before the task group existed."""
         self.attempt: anyio.CancelScope | None = None
         """The scope of the connect attempt in progress, if any."""
 
@@ -81,6 +89,10 @@ class TaskPath:
         self._now = now
         self._tasks = tasks
         self._addresses = AddressBook()
+        self._accepting = True
+        """False while the conductor has paused accepting (:meth:`pause_accepting`)."""
+        self._resumed: anyio.Event | None = None
+        """Set when accepting resumes; made by the first accept loop that waits for it."""
         self._wait_readable: Wait = anyio.wait_readable
         self._wait_writable: Wait = anyio.wait_writable
         if library == "trio":
@@ -100,54 +112,80 @@ class TaskPath:
             for listener in listeners:
                 accepting.start_soon(self._accept_loop, listener)
 
+    def pause_accepting(self) -> None:
+        self._accepting = False
+
+    def resume_accepting(self) -> None:
+        self._accepting = True
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+
     async def _accept_loop(self, listener: socket.socket) -> None:
         wait_readable = self._wait_readable
         start_soon = self._tasks.start_soon
         serve_client = self._serve_client
+        reports = self._reports
 
         label = listener_label(listener)
 
-        def on_client(client: socket.socket, address: object) -> None:
-            start_soon(serve_client, client, address, label)
+        def on_client(client: socket.socket, address: object) -> bool:
+            link = TaskLink(client, address, label)
+            try:
+                reports.accepted(link)  # counted now, not when its task starts
+            except Exception:  # a bug: this client only, the batch goes on
+                reports.driver_failed(link)
+            start_soon(serve_client, link)  # closes the sockets, whatever happened
+            return self._accepting  # paused by that client: the rest wait in the backlog
 
         while True:
+            while not self._accepting:
+                resumed = self._resumed
+                if resumed is None:
+                    resumed = self._resumed = anyio.Event()
+                await resumed.wait()
             await wait_readable(listener)
+            if not self._accepting:
+                continue  # paused while waiting: leave the clients in the backlog
             error = accept_batch(listener, on_client)
             if error is not None:
-                self._reports.accept_failed(error)
+                reports.accept_failed(error)
                 await anyio.sleep(ACCEPT_BACKOFF)
 
-    async def _serve_client(self, client: socket.socket, address: object, label: str) -> None:
-        link: TaskLink | None = None
+    async def _serve_client(self, link: TaskLink) -> None:
         try:
-            async with anyio.create_task_group() as tasks:
-                link = TaskLink(client, address, label, tasks)
-                self._reports.accepted(link)
-                # Only the core ends a connection: its CloseConnection cancels this group.
-                await anyio.sleep_forever()
+            with link.scope:  # a close before this task ran has cancelled it already
+                async with anyio.create_task_group() as tasks:
+                    link.tasks = tasks
+                    action, link.waiting_connect = link.waiting_connect, None
+                    if action is not None:
+                        self.connect(link, action)
+                    # Only the core ends a connection: its CloseConnection cancels the scope.
+                    await anyio.sleep_forever()
         except Exception:
-            if link is None:
-                raise
             self._reports.driver_failed(link)
         finally:
             # No task of this connection waits on its sockets any more.
-            for way in (link.to_backend, link.to_client) if link is not None else ():
+            for way in (link.to_backend, link.to_client):
                 if way is not None:
                     way.release()
-            client.close()
-            if link is not None:
-                if link.backend is not None:
-                    link.backend.close()
-                self._reports.released(link)
+            link.client.close()
+            if link.backend is not None:
+                link.backend.close()
+            self._reports.released(link)
 
     # -- connecting ----------------------------------------------------------------
 
     def connect(self, link: TaskLink, action: ConnectBackend) -> None:
+        tasks = link.tasks
+        if tasks is None:
+            link.waiting_connect = action  # the first connect, ordered at accept
+            return
         previous = link.attempt
         if previous is not None:
             previous.cancel()  # the core gave up on the previous attempt
         scope = link.attempt = anyio.CancelScope()
-        link.tasks.start_soon(self._connect, link, Attempt(action, self._now()), scope)
+        tasks.start_soon(self._connect, link, Attempt(action, self._now()), scope)
 
     async def _connect(self, link: TaskLink, attempt: Attempt, scope: anyio.CancelScope) -> None:
         reports = self._reports
@@ -193,9 +231,11 @@ class TaskPath:
         assert sock is not None
         attempt.sock = None
         link.join(sock, attempt.backend.address, self._pool)
+        tasks = link.tasks
+        assert tasks is not None  # a connect ran in it
         for way in (link.to_backend, link.to_client):
             assert way is not None
-            link.tasks.start_soon(self._copy, link, way)
+            tasks.start_soon(self._copy, link, way)
 
     # -- forwarding ----------------------------------------------------------------
 
@@ -223,8 +263,9 @@ class TaskPath:
 
     def close(self, link: TaskLink, reset: bool) -> None:
         """Cancel the connection's tasks; its own task closes the sockets (see the module doc)."""
-        if link.tasks.cancel_scope.cancel_called:
+        if link.scope.cancel_called:
             return  # already closing: the first close decided RST or FIN
         if reset:
             set_reset(link.client, link.backend)
-        link.tasks.cancel_scope.cancel()
+        link.waiting_connect = None
+        link.scope.cancel()
