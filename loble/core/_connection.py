@@ -47,8 +47,8 @@ attempt; in the open states it is ``idle_timeout`` after the last activity
 sends ``CONNECT_TIMEOUT`` or ``IDLE_TIMEOUT`` when :attr:`deadline` passes.
 
 How it ends on the wire: the ``CloseConnection`` of an outcome in
-:data:`RESET_OUTCOMES` says ``reset``, and the driver closes with RST instead
-of FIN.
+:data:`RESET_OUTCOMES` (every stream cut short, by a peer or by the proxy's
+own deadlines) says ``reset``, and the driver closes with RST instead of FIN.
 
 The machine is :data:`TRANSITIONS`, one dict keyed by ``(state, input)``; a
 pair missing from it raises :class:`StateMachineError`.
@@ -322,18 +322,30 @@ class Connection:
 # -- how a connection ends on the wire -------------------------------------------
 
 RESET_OUTCOMES = frozenset(
-    {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED, Outcome.REMOVED}
+    {
+        Outcome.CLIENT_RESET,
+        Outcome.BACKEND_RESET,
+        Outcome.RESOURCE_EXHAUSTED,
+        Outcome.REMOVED,
+        Outcome.CUT,
+        Outcome.IDLE_TIMEOUT,
+    }
 )
 """Outcomes whose close is passed on as a reset (RST, ``SO_LINGER`` 0) to the
-side still open, not an orderly FIN.
+sides still open, not an orderly FIN.
 
-A reset, a local failure or a cut at the removal deadline of a backend a
-reload removed (``REMOVED``) cut the stream short: an orderly FIN would make
-a truncated stream look complete to the other side. Every other outcome ends
-with FIN: the stream ended (``COMPLETED``), nothing was carried yet
-(``NO_BACKEND``, ``CONNECT_FAILED``, ``REFUSED_SHUTTING_DOWN``), or the
-proxy ended it on purpose, by its own timeouts (``IDLE_TIMEOUT``, ``CUT`` at
-the drain deadline), and nothing went wrong with the stream itself."""
+Every one of them ends a stream that neither end finished: a peer's reset, a
+local failure, a cut at the removal deadline of a backend a reload removed
+(``REMOVED``) or at the drain deadline of a shutdown (``CUT``), or the idle
+timeout (``IDLE_TIMEOUT``: both ends were still open, each waiting for the
+other). An L4 proxy cannot know where a raw stream's messages end, and a FIN
+says "that was all of it": a client reading to EOF (a download, a dump, a
+``COPY``) would take a truncated transfer for a complete one and exit 0. A
+reset says "cut short", which every client library reports as an error. So
+the proxy is not gentler than the failure it passes on, even when it cut the
+stream itself, on purpose. Every other outcome ends with FIN: the stream
+ended (``COMPLETED``), or nothing was carried yet (``NO_BACKEND``,
+``CONNECT_FAILED``, ``REFUSED_SHUTTING_DOWN``)."""
 
 _CC_ID, _CC_OUTCOME, _CC_RESET = setters(CloseConnection, "connection_id", "outcome", "reset")
 _new = object.__new__

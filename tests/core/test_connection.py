@@ -41,8 +41,12 @@ RESETTING = {
     Outcome.BACKEND_RESET,
     Outcome.RESOURCE_EXHAUSTED,
     Outcome.REMOVED,
+    Outcome.CUT,
+    Outcome.IDLE_TIMEOUT,
 }
 """The outcomes that must close with RST: written out here, not read from the core."""
+FIN = {Outcome.COMPLETED, Outcome.NO_BACKEND, Outcome.CONNECT_FAILED, Outcome.REFUSED_SHUTTING_DOWN}
+"""The outcomes that close with FIN: the stream ended, or nothing was carried yet."""
 In = ConnInput
 S = ConnState
 
@@ -330,10 +334,26 @@ def test_each_attempt_starts_and_finishes_exactly_once(
 
 
 def test_resets_are_exactly_the_truncated_streams() -> None:
-    # A reset, a local failure or a cut at a removed backend's deadline cut the
-    # stream short: RST, so the other side cannot take a truncated stream for a
-    # complete one. Everything else: FIN.
+    # A reset, a local failure, a cut (at a removed backend's deadline or at
+    # the drain deadline) or the idle timeout cut the stream short: RST, so the
+    # other side cannot take a truncated stream for a complete one. FIN only
+    # where the stream ended or nothing was carried yet.
     assert RESET_OUTCOMES == RESETTING
+    assert set(Outcome) == RESETTING | FIN and not RESETTING & FIN
+
+
+@pytest.mark.parametrize("state", [S.ESTABLISHED, S.CLIENT_DONE, S.BACKEND_DONE])
+@pytest.mark.parametrize(
+    ("conn_input", "outcome"), [(In.CUT, Outcome.CUT), (In.IDLE_TIMEOUT, Outcome.IDLE_TIMEOUT)]
+)
+def test_the_proxys_own_cuts_close_with_rst(
+    state: ConnState, conn_input: ConnInput, outcome: Outcome
+) -> None:
+    # Ended on purpose by the proxy, mid-stream: still a truncation to the peers.
+    (close,) = [
+        o for o in in_state(state).handle(conn_input, 9.0) if isinstance(o, CloseConnection)
+    ]
+    assert (close.outcome, close.reset) == (outcome, True)
 
 
 @pytest.mark.parametrize("outcome", list(Outcome))

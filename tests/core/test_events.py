@@ -30,8 +30,8 @@ BACKEND = Backend(address="10.0.0.1:80", weight=2)
         ),
         (shutdown_write(4, Side.CLIENT), ShutdownWrite(connection_id=4, side=Side.CLIENT)),
         (
-            close_connection(5, Outcome.CUT),
-            CloseConnection(connection_id=5, outcome=Outcome.CUT, reset=False),
+            close_connection(5, Outcome.COMPLETED),
+            CloseConnection(connection_id=5, outcome=Outcome.COMPLETED, reset=False),
         ),
         (
             close_connection(5, Outcome.BACKEND_RESET),

@@ -36,7 +36,15 @@ from loble.core._process import TRANSITIONS as PROCESS_TRANSITIONS
 from loble.core._process import ProcessInput, ProcessLifecycle, ProcessStep
 
 A, B = "127.0.0.1:7001", "127.0.0.1:7002"
-RESETTING = {Outcome.CLIENT_RESET, Outcome.BACKEND_RESET, Outcome.RESOURCE_EXHAUSTED}
+RESETTING = {
+    Outcome.CLIENT_RESET,
+    Outcome.BACKEND_RESET,
+    Outcome.RESOURCE_EXHAUSTED,
+    Outcome.REMOVED,
+    Outcome.CUT,
+    Outcome.IDLE_TIMEOUT,
+}
+"""Every stream cut short closes with RST (``RESET_OUTCOMES``), written out here."""
 
 
 def core(**sections: dict[str, object]) -> ProxyCore:

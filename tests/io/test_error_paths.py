@@ -21,7 +21,7 @@ EXPECTED = {
     "client reset": ("client_reset", "backend saw reset"),
     "backend half-close": ("completed", "hi|eof, backend got 'after'"),
     "every attempt refused": ("connect_failed", "eof"),
-    "idle timeout": ("idle_timeout", "eof"),
+    "idle timeout": ("idle_timeout", "reset"),
 }
 
 
