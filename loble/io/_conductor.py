@@ -165,14 +165,16 @@ class Conductor(Generic[LinkT]):
         """Connections holding sockets: accepted and not yet released by the path."""
         self.connection_limit = budget.connections if budget is not None else math.inf
         """At this many connections holding sockets, accepting pauses."""
-        self.accepting_paused = False
+        self._paused_at_limit = False
         """Whether the path is paused at :attr:`connection_limit`."""
         self._recovered_at = (
-            min(budget.connections - 1, int(budget.connections * RECOVERED_SHARE))
+            max(0, min(budget.connections - 2, int(budget.connections * RECOVERED_SHARE)))
             if budget is not None
             else 0
         )
-        """At this many connections or fewer, the stretch at the limit has ended."""
+        """At this many connections or fewer, the stretch at the limit has ended: below
+        ``limit - 1``, which every close reaches for a moment before the next client
+        waiting in the backlog is accepted."""
         self._full: Shortage | None = None
         """The stretch at the connection limit under way, if any."""
         self._short: Shortage | None = None
@@ -366,8 +368,8 @@ class Conductor(Generic[LinkT]):
             return  # closed twice (after a bug): counted once
         link.released = True
         holding = self.holding = self.holding - 1
-        if self.accepting_paused and holding < self.connection_limit:
-            self.accepting_paused = False
+        if self._paused_at_limit and holding < self.connection_limit:
+            self._paused_at_limit = False
             self.path.resume_accepting()
         if self._full is not None and holding <= self._recovered_at:
             self._below_limit()
@@ -391,10 +393,15 @@ class Conductor(Generic[LinkT]):
 
     # -- the connection limit ---------------------------------------------------------------
 
+    @property
+    def accepting_paused(self) -> bool:
+        """Whether accepting is paused: at the connection limit, or accepts are failing."""
+        return self._paused_at_limit or self._short is not None
+
     def _pause(self) -> None:
-        if self.accepting_paused:
+        if self._paused_at_limit:
             return
-        self.accepting_paused = True
+        self._paused_at_limit = True
         self.path.pause_accepting()
         full = self._full
         if full is not None:

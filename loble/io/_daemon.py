@@ -232,6 +232,7 @@ class Daemon:
                 conductor = self.conductor = self._conduct(tasks)
                 self._started_at = conductor.now()
                 self.metrics.now = conductor.now
+                self.metrics.admission = conductor
                 self.metrics.started = self._started_at
                 self.metrics.before_render = self._count_bytes_in_flight
                 if handle_signals:

@@ -25,10 +25,11 @@ thread that touches it.
 
 from __future__ import annotations
 
+import math
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -157,6 +158,8 @@ class Metrics:
         """The core's clock, once the daemon runs (for the seconds since a state change)."""
         self.started = 0.0
         """When the daemon started, on that clock."""
+        self.admission: Admission | None = None
+        """The connection limit and whether accepting is paused (the conductor), once running."""
         registry.register(_CoreCollector(core, self))
         self._closed: dict[tuple[str, Outcome], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -420,6 +423,16 @@ class _Histograms:
         yield family
 
 
+class Admission(Protocol):
+    """What the accepting gauges read (a :class:`~._conductor.Conductor` is one)."""
+
+    @property
+    def connection_limit(self) -> float: ...
+
+    @property
+    def accepting_paused(self) -> bool: ...
+
+
 class _CoreCollector:
     """Gauges read from the core's statistics when scraped."""
 
@@ -490,6 +503,17 @@ class _CoreCollector:
             "loble_snapshot_backends",
             "Backends eligible for new connections (in the snapshot).",
             value=len(stats.eligible),
+        )
+        admission = self._metrics.admission
+        yield GaugeMetricFamily(
+            "loble_connection_limit",
+            "Client connections carried at once, from the descriptor limit (+Inf: none).",
+            value=float(admission.connection_limit) if admission is not None else math.inf,
+        )
+        yield GaugeMetricFamily(
+            "loble_accepting_paused",
+            "1 while accepting is paused: at the connection limit, or accepts failing.",
+            value=float(admission is not None and admission.accepting_paused),
         )
         yield GaugeMetricFamily(
             "loble_draining",
