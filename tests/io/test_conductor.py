@@ -34,7 +34,7 @@ from loble.core import (
 )
 from loble.io._conductor import Conductor
 from loble.io._copy import OneWay, Pumped
-from loble.io._datapath import Attempt, Link, Reports
+from loble.io._datapath import Attempt, ConnectionBudget, Link, Reports
 
 GOOD, OTHER = "127.0.0.1:9101", "127.0.0.1:9102"
 
@@ -98,6 +98,12 @@ class FakePath:
         if self.release_at_once:
             self.reports.released(link)
 
+    def pause_accepting(self) -> None:
+        self.calls.append(("pause_accepting",))
+
+    def resume_accepting(self) -> None:
+        self.calls.append(("resume_accepting",))
+
     def dispose(self) -> None:
         self.calls.append(("dispose",))
 
@@ -160,7 +166,7 @@ class Timer:
 class Rig:
     """A conductor on a fresh core, with everything it calls out to recorded."""
 
-    def __init__(self, **sections: Any) -> None:
+    def __init__(self, budget: ConnectionBudget | None = None, **sections: Any) -> None:
         clock.now = 1000.0
         document = {
             "listener": {"address": "127.0.0.1:0"},
@@ -182,6 +188,7 @@ class Rig:
             probe=lambda backend, timeout: self.probes.append((backend.address, timeout)),
             stop_accepting=self._stop_accepting,
             stopped=self._stopped,
+            budget=budget,
         )
         path = self.conductor.path
         assert isinstance(path, FakePath)
@@ -361,6 +368,99 @@ def test_out_of_resources_ends_the_client_without_blaming_the_backend_and_warns_
     assert [r.fields["connections"] for r in warnings] == [1, 3]  # type: ignore[attr-defined]
     assert all(b.state is HealthState.HEALTHY for b in rig.core.statistics().backends)
     assert {outcome for _, outcome in rig.recorder.dropped} == {Outcome.RESOURCE_EXHAUSTED}
+
+
+def budget_of(connections: int) -> ConnectionBudget:
+    return ConnectionBudget(
+        descriptor_limit=256, reserved=40, per_connection=6, connections=connections
+    )
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("accepting")]
+
+
+def test_at_the_connection_limit_accepting_pauses_and_resumes_with_one_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(budget=budget_of(4))
+    path = rig.path
+    pauses = [("pause_accepting",)]
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        links = [rig.accept() for _ in range(4)]
+        # Paused by the client that reached the limit, before the core saw it.
+        assert [c for c in path.calls if c[0].endswith("accepting")] == pauses
+        assert rig.conductor.accepting_paused
+        for link in links:
+            rig.connect(link)
+        clock.now += 2.5
+        # A close makes room: resume; the next waiting client fills it: pause again.
+        rig.conductor.socket_failed(links[0], Side.CLIENT)
+        assert path.calls[-1] == ("resume_accepting",)
+        assert not rig.conductor.accepting_paused
+        links[0] = rig.accept()
+        assert path.calls[-2] == ("pause_accepting",)  # then its connect
+        # Still one stretch: no second line until three quarters of the limit.
+        assert messages(caplog) == ["accepting paused: connection limit reached"]
+        for link in links[:2]:
+            rig.conductor.socket_failed(link, Side.CLIENT)
+    assert messages(caplog) == [
+        "accepting paused: connection limit reached",
+        "accepting resumed: below the connection limit",
+    ]
+    paused, resumed = (r for r in caplog.records if r.getMessage().startswith("accepting"))
+    assert (paused.fields["open"], paused.fields["limit"]) == (4, 4)  # type: ignore[attr-defined]
+    fields = resumed.fields  # type: ignore[attr-defined]
+    assert (fields["seconds"], fields["pauses"], fields["accepted"], fields["open"]) == (
+        2.5,
+        2,
+        1,
+        2,
+    )
+    assert [c for c in path.calls if c[0].endswith("accepting")] == [
+        ("pause_accepting",),
+        ("resume_accepting",),
+        ("pause_accepting",),
+        ("resume_accepting",),
+    ]
+
+
+def test_a_connection_counts_until_the_path_releases_it_not_until_the_core_closes_it() -> None:
+    # The tasks path closes a connection's sockets a moment after the core
+    # closed it: until then its descriptors are still in use.
+    rig = Rig(budget=budget_of(1))
+    rig.path.release_at_once = False
+    link = rig.accept()
+    assert rig.path.calls[0] == ("pause_accepting",)
+    rig.conductor.socket_failed(link, Side.CLIENT)
+    assert rig.conductor.links == {}
+    assert rig.path.calls[-1] != ("resume_accepting",)
+    rig.conductor.released(link)
+    assert rig.path.calls[-1] == ("resume_accepting",)
+    rig.conductor.released(link)  # twice (after a bug): counted once
+    assert rig.conductor.holding == 0
+
+
+def test_failing_accepts_are_one_line_as_they_begin_and_one_as_accepts_work_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig()  # no budget: the limit lowered from outside, descriptors used elsewhere
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        for _ in range(30):  # the path retries every ACCEPT_BACKOFF
+            rig.conductor.accept_failed(OSError(24, "Too many open files"))
+            clock.now += 0.1
+        assert rig.conductor.accepting_paused
+        rig.accept()
+        rig.accept()
+    assert messages(caplog) == [
+        "accepting paused: accept failed",
+        "accepting resumed: accepts work again",
+    ]
+    resumed = caplog.records[-1].fields  # type: ignore[attr-defined]
+    assert (resumed["failures"], resumed["seconds"]) == (30, pytest.approx(3.0))
+    assert not rig.conductor.accepting_paused
+    assert rig.conductor.connection_limit == math.inf
+    assert not [c for c in rig.path.calls if c[0].endswith("accepting")]
 
 
 def test_the_timer_is_moved_no_later_than_the_core_s_lead() -> None:
