@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -204,12 +205,66 @@ def _answers(address: tuple[str, int]) -> bool:
 
 
 NO_SOCKET = "no socket for a backend connect: closing the client"
+PAUSED = "accepting paused: connection limit reached"
+RESUMED = "accepting resumed: below the connection limit"
+ACCEPT_PAUSED = "accepting paused: accept failed"
+ACCEPT_RESUMED = "accepting resumed: accepts work again"
 
 
+def budget(daemon: Limited) -> dict[str, Any]:
+    """The daemon's ``connection limit`` line: connections, descriptor_limit, reserved, ..."""
+    wait_until(lambda: daemon.find("connection limit"), "the connection limit line")
+    return daemon.find("connection limit")[0]
+
+
+def open_descriptors(pid: int) -> list[int]:
+    return sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd"))
+
+
+def limit_leaving(pid: int, free: int) -> int:
+    """A soft RLIMIT_NOFILE under which ``pid`` can open exactly ``free`` more descriptors
+    (a new descriptor takes the lowest free number, and must be below the limit)."""
+    used = set(open_descriptors(pid))
+    number = 0
+    holes = 0
+    while True:
+        if number not in used:
+            if holes == free:
+                return number
+            holes += 1
+        number += 1
+
+
+def waiting(client: socket.socket) -> bool:
+    """The client is connected and nothing came back: no reset, no EOF, no bytes."""
+    timeout = client.gettimeout()
+    client.setblocking(False)  # with a timeout, recv would wait for bytes first
+    try:
+        client.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        client.settimeout(timeout)
+    return False
+
+
+def scrape(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=BOUND) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return _read_to_end(conn)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="lowers a running process's limit: Linux")
 @pytest.mark.parametrize(("data_path", "copy"), DATA_PLANES, ids=["-".join(p) for p in DATA_PLANES])
-def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
+def test_out_of_descriptors_from_outside_the_daemon_carries_on(
     tmp_path: Path, sink: Sink, data_path: str, copy: str
 ) -> None:
+    # Below the connection limit a descriptor can still run out: the limit
+    # lowered from outside (prlimit), or taken by something else. Lowered here
+    # to leave exactly one descriptor (the accept takes it, the backend socket
+    # fails) and then none (the accept fails): the daemon carries on.
     if copy != "recv_into" and not SPLICE_AVAILABLE:
         pytest.skip("splice(2) is not available here")
     document = {
@@ -219,58 +274,139 @@ def test_out_of_descriptors_for_backend_connects_the_daemon_carries_on(
         "health": {"failure_threshold": 1},
         "logging": {"format": "json", "level": "debug", "access_log": True},
     }
-    saw_no_socket = False
-    # Each connection takes two descriptors: of two adjacent limits, one has the
-    # accept take the last descriptor, so the backend socket() fails (EMFILE).
-    # A descriptor the daemon opens at its own pace (a pooled pipe, the loop's
-    # own) can shift the parity on a busy machine: two more limits cover that.
-    for limit in (40, 41, 42, 43):
-        if saw_no_socket and limit > 41:
-            break
-        env = {"LOBLE_DATA_PATH": data_path, "LOBLE_COPY": copy}
-        with limited(tmp_path, limit, document, **env) as daemon:
-            proxied = daemon.address("listening")
-            clients: list[socket.socket] = []
+    limit = 256
+    env = {"LOBLE_DATA_PATH": data_path, "LOBLE_COPY": copy}
+    with limited(tmp_path, limit, document, **env) as daemon:
+        pid = daemon.process.pid
+        proxied = daemon.address("listening")
+        held = socket.create_connection(proxied, timeout=BOUND)
+        try:
+            held.sendall(b"held")
+            wait_until(lambda: sink.accepted == 1, "the held client connected")
+            # One descriptor left: the client is accepted, its backend socket is not made.
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit_leaving(pid, 1), limit))
+            with socket.create_connection(proxied, timeout=BOUND) as client:
+                assert _read_to_end(client) in (b"", b"<reset>")
+            wait_until(lambda: daemon.find(NO_SOCKET), "the no-socket warning")
+            # Counted as the proxy's own shortage, not as a peer's reset.
+            wait_until(
+                lambda: any(
+                    r.get("outcome") == "resource_exhausted" for r in daemon.find("connection")
+                ),
+                "an access log line with outcome resource_exhausted",
+            )
+            # None left: accepts fail, the client waits in the backlog; one line.
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit_leaving(pid, 0), limit))
+            late = socket.create_connection(proxied, timeout=BOUND)
+            with late:
+                late.sendall(b"late")
+                late.shutdown(socket.SHUT_WR)
+                wait_until(lambda: daemon.find(ACCEPT_PAUSED), "the accept-failed warning")
+                # An established connection still moves bytes (splice: no pipe, a buffer).
+                held.shutdown(socket.SHUT_WR)
+                assert _read_to_end(held) == b"ok:held", "\n".join(daemon.text[-30:])
+                assert waiting(late)
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+                assert _read_to_end(late) == b"ok:late", "\n".join(daemon.text[-30:])
+            wait_until(lambda: daemon.find(ACCEPT_RESUMED), "the accepts-work-again line")
+            assert len(daemon.find(ACCEPT_PAUSED)) == 1, "one line, not one per retry"
+            assert len(daemon.find(ACCEPT_RESUMED)) == 1
+            assert daemon.find(ACCEPT_RESUMED)[0]["failures"] >= 1
+        finally:
+            held.close()
+        assert _answers(proxied)
+        assert daemon.stop() == 0, "\n".join(daemon.text[-20:])
+        assert not daemon.find("backend state changed"), "fd pressure is not a backend fault"
+        assert not any("Traceback" in line for line in daemon.text)
 
-            def progress() -> tuple[int, int, int]:
-                failures = len(daemon.find(NO_SOCKET)) + len(daemon.find("accept failed"))
-                return sink.accepted, failures, daemon.process.poll() or 0
 
-            try:
-                while len(clients) < 100:
-                    before = progress()
-                    # Accepted with no backend socket left: reset, maybe before connect() returns.
-                    with contextlib.suppress(ConnectionResetError):
-                        clients.append(socket.create_connection(proxied, timeout=BOUND))
-                    wait_until(lambda b=before: progress() != b, "the daemon takes the client")
-                    assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
-                    if sink.accepted == before[0]:
-                        break  # at the limit
-                else:
-                    raise AssertionError("never ran out of descriptors")
-                if daemon.find(NO_SOCKET):
-                    saw_no_socket = True
-                    # Counted as the proxy's own shortage, not as a peer's reset.
-                    wait_until(
-                        lambda: any(
-                            r.get("outcome") == "resource_exhausted"
-                            for r in daemon.find("connection")
-                        ),
-                        "an access log line with outcome resource_exhausted",
-                    )
-                # A report at the limit does not kill it either, and an established
-                # connection still moves bytes (with splice: no pipe, a buffer instead).
-                clients[0].shutdown(socket.SHUT_WR)
-                assert _read_to_end(clients[0]) == b"ok:", "\n".join(daemon.text[-30:])
-                assert daemon.process.poll() is None, "\n".join(daemon.text[-20:])
-            finally:
-                for client in clients:
-                    client.close()
-            wait_until(lambda a=proxied: _answers(a), "the proxy serving again")
+PATHS = [("asyncio", "callbacks"), ("asyncio", "tasks"), ("trio", "tasks")]
+
+SMALL = 8
+"""Connections the threshold limits are chosen around."""
+
+
+@pytest.mark.parametrize(("runtime", "data_path"), PATHS, ids=["-".join(p) for p in PATHS])
+def test_at_the_connection_limit_clients_wait_in_the_backlog_then_are_served(
+    tmp_path: Path, sink: Sink, runtime: str, data_path: str
+) -> None:
+    # The issue's 256 and 257 (one of them used to accept and reset), then the
+    # descriptor limits just below, at and above the one that carries SMALL.
+    threshold: int | None = None
+    for run, limit in enumerate((256, 257, None, None, None)):
+        if limit is None:
+            assert threshold is not None
+            limit = threshold + run - 3  # threshold - 1, threshold, threshold + 1
+        document = {
+            "listener": {"address": "127.0.0.1:0"},
+            "backends": [{"address": sink.address}],
+            "metrics": {"enabled": True, "address": "127.0.0.1:0"},
+            "runtime": {"backend": runtime},
+        }
+        sink.accepted = 0
+        (tmp_path / str(run)).mkdir()
+        with limited(tmp_path / str(run), limit, document, LOBLE_DATA_PATH=data_path) as daemon:
+            figures = budget(daemon)
+            reserved, per_connection = figures["reserved"], figures["per_connection"]
+            connections = figures["connections"]
+            assert figures["descriptor_limit"] == limit
+            assert connections == max(1, (limit - reserved) // per_connection)
+            if threshold is None:
+                threshold = reserved + SMALL * per_connection
+            elif run >= 2:
+                assert connections == SMALL + min(0, run - 3), (limit, figures)
+            _fill_wait_and_serve(daemon, sink, connections)
             assert daemon.stop() == 0, "\n".join(daemon.text[-20:])
-            assert not daemon.find("backend state changed"), "fd pressure is not a backend fault"
             assert not any("Traceback" in line for line in daemon.text)
-    assert saw_no_socket
+
+
+def _fill_wait_and_serve(daemon: Limited, sink: Sink, connections: int) -> None:
+    proxied = daemon.address("listening")
+    metrics = daemon.address("metrics endpoint")
+    extra = max(1, connections // 4)
+    held: list[socket.socket] = []
+    late: list[socket.socket] = []
+    try:
+        for number in range(connections):
+            client = socket.create_connection(proxied, timeout=BOUND)
+            held.append(client)
+            client.sendall(b"held-%d" % number)
+        wait_until(lambda: sink.accepted == connections, f"{connections} clients connected")
+        wait_until(lambda: daemon.find(PAUSED), "the paused line")
+        paused = daemon.find(PAUSED)[0]
+        assert (paused["open"], paused["limit"]) == (connections, connections), paused
+        for number in range(extra):
+            client = socket.create_connection(proxied, timeout=BOUND)  # the backlog's
+            late.append(client)
+            client.sendall(b"late-%d" % number)
+        # The endpoint answers at the limit; once it has, the loop has had its turn.
+        answer = scrape(metrics)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"loble_accepting_paused 1" in answer
+        assert sink.accepted == connections, "accepted past the limit"
+        assert all(waiting(client) for client in late), "a waiting client was reset"
+        for number, client in enumerate(held):
+            client.shutdown(socket.SHUT_WR)
+            assert _read_to_end(client) == b"ok:held-%d" % number
+            client.close()
+            if number < extra:  # its place goes to the next client in the backlog
+                wait_until(
+                    lambda n=number: sink.accepted == connections + n + 1, "a waiting client in"
+                )
+        for number, client in enumerate(late):
+            client.shutdown(socket.SHUT_WR)
+            assert _read_to_end(client) == b"ok:late-%d" % number
+    finally:
+        for client in held + late:
+            client.close()
+    wait_until(lambda: daemon.find(RESUMED), "the resumed line")
+    assert len(daemon.find(PAUSED)) == 1, [r["msg"] for r in daemon.records]
+    assert len(daemon.find(RESUMED)) == 1
+    resumed = daemon.find(RESUMED)[0]
+    assert resumed["accepted"] == extra and resumed["pauses"] == extra + 1, resumed
+    assert not daemon.find(NO_SOCKET) and not daemon.find(ACCEPT_PAUSED)
+    assert _answers(proxied), "serves again"
+    assert b"loble_accepting_paused 0" in scrape(metrics)
 
 
 # -- an address family switched off ---------------------------------------------------
