@@ -48,7 +48,10 @@ class Checker:
         for key in table:
             if key in valid:
                 continue
-            where = f"{path}.{key}" if path else key
+            # A key that would not print as itself (a control or separator
+            # character, which would also split the error into lines) is quoted.
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+            where = f"{path}.{shown}" if path else shown
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             self.errors.append(f"{where}: unknown key{hint}")

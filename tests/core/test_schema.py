@@ -69,3 +69,13 @@ def test_tables() -> None:
 )
 def test_checks(check: Any, raw: Any, problem: str | None) -> None:
     assert check(raw) == problem
+
+
+def test_a_key_that_would_not_print_as_itself_is_quoted_in_one_line() -> None:
+    checker = Checker()
+    checker.unknown_keys("listener", {"a\x1eb": 1, "c\nd": 2}, ("address",))
+    assert checker.errors == [
+        "listener.'a\\x1eb': unknown key; valid keys: address",
+        "listener.'c\\nd': unknown key; valid keys: address",
+    ]
+    assert all(len(error.splitlines()) == 1 for error in checker.errors)
