@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import anyio
 import hypercorn.asyncio
-import hypercorn.trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 from starlette.applications import Starlette
@@ -30,6 +30,12 @@ from loble.core import LobleError, parse_address
 from ._runtime import current_library
 
 __all__ = ["GRACEFUL_SECONDS", "IDLE_SECONDS", "READ_SECONDS", "bind_tcp", "serve_asgi"]
+
+_serve_on_trio: Callable[..., Awaitable[None]] | None
+try:  # trio is optional: only `[runtime] backend = "trio"` needs it (and then has it)
+    from hypercorn.trio import serve as _serve_on_trio
+except ImportError:
+    _serve_on_trio = None
 
 GRACEFUL_SECONDS = 1.0
 """How long a request in progress may take once its endpoint stops."""
@@ -90,6 +96,7 @@ async def serve_asgi(
     config.read_timeout = READ_SECONDS
     config.include_server_header = False
     if current_library() == "trio":
-        await hypercorn.trio.serve(asgi, config, shutdown_trigger=stop.wait)
+        assert _serve_on_trio is not None  # trio runs this loop, so it is installed
+        await _serve_on_trio(asgi, config, shutdown_trigger=stop.wait)
     else:
         await hypercorn.asyncio.serve(asgi, config, shutdown_trigger=stop.wait)

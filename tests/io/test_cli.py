@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +141,23 @@ def test_check_config_never_prints_the_admin_token(
     printed = capsys.readouterr().out
     assert "hunter2-secret" not in printed
     assert 'token = "(set, not shown)"' in printed
+
+
+def test_the_main_install_runs_without_the_test_extras(tmp_path: Path) -> None:
+    # `pip install -e .` has no trio, selenium or hypothesis: hide them and
+    # run the commands a new user runs first, as the README has them.
+    for module in ("trio", "selenium", "hypothesis", "simpy"):
+        (tmp_path / f"{module}.py").write_text(f"raise ImportError('no {module} here')\n")
+    config = Path(__file__).resolve().parents[2] / "config.toml"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for command in (["check-config", str(config)], ["status", "--help"], ["sim", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "loble", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0, (command, done.stderr[-800:])
+        assert "Traceback" not in done.stderr
