@@ -374,32 +374,23 @@ def _connect_ok(conn: Connection, now: float, out: list[Output]) -> None:
     conn.policy.report(out, conn.backend.address, _SUCCESS, now)
 
 
-def _connect_refused(conn: Connection, now: float, out: list[Output]) -> None:
-    assert conn.backend is not None
-    out.append(
-        ConnectFailed(
-            at=now,
-            connection_id=conn.connection_id,
-            attempt=conn.attempt,
-            backend=conn.backend.address,
-            timed_out=False,
-        )
-    )
-    _connect_failed(conn, now, out)
+def _connect_failure(timed_out: bool) -> Rule:
+    """A failed attempt: say why (refused or timed out), then retry or give up."""
 
-
-def _connect_timed_out(conn: Connection, now: float, out: list[Output]) -> None:
-    assert conn.backend is not None
-    out.append(
-        ConnectFailed(
-            at=now,
-            connection_id=conn.connection_id,
-            attempt=conn.attempt,
-            backend=conn.backend.address,
-            timed_out=True,
+    def rule(conn: Connection, now: float, out: list[Output]) -> None:
+        assert conn.backend is not None
+        out.append(
+            ConnectFailed(
+                at=now,
+                connection_id=conn.connection_id,
+                attempt=conn.attempt,
+                backend=conn.backend.address,
+                timed_out=timed_out,
+            )
         )
-    )
-    _connect_failed(conn, now, out)
+        _connect_failed(conn, now, out)
+
+    return rule
 
 
 def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
@@ -446,8 +437,8 @@ _SUCCESS, _FAILURE = HealthInput.PASSIVE_SUCCESS, HealthInput.PASSIVE_FAILURE
 
 TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CONNECT_OK): _connect_ok,
-    (_C, _I.CONNECT_FAILED): _connect_refused,
-    (_C, _I.CONNECT_TIMEOUT): _connect_timed_out,
+    (_C, _I.CONNECT_FAILED): _connect_failure(timed_out=False),
+    (_C, _I.CONNECT_TIMEOUT): _connect_failure(timed_out=True),
     (_C, _I.CLIENT_ERROR): _abort(Outcome.CLIENT_RESET),
     (_C, _I.CUT): _abort(Outcome.CUT),
     (_C, _I.RESOURCE_EXHAUSTED): _abort(Outcome.RESOURCE_EXHAUSTED),

@@ -19,6 +19,8 @@ import socket
 import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -336,6 +338,38 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+async def admin_call(
+    address: tuple[str, int],
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    body: object = None,
+) -> tuple[int, Any]:
+    """One request to an admin API: (status, decoded JSON, or the text if not JSON)."""
+    url = f"http://{address[0]}:{address[1]}{path}"
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(url, data=data, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+
+    def send() -> tuple[int, bytes, str]:
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT_BOUND) as response:
+                return response.status, response.read(), response.headers["content-type"]
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), error.headers["content-type"] or ""
+
+    status, raw, kind = await anyio.to_thread.run_sync(send)
+    return status, json.loads(raw) if "json" in kind else raw.decode()
+
+
+def backend_of(status: dict[str, Any], address: str) -> dict[str, Any]:
+    """The entry of one backend in a status document."""
+    (found,) = [b for b in status["backends"] if b["address"] == address]
+    return found
+
+
 class LobleProcess:
     """``python -m loble ...`` as a child process, its stderr kept line by line."""
 
@@ -416,6 +450,8 @@ class Net:
     free_ports = staticmethod(free_ports)
     reset = staticmethod(reset)
     scrape = staticmethod(scrape)
+    admin_call = staticmethod(admin_call)
+    backend_of = staticmethod(backend_of)
     samples = staticmethod(samples)
 
 

@@ -7,13 +7,9 @@ connections go.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 import tomli_w
 
@@ -23,37 +19,6 @@ from loble.io import Daemon
 pytestmark = pytest.mark.anyio
 
 TOKEN = "s3cret-token"
-
-
-async def call(
-    address: tuple[str, int],
-    method: str,
-    path: str,
-    *,
-    token: str | None = None,
-    body: object = None,
-) -> tuple[int, Any]:
-    """One request to the admin API; (status, decoded JSON or text)."""
-    url = f"http://{address[0]}:{address[1]}{path}"
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    request = urllib.request.Request(url, data=data, method=method)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-
-    def send() -> tuple[int, bytes, str]:
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read(), response.headers["content-type"]
-        except urllib.error.HTTPError as error:
-            return error.code, error.read(), error.headers["content-type"]
-
-    status, raw, kind = await anyio.to_thread.run_sync(send)
-    return status, json.loads(raw) if "json" in kind else raw.decode()
-
-
-def backend_of(status: dict[str, Any], address: str) -> dict[str, Any]:
-    (found,) = [b for b in status["backends"] if b["address"] == address]
-    return found
 
 
 async def admin_daemon(lab: Any, backends: list[str], token: str = TOKEN, **sections: Any) -> Any:
@@ -69,20 +34,20 @@ async def test_status_shows_every_backend_and_the_traffic_it_carried(net: Any) -
         for _ in range(4):
             await net.request(daemon.listen_address, b"hello")
         await net.wait_for(lambda: daemon.core.in_flight == 0)
-        status, body = await call(daemon.admin_address, "GET", "/status")
+        status, body = await net.admin_call(daemon.admin_address, "GET", "/status")
         assert status == 200
         assert body["process"] == "running" and body["accepting"] is True
         assert body["snapshot_version"] == 1
         assert body["eligible"] == [a.address, b.address]
         for address in (a.address, b.address):
-            backend = backend_of(body, address)
+            backend = net.backend_of(body, address)
             assert backend["state"] == "healthy" and backend["admin"] == "ready"
             assert backend["weight"] == 1
             assert backend["connections"] == {"completed": 2}
             assert backend["bytes_to_backend"] == 2 * len(b"hello")
             assert backend["peak_connections"] >= 1
             assert backend["active_connections"] == 0
-        page_status, page = await call(daemon.admin_address, "GET", "/")
+        page_status, page = await net.admin_call(daemon.admin_address, "GET", "/")
         assert page_status == 200 and "<title>Loble status</title>" in page
 
 
@@ -91,22 +56,32 @@ async def test_drain_maintenance_ready_and_weight_go_through_the_control_plane(n
         a, b = await lab.backend("a"), await lab.backend("b")
         daemon = await admin_daemon(lab, [a.address, b.address])
         admin = daemon.admin_address
-        status, done = await call(admin, "POST", f"/backends/{a.address}/drain", token=TOKEN)
+        status, done = await net.admin_call(
+            admin, "POST", f"/backends/{a.address}/drain", token=TOKEN
+        )
         assert (status, done["admin"]) == (200, "drain")
         answers = {await net.request(daemon.listen_address) for _ in range(4)}
         assert answers == {b"b:ping"}  # a drained backend gets no new connection
-        _, body = await call(admin, "GET", "/status")
+        _, body = await net.admin_call(admin, "GET", "/status")
         assert body["eligible"] == [b.address] and body["snapshot_version"] == 2
-        status, done = await call(admin, "POST", f"/backends/{a.address}/undrain", token=TOKEN)
+        status, done = await net.admin_call(
+            admin, "POST", f"/backends/{a.address}/undrain", token=TOKEN
+        )
         assert (status, done["admin"]) == (200, "ready")
-        status, done = await call(admin, "POST", f"/backends/{b.address}/maintenance", token=TOKEN)
+        status, done = await net.admin_call(
+            admin, "POST", f"/backends/{b.address}/maintenance", token=TOKEN
+        )
         assert (status, done["admin"]) == (200, "maint")
         # The admin table refuses UNDRAIN in maintenance: a 400 with the core's line.
-        status, refused = await call(admin, "POST", f"/backends/{b.address}/undrain", token=TOKEN)
+        status, refused = await net.admin_call(
+            admin, "POST", f"/backends/{b.address}/undrain", token=TOKEN
+        )
         assert status == 400 and "can't UNDRAIN when admin=MAINT" in refused["error"]
-        status, done = await call(admin, "POST", f"/backends/{b.address}/ready", token=TOKEN)
+        status, done = await net.admin_call(
+            admin, "POST", f"/backends/{b.address}/ready", token=TOKEN
+        )
         assert (status, done["admin"]) == (200, "ready")
-        status, done = await call(
+        status, done = await net.admin_call(
             admin, "POST", f"/backends/{a.address}/weight", token=TOKEN, body={"weight": 3}
         )
         assert (status, done["weight"]) == (200, 3)
@@ -123,27 +98,29 @@ async def test_changes_need_the_token_and_refusals_are_logged(net: Any) -> None:
         daemon = await admin_daemon(lab, [a.address])
         admin = daemon.admin_address
         for token in (None, "wrong", TOKEN + "x"):
-            status, body = await call(admin, "POST", f"/backends/{a.address}/drain", token=token)
+            status, body = await net.admin_call(
+                admin, "POST", f"/backends/{a.address}/drain", token=token
+            )
             assert status == 401 and body["error"] == "missing or wrong bearer token"
-        status, _ = await call(admin, "POST", "/reload", token="wrong")
+        status, _ = await net.admin_call(admin, "POST", "/reload", token="wrong")
         assert status == 401
         refusals = lab.logs.find("admin request refused")
         assert len(refusals) == 4 and all(
             line["client"].startswith("127.0.0.1:") for line in refusals
         )
-        _, body = await call(admin, "GET", "/status")
-        assert backend_of(body, a.address)["admin"] == "ready"  # nothing changed
+        _, body = await net.admin_call(admin, "GET", "/status")
+        assert net.backend_of(body, a.address)["admin"] == "ready"  # nothing changed
 
 
 async def test_with_no_token_configured_every_change_is_refused(net: Any) -> None:
     async with net.loopback() as lab:
         a = await lab.backend("a")
         daemon = await admin_daemon(lab, [a.address], token="")
-        status, body = await call(
+        status, body = await net.admin_call(
             daemon.admin_address, "POST", f"/backends/{a.address}/drain", token=""
         )
         assert status == 403 and "no [admin] token is configured" in body["error"]
-        status, _ = await call(daemon.admin_address, "GET", "/status")
+        status, _ = await net.admin_call(daemon.admin_address, "GET", "/status")
         assert status == 200  # reading is allowed
 
 
@@ -163,7 +140,7 @@ async def test_bad_requests_get_one_line_errors(
     async with net.loopback() as lab:
         a = await lab.backend("a")
         daemon = await admin_daemon(lab, [a.address])
-        got, answer = await call(
+        got, answer = await net.admin_call(
             daemon.admin_address, "POST", path.format(a=a.address), token=TOKEN, body=body
         )
         assert got == status
@@ -181,22 +158,22 @@ async def test_reload_through_the_api(net: Any, tmp_path: Path) -> None:
             "backends": [{"address": a.address}, {"address": b.address}],
         }
         path.write_text(tomli_w.dumps(written), encoding="utf-8")
-        status, done = await call(daemon.admin_address, "POST", "/reload", token=TOKEN)
+        status, done = await net.admin_call(daemon.admin_address, "POST", "/reload", token=TOKEN)
         assert status == 200 and done["added"] == [b.address]
-        _, body = await call(daemon.admin_address, "GET", "/status")
+        _, body = await net.admin_call(daemon.admin_address, "GET", "/status")
         assert [x["address"] for x in body["backends"]] == [a.address, b.address]
         # States an operator set survive a reload.
-        status, _ = await call(
+        status, _ = await net.admin_call(
             daemon.admin_address, "POST", f"/backends/{a.address}/drain", token=TOKEN
         )
         assert status == 200
-        status, done = await call(daemon.admin_address, "POST", "/reload", token=TOKEN)
+        status, done = await net.admin_call(daemon.admin_address, "POST", "/reload", token=TOKEN)
         assert status == 200 and done["added"] == []
-        _, body = await call(daemon.admin_address, "GET", "/status")
-        assert backend_of(body, a.address)["admin"] == "drain"
+        _, body = await net.admin_call(daemon.admin_address, "GET", "/status")
+        assert net.backend_of(body, a.address)["admin"] == "drain"
         assert body["eligible"] == [b.address]
         path.write_text("[[backends]]\naddress = 'nope'\n", encoding="utf-8")
-        status, refused = await call(daemon.admin_address, "POST", "/reload", token=TOKEN)
+        status, refused = await net.admin_call(daemon.admin_address, "POST", "/reload", token=TOKEN)
         assert status == 400 and refused["errors"] == ["backends[0].address: 'nope' has no port"]
         assert lab.logs.find("reload rejected: the running configuration stays")
 

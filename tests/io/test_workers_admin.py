@@ -9,12 +9,9 @@ clients see it too: where new connections go.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,37 +27,6 @@ pytestmark = pytest.mark.anyio
 TOKEN = "workers-token"
 
 
-async def call(
-    address: tuple[str, int],
-    method: str,
-    path: str,
-    *,
-    token: str | None = None,
-    body: object = None,
-) -> tuple[int, Any]:
-    """One request to an admin API; (status, decoded JSON)."""
-    url = f"http://{address[0]}:{address[1]}{path}"
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    request = urllib.request.Request(url, data=data, method=method)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-
-    def send() -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    status, raw = await anyio.to_thread.run_sync(send)
-    return status, json.loads(raw)
-
-
-def backend_of(status: dict[str, Any], address: str) -> dict[str, Any]:
-    (found,) = [b for b in status["backends"] if b["address"] == address]
-    return found
-
-
 class Supervised:
     """A running ``loble run`` with two workers, its one admin address and its workers' own."""
 
@@ -70,7 +36,9 @@ class Supervised:
         admin: tuple[str, int],
         listener: tuple[str, int],
         document: dict[str, Any],
+        net: Any,
     ) -> None:
+        self.net = net
         self.child = child
         self.document = document
         """The configuration it runs, as written to ``loble.toml``."""
@@ -87,7 +55,7 @@ class Supervised:
         return found
 
     async def status(self) -> dict[str, Any]:
-        code, body = await call(self.admin, "GET", "/status")
+        code, body = await self.net.admin_call(self.admin, "GET", "/status")
         assert code == 200, body
         return body  # type: ignore[no-any-return]
 
@@ -113,7 +81,7 @@ async def supervised(
     async with net.loble_process("run", "-c", str(path)) as child:
         await net.wait_for(lambda: len(child.json_lines("listening")) == 2)
         host, _, port = child.json_lines("listening")[0]["address"].rpartition(":")
-        running = Supervised(child, admin, (host, int(port)), document)
+        running = Supervised(child, admin, (host, int(port)), document, net)
 
         async def both_answer() -> bool:
             with anyio.fail_after(5):
@@ -160,12 +128,12 @@ async def test_status_on_the_one_address_sums_every_worker(
             # The sums are the sums of what each worker says on its own socket.
             private = run.worker_admins()
             assert sorted(private) == [0, 1]
-            own = [(await call(private[k], "GET", "/status"))[1] for k in (0, 1)]
+            own = [(await net.admin_call(private[k], "GET", "/status"))[1] for k in (0, 1)]
             assert [d["pid"] for d in own] == [w["pid"] for w in status["workers"]]
             assert [d["worker"] for d in own] == [0, 1]
             for address in (a.address, b.address):
-                total = backend_of(status, address)
-                parts = [backend_of(document, address) for document in own]
+                total = net.backend_of(status, address)
+                parts = [net.backend_of(document, address) for document in own]
                 assert total["state"] == "healthy" and total["admin"] == "ready"
                 assert [w["worker"] for w in total["workers"]] == [0, 1]
                 assert all(w["state"] == "healthy" for w in total["workers"])
@@ -186,7 +154,9 @@ async def test_a_drain_and_a_weight_reach_every_worker(
     async with net.loopback() as lab:
         a, b = await lab.backend("a"), await lab.backend("b")
         async with supervised(net, tmp_path, runtime_backend, [a.address, b.address]) as run:
-            code, done = await call(run.admin, "POST", f"/backends/{b.address}/drain", token=TOKEN)
+            code, done = await net.admin_call(
+                run.admin, "POST", f"/backends/{b.address}/drain", token=TOKEN
+            )
             assert code == 200, done
             assert done["address"] == b.address and done["admin"] == "drain"
             assert [(w["worker"], w["admin"]) for w in done["workers"]] == [
@@ -198,20 +168,22 @@ async def test_a_drain_and_a_weight_reach_every_worker(
                 assert (await net.request(run.listener)).startswith(b"a:")
             assert b.accepted == accepted_by_b
             for address in run.worker_admins().values():
-                _, own = await call(address, "GET", "/status")
-                assert backend_of(own, b.address)["admin"] == "drain"
+                _, own = await net.admin_call(address, "GET", "/status")
+                assert net.backend_of(own, b.address)["admin"] == "drain"
             status = await run.status()
-            assert backend_of(status, b.address)["admin"] == "drain"
+            assert net.backend_of(status, b.address)["admin"] == "drain"
             assert status["eligible"] == [a.address]
 
-            code, done = await call(
+            code, done = await net.admin_call(
                 run.admin, "POST", f"/backends/{a.address}/weight", token=TOKEN, body={"weight": 7}
             )
             assert code == 200, done
             assert [w["weight"] for w in done["workers"]] == [7, 7]
-            assert backend_of(await run.status(), a.address)["weight"] == 7
+            assert net.backend_of(await run.status(), a.address)["weight"] == 7
 
-            code, done = await call(run.admin, "POST", "/backends/10.9.9.9:80/drain", token=TOKEN)
+            code, done = await net.admin_call(
+                run.admin, "POST", "/backends/10.9.9.9:80/drain", token=TOKEN
+            )
             assert (code, done) == (404, {"error": "no backend '10.9.9.9:80'"})
 
 
@@ -224,18 +196,18 @@ async def test_reload_through_the_one_address_adds_a_backend_on_every_worker(
             path = tmp_path / "loble.toml"
             run.document["backends"].append({"address": b.address})
             net.write_config(path, run.document)
-            code, done = await call(run.admin, "POST", "/reload", token=TOKEN)
+            code, done = await net.admin_call(run.admin, "POST", "/reload", token=TOKEN)
             assert code == 200, done
             assert done["reloaded"] is True and done["added"] == [b.address]
             assert [(w["worker"], w["ok"]) for w in done["workers"]] == [(0, True), (1, True)]
             reloaded = run.child.json_lines("configuration reloaded")
             assert sorted(line["worker"] for line in reloaded) == [0, 1]
-            total = backend_of(await run.status(), b.address)
+            total = net.backend_of(await run.status(), b.address)
             assert [w["worker"] for w in total["workers"]] == [0, 1]
 
             # An invalid file is rejected once, by the supervisor, and reaches no worker.
             path.write_text("[listener\n", encoding="utf-8")
-            code, done = await call(run.admin, "POST", "/reload", token=TOKEN)
+            code, done = await net.admin_call(run.admin, "POST", "/reload", token=TOKEN)
             assert code == 400 and done["errors"]
             assert len(run.child.json_lines("configuration reloaded")) == 2
             assert [
@@ -252,17 +224,19 @@ async def test_a_wrong_token_is_refused_by_the_one_address_and_changes_nothing(
         a = await lab.backend("a")
         async with supervised(net, tmp_path, runtime_backend, [a.address]) as run:
             for token in ("wrong", None):
-                code, done = await call(
+                code, done = await net.admin_call(
                     run.admin, "POST", f"/backends/{a.address}/drain", token=token
                 )
                 assert (code, done) == (401, {"error": "missing or wrong bearer token"})
-            code, _ = await call(run.admin, "POST", "/reload", token="wrong")
+            code, _ = await net.admin_call(run.admin, "POST", "/reload", token="wrong")
             assert code == 401
+            # The log lines arrive through a pipe: wait for them, with a bound.
+            await net.wait_for(lambda: len(run.child.json_lines("admin request refused")) == 3)
             refused = run.child.json_lines("admin request refused")
             assert [line.get("worker") for line in refused] == [None, None, None]
             status = await run.status()
-            assert backend_of(status, a.address)["admin"] == "ready"
-            assert all(w["admin"] == "ready" for w in backend_of(status, a.address)["workers"])
+            assert net.backend_of(status, a.address)["admin"] == "ready"
+            assert all(w["admin"] == "ready" for w in net.backend_of(status, a.address)["workers"])
             assert run.child.json_lines("configuration reloaded") == []
 
 
