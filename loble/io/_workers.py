@@ -169,11 +169,20 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
         drop_privileges(config.runtime.user)  # every worker is started and the admin bound
         failed = False
         while workers:
-            pid, status = os.wait()
-            if pid not in workers:
-                continue
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                # Popen.send_signal polls first, so a worker that had already
+                # exited when we signalled it was reaped there: its status is
+                # on its Popen. Take those, one at a time, as os.wait would.
+                pid = next(p for p, (_, proc) in workers.items() if proc.poll() is not None)
+                code = workers[pid][1].returncode
+                assert code is not None
+            else:
+                if pid not in workers:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
             index, process = workers.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
             process.returncode = code
             if -code in forwarded:
                 # Killed by the signal we forwarded before it installed its handlers
