@@ -185,8 +185,10 @@ async def test_no_backend_eligible_closes_the_client_at_once_and_counts_it(net: 
         for _ in range(3):
             assert await net.request(daemon.listen_address) == b""
         await net.wait_for(lambda: outcomes(daemon, Outcome.NO_BACKEND) == 4)
-        (line,) = lab.logs.find("no backend eligible: closing clients at once")
-        assert line["clients"] == 1
+        lines = lab.logs.find("no backend eligible: closing clients at once")
+        # The first refusal logs at once; the next three come within the same
+        # second on any but a stalled machine, so they add no line (or one).
+        assert lines[0]["clients"] == 1 and len(lines) <= 2
 
 
 async def test_idle_connection_is_closed_on_both_sides(
