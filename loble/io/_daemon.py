@@ -35,13 +35,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import signal
 import socket
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import TypeAlias
 
 import anyio
@@ -75,6 +73,8 @@ from ._runtime import (
     data_path_for,
     drop_privileges,
     loop_clock,
+    remove_pid_file,
+    write_pid_file,
 )
 from ._status import status_document
 from ._tasks import TaskLink, TaskPath
@@ -216,13 +216,15 @@ class Daemon:
         self.data_path_name = data_path_for(self._data_path, current_library())
         await self.bind()
         self._started = True
-        pid_file = self._write_pid_file()
+        # With workers, the pid file holds the supervisor's pid: it is the one
+        # whose SIGHUP reaches every worker.
+        pid_file = write_pid_file(self.config.runtime.pid_file if self.worker is None else "")
         try:
             # Every socket is bound: serve as [runtime] user from here on.
             drop_privileges(self.config.runtime.user)
         except LobleError:
             if pid_file is not None:
-                _remove_pid_file(pid_file)
+                remove_pid_file(pid_file)
             raise
         try:
             async with anyio.create_task_group() as tasks:
@@ -258,7 +260,7 @@ class Daemon:
                 self.conductor.path.dispose()
             self.pool.close()
             if pid_file is not None:
-                _remove_pid_file(pid_file)
+                remove_pid_file(pid_file)
             self.finished = True
         log(self.logger, logging.INFO, "stopped")
 
@@ -577,24 +579,6 @@ class Daemon:
                     "weight": backend.weight,
                 }
         raise UnknownBackend(f"no backend {address!r}")
-
-    def _write_pid_file(self) -> Path | None:
-        name = self.config.runtime.pid_file
-        if not name or self.worker is not None:  # with workers, the supervisor's pid
-            return None
-        path = Path(name)
-        try:
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as error:
-            raise LobleError(f"runtime.pid_file: cannot write {name}: {error.strerror}") from None
-        return path
-
-
-def _remove_pid_file(path: Path) -> None:
-    # Only our own: a second daemon started with the same file owns it now.
-    with contextlib.suppress(OSError, ValueError):
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()
 
 
 def _address(sock: socket.socket) -> tuple[str, int]:

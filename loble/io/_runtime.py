@@ -17,12 +17,14 @@ value is a one-line :class:`~loble.core.LobleError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import pwd
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -42,8 +44,10 @@ __all__ = [
     "data_path_for",
     "drop_privileges",
     "loop_clock",
+    "remove_pid_file",
     "run",
     "runtime_options",
+    "write_pid_file",
 ]
 
 COPY_ENV = "LOBLE_COPY"
@@ -154,3 +158,23 @@ def drop_privileges(user: str) -> None:
         raise LobleError(
             f"runtime.user: cannot become {user!r}: only root can change its user"
         ) from None
+
+
+def write_pid_file(name: str) -> Path | None:
+    """Write this process's id to ``name`` (``[runtime] pid_file``, for ``loble reload``);
+    None when no file is configured. A file that cannot be written is one line."""
+    if not name:
+        return None
+    path = Path(name)
+    try:
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as error:
+        raise LobleError(f"runtime.pid_file: cannot write {name}: {error.strerror}") from None
+    return path
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove the pid file if it is still ours: a second daemon started with it owns it now."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()

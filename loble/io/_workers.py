@@ -60,7 +60,7 @@ from loble.core import Config, ConfigError, LobleError, parse_address
 from ._datapath import format_address
 from ._http import bind_tcp
 from ._logging import log
-from ._runtime import drop_privileges
+from ._runtime import drop_privileges, remove_pid_file, write_pid_file
 from ._supervisor_admin import (
     WORKER_ADMIN_FD_ENV,
     SupervisorAdmin,
@@ -151,7 +151,7 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     pid_file: Path | None = None
     try:  # everything from here is undone in the finally, the pid file's failure too
-        pid_file = _write_pid_file(config)
+        pid_file = write_pid_file(config.runtime.pid_file)
         if admin is not None:
             admin.start()
         for index in range(count):
@@ -198,9 +198,7 @@ def run_workers(config: Config, config_path: str, logger: logging.Logger) -> int
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if pid_file is not None:
-            with contextlib.suppress(OSError, ValueError):
-                if int(pid_file.read_text().strip()) == os.getpid():
-                    pid_file.unlink()
+            remove_pid_file(pid_file)
         for _, process in workers.values():  # only on an exception: do not orphan them
             process.kill()
             process.wait()
@@ -233,19 +231,6 @@ def _start_worker(
         # Only the worker keeps it open: once it exits, a request is refused, not left hanging.
         private.close()
     return process, (str(host), int(port))
-
-
-def _write_pid_file(config: Config) -> Path | None:
-    """The supervisor's pid, for ``loble reload``: its SIGHUP reaches every worker."""
-    name = config.runtime.pid_file
-    if not name:
-        return None
-    path = Path(name)
-    try:
-        path.write_text(f"{os.getpid()}\n")
-    except OSError as error:
-        raise LobleError(f"runtime.pid_file: cannot write {name}: {error.strerror}") from None
-    return path
 
 
 def _reserve_port(address: str) -> socket.socket | None:
