@@ -282,3 +282,38 @@ def test_a_symlink_to_a_regular_file_still_reads(tmp_path: Path) -> None:
     link.symlink_to(target)
     result = loble("check-config", str(link))
     assert result.returncode == 0, result.stderr
+
+
+# -- 5. a connection limit that is not a count -------------------------------------------
+
+BAD_MAX_CONNECTIONS = {
+    "-1": "-1 must be >= 0",
+    '"50"': "'50' is not an integer",
+    "2.5": "2.5 is not an integer",
+    "1e9": "1000000000.0 is not an integer",
+    "10000001": "10000001 must be <= 1000000",
+}
+
+
+@pytest.mark.parametrize(("value", "problem"), BAD_MAX_CONNECTIONS.items())
+def test_a_bad_max_connections_is_one_line(tmp_path: Path, value: str, problem: str) -> None:
+    path = tmp_path / "limit.toml"
+    path.write_text(
+        MINIMAL_CONFIG.replace("[[backends]]", f"max_connections = {value}\n\n[[backends]]"),
+        encoding="utf-8",
+    )
+    for argv in config_commands(str(path)):
+        assert one_error(loble(*argv)) == f"error: listener.max_connections: {problem}", argv
+
+
+def test_check_config_prints_max_connections_set_or_not(tmp_path: Path) -> None:
+    path = tmp_path / "limit.toml"
+    path.write_text(MINIMAL_CONFIG, encoding="utf-8")
+    assert "max_connections = 0\n" in loble("check-config", str(path)).stdout
+    path.write_text(
+        MINIMAL_CONFIG.replace("[[backends]]", "max_connections = 50\n\n[[backends]]"),
+        encoding="utf-8",
+    )
+    result = loble("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "max_connections = 50\n" in result.stdout

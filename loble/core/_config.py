@@ -52,6 +52,10 @@ class ListenerConfig:
     address: str = "127.0.0.1:9000"
     """Where clients connect. Port 0 lets the OS pick one (tests use it)."""
     backlog: int = 1024
+    max_connections: int = 0
+    """Client connections carried at once (HAProxy's ``maxconn``); at this many,
+    accepting pauses and new clients wait in the listen backlog. 0: no limit
+    but the one the file descriptors allow. A reload applies it at once."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +253,13 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         ),
         backlog=checker.value(
             "listener", table, "backlog", _DEFAULT_LISTENER.backlog, integer(1, 1_000_000)
+        ),
+        max_connections=checker.value(
+            "listener",
+            table,
+            "max_connections",
+            _DEFAULT_LISTENER.max_connections,
+            integer(0, 1_000_000),
         ),
     )
 

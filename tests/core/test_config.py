@@ -56,6 +56,7 @@ def test_defaults_are_documented_values() -> None:
     assert config.timeouts.removal == 0.0
     assert config.runtime.pid_file == ""
     assert config.runtime.user == ""
+    assert (config.listener.backlog, config.listener.max_connections) == (1024, 0)
     assert config.admin == AdminConfig(enabled=False, address="127.0.0.1:9091", token="")
 
 
@@ -67,6 +68,12 @@ def test_the_example_config_is_valid() -> None:
         "127.0.0.1:9103",
     ]
     assert config.metrics.enabled
+
+
+@pytest.mark.parametrize("value", [0, 1, 50, 1_000_000])
+def test_max_connections_takes_0_for_no_limit_and_any_count_up_to_a_million(value: int) -> None:
+    config = parse_config(one_backend(listener={"max_connections": value}))
+    assert config.listener.max_connections == value
 
 
 def test_integers_are_accepted_as_seconds() -> None:
@@ -105,6 +112,30 @@ def test_integers_are_accepted_as_seconds() -> None:
         (one_backend(timeouts={"idle": 1e12}), "timeouts.idle: 1000000000000.0 is too large"),
         (one_backend(health={"failure_threshold": 10**400}), "must be <= 1000"),
         (one_backend(listener={"backlog": 0}), "listener.backlog: 0 must be >= 1"),
+        (
+            one_backend(listener={"max_connections": -1}),
+            "listener.max_connections: -1 must be >= 0",
+        ),
+        (
+            one_backend(listener={"max_connections": 10**7}),
+            "listener.max_connections: 10000000 must be <= 1000000",
+        ),
+        (
+            one_backend(listener={"max_connections": 2.5}),
+            "listener.max_connections: 2.5 is not an integer",
+        ),
+        (
+            one_backend(listener={"max_connections": "100"}),
+            "listener.max_connections: '100' is not an integer",
+        ),
+        (
+            one_backend(listener={"max_connections": True}),
+            "listener.max_connections: True is not an integer",
+        ),
+        (
+            one_backend(listener={"max_conections": 5}),
+            "listener.max_conections: unknown key; did you mean 'max_connections'?",
+        ),
         ({"backends": [{"address": "h:http"}]}, "port 'http' is not a number"),
         ({"backends": [{"address": "h:0"}]}, "port 0 is out of range 1-65535"),
         ({"backends": [{"address": "h:70000"}]}, "port 70000 is out of range"),
@@ -348,6 +379,7 @@ def test_check_config_prints_the_effective_configuration(
     document = tomllib.loads(out)
     assert document["timeouts"]["drain"] == 30.0
     assert document["logging"]["format"] == "logfmt"  # a default, filled in
+    assert document["listener"]["max_connections"] == 0  # none: the descriptors' limit
     assert len(document["backends"]) == 3
 
 
