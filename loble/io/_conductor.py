@@ -21,10 +21,12 @@ inside another: the queue not being empty is the whole of that rule.
 
 The conductor also keeps the process inside its descriptors. It counts the
 connections that hold sockets (from the path's ``accepted`` to its
-``released``) against a :class:`~._datapath.ConnectionBudget`: at the
-budget's ``connections`` it asks the path to pause accepting, so clients
-wait in the kernel's backlog instead of being accepted and reset for want
-of a backend socket; below it again, the path resumes. An accept that fails
+``released``) against a limit, the smaller of the
+:class:`~._datapath.ConnectionBudget`'s ``connections`` and ``[listener]
+max_connections`` (when set; a reload changes it at once): at the limit it
+asks the path to pause accepting, so clients wait in the kernel's backlog
+instead of being accepted (and, out of descriptors, reset for want of a
+backend socket); below it again, the path resumes. An accept that fails
 anyway (EMFILE: the limit lowered from outside, descriptors taken by
 something else) has the path back off and retry. Either shortage is logged
 once as it begins and once as it ends (:class:`Shortage`), never per client.
@@ -80,6 +82,13 @@ RECOVERED_SHARE = 0.75
 open fall to this share of the limit. Accepting itself resumes below the limit:
 while clients wait, it pauses again with the next accept and resumes with the
 next close, and all of that is one stretch, not a line per close."""
+
+
+def _recovery_point(limit: float) -> int:
+    """Where a stretch at ``limit`` ends: see :data:`RECOVERED_SHARE`."""
+    if limit == math.inf:
+        return 0
+    return max(0, min(int(limit) - 2, int(limit * RECOVERED_SHARE)))
 
 
 class Shortage:
@@ -163,15 +172,14 @@ class Conductor(Generic[LinkT]):
         self.budget = budget
         self.holding = 0
         """Connections holding sockets: accepted and not yet released by the path."""
-        self.connection_limit = budget.connections if budget is not None else math.inf
-        """At this many connections holding sockets, accepting pauses."""
+        self.max_connections = core.config.listener.max_connections
+        """``[listener] max_connections`` (0: none), as configured now."""
+        self.connection_limit, self.limited_by = self._limit_of(self.max_connections)
+        """At this many connections holding sockets, accepting pauses; and which
+        limit that is: ``max_connections``, ``descriptors`` (the budget), or ``""``."""
         self._paused_at_limit = False
         """Whether the path is paused at :attr:`connection_limit`."""
-        self._recovered_at = (
-            max(0, min(budget.connections - 2, int(budget.connections * RECOVERED_SHARE)))
-            if budget is not None
-            else 0
-        )
+        self._recovered_at = _recovery_point(self.connection_limit)
         """At this many connections or fewer, the stretch at the limit has ended: below
         ``limit - 1``, which every close reaches for a moment before the next client
         waiting in the backlog is accepted."""
@@ -206,18 +214,29 @@ class Conductor(Generic[LinkT]):
     # -- from the lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
+        self._log_limit()
+        self._carry_out(self.core.start(self.now()))
+
+    def _log_limit(self) -> None:
+        """The ``connection limit`` line: the limit, which one it is, and its arithmetic."""
+        if self.connection_limit == math.inf:
+            return
         budget = self.budget
-        if budget is not None:
-            log(
-                self.logger,
-                logging.INFO,
-                "connection limit",
-                connections=budget.connections,
+        figures: dict[str, object] = {
+            "connections": int(self.connection_limit),
+            "limited_by": self.limited_by,
+            "max_connections": self.max_connections,
+        }
+        if budget is None:
+            figures["descriptor_limit"] = "unlimited"
+        else:
+            figures.update(
+                descriptor_connections=budget.connections,
                 descriptor_limit=budget.descriptor_limit,
                 reserved=budget.reserved,
                 per_connection=budget.per_connection,
             )
-        self._carry_out(self.core.start(self.now()))
+        log(self.logger, logging.INFO, "connection limit", **figures)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown, as SIGTERM does; a second call cuts what remains."""
@@ -242,6 +261,7 @@ class Conductor(Generic[LinkT]):
         self._touch_resolution = self.core.touch_resolution
         self._carry_out(outputs)
         self._wake()
+        self._set_max_connections(config.listener.max_connections)
         return outputs
 
     def admin(self, address: str, admin_input: AdminInput) -> list[Output]:
@@ -393,6 +413,33 @@ class Conductor(Generic[LinkT]):
 
     # -- the connection limit ---------------------------------------------------------------
 
+    def _limit_of(self, max_connections: int) -> tuple[float, str]:
+        """The connection limit ``max_connections`` (0: none) makes with the budget."""
+        budget = self.budget
+        descriptors = budget.connections if budget is not None else math.inf
+        if max_connections and max_connections <= descriptors:
+            return max_connections, "max_connections"
+        return descriptors, ("descriptors" if budget is not None else "")
+
+    def _set_max_connections(self, max_connections: int) -> None:
+        """A reload's ``max_connections``, applied at once: accepting pauses if the
+        connections open already reach the new limit and resumes if they are below
+        it; the connections open are never cut (as HAProxy's ``set maxconn``)."""
+        if max_connections == self.max_connections:
+            return
+        self.max_connections = max_connections
+        limit, self.limited_by = self._limit_of(max_connections)
+        self.connection_limit = limit
+        self._recovered_at = _recovery_point(limit)
+        self._log_limit()
+        if self.holding >= limit:
+            self._pause()
+        elif self._paused_at_limit:
+            self._paused_at_limit = False
+            self.path.resume_accepting()
+        if self._full is not None and self.holding <= self._recovered_at:
+            self._below_limit()
+
     @property
     def accepting_paused(self) -> bool:
         """Whether accepting is paused: at the connection limit, or accepts are failing."""
@@ -415,6 +462,8 @@ class Conductor(Generic[LinkT]):
             "accepting paused: connection limit reached",
             open=self.holding,
             limit=self._limit_label(),
+            limited_by=self.limited_by,
+            max_connections=self.max_connections,
             descriptor_limit=budget.descriptor_limit if budget is not None else "",
         )
 
@@ -431,6 +480,7 @@ class Conductor(Generic[LinkT]):
             accepted=full.accepted,
             open=self.holding,
             limit=self._limit_label(),
+            limited_by=self.limited_by,
         )
 
     def _accepts_again(self) -> None:

@@ -463,6 +463,145 @@ def test_failing_accepts_are_one_line_as_they_begin_and_one_as_accepts_work_agai
     assert not [c for c in rig.path.calls if c[0].endswith("accepting")]
 
 
+def limited(max_connections: int) -> dict[str, Any]:
+    """The ``[listener]`` section with ``max_connections`` set."""
+    return {"address": "127.0.0.1:0", "max_connections": max_connections}
+
+
+def accepting_calls(rig: Rig) -> list[tuple[object, ...]]:
+    return [c for c in rig.path.calls if c[0].endswith("accepting")]
+
+
+def limit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The fields of each ``connection limit`` line."""
+    return [
+        getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "connection limit"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("budget", "max_connections", "limit", "limited_by"),
+    [
+        (None, 0, math.inf, ""),
+        (None, 3, 3, "max_connections"),
+        (budget_of(4), 0, 4, "descriptors"),
+        (budget_of(4), 3, 3, "max_connections"),
+        (budget_of(4), 4, 4, "max_connections"),  # a tie: the operator's limit is named
+        (budget_of(4), 5, 4, "descriptors"),
+    ],
+)
+def test_the_connection_limit_is_the_smaller_of_max_connections_and_the_budget(
+    budget: ConnectionBudget | None, max_connections: int, limit: float, limited_by: str
+) -> None:
+    rig = Rig(budget=budget, listener=limited(max_connections))
+    assert (rig.conductor.connection_limit, rig.conductor.limited_by) == (limit, limited_by)
+
+
+def test_at_max_connections_accepting_pauses_and_the_lines_name_that_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(budget=budget_of(40), listener=limited(4))
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        rig.conductor.start()
+        links = [rig.accept() for _ in range(4)]
+        assert accepting_calls(rig) == [("pause_accepting",)]
+        for link in links:
+            rig.connect(link)
+        for link in links[:2]:
+            rig.conductor.socket_failed(link, Side.CLIENT)
+    assert limit_lines(caplog) == [
+        {
+            "connections": 4,
+            "limited_by": "max_connections",
+            "max_connections": 4,
+            "descriptor_connections": 40,
+            "descriptor_limit": 256,
+            "reserved": 40,
+            "per_connection": 6,
+        }
+    ]
+    paused, resumed = (r for r in caplog.records if r.getMessage().startswith("accepting"))
+    assert paused.getMessage() == "accepting paused: connection limit reached"
+    assert paused.fields == {  # type: ignore[attr-defined]
+        "open": 4,
+        "limit": 4,
+        "limited_by": "max_connections",
+        "max_connections": 4,
+        "descriptor_limit": 256,
+    }
+    assert resumed.getMessage() == "accepting resumed: below the connection limit"
+    assert resumed.fields["limited_by"] == "max_connections"  # type: ignore[attr-defined]
+    assert accepting_calls(rig) == [("pause_accepting",), ("resume_accepting",)]
+
+
+def test_at_the_descriptor_budget_the_lines_name_the_descriptors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(budget=budget_of(2), listener=limited(10))
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        rig.accept()
+        rig.accept()
+    (paused,) = (r for r in caplog.records if r.getMessage().startswith("accepting"))
+    assert paused.fields["limited_by"] == "descriptors"  # type: ignore[attr-defined]
+    assert paused.fields["max_connections"] == 10  # type: ignore[attr-defined]
+
+
+def reload_max_connections(rig: Rig, max_connections: int) -> None:
+    rig.conductor.reconfigure(
+        parse_config(
+            {
+                "listener": limited(max_connections),
+                "backends": [{"address": GOOD}, {"address": OTHER}],
+            }
+        )
+    )
+
+
+def test_a_reload_lowering_max_connections_pauses_at_once_and_cuts_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(budget=budget_of(40))
+    links = [rig.accept() for _ in range(5)]
+    for link in links:
+        rig.connect(link)
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        reload_max_connections(rig, 3)  # fewer than are open
+    assert (rig.conductor.connection_limit, rig.conductor.limited_by) == (3, "max_connections")
+    assert rig.conductor.accepting_paused and accepting_calls(rig) == [("pause_accepting",)]
+    assert len(rig.conductor.links) == 5, "lowering the limit cuts no connection"
+    assert not [c for c in rig.path.calls if c[0] == "close"]
+    assert messages(caplog) == ["accepting paused: connection limit reached"]
+    # Still at or above the new limit: closes do not resume accepting...
+    rig.conductor.socket_failed(links[0], Side.CLIENT)
+    rig.conductor.socket_failed(links[1], Side.CLIENT)
+    assert accepting_calls(rig) == [("pause_accepting",)]
+    # ...below it, they do.
+    rig.conductor.socket_failed(links[2], Side.CLIENT)
+    assert accepting_calls(rig)[-1] == ("resume_accepting",)
+
+
+def test_a_reload_raising_or_removing_max_connections_resumes_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(budget=budget_of(40), listener=limited(2))
+    for _ in range(2):
+        rig.connect(rig.accept())
+    assert rig.conductor.accepting_paused
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        reload_max_connections(rig, 0)  # back to the descriptors' limit
+    assert (rig.conductor.connection_limit, rig.conductor.limited_by) == (40, "descriptors")
+    assert not rig.conductor.accepting_paused
+    assert accepting_calls(rig) == [("pause_accepting",), ("resume_accepting",)]
+    assert messages(caplog) == ["accepting resumed: below the connection limit"]
+    # The new limit is logged, and a reload that leaves it alone says nothing.
+    assert [fields["connections"] for fields in limit_lines(caplog)] == [40]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=rig.logger.name):
+        reload_max_connections(rig, 0)
+    assert limit_lines(caplog) == []
+
+
 def test_the_timer_is_moved_no_later_than_the_core_s_lead() -> None:
     rig = Rig(timeouts={"connect": 0.25})
     timer = Timer()
