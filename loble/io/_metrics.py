@@ -25,8 +25,10 @@ thread that touches it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import platform
+import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -520,6 +522,28 @@ class _CoreCollector:
             "1 once shutdown has begun: not accepting, waiting for connections to finish.",
             value=float(stats.process is not ProcessState.RUNNING),
         )
+        tasks = living_tasks()
+        if tasks is not None:
+            yield GaugeMetricFamily(
+                "loble_tasks",
+                "Tasks alive on the daemon's event loop now (a leak shows as growth at rest).",
+                value=tasks,
+            )
+
+
+def living_tasks() -> int | None:
+    """Tasks alive on the event loop of this thread (asyncio's, or trio's); None outside one."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        pass  # no asyncio loop running here: trio, or none
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return int(trio.lowlevel.current_statistics().tasks_living)
+        except RuntimeError:
+            pass
+    return None
 
 
 # -- the endpoint ------------------------------------------------------------------

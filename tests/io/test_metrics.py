@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import loble
 from loble.core import ProxyCore, parse_config
 from loble.io import _http as http
-from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics
+from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics, living_tasks
 
 pytestmark = pytest.mark.anyio
 
@@ -155,6 +155,28 @@ async def test_every_metric_is_documented(net: Any) -> None:
     assert len(names) >= 15
     missing = sorted(name for name in names if f"`{name}`" not in documented)
     assert not missing, f"not in docs/metrics.md: {missing}"
+
+
+def test_outside_an_event_loop_there_are_no_tasks_to_count() -> None:
+    assert living_tasks() is None
+
+
+async def test_the_tasks_gauge_counts_a_connection_s_tasks_and_returns_at_rest(net: Any) -> None:
+    def tasks(daemon: Any) -> float:
+        return value(net.samples(daemon.metrics.render().decode()), "loble_tasks")
+
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address], data_path="tasks")
+        at_rest = tasks(daemon)
+        assert at_rest >= 1
+        async with await anyio.connect_tcp(*daemon.listen_address) as stream:
+            await stream.send(b"held open")
+            await net.wait_for(lambda: len(a.open) == 1)
+            # The connection's task and one per direction (the backend's handler too).
+            assert tasks(daemon) >= at_rest + 3
+        await net.wait_for(lambda: daemon.open_connections == 0 and not a.open)
+        await net.wait_for(lambda: tasks(daemon) == at_rest, what="the tasks back to rest")
 
 
 def test_per_connection_metrics_render_as_prometheus_client_would() -> None:
