@@ -159,7 +159,9 @@ class Registry:
         *,
         stdin: int | None = subprocess.DEVNULL,
         stdout_pipe: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Started:
+        """Start ``argv`` in its own session; ``env`` adds to (or overrides) ours."""
         self._count += 1
         log = self.workdir / f"{self._count:03d}-{name}.log"
         with log.open("wb") as sink:
@@ -170,6 +172,7 @@ class Registry:
                 stderr=sink,
                 start_new_session=True,
                 cwd=self.workdir,
+                env={**os.environ, **env} if env else None,
             )
         started = Started(name, popen, log)
         self._started.append(started)

@@ -164,6 +164,8 @@ class Proxy:
 
     name = "proxy"
     label = "proxy"
+    env: dict[str, str] | None = None
+    """Added to the proxy's environment (Loble's ``LOBLE_COPY``, say)."""
 
     def unavailable(self) -> str | None:
         return None
@@ -176,7 +178,9 @@ class Proxy:
 
     def start(self, reg: Registry, backend: int, tag: str) -> Running:
         port = free_port()
-        started = reg.start(f"{self.name}-{tag}", self.argv(reg.workdir, port, backend, tag))
+        started = reg.start(
+            f"{self.name}-{tag}", self.argv(reg.workdir, port, backend, tag), env=self.env
+        )
         try:
             wait_listening(port, started, START_TIMEOUT)
         except BaseException:
@@ -210,9 +214,14 @@ class HAProxy(Proxy):
     name = "haproxy"
     label = "HAProxy (tcp, 1 thread)"
 
-    def __init__(self, maxconn: int) -> None:
+    def __init__(self, maxconn: int, *, splice: bool = False) -> None:
         self.binary = shutil.which("haproxy")
         self.maxconn = maxconn
+        self.splice = splice
+        """``option splice-request`` and ``splice-response``: both directions through pipes."""
+        if splice:
+            self.name = "haproxy-splice"
+            self.label = "HAProxy (tcp, 1 thread, splice)"
 
     def unavailable(self) -> str | None:
         return None if self.binary else f"haproxy not found; install it: {INSTALL_HINT}"
@@ -234,7 +243,8 @@ class HAProxy(Proxy):
             "  timeout connect 5s\n"
             f"  timeout client {IDLE}\n"
             f"  timeout server {IDLE}\n"
-            "listen bench\n"
+            + ("  option splice-request\n  option splice-response\n" if self.splice else "")
+            + "listen bench\n"
             f"  bind 127.0.0.1:{port}\n"
             f"  server backend 127.0.0.1:{backend}\n"
         )
