@@ -110,6 +110,11 @@ async def test_changes_need_the_token_and_refusals_are_logged(net: Any) -> None:
         )
         _, body = await net.admin_call(admin, "GET", "/status")
         assert net.backend_of(body, a.address)["admin"] == "ready"  # nothing changed
+        status, _ = await net.admin_call(admin, "POST", f"/backends/{a.address}/ready", token=TOKEN)
+        assert status == 200
+        # Neither the token nor a wrong guess at it is ever written to the log.
+        written = repr(lab.logs.lines)
+        assert TOKEN not in written and "wrong" not in written.replace("missing or wrong", "")
 
 
 async def test_with_no_token_configured_every_change_is_refused(net: Any) -> None:
