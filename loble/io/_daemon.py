@@ -125,6 +125,7 @@ class Daemon:
         self.journal = Journal(self.logger, config.logging, config.timeouts.drain)
         self.copy_method = choose_copy_method(copy)
         self.pool = BufferPool(self.copy_method)
+        self.metrics.pipes = self.pool
         self._data_path = choose_data_path(data_path)
         self.data_path_name = ""
         """The data path in use, once running: ``callbacks`` or ``tasks``."""

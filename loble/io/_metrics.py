@@ -162,6 +162,8 @@ class Metrics:
         """When the daemon started, on that clock."""
         self.admission: Admission | None = None
         """The connection limit and whether accepting is paused (the conductor), once running."""
+        self.pipes: Pipes | None = None
+        """The daemon's pool of splice pipes, for the pipe gauges."""
         registry.register(_CoreCollector(core, self))
         self._closed: dict[tuple[str, Outcome], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -435,6 +437,16 @@ class Admission(Protocol):
     def accepting_paused(self) -> bool: ...
 
 
+class Pipes(Protocol):
+    """What the pipe gauges read (a :class:`~._copy.BufferPool` is one)."""
+
+    @property
+    def open_pipes(self) -> int: ...
+
+    @property
+    def pooled_pipes(self) -> int: ...
+
+
 class _CoreCollector:
     """Gauges read from the core's statistics when scraped."""
 
@@ -522,6 +534,16 @@ class _CoreCollector:
             "1 once shutdown has begun: not accepting, waiting for connections to finish.",
             value=float(stats.process is not ProcessState.RUNNING),
         )
+        pipes = self._metrics.pipes
+        if pipes is not None:
+            family = GaugeMetricFamily(
+                "loble_splice_pipes",
+                "Splice pipes open: in use by a connection, or pooled (empty, kept for reuse).",
+                labels=("state",),
+            )
+            family.add_metric(("in_use",), pipes.open_pipes - pipes.pooled_pipes)
+            family.add_metric(("pooled",), pipes.pooled_pipes)
+            yield family
         tasks = living_tasks()
         if tasks is not None:
             yield GaugeMetricFamily(

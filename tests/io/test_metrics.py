@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import loble
 from loble.core import ProxyCore, parse_config
 from loble.io import _http as http
+from loble.io._copy import SPLICE_AVAILABLE
 from loble.io._metrics import TO_BACKEND, TO_CLIENT, Metrics, living_tasks
 
 pytestmark = pytest.mark.anyio
@@ -168,6 +169,9 @@ async def test_the_tasks_gauge_counts_a_connection_s_tasks_and_returns_at_rest(n
     async with net.loopback() as lab:
         a = await lab.backend("a")
         daemon = await lab.daemon([a.address], data_path="tasks")
+        # Rest is after a first connection: every long-lived task has started by then.
+        assert await net.request(daemon.listen_address) == b"a:ping"
+        await net.wait_for(lambda: daemon.open_connections == 0 and not a.open)
         at_rest = tasks(daemon)
         assert at_rest >= 1
         async with await anyio.connect_tcp(*daemon.listen_address) as stream:
@@ -177,6 +181,24 @@ async def test_the_tasks_gauge_counts_a_connection_s_tasks_and_returns_at_rest(n
             assert tasks(daemon) >= at_rest + 3
         await net.wait_for(lambda: daemon.open_connections == 0 and not a.open)
         await net.wait_for(lambda: tasks(daemon) == at_rest, what="the tasks back to rest")
+
+
+@pytest.mark.parametrize("copy", ["splice", "recv_into"])
+async def test_the_pipe_gauges_count_the_pool_at_rest(net: Any, copy: str) -> None:
+    if copy == "splice" and not SPLICE_AVAILABLE:
+        pytest.skip("splice(2) is Linux only")
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address], copy=copy)
+        payload = b"p" * (1 << 20)
+        assert await net.request(daemon.listen_address, payload) == b"a:" + payload
+        await net.wait_for(lambda: daemon.open_connections == 0)
+        samples = net.samples(daemon.metrics.render().decode())
+        pooled = value(samples, "loble_splice_pipes", state="pooled")
+        assert value(samples, "loble_splice_pipes", state="in_use") == 0
+        assert pooled == daemon.pool.open_pipes == daemon.pool.pooled_pipes
+        assert pooled >= (1 if copy == "splice" else 0)
+        assert pooled <= (2 if copy == "splice" else 0)
 
 
 def test_per_connection_metrics_render_as_prometheus_client_would() -> None:
