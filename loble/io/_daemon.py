@@ -38,7 +38,7 @@ import math
 import random
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeAlias
 
@@ -59,7 +59,7 @@ from loble.core import (
 
 from ._admin import UnknownBackend, admin_app
 from ._callbacks import CallbackLink, CallbackPath
-from ._conductor import Conductor
+from ._conductor import Conductor, Listener
 from ._copy import BufferPool
 from ._datapath import connection_budget, format_address, probe
 from ._http import GRACEFUL_SECONDS, bind_tcp, serve_asgi
@@ -103,6 +103,8 @@ class Daemon:
     ``admin_socket``, a listening socket, is where the admin API is served
     (with ``[admin] enabled``) instead of binding ``[admin] address``: a
     worker's private one, which its supervisor binds (see :mod:`._supervisor_admin`).
+    ``listeners`` follow the core's outputs after the metrics and the log
+    lines (:class:`~._conductor.Listener`), e.g. ``loble demo``'s live view.
     """
 
     def __init__(
@@ -117,12 +119,14 @@ class Daemon:
         worker: int | None = None,
         reload_from: Callable[[], Config] | None = None,
         admin_socket: socket.socket | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self.config = config
         self.core = ProxyCore(config, rng or random.Random())
         self.logger = logger or logging.getLogger("loble")
         self.metrics = Metrics(self.core)
         self.journal = Journal(self.logger, config.logging, config.timeouts.drain)
+        self._listeners_of_core: tuple[Listener, ...] = (self.metrics, self.journal, *listeners)
         self.copy_method = choose_copy_method(copy)
         self.pool = BufferPool(self.copy_method)
         self.metrics.pipes = self.pool
@@ -274,7 +278,7 @@ class Daemon:
     def _conduct(self, tasks: TaskGroup) -> AnyConductor:
         """The conductor and its data path, on the loop running now."""
         now = loop_clock()
-        listeners = (self.metrics, self.journal)
+        listeners = self._listeners_of_core
         endpoints = (self._metrics_socket is not None) + (self._admin_socket is not None)
         budget = connection_budget(
             self.copy_method, endpoints=endpoints, backends=len(self.config.backends)
