@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import signal
+import sys
 from functools import partial
 from typing import Any
 
@@ -18,11 +19,16 @@ from loble.config import load_config
 from loble.core import Config, LobleError
 
 from ._daemon import Daemon
-from ._demo import run_backends, run_demo
+from ._demo import DemoOptions, run_backends, run_demo
 from ._logging import configure_logging
 from ._runtime import run, runtime_options
 from ._supervisor_admin import worker_admin_socket
 from ._workers import run_workers, worker_config, worker_index
+
+LIVE_RATE = 10.0
+"""``loble demo``'s client requests a second with the live view: enough for its sparklines."""
+PLAIN_RATE = 2.0
+"""... and with ``--plain``, where each is an access log line."""
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -40,10 +46,16 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
     demo = commands.add_parser(
         "demo",
-        help="start local demo backends, the balancer and a client load",
+        help="start local demo backends, the balancer and clients, and watch them live",
         description="Start a demo backend on every [[backends]] address of the "
-        "configuration (they must be local), the balancer, and a few requests a second "
-        "through it, with the access log on. Stop with Ctrl-C.",
+        "configuration (they must be local), the balancer and a client load. On a schedule "
+        "the demo stops one backend's server and starts it again (health checks take it "
+        "out and bring it back), and drains another through the admin path `loble ctl "
+        "drain` uses, then sets it ready. On a terminal it draws all of it live: each "
+        "backend's state, connections and traffic, the core's health transitions and "
+        "snapshots, what the clients saw. With --plain, or when stdout is not a terminal, "
+        "it writes the daemon's log lines instead, with the access log on. Ctrl-C (or the "
+        "end of --duration) drains and exits.",
     )
     demo.add_argument(
         "-c", "--config", default="config.toml", metavar="PATH", help="default: config.toml"
@@ -54,14 +66,44 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="start only the backends (then run 'loble run' in another terminal)",
     )
     demo.add_argument(
-        "--rate",
-        type=float,
-        default=2.0,
-        metavar="N",
-        help="client requests a second through the balancer; 0 for none (default: 2)",
+        "--plain",
+        action="store_true",
+        help="log lines instead of the live view (the default when stdout is not a terminal)",
     )
     demo.add_argument(
-        "--no-access-log", action="store_true", help="keep the configuration's access_log"
+        "--rate",
+        type=float,
+        default=None,
+        metavar="N",
+        help="client requests a second through the balancer; 0 for none "
+        f"(default: {LIVE_RATE:g} with the live view, {PLAIN_RATE:g} with --plain)",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="drain and exit after this long (default: run until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--break-every",
+        type=float,
+        default=DemoOptions.break_every,
+        metavar="SECONDS",
+        help="length of one round of the schedule (stop a server, start it, drain another, "
+        f"ready it); 0: no schedule (default: {DemoOptions.break_every:g})",
+    )
+    demo.add_argument(
+        "--first-break",
+        type=float,
+        default=DemoOptions.first_break,
+        metavar="SECONDS",
+        help=f"when the first round begins (default: {DemoOptions.first_break:g})",
+    )
+    demo.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="with --plain, keep the configuration's access_log",
     )
     demo.set_defaults(handler=_demo)
 
@@ -105,18 +147,32 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.rate < 0:
-        raise LobleError(f"--rate: {args.rate} must be >= 0")
+    for option in ("rate", "duration", "break_every", "first_break"):
+        value = getattr(args, option)
+        if value is not None and not value >= 0:  # NaN too
+            raise LobleError(f"--{option.replace('_', '-')}: {value} must be >= 0")
+    live = not args.plain and not args.backends_only and sys.stdout.isatty()
     config: Config = load_config(args.config)
-    if not args.no_access_log:
-        config = dataclasses.replace(
-            config, logging=dataclasses.replace(config.logging, access_log=True)
-        )
+    if live:
+        # The view shows what the log lines would: only errors go above it.
+        logging_config = dataclasses.replace(config.logging, level="error", access_log=False)
+    elif not args.no_access_log:
+        logging_config = dataclasses.replace(config.logging, access_log=True)
+    else:
+        logging_config = config.logging
+    config = dataclasses.replace(config, logging=logging_config)
     runtime_options(config.runtime)
     _quiet_metrics()
     logger = configure_logging(config.logging)
     if args.backends_only:
         run(partial(run_backends, config, logger.getChild("demo")), config.runtime)
-    else:
-        run(partial(run_demo, config, logger, rate=args.rate), config.runtime)
+        return 0
+    options = DemoOptions(
+        rate=args.rate if args.rate is not None else (LIVE_RATE if live else PLAIN_RATE),
+        live=live,
+        duration=args.duration,
+        break_every=args.break_every,
+        first_break=args.first_break,
+    )
+    run(partial(run_demo, config, logger, options), config.runtime)
     return 0

@@ -35,7 +35,7 @@ async def test_demo_shows_traffic_logs_and_metrics(
     net: Any, tmp_path: Path, runtime_backend: str
 ) -> None:
     path, backends, metrics = demo_config(net, tmp_path, runtime_backend)
-    async with net.loble_process("demo", "-c", str(path), "--rate", "50") as demo:
+    async with net.loble_process("demo", "-c", str(path), "--plain", "--rate", "50") as demo:
         listening = address_of(await demo.wait_json("listening"))
 
         def served() -> set[str]:
