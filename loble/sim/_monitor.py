@@ -207,6 +207,9 @@ class Monitor:
         """Accepted connections not yet seen to end (a dict: ordered, unlike a set)."""
         self.accepted = 0
         self.outcomes = dict.fromkeys(Outcome, 0)
+        self.outcome_times: dict[Outcome, list[float]] = {}
+        """For each outcome but ``COMPLETED``: when the first and the last of
+        them ended (``[first, last]``), for the report's impact lines."""
         self.connect_latencies: list[float] = []
         self.timeline: list[BackendStateChanged] = []
         self.shutdown: ShutdownStarted | None = None
@@ -550,6 +553,11 @@ class Monitor:
             self.connect_latencies.append(connected_at - event.opened_at)
         if outcome is _COMPLETED:
             return  # the common end: nothing more to check
+        times = self.outcome_times.get(outcome)
+        if times is None:
+            self.outcome_times[outcome] = [event.at, event.at]
+        else:
+            times[1] = event.at
         if outcome is _IDLE_TIMEOUT:
             self._idle_timed_out(connection_id, last, now)
         elif pending is not None and outcome is _CONNECT_FAILED and self.timer_step:

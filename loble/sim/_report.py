@@ -18,11 +18,25 @@ from loble.core import HealthState, Outcome
 
 from ._engine import Simulation
 from ._monitor import INVARIANTS
+from ._scenario import Scenario
 
-__all__ = ["build_report", "percentile", "render_report"]
+__all__ = ["IMPACT", "build_report", "impact_line", "percentile", "render_report", "run_warnings"]
 
 _TIMELINE_ROWS = 40
 """The table shows this many state changes; ``--json`` and ``--trace`` have all."""
+
+IMPACT = {
+    Outcome.NO_BACKEND: "clients refused (no backend)",
+    Outcome.CONNECT_FAILED: "clients failed to connect",
+    Outcome.CLIENT_RESET: "clients reset their own connections",
+    Outcome.BACKEND_RESET: "clients reset by their backend",
+    Outcome.IDLE_TIMEOUT: "clients closed for idleness",
+    Outcome.CUT: "clients cut at the drain deadline",
+    Outcome.REFUSED_SHUTTING_DOWN: "clients refused while shutting down",
+    Outcome.RESOURCE_EXHAUSTED: "clients refused for want of proxy resources",
+    Outcome.REMOVED: "clients cut when their backend was removed",
+}
+"""What each way for a client to fail is called in the impact lines."""
 
 
 def percentile(ordered: list[float], fraction: float) -> float:
@@ -84,10 +98,23 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
                 "first": [str(v) for v in monitor.violations if v.invariant == name],
             }
         )
+    impact = []
+    for outcome in IMPACT:  # in the order of the table "What clients saw"
+        times = monitor.outcome_times.get(outcome)
+        if times is not None:
+            impact.append(
+                {
+                    "outcome": outcome.value,
+                    "first": _round(times[0]),
+                    "last": _round(times[1]),
+                    "connections": monitor.outcomes[outcome],
+                }
+            )
     return {
         "scenario": scenario.name,
         "seed": simulation.seed,
         "ok": not monitor.violations,
+        "warnings": [*scenario.warnings, *run_warnings(scenario, end)],
         "simulated_seconds": _round(end),
         "steps": monitor.step,
         "config": {
@@ -118,6 +145,7 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
             "outcomes": {outcome.value: monitor.outcomes[outcome] for outcome in Outcome},
             "in_flight_at_end": len(monitor.open),
             "connect_latency_ms": latency,
+            "impact": impact,
         },
         "shutdown": shutdown,
         "refused_operations": [
@@ -126,6 +154,46 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         ],
         "invariants": invariants,
     }
+
+
+def run_warnings(scenario: Scenario, end: float) -> list[str]:
+    """A line for each fault, or operation, outside the simulated time.
+
+    Clients arrive until ``sim.duration``: a fault from then on meets none
+    (it can still cut connections open then). A fault, or an operation, after
+    the run's last event (``end``) never happened at all.
+    """
+    warnings = []
+    duration = scenario.sim.duration
+    for index, fault in enumerate(scenario.sim.faults):
+        where = f"sim.faults[{index}].at: {fault.behaviour} at {fault.at:g} s"
+        if fault.at > end:
+            warnings.append(f"{where} is after the run ended at {end:.3f} s: it never happened")
+        elif fault.at >= duration:
+            warnings.append(
+                f"{where} is not before sim.duration ({duration:g} s): "
+                "no client arrives while it is in force"
+            )
+    for index, operation in enumerate(scenario.sim.operations):
+        if operation.at > end:
+            warnings.append(
+                f"sim.operations[{index}].at: {operation.action} at {operation.at:g} s is after "
+                f"the run ended at {end:.3f} s: it never happened"
+            )
+    return warnings
+
+
+def impact_line(row: dict[str, Any], arrived: int) -> str:
+    """``clients refused (no backend) from 20.071 s to 33.071 s, 772 connections (...)``."""
+    what = IMPACT[Outcome(row["outcome"])]
+    count = row["connections"]
+    when = (
+        f"at {row['first']:.3f} s"
+        if row["first"] == row["last"]
+        else f"from {row['first']:.3f} s to {row['last']:.3f} s"
+    )
+    plural = "connection" if count == 1 else "connections"
+    return f"{what} {when}, {count} {plural} ({count / arrived:.1%} of arrivals)"
 
 
 def _time_in_state(simulation: Simulation, address: str, end: float) -> dict[str, float]:
@@ -194,6 +262,8 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     if clients["in_flight_at_end"]:
         seen.add_row("still open at the end", str(clients["in_flight_at_end"]))
     console.print(seen)
+    for row in clients["impact"]:
+        console.print(f"Impact: {impact_line(row, clients['arrived'])}")
     latency = clients["connect_latency_ms"]
     if latency["count"]:
         console.print(

@@ -85,6 +85,13 @@ _CLIENT_KEYS = ("arrival", "rate", "schedule", "duration", "bytes", "half_close"
 _NETWORK_KEYS = ("latency",)
 _FAULT_KEYS = ("at", "until", "backend", "behaviour", "period", "limit", "delay", "probability")
 _PHASE_KEYS = ("at", "rate")
+FAULT_PARAMETERS = {
+    "period": "flapping",
+    "limit": "capacity",
+    "delay": "slow",
+    "probability": "reset",
+}
+"""Each fault parameter and the one behaviour that reads it; the others ignore it."""
 ALL_BACKENDS = "*"
 
 SHORTEST = 1e-6
@@ -222,6 +229,10 @@ class Scenario:
     name: str
     config: Config
     sim: SimConfig
+    warnings: tuple[str, ...] = ()
+    """What the file says that the run will not do: a fault parameter its
+    behaviour ignores (``"path: message"``, as an error line). The report adds
+    those that depend on the run: see :func:`loble.sim.build_report`."""
 
 
 # -- reading ---------------------------------------------------------------------
@@ -265,10 +276,11 @@ def parse_scenario(
             added = (b.address for b in operation.config.backends if b.address not in addresses)
             addresses = (*addresses, *added)
     _check_operation_backends(checker, sim_table.get("operations"), addresses)
-    sim = _parse_sim(checker, sim_table, addresses, operations)
+    warnings: list[str] = []
+    sim = _parse_sim(checker, sim_table, addresses, operations, warnings)
     if checker.errors or config is None:
         raise ConfigError(checker.errors)
-    return Scenario(name=name, config=config, sim=sim)
+    return Scenario(name=name, config=config, sim=sim, warnings=tuple(warnings))
 
 
 def _addresses(raw: Any) -> tuple[str, ...]:
@@ -313,6 +325,7 @@ def _parse_sim(
     table: Mapping[str, Any],
     addresses: tuple[str, ...],
     operations: tuple[Operation, ...],
+    warnings: list[str],
 ) -> SimConfig:
     checker.unknown_keys("sim", table, _SIM_KEYS)
     defaults = SimConfig()
@@ -328,7 +341,7 @@ def _parse_sim(
             checker, "sim.network.latency", network_table, "latency", NetworkConfig().latency
         )
     )
-    faults = _parse_faults(checker, table.get("faults"), addresses)
+    faults = _parse_faults(checker, table.get("faults"), addresses, warnings)
     return SimConfig(
         duration=duration,
         seed=seed,
@@ -423,7 +436,9 @@ def _distribution(
     return Distribution(kind=kind, **parameters)
 
 
-def _parse_faults(checker: Checker, raw: Any, addresses: tuple[str, ...]) -> tuple[Fault, ...]:
+def _parse_faults(
+    checker: Checker, raw: Any, addresses: tuple[str, ...], warnings: list[str]
+) -> tuple[Fault, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -467,7 +482,22 @@ def _parse_faults(checker: Checker, raw: Any, addresses: tuple[str, ...]) -> tup
         )
         if len(checker.errors) == before:
             faults.append(fault)
+            warnings.extend(_ignored(path, entry, behaviour))
     return tuple(faults)
+
+
+def _ignored(path: str, entry: Mapping[str, Any], behaviour: str) -> list[str]:
+    """A warning for each parameter a fault sets that its behaviour never reads."""
+    warnings = [
+        f"{path}.{key}: {behaviour!r} ignores {key}; only {user!r} uses it"
+        for key, user in FAULT_PARAMETERS.items()
+        if key in entry and behaviour != user
+    ]
+    if "until" in entry and behaviour in ("up", "recover"):
+        warnings.append(
+            f"{path}.until: {behaviour!r} ignores until; the backend is up after it either way"
+        )
+    return warnings
 
 
 def _parse_operations(

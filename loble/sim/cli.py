@@ -3,7 +3,10 @@
 One run prints the report (rich tables, or ``--json``) and can write the
 trace (``--trace FILE``, one JSON line per event). ``--runs K`` runs seeds
 N..N+K-1 on a process pool (both cores by default), shows a progress bar on
-stderr, and for each failing seed prints the command that replays it. The exit
+stderr, prints the impact on clients over the runs, and for each failing seed
+prints the command that replays it. What a scenario asks for that the run
+never does (a parameter its behaviour ignores, a fault outside the simulated
+time) is one ``warning:`` line each on stderr. The exit
 status is 0 when every invariant held in every run, 3 when one failed, and 1
 for a bad scenario or a run that cannot go on (one line per problem, from
 ``loble.__main__``).
@@ -27,10 +30,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loble.core import LobleError
 
 from ._engine import Simulation
-from ._report import build_report, render_report
+from ._report import IMPACT, build_report, render_report
 from ._scenario import Scenario, load_scenario
 
-__all__ = ["EXIT_INVARIANT_FAILED", "register", "replay_command", "run_seed"]
+__all__ = ["EXIT_INVARIANT_FAILED", "impact_over_runs", "register", "replay_command", "run_seed"]
 
 EXIT_INVARIANT_FAILED = 3
 
@@ -88,6 +91,11 @@ def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict
     return build_report(Simulation(scenario, seed, trace=record).run())
 
 
+def _warn(report: dict[str, Any]) -> None:
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def _handle(args: argparse.Namespace) -> int:
     if not args.scenario:  # Path("") is ".", which would name the current directory
         raise LobleError("scenario path is empty")
@@ -113,6 +121,7 @@ def _single(args: argparse.Namespace, scenario: Scenario, seed: int) -> int:
             raise LobleError(f"--trace {args.trace}: {error.strerror or error}") from None
     else:
         report = run_seed(scenario, seed)
+    _warn(report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -154,6 +163,8 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
                     pool.shutdown(cancel_futures=True)
                     raise
     failed = [seed for seed in seeds if not reports[seed]["ok"]]
+    for line in dict.fromkeys(line for seed in seeds for line in reports[seed]["warnings"]):
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         summary = {
             "scenario": scenario.name,
@@ -181,6 +192,8 @@ def _print_summary(
             totals[outcome] = totals.get(outcome, 0) + count
     seen = ", ".join(f"{outcome.replace('_', ' ')} {n}" for outcome, n in totals.items() if n)
     print(f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}; clients: {seen}")
+    for line in impact_over_runs([reports[seed] for seed in seeds]):
+        print(f"Impact: {line}")
     if not failed:
         print("every invariant held in every run")
         return
@@ -189,3 +202,31 @@ def _print_summary(
         first = next(row for row in reports[seed]["invariants"] if not row["held"])
         print(f"seed {seed}: {first['first'][0] if first['first'] else first['name']}")
         print(f"  replay: {replay_command(path, seed)}")
+
+
+def impact_over_runs(reports: list[dict[str, Any]]) -> list[str]:
+    """One line per kind of client failure: in how many runs, and the range over them
+    of when it began, when it ended and how many connections it took."""
+    lines = []
+    for outcome, what in IMPACT.items():
+        rows = [
+            row
+            for report in reports
+            for row in report["clients"]["impact"]
+            if row["outcome"] == outcome.value
+        ]
+        if not rows:
+            continue
+        first = _range([row["first"] for row in rows], ".3f")
+        last = _range([row["last"] for row in rows], ".3f")
+        count = _range([row["connections"] for row in rows], "d")
+        lines.append(
+            f"{what} in {len(rows)} of {len(reports)} runs: from {first} s to {last} s, "
+            f"{count} connections a run"
+        )
+    return lines
+
+
+def _range(values: list[Any], spec: str) -> str:
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}..{high}"
