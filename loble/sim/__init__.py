@@ -21,6 +21,7 @@ from ._scenario import (
     load_scenario,
     parse_scenario,
 )
+from ._timeline import Recorder
 
 __all__ = [
     "BEHAVIOURS",
@@ -31,6 +32,7 @@ __all__ = [
     "Monitor",
     "NetworkConfig",
     "RatePhase",
+    "Recorder",
     "Scenario",
     "SimBackend",
     "SimConfig",

@@ -52,6 +52,11 @@ mistake, not a bug: it is recorded in :attr:`Simulation.refused` and the run
 goes on. At one instant operations run after the fault schedule's changes
 and before anything else, in file order.
 
+Recording: a :class:`~loble.sim._timeline.Recorder` passed as ``recorder``
+keeps what a plot needs and nothing else does (outcomes, active connections
+and connect latency per time bin). Like the trace, it wraps the handlers of
+the outputs it reads; without one, not a call is added to the run.
+
 A run ends when the process has stopped after a shutdown, when clients have
 stopped arriving (``sim.duration``) and no connection is open, or at
 ``duration + settle`` at the latest.
@@ -64,7 +69,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loble.core import (
     AdminInput,
@@ -75,6 +80,7 @@ from loble.core import (
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    HealthInput,
     HealthReport,
     LobleError,
     Output,
@@ -92,6 +98,9 @@ from loble.core import (
 
 from ._monitor import CORE_INPUTS, Monitor
 from ._scenario import ALL_BACKENDS, Fault, Operation, Scenario
+
+if TYPE_CHECKING:
+    from ._timeline import Recorder
 
 __all__ = ["SimBackend", "Simulation", "SimulationError"]
 
@@ -221,6 +230,7 @@ class Simulation:
         seed: int,
         *,
         trace: Callable[[dict[str, Any]], None] | None = None,
+        recorder: Recorder | None = None,
         peek_every_step: bool = False,
     ) -> None:
         self.scenario = scenario
@@ -281,6 +291,9 @@ class Simulation:
             Reconfigured: self._reconfigured,
             BackendForgotten: monitor.forgotten,
         }
+        self.recorder = recorder
+        if recorder is not None:
+            self._record(recorder)
         if trace is not None:
             self._dispatch = {
                 kind: self._traced(handler) for kind, handler in self._dispatch.items()
@@ -425,6 +438,52 @@ class Simulation:
             handler(output, now)
 
         return traced
+
+    def _record(self, recorder: Recorder) -> None:
+        """Feed ``recorder`` the outputs it bins (for ``--plot``).
+
+        Like the trace, it wraps the handlers of the outputs it reads, so a
+        run without a recorder runs the very same code as before.
+        """
+        dispatch = self._dispatch
+        monitor = self.monitor
+        active = monitor.active
+        report = dispatch[HealthReport]
+        closed = dispatch[ConnectionClosed]
+        admin = dispatch[AdminStateChanged]
+        reconfigured = dispatch[Reconfigured]
+        forgotten = dispatch[BackendForgotten]
+        moved = (HealthInput.CONNECTION_STARTED, HealthInput.CONNECTION_FINISHED)
+
+        def on_report(output: HealthReport, now: float) -> None:
+            report(output, now)
+            if output.input in moved:
+                recorder.active(output.address, now, active[output.address])
+
+        def on_closed(output: ConnectionClosed, now: float) -> None:
+            closed(output, now)
+            recorder.closed(output)
+
+        def on_admin(output: AdminStateChanged, now: float) -> None:
+            admin(output, now)
+            recorder.admin_changed(now, output.address, output.new.value)
+
+        def on_reconfigured(output: Reconfigured, now: float) -> None:
+            reconfigured(output, now)
+            for address in output.added:
+                recorder.member(now, address, monitor.state[address].value)
+            for address in output.removed:
+                recorder.member(now, address, "removed")
+
+        def on_forgotten(output: BackendForgotten, now: float) -> None:
+            forgotten(output, now)
+            recorder.member(now, output.address, "gone")
+
+        dispatch[HealthReport] = on_report
+        dispatch[ConnectionClosed] = on_closed
+        dispatch[AdminStateChanged] = on_admin
+        dispatch[Reconfigured] = on_reconfigured
+        dispatch[BackendForgotten] = on_forgotten
 
     # -- clients -----------------------------------------------------------------------------
 

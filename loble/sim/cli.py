@@ -1,12 +1,14 @@
 """``loble sim``: run a scenario, print the report, replay a failing seed.
 
 One run prints the report (rich tables, or ``--json``) and can write the
-trace (``--trace FILE``, one JSON line per event). ``--runs K`` runs seeds
+trace (``--trace FILE``, one JSON line per event) and draw the run over time
+(``--plot FILE``, with matplotlib, imported only then). ``--runs K`` runs seeds
 N..N+K-1 on a process pool (both cores by default), shows a progress bar on
 stderr, prints the impact on clients over the runs, and for each failing seed
-prints the command that replays it. What a scenario asks for that the run
-never does (a parameter its behaviour ignores, a fault outside the simulated
-time) is one ``warning:`` line each on stderr. The exit
+prints the command that replays it; ``--plot`` then draws the spread over the
+seeds. What a scenario asks for that the run never does (a parameter its
+behaviour ignores, a fault outside the simulated time) is one ``warning:``
+line each on stderr. The exit
 status is 0 when every invariant held in every run, 3 when one failed, and 1
 for a bad scenario or a run that cannot go on (one line per problem, from
 ``loble.__main__``).
@@ -22,6 +24,7 @@ import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -32,8 +35,16 @@ from loble.core import LobleError
 from ._engine import Simulation
 from ._report import IMPACT, build_report, render_report
 from ._scenario import Scenario, load_scenario
+from ._timeline import Recorder, bin_width
 
-__all__ = ["EXIT_INVARIANT_FAILED", "impact_over_runs", "register", "replay_command", "run_seed"]
+__all__ = [
+    "EXIT_INVARIANT_FAILED",
+    "PLOT_HINT",
+    "impact_over_runs",
+    "register",
+    "replay_command",
+    "run_seed",
+]
 
 EXIT_INVARIANT_FAILED = 3
 
@@ -60,6 +71,12 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     )
     sim.add_argument("--trace", metavar="FILE", help="write one JSON line per event to FILE")
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw the timeline (with --runs: the spread over seeds) to FILE, "
+        "e.g. out.png (needs matplotlib: pip install 'loble[plot]')",
+    )
     sim.set_defaults(handler=_handle)
 
 
@@ -81,6 +98,13 @@ def replay_command(scenario_path: str, seed: int) -> str:
 
 def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict[str, Any]:
     """Run one seed and return its report (writing the trace, if asked)."""
+    return _run(scenario, seed, trace)[0]
+
+
+def _run(
+    scenario: Scenario, seed: int, trace: TextIO | None = None, plotted: bool = False
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run one seed: its report, and its series over time if ``plotted``."""
     record = None
     if trace is not None:
         write = trace.write
@@ -88,7 +112,23 @@ def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict
         def record(entry: dict[str, Any]) -> None:
             write(json.dumps(entry, separators=(",", ":")) + "\n")
 
-    return build_report(Simulation(scenario, seed, trace=record).run())
+    recorder = Recorder(bin_width(scenario.sim.duration)) if plotted else None
+    simulation = Simulation(scenario, seed, trace=record, recorder=recorder).run()
+    series = None if recorder is None else recorder.series(simulation)
+    return build_report(simulation), series
+
+
+PLOT_HINT = "--plot needs matplotlib: pip install 'loble[plot]'"
+
+
+def _plotter(path: str) -> ModuleType:
+    """The plotting module, imported only now, once ``path`` is known to be writable."""
+    try:
+        from . import _plot
+    except ImportError:
+        raise LobleError(PLOT_HINT) from None
+    _plot.check_target(path)
+    return _plot
 
 
 def _warn(report: dict[str, Any]) -> None:
@@ -105,6 +145,8 @@ def _handle(args: argparse.Namespace) -> int:
         raise LobleError(f"--runs: {args.runs} must be >= 1")
     if seed < 0:
         raise LobleError(f"--seed: {seed} must be >= 0")
+    # Before any run: a missing matplotlib or a bad file name fails at once.
+    args.plotter = _plotter(args.plot) if args.plot is not None else None
     if args.runs == 1:
         return _single(args, scenario, seed)
     if args.trace:
@@ -113,15 +155,18 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _single(args: argparse.Namespace, scenario: Scenario, seed: int) -> int:
+    plotted = args.plotter is not None
     if args.trace:
         try:
             with open(args.trace, "w", encoding="utf-8") as trace:
-                report = run_seed(scenario, seed, trace)
+                report, series = _run(scenario, seed, trace, plotted)
         except OSError as error:
             raise LobleError(f"--trace {args.trace}: {error.strerror or error}") from None
     else:
-        report = run_seed(scenario, seed)
+        report, series = _run(scenario, seed, plotted=plotted)
     _warn(report)
+    if series is not None:
+        args.plotter.save_plot(args.plot, [series], scenario)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -136,6 +181,8 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
     seeds = range(first_seed, first_seed + args.runs)
     jobs = args.jobs or min(2, os.cpu_count() or 1)
     reports: dict[int, dict[str, Any]] = {}
+    series: dict[int, dict[str, Any] | None] = {}
+    plotted = args.plotter is not None
     progress = Progress(
         TextColumn(f"{Path(args.scenario).name}"),
         BarColumn(),
@@ -148,14 +195,14 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
         task = progress.add_task("runs", total=len(seeds))
         if jobs <= 1:
             for seed in seeds:
-                reports[seed] = run_seed(scenario, seed)
+                reports[seed], series[seed] = _run(scenario, seed, plotted=plotted)
                 progress.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(run_seed, scenario, seed): seed for seed in seeds}
+                futures = {pool.submit(_run, scenario, seed, None, plotted): seed for seed in seeds}
                 try:
                     for future in as_completed(futures):
-                        reports[futures[future]] = future.result()
+                        reports[futures[future]], series[futures[future]] = future.result()
                         progress.advance(task)
                 except LobleError:
                     # A run that cannot go on (SimulationError) comes back as an
@@ -165,6 +212,9 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
     failed = [seed for seed in seeds if not reports[seed]["ok"]]
     for line in dict.fromkeys(line for seed in seeds for line in reports[seed]["warnings"]):
         print(f"warning: {line}", file=sys.stderr)
+    if plotted:
+        runs = [run for run in (series[seed] for seed in seeds) if run is not None]
+        args.plotter.save_plot(args.plot, runs, scenario)
     if args.json:
         summary = {
             "scenario": scenario.name,
