@@ -76,6 +76,7 @@ from loble.core import (
     AdminStateChanged,
     BackendForgotten,
     BackendStateChanged,
+    Balancer,
     CloseConnection,
     ConnectBackend,
     ConnectFailed,
@@ -222,7 +223,17 @@ class SimBackend:
 
 
 class Simulation:
-    """One run of a scenario with one seed."""
+    """One run of a scenario with one seed.
+
+    ``trace`` is called with one JSON-ready dict per event and per output of
+    the core; ``recorder`` bins what a plot needs. ``balancer`` replaces the
+    scenario's ``[balancer] algorithm`` with one of your own: a factory that
+    takes the run's ``random.Random`` and returns a
+    :class:`~loble.core.Balancer`, as the values of
+    :data:`loble.core.BALANCERS` do (a class whose ``__init__`` takes the rng
+    will do). A reload that changes the algorithm puts a built-in one in its
+    place, as it would in the daemon.
+    """
 
     def __init__(
         self,
@@ -232,12 +243,21 @@ class Simulation:
         trace: Callable[[dict[str, Any]], None] | None = None,
         recorder: Recorder | None = None,
         peek_every_step: bool = False,
+        balancer: Callable[[random.Random], Balancer] | None = None,
     ) -> None:
         self.scenario = scenario
         self.seed = seed
         sim = scenario.sim
         self.rng = random.Random(seed)
-        self.core = ProxyCore(scenario.config, self.rng)
+        self.balancer_name: str = (
+            scenario.config.balancer.algorithm
+            if balancer is None
+            else getattr(balancer, "__name__", type(balancer).__name__)
+        )
+        """The balancer, as the report names it: the configured algorithm, or the factory's name."""
+        self.core = ProxyCore(
+            scenario.config, self.rng, balancer=None if balancer is None else balancer(self.rng)
+        )
         self.monitor = Monitor(scenario.config, self.core)
         self.backends = {b.address: SimBackend(b.address) for b in scenario.config.backends}
         self.trace = trace

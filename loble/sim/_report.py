@@ -118,7 +118,7 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         "simulated_seconds": _round(end),
         "steps": monitor.step,
         "config": {
-            "algorithm": config.balancer.algorithm,
+            "algorithm": simulation.balancer_name,
             "connect_retries": config.balancer.connect_retries,
             "failure_threshold": config.health.failure_threshold,
             "success_threshold": config.health.success_threshold,

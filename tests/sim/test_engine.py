@@ -6,12 +6,14 @@ import dataclasses
 import hashlib
 import io
 import json
+import random
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loble.core import HealthState, Outcome
+from loble.core import Backend, HealthState, Outcome, RoundRobin, Snapshot
 from loble.sim import Scenario, Simulation, build_report, load_scenario
 from loble.sim.cli import run_seed
 
@@ -117,6 +119,64 @@ def test_capacity_limit_refuses_beyond_n() -> None:
     assert report["ok"]
     assert sum(b["connect_failures"] for b in report["backends"]) > 0
     assert outcomes(report)["completed"] > 0
+
+
+class _First:
+    """Always the first eligible backend not yet tried: a balancer of one's own."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def pick(
+        self, snapshot: Snapshot, active: Callable[[str], int], exclude: Collection[str] = ()
+    ) -> Backend | None:
+        return next((b for b in snapshot.backends if b.address not in exclude), None)
+
+
+class _Forgetful(_First):
+    """Ignores ``exclude``: a retry goes back to the backend that just failed."""
+
+    def pick(
+        self, snapshot: Snapshot, active: Callable[[str], int], exclude: Collection[str] = ()
+    ) -> Backend | None:
+        return snapshot.backends[0] if snapshot.backends else None
+
+
+def test_a_balancer_of_ones_own_runs_under_the_invariants() -> None:
+    made: list[_First] = []
+
+    def factory(rng: random.Random) -> _First:
+        made.append(_First(rng))
+        return made[-1]
+
+    simulation = Simulation(scenario(), 1, balancer=factory).run()
+    report = build_report(simulation)
+    assert report["ok"]
+    assert made[0].rng is simulation.rng  # the run's one rng, as the built-in ones get
+    assert simulation.core.balancer is made[0]
+    assert report["config"]["algorithm"] == "factory"
+    assert backend(report, 1)["connections"] == 0  # the first backend takes everything
+    assert backend(report, 0)["connections"] == report["clients"]["arrived"]
+    # A class is its own factory; the built-in names are just such factories.
+    assert build_report(Simulation(scenario(), 1, balancer=_First).run())["config"] == {
+        **report["config"],
+        "algorithm": "_First",
+    }
+    built_in = build_report(Simulation(scenario(), 1, balancer=RoundRobin).run())
+    assert built_in == run(scenario()) | {
+        "config": run(scenario())["config"] | {"algorithm": "RoundRobin"}
+    }
+
+
+def test_a_balancer_that_ignores_exclude_fails_bounded_retries() -> None:
+    fault = {"at": 2.0, "backend": "10.9.0.1:80", "behaviour": "crash"}
+    report = build_report(Simulation(scenario(sim_faults=[fault]), 1, balancer=_Forgetful).run())
+    assert not report["ok"]
+    failed = {row["name"]: row["first"] for row in report["invariants"] if not row["held"]}
+    # The retry to the backend that just refused is caught first; the core
+    # then refuses to start a connection on a backend out of rotation.
+    assert "retries 10.9.0.1:80, already tried (10.9.0.1:80)" in failed["bounded retries"][0]
+    assert "CONNECTION_STARTED when state=UNHEALTHY" in failed["core accepted every input"][0]
 
 
 def test_flapping_alternates() -> None:
