@@ -449,10 +449,11 @@ class Load:
                         record.outcome, record.detail = "connect_error", repr(error.__cause__)
                     return record
                 attribute = anyio.abc.SocketAttribute
-                if stream.extra(attribute.local_port) == stream.extra(attribute.remote_port):
+                if stream.extra(attribute.local_port) == stream.extra(attribute.remote_port, 0):
                     # Nothing listens on the port, and the kernel picked it as
                     # this socket's own: TCP's self-connect. Not a connection to
-                    # the proxy at all.
+                    # the proxy at all. (No peer port at all: reset already, which
+                    # the receiving side below sees.)
                     await stream.aclose()
                     record.outcome, record.detail = "refused", "self-connect"
                     return record
