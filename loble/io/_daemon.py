@@ -21,9 +21,11 @@ file again. An invalid file is rejected with every error logged and nothing
 changed. A valid one goes to the core as one input (``reconfigure``), which
 applies it as a diff; what only the lifecycle can do it does here: a changed
 listener address is bound before the old listener closes, and the old one
-then stops accepting as at a shutdown, its connections untouched; the log
-level and format take effect at once; a changed metrics, admin or runtime
-section waits for a restart, and the reload's log line says so.
+then stops accepting as at a shutdown, its connections untouched; a new
+backlog is set on the listening sockets and a new ``max_connections`` in the
+conductor, both at once; the log level and format take effect at once; a
+changed metrics, admin or runtime section waits for a restart, and the
+reload's log line says so.
 
 It decides nothing: which backend, when to retry, when a connection is
 idle and when draining ends all come out of the core. Everything runs on
@@ -493,6 +495,14 @@ class Daemon:
             self._serve_listeners(conductor, listeners)
             for scope in replaced:
                 scope.cancel()  # the old listener closes; its connections run on
+        if new.listener.backlog != old.listener.backlog and not self._stopped_accepting:
+            # listen() on a listening socket sets its backlog anew: applied at
+            # once, to a listener just bound for a new address too.
+            for listener in self._listeners:
+                with contextlib.suppress(OSError):  # closed meanwhile: nothing to apply
+                    listener.extra(anyio.abc.SocketAttribute.raw_socket).listen(
+                        new.listener.backlog
+                    )
         if new.logging.level != old.logging.level:
             self.logger.setLevel(LEVELS[new.logging.level])
         if new.logging.format != old.logging.format:

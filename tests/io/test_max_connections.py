@@ -153,3 +153,31 @@ async def test_a_reload_changes_max_connections_live_and_cuts_nothing(
     (paused,) = lab.logs.find(PAUSED)
     assert (paused["open"], paused["limit"], paused["limited_by"]) == (3, 2, "max_connections")
     assert len(lab.logs.find(RESUMED)) == 1
+
+
+async def test_a_reload_applies_a_new_backlog_at_once(net: Any, tmp_path: Path) -> None:
+    # The backlog is the other half of the limit: how many clients wait. A
+    # reload that changes it applies it to the listening socket at once (listen
+    # again), or the reload would report a change it did not make.
+    async with net.loopback() as lab:
+        backend = await lab.backend("a")
+        path = tmp_path / "config.toml"
+        daemon = await lab.daemon([backend.address], config_path=path, listener=limited(1))
+        port = daemon.listen_address[1]
+        held = await anyio.connect_tcp(*daemon.listen_address)
+        await held.send(b"held")
+        await net.wait_for(lambda: backend.accepted == 1)
+        document = {"listener": {**limited(1), "backlog": 2}}
+        net.write_config(path, {**document, "backends": [{"address": backend.address}]})
+        done = dict(await daemon.reload())
+        assert (done["changed"], done["restart_needed"]) == (["listener.backlog"], [])
+        # Linux keeps backlog + 1 handshaken clients waiting, and drops the SYNs
+        # beyond (the client would retry a second later).
+        waiting = [await anyio.connect_tcp(*daemon.listen_address) for _ in range(3)]
+        await net.wait_for(lambda: accept_queue(port) == 3, what="three clients waiting")
+        with pytest.raises(TimeoutError), anyio.fail_after(0.5):
+            waiting.append(await anyio.connect_tcp(*daemon.listen_address))
+        assert accept_queue(port) == 3
+        for stream in waiting:
+            await stream.aclose()
+        assert await finish(net, held) == b"a:held"
