@@ -361,6 +361,7 @@ class Simulation:
             # The core raises only on an input its tables have no row for: a
             # driver or core bug, reported as a failed invariant, not a crash.
             self.monitor.violate(CORE_INPUTS, f"{type(error).__name__}: {error}")
+            self.ended_at = self.now  # the run stops here
         except ArithmeticError as error:
             # A value so extreme that float arithmetic gave up (the scenario
             # check bounds every parameter; this is the backstop): one line

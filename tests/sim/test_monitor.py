@@ -236,6 +236,9 @@ def test_a_core_exception_fails_the_run_instead_of_crashing(
     assert failed[0]["name"] == "core accepted every input"
     assert "StateMachineError" in failed[0]["first"][0]
     assert "step " in failed[0]["first"][0]
+    # The run stopped at the step that raised: the report says when, not 0 s.
+    at = float(failed[0]["first"][0].split(" at t=")[1].split(":")[0])
+    assert result["simulated_seconds"] == pytest.approx(at) and at > 0
 
 
 # -- liveness and timing: a core that does nothing (or does it late) must fail ------------
