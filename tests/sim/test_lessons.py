@@ -1,0 +1,178 @@
+"""The lessons (docs/lessons/) are true: their commands run and print what they show.
+
+A lesson page's ``console`` blocks hold commands (``$ ...``) and under each
+the output it prints on stdout, up to the next command or the end of the
+block; a block preceded by ``<!-- lesson-exit: N -->`` expects exit status N
+from each of its commands, 0 otherwise. The commands of a page run in order,
+as typed, with bash, in a scratch directory holding a copy of docs/lessons/
+and an empty docs/images/lessons/: a trace or a plot a command writes lands
+there, never over the committed picture. Each picture drawn must be one the
+page shows and the repository holds, at the same size, and each picture the
+page shows must be drawn by one of its commands. A fenced block preceded by
+``<!-- lesson-file: PATH -->`` must be the file docs/lessons/PATH byte for
+byte. ``pycon`` blocks are one doctest session per page.
+
+Then the figures are held to what the lessons say of them: the tests near
+the end recompute the theory (Erlang B, Poisson, Little's law) from the
+scenario files and check the outputs shown, which the first tests have
+checked against real runs.
+"""
+
+from __future__ import annotations
+
+import doctest
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+LESSONS = REPO / "docs" / "lessons"
+IMAGES = REPO / "docs" / "images" / "lessons"
+PAGES = sorted(page for page in LESSONS.glob("*.md") if page.name != "index.md")
+FENCE = re.compile(
+    r"(?:<!-- lesson-(?P<marker>file|exit): (?P<argument>[^>]*?) -->\n)?"
+    r"```(?P<language>\w*)\n(?P<body>.*?)```",
+    flags=re.DOTALL,
+)
+PICTURE = re.compile(r"\]\(\.\./images/lessons/([^)]+)\)")
+
+
+@dataclass(frozen=True)
+class Command:
+    line: str
+    output: str
+    status: int
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def commands(page: Path) -> list[Command]:
+    found = []
+    for block in FENCE.finditer(page.read_text()):
+        if block["language"] != "console":
+            continue
+        status = int(block["argument"]) if block["marker"] == "exit" else 0
+        line: str | None = None
+        output: list[str] = []
+        for text in [*block["body"].splitlines(), "$ "]:
+            if text.startswith("$ "):
+                if line is not None:
+                    found.append(Command(line, "\n".join(output), status))
+                line, output = text[2:].strip(), []
+            else:
+                output.append(text)
+    return found
+
+
+def shown(page: Path, command: str) -> str:
+    """The output the page shows under the (first) command that starts so."""
+    return next(c.output for c in commands(page) if c.line.startswith(command))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path}: not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def page_id(page: Path) -> str:
+    return page.stem
+
+
+def test_every_lesson_has_commands_and_is_on_the_index() -> None:
+    index = (LESSONS / "index.md").read_text()
+    assert PAGES
+    for page in PAGES:
+        assert f"]({page.name})" in index, f"{page.name} is not on the lessons index"
+        assert commands(page) or "```pycon" in page.read_text(), f"{page.name} runs nothing"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_shown_files_are_the_files(page: Path) -> None:
+    for block in FENCE.finditer(page.read_text()):
+        if block["marker"] == "file":
+            path = LESSONS / block["argument"]
+            assert path.is_file(), f"{page.name} shows {block['argument']}, which is not there"
+            assert block["body"] == path.read_text(), f"{page.name}: {path.name} has changed"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if commands(p)], ids=page_id)
+def test_commands_print_what_the_page_shows(page: Path, tmp_path: Path) -> None:
+    shutil.copytree(LESSONS, tmp_path / "docs" / "lessons")
+    drawn = tmp_path / "docs" / "images" / "lessons"
+    drawn.mkdir(parents=True)
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("FORCE_COLOR", "COLUMNS", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+    }
+    # The venv's loble and python, as for a reader who activated it.
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    for command in commands(page):
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command.line}"],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == command.status, f"{command}: {result.stderr}"
+        lines = [line.rstrip() for line in result.stdout.rstrip("\n").splitlines()]
+        assert "\n".join(lines) == command.output, f"{command} printed otherwise"
+    pictures = set(PICTURE.findall(page.read_text()))
+    assert {path.name for path in drawn.iterdir()} == pictures
+    for name in pictures:
+        assert png_size(IMAGES / name) == png_size(drawn / name), f"{name} is not what it draws"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```pycon" in p.read_text()], ids=page_id)
+def test_python_sessions_run_as_shown(page: Path) -> None:
+    session = "\n".join(
+        block["body"] for block in FENCE.finditer(page.read_text()) if block["language"] == "pycon"
+    )
+    test = doctest.DocTestParser().get_doctest(session, {}, page.name, str(page), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.DONT_ACCEPT_TRUE_FOR_1)
+    report: list[str] = []
+    runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+# -- every figure in the prose is one a command prints or a file shows ---------------------
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_decimal_in_the_prose_is_shown_by_a_block(page: Path) -> None:
+    text = page.read_text()
+    blocks = "\n".join(block["body"] for block in FENCE.finditer(text))
+    prose = FENCE.sub("", text)
+    for number in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose):
+        assert number in blocks, f"{page.name}: {number} is in the prose, in no block"
+
+
+# -- the figures against what the lessons say of them ---------------------------------------
+
+
+def test_the_drain_is_safe_in_the_lines_shown() -> None:
+    page = LESSONS / "drain.md"
+    window = shown(page, "sed -n").splitlines()
+    assert window and all(
+        '"backend":"10.0.7.2:80"' in line for line in window if "ConnectBackend" in line
+    )
+    closed = [line for line in window if "ConnectionClosed" in line]
+    assert closed and all(
+        '"backend":"10.0.7.1:80","outcome":"completed"' in line for line in closed
+    )
+    assert '"new":"draining"' in shown(page, "grep '\"step\":22,'")
+    assert '"new":"unhealthy","reason":"drained' in shown(page, "grep '\"step\":58,'")
