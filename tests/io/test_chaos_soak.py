@@ -348,14 +348,36 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def descriptors(pid: int) -> Counter[str]:
-    """The process's open descriptors by kind: socket, pipe, the anon inodes, files."""
+    """The process's open descriptors by kind: pipes, the anon inodes, files, and
+    sockets as ``tcp listening``, ``tcp connection`` (any other state), ``unix``."""
+    sockets = _socket_kinds(pid)
     kinds: Counter[str] = Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             continue  # closed while listed
-        kinds[target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else target] += 1
+        if target.startswith("socket:["):
+            kinds[sockets.get(int(target[8:-1]), "socket")] += 1
+        else:
+            kinds[target.split(":", 1)[0] if target.startswith("pipe:") else target] += 1
+    return kinds
+
+
+def _socket_kinds(pid: int) -> dict[int, str]:
+    """Socket inodes in the process's network namespace, by kind."""
+    kinds: dict[int, str] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                listening = fields[3] == "0A"  # TCP_LISTEN
+                kinds[int(fields[9])] = "tcp listening" if listening else "tcp connection"
+    with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/unix") as rows:
+        next(rows)
+        for row in rows:
+            kinds[int(row.split()[6])] = "unix"
     return kinds
 
 
@@ -857,22 +879,27 @@ async def soak(net: Any, proxy: Loble, slots: list[Slot], report: dict[str, Any]
 async def rest_figures(
     net: Any, proxy: Loble, like: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Descriptors by kind and the gauges, at rest. With ``like``, wait (bounded) for
-    the same descriptors and tasks: a probe or a scrape may be in flight a moment."""
+    """Descriptors by kind and the gauges, at rest: no TCP connection open (a probe,
+    the last scrape's connection may be a moment away from closed) and the same
+    figures three reads in a row. With ``like``, wait (bounded) for the same
+    figures as those; the verdict says what differs if they never come."""
     figures: dict[str, Any] = {}
+    readings: list[tuple[dict[str, int], float]] = []
 
     async def read() -> bool:
         figures["descriptors"] = dict(sorted(descriptors(proxy.pid).items()))
+        if "tcp connection" in figures["descriptors"]:
+            readings.clear()
+            return False
         figures.update(await proxy.gauges())
         figures["besides_pooled_pipes"] = besides_pipes(figures)
-        if like is None:
-            return True
-        return figures["besides_pooled_pipes"] == like["besides_pooled_pipes"] and (
-            figures["tasks"] == like["tasks"]
-        )
+        readings.append((figures["besides_pooled_pipes"], figures["tasks"]))
+        if like is not None:
+            return readings[-1] == (like["besides_pooled_pipes"], like["tasks"])
+        return len(readings) >= 3 and readings[-1] == readings[-2] == readings[-3]
 
-    with contextlib.suppress(AssertionError):  # the verdict compares and says what differs
-        await net.wait_for(read, what="the same descriptors and tasks as before")
+    with contextlib.suppress(AssertionError):
+        await net.wait_for(read, what="the figures at rest")
     return figures
 
 
