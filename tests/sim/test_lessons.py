@@ -164,6 +164,24 @@ def test_every_decimal_in_the_prose_is_shown_by_a_block(page: Path) -> None:
 # -- the figures against what the lessons say of them ---------------------------------------
 
 
+def test_thresholds_of_three_stop_the_flapping() -> None:
+    page = LESSONS / "thresholds.md"
+    pattern = r"seed (\d+): (\d+) transitions; \S+ refused (\d+) connects, was in rotation (\S+) s"
+    counted = {
+        threshold: re.findall(pattern, shown(page, f"loble sim {path} --runs 10"))
+        for threshold, path in (
+            (1, "docs/lessons/thresholds/threshold-1.toml"),
+            (3, "docs/lessons/thresholds/threshold-3.toml"),
+        )
+    }
+    assert len(counted[1]) == len(counted[3]) == 10
+    for one, three in zip(counted[1], counted[3], strict=True):
+        assert int(three[1]) == 3  # out, drained, back
+        assert int(one[1]) >= 40  # "dozens"
+        assert int(three[2]) == 3 < int(one[2])
+        assert 0.4 < float(three[3]) / float(one[3]) < 0.6  # "about half as long"
+
+
 def test_the_drain_is_safe_in_the_lines_shown() -> None:
     page = LESSONS / "drain.md"
     window = shown(page, "sed -n").splitlines()
