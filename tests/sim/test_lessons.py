@@ -21,6 +21,7 @@ checked against real runs.
 from __future__ import annotations
 
 import doctest
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from loble.sim import load_scenario
 
 from .conftest import REPO
 
@@ -162,6 +165,77 @@ def test_every_decimal_in_the_prose_is_shown_by_a_block(page: Path) -> None:
 
 
 # -- the figures against what the lessons say of them ---------------------------------------
+
+
+def erlang_b(offered: float, servers: int) -> float:
+    """Erlang's loss formula, from its definition: the share of time all ``servers``
+    are busy, a^c/c! over the sum of a^k/k! (in logs, so nothing overflows)."""
+    terms = [k * math.log(offered) - math.lgamma(k + 1) for k in range(servers + 1)]
+    top = max(terms)
+    return math.exp(terms[-1] - top) / sum(math.exp(term - top) for term in terms)
+
+
+def poisson_busiest(mean: float, count: int) -> float:
+    """E[max of ``count`` independent Poisson(``mean``)], as the sum of P(max > k)."""
+    expected = 0.0
+    for k in range(int(mean * 10) + 50):
+        cdf = sum(math.exp(i * math.log(mean) - mean - math.lgamma(i + 1)) for i in range(k + 1))
+        expected += 1 - cdf**count
+    return expected
+
+
+def rows(output: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table under the line of ``output`` that starts with ``title``."""
+    lines = output.split(f"\n{title}", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return {line.split()[0]: line.split()[1:] for line in lines}
+
+
+def percent(cell: str) -> float:
+    return float(cell.rstrip("%")) / 100
+
+
+def test_balancers_measure_up_to_queueing_theory() -> None:
+    page = LESSONS / "balancers.md"
+    output = shown(page, "python docs/lessons/balancers/compare.py")
+    capacity = load_scenario(LESSONS / "balancers" / "capacity.toml")
+    clients, network = capacity.sim.clients, capacity.sim.network
+    assert clients.arrival == "poisson" and clients.duration.kind == "exponential"
+    assert network.latency.kind == "constant" and capacity.config.balancer.connect_retries == 0
+    (fault,) = capacity.sim.faults
+    assert fault.behaviour == "capacity" and fault.backend == "*" and fault.at == 0
+    backends, limit = len(capacity.config.backends), fault.limit
+    hold = clients.duration.mean + 2 * network.latency.value  # the connect and the close
+    offered = clients.rate * hold / backends
+
+    refused = {name: percent(cells[0]) for name, cells in rows(output, "capacity.toml").items()}
+    alone, pooled = erlang_b(offered, limit), erlang_b(offered * backends, limit * backends)
+    assert abs(refused["random"] - alone) <= 0.10 * alone
+    assert pooled <= refused["least_connections"] <= 1.25 * pooled
+    assert refused["p2c"] < refused["random"] / 4
+    assert refused["least_connections"] < refused["round_robin"] < refused["random"]
+    assert 5.5 < refused["random"] / refused["p2c"] < 6.5  # "a sixth"
+    # The CLI's own count of the same seeds gives random's share.
+    summary = shown(page, "loble sim docs/lessons/balancers/capacity.toml --runs 20")
+    completed, failed = map(int, re.findall(r"completed (\d+), connect failed (\d+)", summary)[0])
+    assert round(failed / (completed + failed), 4) == refused["random"]
+    share = f"{refused['random']:.2%}"
+    assert f"{failed} refused out of {failed} + {completed} arrivals is {share}" in page.read_text()
+
+    spread = rows(output, "unlimited.toml")
+    busiest = poisson_busiest(offered, backends) - offered
+    assert abs(float(spread["random"][0]) - busiest) <= 0.10 * busiest
+    assert float(spread["p2c"][0]) < float(spread["random"][0]) / 2
+    assert float(spread["p2c"][-1]) < float(spread["random"][-1])  # peaks
+
+    slow = load_scenario(LESSONS / "balancers" / "slow.toml")
+    (fault,) = slow.sim.faults
+    assert fault.behaviour == "slow" and slow.sim.clients.half_close == 1.0
+    late, fast = 1 / (hold + 2 * fault.delay), 1 / hold  # the connect and the reply, late
+    little = late / (late + (backends - 1) * fast)
+    sent = {name: percent(cells[0]) for name, cells in rows(output, "slow.toml").items()}
+    assert abs(sent["least_connections"] - little) <= 0.10 * little
+    assert sent["round_robin"] == 0.25
+    assert sent["p2c"] < 0.2
 
 
 def test_thresholds_of_three_stop_the_flapping() -> None:
