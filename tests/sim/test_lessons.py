@@ -268,3 +268,26 @@ def test_the_drain_is_safe_in_the_lines_shown() -> None:
     )
     assert '"new":"draining"' in shown(page, "grep '\"step\":22,'")
     assert '"new":"unhealthy","reason":"drained' in shown(page, "grep '\"step\":58,'")
+
+
+def test_a_balancer_of_ones_own_is_checked_and_its_bug_caught(tmp_path: Path) -> None:
+    page = LESSONS / "own-balancer.md"
+    ours = shown(page, "python docs/lessons/own-balancer/run.py LeastOfThree")
+    three, two = map(float, re.findall(r"refused (\S+)% \(p2c: (\S+)%\)", ours)[0])
+    assert three < two
+    forgetful = shown(page, "python docs/lessons/own-balancer/run.py Forgetful")
+    assert "capacity.toml: 10 runs, every invariant held" in forgetful
+    # The step it fails at is the one the draining lesson reads.
+    step = re.findall(r"drain.toml: .*\n(?:.*\n)*?.*step (\d+) .*when state=DRAINING", forgetful)
+    assert step and f"grep '\"step\":{step[0]},'" in (LESSONS / "drain.md").read_text()
+    # "drop the exclude parameter from pick and mypy says so"
+    folder = tmp_path / "own-balancer"
+    shutil.copytree(LESSONS / "own-balancer", folder)
+    source = (folder / "least_of_three.py").read_text()
+    broken = source.replace("        exclude: Collection[str] = (),\n", "")
+    assert broken != source
+    (folder / "least_of_three.py").write_text(broken.replace("b.address not in exclude", "b"))
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(folder / "run.py")]
+    result = subprocess.run(mypy, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 1, result.stdout
+    assert '"type[LeastOfThree]"; expected "str": "Callable[[Random], Balancer]"' in result.stdout
