@@ -212,6 +212,8 @@ class Loble:
         self.address: tuple[str, int] = ("", 0)
         self.metrics: tuple[str, int] = ("", 0)
         self.admin: tuple[str, int] = ("", 0)
+        self._scanned = 0
+        self._reloads: list[dict[str, Any]] = []
 
     def document(self) -> dict[str, Any]:
         return {
@@ -256,14 +258,21 @@ class Loble:
     async def reload(self) -> str:
         """SIGHUP with the file as it is now; what the reload line says changed."""
         self.write()
-        done = len(self.child.json_lines("configuration reloaded"))
+        done = len(self._reloaded())
         self.child.signal(signal.SIGHUP)
-        await self.net.wait_for(
-            lambda: len(self.child.json_lines("configuration reloaded")) > done,
-            what="the reload applied",
-        )
-        line = self.child.json_lines("configuration reloaded")[done]
+        await self.net.wait_for(lambda: len(self._reloaded()) > done, what="the reload applied")
+        line = self._reloaded()[done]
         return " ".join(f"{k}={line[k]}" for k in ("added", "removed", "reweighted") if line[k])
+
+    def _reloaded(self) -> list[dict[str, Any]]:
+        """The ``configuration reloaded`` lines so far (each log line read once: the
+        long soak's log is long)."""
+        lines = self.child.lines
+        for line in lines[self._scanned :]:
+            if "configuration reloaded" in line:
+                self._reloads.append(json.loads(line))
+        self._scanned = len(lines)
+        return self._reloads
 
     async def active_on(self, slot: Slot) -> int:
         """Connections Loble has on ``slot`` now, connecting or established."""
@@ -1214,7 +1223,7 @@ def figures(report: dict[str, Any]) -> str:
 def _commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--exclude", "*"],
             capture_output=True,
             text=True,
             check=True,
