@@ -104,12 +104,11 @@ def test_documented_command_prints_what_the_page_shows(
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     argv = shlex.split(example.command)[1:]
-    argv = [
-        str(tmp_path / Path(a).name) if a.startswith("/tmp/") or a in files else a for a in argv
-    ]
-    if "--plot" in argv:  # drawn, but never over a picture the page shows
-        target = argv.index("--plot") + 1
-        argv[target] = str(tmp_path / Path(argv[target]).name)
+    argv = [str(tmp_path / a) if a in files else a for a in argv]
+    for option in ("--trace", "--plot"):  # written in a scratch directory, never over the page's
+        if option in argv:
+            target = argv.index(option) + 1
+            argv[target] = str(tmp_path / Path(argv[target]).name)
     if "--runs" in argv:
         jobs = 1 if example.breakage else min(2, os.cpu_count() or 1)
         argv += ["--jobs", str(jobs)]
