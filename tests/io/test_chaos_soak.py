@@ -936,23 +936,39 @@ async def progress(load: Load, chaos: Chaos) -> None:
 
 
 def explain(record: Record, faults: list[Fault], terminated: float) -> str:
-    """The cause of a failure in the chaos log, or "" if there is none."""
+    """The cause of a failure in the chaos log, or "" if there is none.
+
+    With faults overlapping, several may explain one failure: the one named is
+    the one whose effect came last before the connection ended."""
     backend = record.backend
 
     def during(fault: Fault, start: float) -> bool:
         return record.start <= fault.end + EPSILON and record.end >= start - EPSILON
 
+    def effect(fault: Fault) -> float:
+        """When ``fault`` could have ended this connection, at the earliest."""
+        if fault.kind == "frozen":  # at the idle timeout, counted from the freeze
+            return max(fault.start, record.start) + IDLE
+        if fault.kind == "removed":  # at the removal timeout
+            return fault.start + REMOVAL
+        return fault.start
+
+    causes: list[tuple[float, str]] = []
     for fault in faults:
         if backend is None:
             if fault.kind in HARD and during(fault, fault.start):
-                return f"no greeting, a backend {fault.kind}"
+                causes.append((effect(fault), f"no greeting, a backend {fault.kind}"))
         elif fault.backend == backend[0]:
             if fault.kind == "removed":
-                # Cut only once the removal timeout has passed.
-                if during(fault, fault.start + REMOVAL):
-                    return "its backend removed"
+                # Cut only once the removal timeout has passed, and only if it
+                # passed before the backend was added back (which cancels the cut).
+                deadline = effect(fault)
+                if fault.end >= deadline - EPSILON and during(fault, deadline):
+                    causes.append((deadline, "its backend removed"))
             elif fault.generation == backend[1] and during(fault, fault.start):
-                return f"its backend {fault.kind}"
+                causes.append((effect(fault), f"its backend {fault.kind}"))
+    if causes:
+        return max([c for c in causes if c[0] <= record.end + EPSILON] or causes)[1]
     if record.end >= terminated - EPSILON:
         if record.outcome == "refused":
             return "refused after SIGTERM"
@@ -1145,12 +1161,18 @@ def summarize(records: list[Record], report: dict[str, Any], origin: float) -> N
         "hung": outcomes["hang"],
         "unexplained": causes["UNEXPLAINED"],
         "before_sigterm": len(chaos),
+        "completed_before_sigterm": completed,
         "completed_share_before_sigterm": round(completed / max(1, len(chaos)), 4),
         "in_the_final_phase": len(final),
         "completed_in_the_final_phase": sum(r.outcome == "completed" for r in final),
         "payload_bytes_checked": sum(r.checked for r in records),
         "greeted_by": dict(sorted(Counter(r.greeter[:2] for r in records if r.greeter).items())),
     }
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.outcome in FAILED_HONESTLY and len(samples.setdefault(r.cause, [])) < 2:
+            samples[r.cause].append(relative(r, origin))
+    report["failure_samples"] = samples
     report["wrong"] = [
         relative(r, origin)
         for r in records
@@ -1180,6 +1202,11 @@ def verdict(report: dict[str, Any]) -> None:
     shutdown = report["shutdown"]
     assert shutdown["exit_code"] == 0, shutdown
     if report["proxy"] == "loble":
+        # Loble's own count agrees with the clients': every connection it calls
+        # completed, they found whole, and it counted each one they made.
+        counted = {k[8:]: v for k, v in after.items() if k.startswith("outcome ")}
+        assert counted.get("completed", 0) == connections["completed_before_sigterm"], counted
+        assert sum(counted.values()) == connections["before_sigterm"], counted
         assert shutdown["shutdown_finished"] is not None, shutdown
         assert shutdown["shutdown_finished"]["cut"] >= TRICKLES, shutdown
         assert shutdown["tracebacks"] == 0, shutdown
