@@ -3,15 +3,16 @@
 One run prints the report (rich tables, or ``--json``) and can write the
 trace (``--trace FILE``, one JSON line per event) and draw the run over time
 (``--plot FILE``, with matplotlib, imported only then). ``--runs K`` runs seeds
-N..N+K-1 on a process pool (both cores by default), shows a progress bar on
-stderr, prints the impact on clients over the runs, and for each failing seed
-prints the command that replays it; ``--plot`` then draws the spread over the
-seeds. What a scenario asks for that the run never does (a parameter its
-behaviour ignores, a fault outside the simulated time) is one ``warning:``
-line each on stderr. The exit
-status is 0 when every invariant held in every run, 3 when one failed, and 1
-for a bad scenario or a run that cannot go on (one line per problem, from
-``loble.__main__``).
+N..N+K-1 on a process pool (both cores by default) or, with ``--cluster
+tcp://HOST:PORT``, on a Dask cluster's workers (see :mod:`loble.sim._swarm`),
+shows a progress bar on stderr when it is a terminal, prints the impact on
+clients over the runs, and for each failing seed prints the command that
+replays it; ``--plot`` then draws the spread over the seeds. ``--swarm`` draws
+each seed's faults from the seed. What a scenario asks for that the run never
+does (a parameter its behaviour ignores, a fault outside the simulated time)
+is one ``warning:`` line each on stderr. The exit status is 0 when every
+invariant held in every run, 3 when one failed, and 1 for a bad scenario or a
+run that cannot go on (one line per problem, from ``loble.__main__``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import os
 import shlex
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
@@ -32,10 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loble.core import LobleError
 
-from ._engine import Simulation
-from ._report import IMPACT, build_report, render_report
+from ._report import IMPACT, render_report
 from ._scenario import Scenario, load_scenario
-from ._timeline import Recorder, bin_width
+from ._swarm import describe_faults, run_once, run_seeds
 
 __all__ = [
     "EXIT_INVARIANT_FAILED",
@@ -69,6 +68,18 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="J",
         help="processes for --runs (default: the number of cores, at most 2)",
     )
+    sim.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run the seeds of --runs on a Dask cluster, its scheduler at tcp://HOST:PORT "
+        "(needs dask.distributed: pip install 'loble[swarm]')",
+    )
+    sim.add_argument(
+        "--swarm",
+        action="store_true",
+        help="draw each seed's faults (start, length, behaviour) from the seed, "
+        "one per fault of the scenario",
+    )
     sim.add_argument("--trace", metavar="FILE", help="write one JSON line per event to FILE")
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
     sim.add_argument(
@@ -92,8 +103,8 @@ class _StdoutConsole(Console):
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
-def replay_command(scenario_path: str, seed: int) -> str:
-    return f"loble sim {shlex.quote(scenario_path)} --seed {seed}"
+def replay_command(scenario_path: str, seed: int, swarm: bool = False) -> str:
+    return f"loble sim {shlex.quote(scenario_path)} --seed {seed}" + (" --swarm" if swarm else "")
 
 
 def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict[str, Any]:
@@ -101,21 +112,7 @@ def run_seed(scenario: Scenario, seed: int, trace: TextIO | None = None) -> dict
     return _run(scenario, seed, trace)[0]
 
 
-def _run(
-    scenario: Scenario, seed: int, trace: TextIO | None = None, plotted: bool = False
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run one seed: its report, and its series over time if ``plotted``."""
-    record = None
-    if trace is not None:
-        write = trace.write
-
-        def record(entry: dict[str, Any]) -> None:
-            write(json.dumps(entry, separators=(",", ":")) + "\n")
-
-    recorder = Recorder(bin_width(scenario.sim.duration)) if plotted else None
-    simulation = Simulation(scenario, seed, trace=record, recorder=recorder).run()
-    series = None if recorder is None else recorder.series(simulation)
-    return build_report(simulation), series
+_run = run_once
 
 
 PLOT_HINT = "--plot needs matplotlib: pip install 'loble[plot]'"
@@ -148,9 +145,13 @@ def _handle(args: argparse.Namespace) -> int:
     # Before any run: a missing matplotlib or a bad file name fails at once.
     args.plotter = _plotter(args.plot) if args.plot is not None else None
     if args.runs == 1:
+        if args.cluster is not None:
+            raise LobleError("--cluster spreads the seeds of --runs K: use it with --runs")
         return _single(args, scenario, seed)
     if args.trace:
         raise LobleError("--trace records one run: use it without --runs")
+    if args.cluster is not None and args.jobs is not None:
+        raise LobleError("--jobs counts local processes: with --cluster, its workers run the seeds")
     return _many(args, scenario, seed)
 
 
@@ -159,29 +160,29 @@ def _single(args: argparse.Namespace, scenario: Scenario, seed: int) -> int:
     if args.trace:
         try:
             with open(args.trace, "w", encoding="utf-8") as trace:
-                report, series = _run(scenario, seed, trace, plotted)
+                report, series = _run(scenario, seed, trace, plotted, args.swarm)
         except OSError as error:
             raise LobleError(f"--trace {args.trace}: {error.strerror or error}") from None
     else:
-        report, series = _run(scenario, seed, plotted=plotted)
+        report, series = _run(scenario, seed, plotted=plotted, swarm=args.swarm)
     _warn(report)
     if series is not None:
         args.plotter.save_plot(args.plot, [series], scenario)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        if args.swarm:
+            print(f"swarm faults: {describe_faults(report['swarm'])}")
         width = None if sys.stdout.isatty() else 120
         render_report(report, _StdoutConsole(highlight=False, width=width))
         if not report["ok"]:
-            print(f"replay: {replay_command(args.scenario, seed)}")
+            print(f"replay: {replay_command(args.scenario, seed, args.swarm)}")
     return 0 if report["ok"] else EXIT_INVARIANT_FAILED
 
 
 def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
     seeds = range(first_seed, first_seed + args.runs)
     jobs = args.jobs or min(2, os.cpu_count() or 1)
-    reports: dict[int, dict[str, Any]] = {}
-    series: dict[int, dict[str, Any] | None] = {}
     plotted = args.plotter is not None
     progress = Progress(
         TextColumn(f"{Path(args.scenario).name}"),
@@ -189,26 +190,21 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=Console(stderr=True),
-        disable=args.json,
+        disable=args.json or not sys.stderr.isatty(),
     )
     with progress:
         task = progress.add_task("runs", total=len(seeds))
-        if jobs <= 1:
-            for seed in seeds:
-                reports[seed], series[seed] = _run(scenario, seed, plotted=plotted)
-                progress.advance(task)
-        else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(_run, scenario, seed, None, plotted): seed for seed in seeds}
-                try:
-                    for future in as_completed(futures):
-                        reports[futures[future]], series[futures[future]] = future.result()
-                        progress.advance(task)
-                except LobleError:
-                    # A run that cannot go on (SimulationError) comes back as an
-                    # exception, not a worker's traceback: stop the rest, say it once.
-                    pool.shutdown(cancel_futures=True)
-                    raise
+        outcomes = run_seeds(
+            scenario,
+            seeds,
+            jobs=jobs,
+            cluster=args.cluster,
+            plotted=plotted,
+            swarm=args.swarm,
+            advance=lambda: progress.advance(task),
+        )
+    reports = {seed: outcome[0] for seed, outcome in outcomes.items()}
+    series = {seed: outcome[1] for seed, outcome in outcomes.items()}
     failed = [seed for seed in seeds if not reports[seed]["ok"]]
     for line in dict.fromkeys(line for seed in seeds for line in reports[seed]["warnings"]):
         print(f"warning: {line}", file=sys.stderr)
@@ -225,7 +221,7 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
         }
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(args.scenario, scenario, seeds, reports, failed)
+        _print_summary(args.scenario, scenario, seeds, reports, failed, args.swarm)
     return EXIT_INVARIANT_FAILED if failed else 0
 
 
@@ -235,13 +231,17 @@ def _print_summary(
     seeds: range,
     reports: dict[int, dict[str, Any]],
     failed: list[int],
+    swarm: bool = False,
 ) -> None:
     totals: dict[str, int] = {}
     for seed in seeds:
         for outcome, count in reports[seed]["clients"]["outcomes"].items():
             totals[outcome] = totals.get(outcome, 0) + count
     seen = ", ".join(f"{outcome.replace('_', ' ')} {n}" for outcome, n in totals.items() if n)
-    print(f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}; clients: {seen}")
+    drawn = ", faults drawn from each seed" if swarm else ""
+    print(
+        f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}{drawn}; clients: {seen}"
+    )
     for line in impact_over_runs([reports[seed] for seed in seeds]):
         print(f"Impact: {line}")
     if not failed:
@@ -251,7 +251,9 @@ def _print_summary(
     for seed in failed:
         first = next(row for row in reports[seed]["invariants"] if not row["held"])
         print(f"seed {seed}: {first['first'][0] if first['first'] else first['name']}")
-        print(f"  replay: {replay_command(path, seed)}")
+        if swarm:
+            print(f"  faults: {describe_faults(reports[seed]['swarm'])}")
+        print(f"  replay: {replay_command(path, seed, swarm)}")
 
 
 def impact_over_runs(reports: list[dict[str, Any]]) -> list[str]:
