@@ -442,12 +442,22 @@ backend be
             self.lines.extend(chunk.decode(errors="replace").splitlines())
 
     async def command(self, line: str) -> str:
-        """One master CLI command (``@1 ...`` goes to the current worker)."""
-        with anyio.fail_after(10):
-            async with await anyio.connect_unix(str(self.cli)) as stream:
-                await stream.send(line.encode() + b"\n")
-                await stream.send_eof()  # one command: the CLI answers, then closes
-                return (await self.net.read_all(stream)).decode()
+        """One master CLI command (``@1 ...`` goes to the current worker). The
+        master executes itself again at each reload: its CLI is away a moment."""
+        answers: list[str] = []
+
+        async def answered() -> bool:
+            try:
+                async with await anyio.connect_unix(str(self.cli)) as stream:
+                    await stream.send(line.encode() + b"\n")
+                    await stream.send_eof()  # one command: the CLI answers, then closes
+                    answers.append((await self.net.read_all(stream)).decode())
+            except (OSError, anyio.BrokenResourceError):
+                return False
+            return True
+
+        await self.net.wait_for(answered, what=f"the master CLI answering {line!r}")
+        return answers[0]
 
     async def _workers(self) -> tuple[int, list[int]]:
         """The current worker's pid (0 if none yet) and the old ones'."""
@@ -465,8 +475,7 @@ backend be
         return current, old
 
     async def _current(self) -> bool:
-        with contextlib.suppress(OSError):
-            self.worker = (await self._workers())[0]
+        self.worker = (await self._workers())[0]
         return bool(self.worker)
 
     @property
