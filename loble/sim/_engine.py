@@ -34,9 +34,19 @@ connection it has closed) come back empty; a stale connect comes back as
 would.
 
 An answer is decided when its request is sent, and lands a round trip later.
-If the backend died in between (a crash, or a flapping backend's down half:
-:meth:`SimBackend.epoch` changed), the connect fails and the probe fails
-when they land, as they would against a real process that went away.
+If the backend died in between (a crash or a kill, or a flapping backend's
+down half: :meth:`SimBackend.epoch` changed), the connect fails and the
+probe fails when they land, as they would against a real process that went
+away. A silent host (``host_down``) kills nothing: an answer on its way
+still lands, and a connection established on a ``host_down`` or
+``accept_hang`` backend hangs (it gets no end and no touch: the core's idle
+timeout closes it).
+
+A fault that changes what open connections see edits the heap: a ``kill``
+replaces a connection's own end with the FIN or the RST it gets, a
+``host_down`` drops every event still to come from the backend's side
+(:meth:`Simulation._kill`, :meth:`Simulation._hang`; rare, and O(heap)).
+``crash`` and ``reset`` only add a RST a round trip later, as before.
 
 Faults: each backend has at most one fault in force, the last one started;
 a fault's ``until`` puts the backend back ``up`` only if that fault is still
@@ -59,7 +69,9 @@ the outputs it reads; without one, not a call is added to the run.
 
 A run ends when the process has stopped after a shutdown, when clients have
 stopped arriving (``sim.duration``) and no connection is open, or at
-``duration + settle`` at the latest.
+``duration + settle`` at the latest. After the process stopped, clients
+still arrive until ``sim.duration``: each is counted, refused by the kernel
+(:attr:`Simulation.refused_after_stop`), and takes no step.
 """
 
 from __future__ import annotations
@@ -141,8 +153,13 @@ _ADMIN_INPUTS = {
     "ready": AdminInput.READY,
 }
 
-# Behaviours as small ints: the connect decision is on the hot path.
-_UP, _CRASH, _BLACKHOLE, _RESET, _SLOW, _CAPACITY, _FLAPPING = range(7)
+# Behaviours as small ints: the connect decision is on the hot path. The
+# last two leave a connection that lands on them hanging (see _HANGS).
+_UP, _CRASH, _BLACKHOLE, _RESET, _SLOW, _CAPACITY, _FLAPPING, _KILL, _HOST_DOWN, _ACCEPT_HANG = (
+    range(10)
+)
+_HANGS = _HOST_DOWN
+"""Behaviours from this code on never answer a connection once it is established."""
 _BEHAVIOUR_CODES = {
     "up": _UP,
     "recover": _UP,
@@ -152,8 +169,22 @@ _BEHAVIOUR_CODES = {
     "slow": _SLOW,
     "capacity": _CAPACITY,
     "flapping": _FLAPPING,
+    "kill": _KILL,
+    "host_down": _HOST_DOWN,
+    "accept_hang": _ACCEPT_HANG,
 }
-BEHAVIOUR_NAMES = ("up", "crash", "blackhole", "reset", "slow", "capacity", "flapping")
+BEHAVIOUR_NAMES = (
+    "up",
+    "crash",
+    "blackhole",
+    "reset",
+    "slow",
+    "capacity",
+    "flapping",
+    "kill",
+    "host_down",
+    "accept_hang",
+)
 _SIDE_BACKEND = Side.BACKEND  # an enum member read through its class costs ~80 ns
 
 
@@ -203,7 +234,7 @@ class SimBackend:
     def refuses(self, now: float) -> bool:
         """Would a connect (or probe) arriving now be refused?"""
         behaviour = self.behaviour
-        if behaviour == _CRASH:
+        if behaviour in (_CRASH, _KILL):
             return True
         if behaviour == _CAPACITY:
             return self.open >= self.limit
@@ -279,6 +310,14 @@ class Simulation:
         self._scheduled_in_phase = 0
         self._arrivals_until = sim.duration
         self._expovariate = self.rng.expovariate
+        self.truncated: dict[int, None] = {}
+        """Open connections a killed backend ended with a FIN: a stream cut short."""
+        self.truncated_completed = 0
+        """Connections the core saw complete whose backend had been killed mid-stream."""
+        self.refused_after_stop = 0
+        """Clients that arrived after the process stopped: the kernel refused them."""
+        self.refused_after_stop_times: list[float] = []
+        """The first and the last of those arrivals."""
         self.refused: list[tuple[float, str, str]] = []
         """Operations the core refused: (at, action, the one-line reason)."""
         self.may_end = False
@@ -290,8 +329,10 @@ class Simulation:
         self._timer_lead = 0.0 if peek_every_step else lead
         idle = scenario.config.timeouts.idle
         self._touch_every = idle / 2
-        self._sockets: dict[int, tuple[SimBackend, float]] = {}
-        """Established connections: the backend holding each, and its bytes."""
+        self._sockets: dict[int, tuple[SimBackend, float, int, int]] = {}
+        """Established connections: the backend holding each, its bytes, and
+        the sequence number and kind of the event that ends it (0 and
+        ``_TOUCH`` once it hangs: nothing will)."""
         monitor = self.monitor
         self._dispatch: dict[type, Callable[[Any, float], None]] = {
             HealthReport: monitor.health_report,
@@ -357,6 +398,8 @@ class Simulation:
             self._apply(self.core.start(0.0), 0.0)
             self.monitor.end_step()
             self._loop(sim.duration + sim.settle)
+            if self.core.stopped:
+                self._after_stop()
         except LobleError as error:
             # The core raises only on an input its tables have no row for: a
             # driver or core bug, reported as a failed invariant, not a crash.
@@ -439,6 +482,34 @@ class Simulation:
             if self.may_end and (core.stopped or (self.arrivals_done and not core.in_flight)):
                 break
         self.ended_at = self.now
+
+    def _after_stop(self) -> None:
+        """The process has stopped and nothing listens: clients go on arriving.
+
+        Each one that arrives before ``sim.duration`` is refused by the kernel
+        (a RST to its SYN) and counted, not lost. No core call and no step:
+        only the arrivals' own draws, so nothing before the stop changes.
+        Every other event left is dropped: its process is gone.
+        """
+        heap = self._heap
+        trace = self.trace
+        times = self.refused_after_stop_times
+        while heap:
+            event = heapq.heappop(heap)
+            if event[2] != _ARRIVAL:
+                continue
+            now = event[0]
+            if event[3]:
+                self.arrived += 1
+                self.refused_after_stop += 1
+                if times:
+                    times[1:] = [now]
+                else:
+                    times.append(now)
+                if trace is not None:
+                    trace({"step": self.monitor.step, "t": now, "event": "arrival",
+                           "args": [True], "refused": "kernel: the process stopped"})  # fmt: skip
+            self._next_arrival(now)
 
     def _schedule(self, at: float, kind: int, *payload: Any) -> None:
         # The hot handlers inline this push (same tuple shape) to save a call.
@@ -590,10 +661,14 @@ class Simulation:
     def _close(self, action: CloseConnection, now: float) -> None:
         socket = self._sockets.pop(action.connection_id, None)
         if socket is not None:
-            backend, moved = socket
+            backend, moved = socket[0], socket[1]
             backend.open -= 1
             del backend.sockets[action.connection_id]
             backend.bytes += moved
+        # A stream a killed backend's FIN ended early, which the core saw end normally.
+        truncated = self.truncated
+        if truncated and truncated.pop(action.connection_id, 1) is None and not action.reset:
+            self.truncated_completed += 1
 
     # -- backends ------------------------------------------------------------------------------
 
@@ -601,7 +676,7 @@ class Simulation:
         self.monitor.connect_started(action, now)
         backend = self.backends[action.backend.address]
         behaviour = backend.behaviour
-        if behaviour == _BLACKHOLE:
+        if behaviour in (_BLACKHOLE, _HOST_DOWN):
             return  # the SYN goes nowhere: the core's connect timeout decides
         at = now + self._latency()
         if behaviour == _UP:  # the common case: none of the checks below apply
@@ -640,19 +715,28 @@ class Simulation:
             backend.open -= 1  # stale: the core gave up on this attempt; hang up
             return
         self.monitor.connected(connection_id, now)
-        self._sockets[connection_id] = (backend, self._bytes())
+        moved = self._bytes()
         backend.sockets[connection_id] = None
         dispatch = self._dispatch
         for output in outputs:
             dispatch[type(output)](output, now)
+        if behaviour >= _HANGS:
+            # Silent host, or a process that never reads what it accepted:
+            # nothing more happens on this connection until a timeout.
+            self._sockets[connection_id] = (backend, moved, 0, _TOUCH)
+            return
         duration = self._duration()
         end = now + duration
         rng = self.rng
+        sequence = self._next_sequence()
         if behaviour == _RESET and rng.random() < backend.probability:
-            self._schedule(now + duration * rng.random(), _BACKEND_RESET, connection_id)
+            at, kind = now + duration * rng.random(), _BACKEND_RESET
         else:
+            at = end
             kind = _CLIENT_EOF if rng.random() < self._half_close else _BACKEND_EOF
-            heapq.heappush(self._heap, (end, self._next_sequence(), kind, connection_id))
+        heapq.heappush(self._heap, (at, sequence, kind, connection_id))
+        # The sequence number and kind of its end, so a fault can find it.
+        self._sockets[connection_id] = (backend, moved, sequence, kind)
         touch_every = self._touch_every
         if duration > touch_every and now + touch_every > now:
             self._schedule(now + touch_every, _TOUCH, connection_id, end)
@@ -665,7 +749,7 @@ class Simulation:
         self.monitor.probe_sent(backend.address)
         timeout = action.timeout
         rtt = self._latency()
-        if backend.behaviour == _BLACKHOLE:
+        if backend.behaviour == _BLACKHOLE or backend.behaviour == _HOST_DOWN:
             at, ok = now + timeout, False
         elif backend.refuses(now):
             at, ok = now + min(rtt, timeout), False
@@ -709,7 +793,8 @@ class Simulation:
         code = _BEHAVIOUR_CODES[name]
         # Fold the lives a flapping server went through into its incarnation
         # before the behaviour (and so epoch()) changes.
-        backend.incarnation = backend.epoch(now) + (1 if code == _CRASH else 0)
+        dies = code in (_CRASH, _KILL)
+        backend.incarnation = backend.epoch(now) + (1 if dies else 0)
         backend.behaviour = code
         backend.delay = fault.delay
         backend.limit = fault.limit
@@ -717,10 +802,74 @@ class Simulation:
         backend.half_period = fault.period / 2
         backend.flap_since = now
         backend.timeline.append((now, BEHAVIOUR_NAMES[code]))
-        if code == _CRASH:
-            # A crashed process takes its connections with it: each client sees a reset.
+        if code == _UP or not backend.sockets:
+            return
+        if code in (_CRASH, _RESET) or (code == _KILL and fault.unread == "all"):
+            # Every open connection is reset: each client sees a RST a round trip on.
             for connection_id in backend.sockets:
                 self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+        elif code == _KILL:
+            self._kill(backend, fault.unread, now)
+        elif code == _HOST_DOWN:
+            self._hang(backend)
+
+    def _pending_ends(self, backend: SimBackend) -> dict[int, int]:
+        """The connections on ``backend`` whose own end is still to come: seq -> id."""
+        sockets = self._sockets
+        ends = {sockets[connection_id][2]: connection_id for connection_id in backend.sockets}
+        ends.pop(0, None)  # hung already: no end of their own
+        return {event[1]: ends[event[1]] for event in self._heap if event[1] in ends}
+
+    def _drop(self, doomed: Callable[[tuple[Any, ...]], bool]) -> None:
+        """Take every event ``doomed(event)`` says out of the heap (rare: O(heap))."""
+        heap = self._heap
+        heap[:] = [event for event in heap if not doomed(event)]
+        heapq.heapify(heap)
+
+    def _kill(self, backend: SimBackend, unread: str, now: float) -> None:
+        """The process died: the kernel closes each of its sockets.
+
+        A socket with unread bytes is closed with RST: with ``unread =
+        "senders"``, a connection whose client sends first (its EOF is its
+        end) and has not sent it yet. Every other one whose stream was still
+        running gets a FIN: the client reads a stream cut short that looks
+        complete. One that had already half-closed ends as it would.
+        """
+        pending = self._pending_ends(backend)
+        sockets = self._sockets
+        finned: dict[int, None] = {}
+        for connection_id in backend.sockets:
+            kind = sockets[connection_id][3]
+            if sockets[connection_id][2] not in pending:
+                continue
+            if unread == "senders" and kind == _CLIENT_EOF:
+                self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+            else:
+                finned[connection_id] = None
+        if not finned:
+            return
+        self._drop(lambda event: event[1] in pending and pending[event[1]] in finned)
+        for connection_id in finned:
+            self.truncated[connection_id] = None
+            self._schedule(now + self._latency(), _BACKEND_EOF, connection_id)
+
+    def _hang(self, backend: SimBackend) -> None:
+        """The host went silent: its connections see nothing more, not even a touch.
+
+        The connection's own end, its touches and any answer from the backend
+        side still on its way are dropped; the idle timeout will close it.
+        An EOF the client was sending back stays: the client is alive.
+        """
+        pending = self._pending_ends(backend)
+        hung = dict.fromkeys(backend.sockets)
+        from_backend = (_TOUCH, _BACKEND_EOF, _BACKEND_RESET)
+        self._drop(
+            lambda event: event[1] in pending or (event[2] in from_backend and event[3] in hung)
+        )
+        sockets = self._sockets
+        for connection_id in hung:
+            backend_, moved, _, _ = sockets[connection_id]
+            sockets[connection_id] = (backend_, moved, 0, _TOUCH)
 
     # -- the operator ---------------------------------------------------------------------------
 

@@ -42,6 +42,9 @@ SPAN_HATCHES = {"drain": "//", "maint": "xx", "removed": ".."}
 SPAN_NAMES = {"drain": "drained (admin)", "maint": "maintenance (admin)", "removed": "removed"}
 BEHAVIOUR_COLOURS = {
     "crash": "#b71c1c",
+    "kill": "#d81b60",
+    "host_down": "#37474f",
+    "accept_hang": "#00695c",
     "blackhole": "#212121",
     "reset": "#6a1b9a",
     "slow": "#1565c0",

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loble.core import HealthState, Outcome
+from loble.core import RESET_OUTCOMES, HealthState, Outcome
 
 from ._engine import Simulation
 from ._monitor import INVARIANTS
@@ -37,6 +37,40 @@ IMPACT = {
     Outcome.REMOVED: "clients cut when their backend was removed",
 }
 """What each way for a client to fail is called in the impact lines."""
+
+AFTER_STOP = "refused_after_stop"
+"""The impact row, and the outcome column, of clients that arrived after the
+process stopped: no core outcome, the kernel refused them."""
+IMPACT_AFTER_STOP = "clients refused by the kernel (nothing listening)"
+
+SEEN = {
+    "complete": "complete",
+    "truncated": "truncated (FIN)",
+    "reset": "reset",
+    "refused_by_kernel": "refused by the kernel",
+    "refused_by_loble": "refused by Loble",
+}
+"""What a client sees on the wire, as the daemon closes it, and its label.
+
+``complete``: every byte, then a FIN. ``truncated``: a FIN before the end of
+the stream (a killed backend's), which the client cannot tell from
+``complete``. ``reset``: a RST, for every outcome the core closes with one
+(``RESET_OUTCOMES``: a peer's reset, the idle timeout, the drain deadline's
+cut, a removed backend's cut). ``refused_by_kernel``: the listener was
+closed (after SIGTERM, or the process had stopped). ``refused_by_loble``:
+Loble accepted, then closed it with a FIN before a byte (no backend, or no
+backend connect succeeded)."""
+
+
+def client_saw(outcome: Outcome) -> str:
+    """The :data:`SEEN` key a client sees for a connection the core closed with ``outcome``."""
+    if outcome is Outcome.COMPLETED:
+        return "complete"
+    if outcome in RESET_OUTCOMES:
+        return "reset"
+    if outcome is Outcome.REFUSED_SHUTTING_DOWN:
+        return "refused_by_kernel"
+    return "refused_by_loble"
 
 
 def percentile(ordered: list[float], fraction: float) -> float:
@@ -110,6 +144,21 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
                     "connections": monitor.outcomes[outcome],
                 }
             )
+    if simulation.refused_after_stop:
+        times = simulation.refused_after_stop_times
+        first, last = times[0], times[-1]
+        impact.append(
+            {
+                "outcome": AFTER_STOP,
+                "first": _round(first),
+                "last": _round(last),
+                "connections": simulation.refused_after_stop,
+            }
+        )
+    seen_rows = _seen_rows(simulation)
+    seen = dict.fromkeys(SEEN, 0)
+    for row in seen_rows:
+        seen[row["saw"]] += row["connections"]
     return {
         "scenario": scenario.name,
         "seed": simulation.seed,
@@ -143,6 +192,9 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         "clients": {
             "arrived": simulation.arrived,
             "outcomes": {outcome.value: monitor.outcomes[outcome] for outcome in Outcome},
+            "refused_after_stop": simulation.refused_after_stop,
+            "seen": seen,
+            "seen_rows": seen_rows,
             "in_flight_at_end": len(monitor.open),
             "connect_latency_ms": latency,
             "impact": impact,
@@ -154,6 +206,27 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         ],
         "invariants": invariants,
     }
+
+
+def _seen_rows(simulation: Simulation) -> list[dict[str, Any]]:
+    """What clients saw, each way split by the outcome Loble logged, in :data:`SEEN` order."""
+    outcomes = simulation.monitor.outcomes
+    truncated = simulation.truncated_completed
+    rows: list[dict[str, Any]] = []
+    for saw in SEEN:
+        if saw == "truncated":
+            if truncated:
+                rows.append({"saw": saw, "outcome": "completed", "connections": truncated})
+            continue
+        for outcome in Outcome:
+            count = outcomes[outcome] - (truncated if outcome is Outcome.COMPLETED else 0)
+            if count and client_saw(outcome) == saw:
+                rows.append({"saw": saw, "outcome": outcome.value, "connections": count})
+        if saw == "refused_by_kernel" and simulation.refused_after_stop:
+            rows.append(
+                {"saw": saw, "outcome": AFTER_STOP, "connections": simulation.refused_after_stop}
+            )
+    return rows
 
 
 def run_warnings(scenario: Scenario, end: float) -> list[str]:
@@ -185,7 +258,7 @@ def run_warnings(scenario: Scenario, end: float) -> list[str]:
 
 def impact_line(row: dict[str, Any], arrived: int) -> str:
     """``clients refused (no backend) from 20.071 s to 33.071 s, 772 connections (...)``."""
-    what = IMPACT[Outcome(row["outcome"])]
+    what = IMPACT_AFTER_STOP if row["outcome"] == AFTER_STOP else IMPACT[Outcome(row["outcome"])]
     count = row["connections"]
     when = (
         f"at {row['first']:.3f} s"
@@ -253,14 +326,19 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 
     clients = report["clients"]
     seen = Table(title="What clients saw", title_justify="left")
-    seen.add_column("outcome")
+    seen.add_column("client saw")
     seen.add_column("connections", justify="right")
-    seen.add_row("arrived", str(clients["arrived"]))
-    for outcome, count in clients["outcomes"].items():
-        if count:
-            seen.add_row(outcome.replace("_", " "), str(count))
+    seen.add_column("Loble's outcome")
+    seen.add_row("arrived", str(clients["arrived"]), "")
+    for row in clients["seen_rows"]:
+        outcome = row["outcome"]
+        seen.add_row(
+            SEEN[row["saw"]],
+            str(row["connections"]),
+            "none: the process had stopped" if outcome == AFTER_STOP else outcome.replace("_", " "),
+        )
     if clients["in_flight_at_end"]:
-        seen.add_row("still open at the end", str(clients["in_flight_at_end"]))
+        seen.add_row("still open at the end", str(clients["in_flight_at_end"]), "")
     console.print(seen)
     for row in clients["impact"]:
         console.print(f"Impact: {impact_line(row, clients['arrived'])}")

@@ -42,13 +42,35 @@ __all__ = [
     "parse_scenario",
 ]
 
-BEHAVIOURS = ("up", "crash", "blackhole", "reset", "slow", "capacity", "flapping", "recover")
+BEHAVIOURS = (
+    "up",
+    "crash",
+    "blackhole",
+    "reset",
+    "slow",
+    "capacity",
+    "flapping",
+    "recover",
+    "kill",
+    "host_down",
+    "accept_hang",
+)
 """What a backend does, switched on and off in time by the fault schedule.
 
 * ``up``: accepts connects and serves them.
-* ``crash``: connects and probes are refused; established connections are reset.
+* ``kill``: the process dies: connects and probes are refused; each open
+  connection gets a FIN (a stream cut short that looks complete), or a RST
+  where the backend had unread bytes (``unread``: ``"senders"``, the
+  connections whose client was still sending; ``"all"``; ``"none"``).
+* ``crash``: an alias of ``kill`` with ``unread = "all"``: connects and probes
+  are refused; every established connection is reset.
+* ``host_down``: the host goes silent: connects and probes hang (until the
+  connect or probe timeout), and so do open connections (until the idle timeout).
+* ``accept_hang``: connects and probes succeed (the kernel accepts), then
+  nothing answers: each new connection hangs until the idle timeout.
 * ``blackhole``: connects and probes hang (until the connect or probe timeout).
-* ``reset``: connects succeed, then a share (``probability``) is reset mid-stream.
+* ``reset``: connects succeed; the connections open when it starts are reset,
+  and a share (``probability``) of the new ones is reset mid-stream.
 * ``slow``: ``delay`` seconds added to connects, probes and responses.
 * ``capacity``: refuses connects and probes beyond ``limit`` open connections.
 * ``flapping``: up for ``period / 2``, down (as ``crash``, without resets), repeat.
@@ -83,16 +105,31 @@ backend (``drain``, ``undrain``, ``maintenance``, ``ready``), a new
 _OPERATION_KEYS = ("at", "action", "backend", "weight", "config")
 _CLIENT_KEYS = ("arrival", "rate", "schedule", "duration", "bytes", "half_close")
 _NETWORK_KEYS = ("latency",)
-_FAULT_KEYS = ("at", "until", "backend", "behaviour", "period", "limit", "delay", "probability")
+_FAULT_KEYS = (
+    "at",
+    "until",
+    "backend",
+    "behaviour",
+    "period",
+    "limit",
+    "delay",
+    "probability",
+    "unread",
+)
 _PHASE_KEYS = ("at", "rate")
 FAULT_PARAMETERS = {
     "period": "flapping",
     "limit": "capacity",
     "delay": "slow",
     "probability": "reset",
+    "unread": "kill",
 }
 """Each fault parameter and the one behaviour that reads it; the others ignore it."""
 ALL_BACKENDS = "*"
+UNREAD = ("senders", "all", "none")
+"""Which open connections a ``kill`` finds with unread bytes, and so resets
+(the kernel sends RST when a socket closes with data still to read); the
+others get a FIN."""
 
 SHORTEST = 1e-6
 """Seconds: the shortest flapping period a scenario may set (the config's own
@@ -191,6 +228,7 @@ class Fault:
     limit: int = 100
     delay: float = 0.5
     probability: float = 0.5
+    unread: str = "senders"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -479,6 +517,7 @@ def _parse_faults(
             probability=float(
                 checker.value(path, entry, "probability", defaults.probability, _fraction)
             ),
+            unread=checker.value(path, entry, "unread", defaults.unread, choice(UNREAD)),
         )
         if len(checker.errors) == before:
             faults.append(fault)
