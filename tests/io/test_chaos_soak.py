@@ -28,7 +28,8 @@ connection, and a completed share no lower than the schedule allows: each
 fault may fail at most the connections it can reach: those on the backend
 when it was killed or removed, as Loble's gauge counts them; those the
 backend says it reset; for a freeze, those Loble cut at the idle timeout
-during it and those still on it at the end.
+during it and those still on it at the end. Loble's own count must agree
+with the clients': as many connections, as many of them completed.
 
 Before the chaos and after it, at rest, it counts Loble's descriptors
 (``/proc/PID/fd``, by kind) and its tasks (the ``loble_tasks`` gauge): they
