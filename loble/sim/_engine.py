@@ -81,7 +81,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from loble.core import (
     AdminInput,
@@ -112,10 +112,24 @@ from loble.core import (
 from ._monitor import CORE_INPUTS, Monitor
 from ._scenario import ALL_BACKENDS, Fault, Operation, Scenario
 
-if TYPE_CHECKING:
-    from ._timeline import Recorder
+__all__ = ["Recording", "SimBackend", "Simulation", "SimulationError"]
 
-__all__ = ["SimBackend", "Simulation", "SimulationError"]
+
+class Recording(Protocol):
+    """What the engine tells a recorder as outputs pass (``_timeline.Recorder`` is one).
+
+    The engine names only this, so the recorder, which reads the finished
+    :class:`Simulation`, sits above the engine rather than beside it.
+    """
+
+    def closed(self, event: ConnectionClosed) -> None: ...
+
+    def active(self, address: str, now: float, count: int) -> None: ...
+
+    def admin_changed(self, now: float, address: str, state: str) -> None: ...
+
+    def member(self, now: float, address: str, what: str) -> None: ...
+
 
 # Event kinds, indexes into the handler table.
 _ARRIVAL = 0
@@ -173,18 +187,9 @@ _BEHAVIOUR_CODES = {
     "host_down": _HOST_DOWN,
     "accept_hang": _ACCEPT_HANG,
 }
-BEHAVIOUR_NAMES = (
-    "up",
-    "crash",
-    "blackhole",
-    "reset",
-    "slow",
-    "capacity",
-    "flapping",
-    "kill",
-    "host_down",
-    "accept_hang",
-)
+_FIRST_NAME = {code: name for name, code in reversed(_BEHAVIOUR_CODES.items())}
+BEHAVIOUR_NAMES = tuple(_FIRST_NAME[code] for code in range(len(_FIRST_NAME)))
+"""Each code's name, for a backend's timeline ("up", not its alias "recover")."""
 _SIDE_BACKEND = Side.BACKEND  # an enum member read through its class costs ~80 ns
 
 
@@ -272,7 +277,7 @@ class Simulation:
         seed: int,
         *,
         trace: Callable[[dict[str, Any]], None] | None = None,
-        recorder: Recorder | None = None,
+        recorder: Recording | None = None,
         peek_every_step: bool = False,
         balancer: Callable[[random.Random], Balancer] | None = None,
     ) -> None:
@@ -531,7 +536,7 @@ class Simulation:
 
         return traced
 
-    def _record(self, recorder: Recorder) -> None:
+    def _record(self, recorder: Recording) -> None:
         """Feed ``recorder`` the outputs it bins (for ``--plot``).
 
         Like the trace, it wraps the handlers of the outputs it reads, so a
