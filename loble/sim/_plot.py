@@ -4,7 +4,9 @@ Four panels share the time axis: each backend's health state as a coloured
 band (one row per backend, with the behaviour the fault schedule gave it as a
 thin strip above the band, and an operator's drain or a reload's removal
 hatched over it), the active connections on each backend, the client
-outcomes per time bin and the connect latency. The fault schedule is marked
+outcomes per time bin (Loble's, with the streams a killed backend truncated
+and the clients the kernel refused after the process stopped apart) and the
+connect latency. The fault schedule is marked
 across all four: a shaded span from each fault's ``at`` to its ``until`` (or
 the end), labelled above the first panel, with operations and a shutdown as
 dotted lines. With several runs (``--runs K``), each series becomes its
@@ -55,6 +57,7 @@ BEHAVIOUR_COLOURS = {
 }
 OUTCOME_COLOURS = {
     "completed": "#2e7d32",
+    "truncated": "#9e9d24",
     "no_backend": "#c62828",
     "connect_failed": "#ef6c00",
     "client_reset": "#8d6e63",
@@ -62,9 +65,16 @@ OUTCOME_COLOURS = {
     "idle_timeout": "#00838f",
     "cut": "#4e342e",
     "refused_shutting_down": "#ad1457",
+    "refused_after_stop": "#f06292",
     "resource_exhausted": "#37474f",
     "removed": "#1565c0",
 }
+OUTCOME_NAMES = {
+    "truncated": "truncated (FIN)",
+    "refused_after_stop": "refused after stop, spread evenly",
+}
+"""The outcomes a client sees that are not Loble's, named for the legend: see
+:mod:`loble.sim._timeline` for why the refusals after the stop are spread."""
 _CHARACTER = 0.0075
 """About how much of the time axis one character of a schedule label takes:
 a label that would run into the one before it goes on a line above."""
@@ -265,7 +275,7 @@ def _outcomes(
     for outcome in ordered:
         series = [_fit(run["outcomes"].get(outcome, []), len(edges) - 1, 0) for run in runs]
         total = sum(sum(values) for values in series)
-        label = outcome.replace("_", " ")
+        label = OUTCOME_NAMES.get(outcome, outcome.replace("_", " "))
         if len(runs) == 1:
             label = f"{label} ({total})"
         _draw(axes, series, edges, OUTCOME_COLOURS[outcome], label)

@@ -82,7 +82,10 @@ def run_once(
             write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     recorder = Recorder(bin_width(scenario.sim.duration)) if plotted else None
-    simulation = Simulation(scenario, seed, trace=record, recorder=recorder).run()
+    simulation = Simulation(scenario, seed, trace=record, recorder=recorder)
+    if recorder is not None:
+        recorder.watch(simulation)  # it tells truncated streams from complete ones
+    simulation.run()
     series = None if recorder is None else recorder.series(simulation)
     report = build_report(simulation)
     if swarm:

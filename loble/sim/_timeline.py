@@ -9,6 +9,17 @@ per backend over time and connect latency over time. A :class:`Recorder`
 handed to :class:`Simulation` keeps them, in bins of fixed width; without
 one the simulator runs exactly as before, not a call more.
 
+The outcomes are what the client saw where Loble's outcome says less: a
+stream a killed backend cut short with a FIN, which the core saw complete,
+is ``truncated`` (the recorder reads the run's count of them as each
+connection closes, so it must :meth:`~Recorder.watch` the run), and the
+clients the kernel refused after the process stopped, which reach no core
+and so no recorder, are ``refused_after_stop``. The run keeps only their
+count and the first and the last of them, so their series spreads the
+count evenly between those two: as arrivals go on at the scenario's rate
+after the stop, the right total over the right span, but not each bin's
+own draw.
+
 :meth:`Recorder.series` turns a finished run into plain data (lists of
 numbers, picklable, so ``--runs`` workers send it back), and
 :func:`spread` and :func:`state_shares` summarise several runs. Nothing here
@@ -22,14 +33,14 @@ import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from loble.core import ConnectionClosed, HealthState
+from loble.core import ConnectionClosed, HealthState, Outcome
 
-from ._report import percentile
+from ._report import AFTER_STOP, percentile
 
 if TYPE_CHECKING:
     from ._engine import Simulation
 
-__all__ = ["BIN_TARGET", "Recorder", "bin_width", "spread", "state_shares"]
+__all__ = ["BIN_TARGET", "Recorder", "bin_width", "evenly", "spread", "state_shares"]
 
 BIN_TARGET = 150
 """About this many bins over ``sim.duration``: fine enough to see a
@@ -55,6 +66,8 @@ class Recorder:
 
     __slots__ = (
         "_since",
+        "_truncated",
+        "_watched",
         "active_area",
         "admin",
         "bin",
@@ -68,7 +81,11 @@ class Recorder:
             raise ValueError(f"bin width {width!r} must be > 0")
         self.bin = width
         self.outcomes: dict[str, list[int]] = {}
-        """Connections ended in each bin, by outcome (the time the client saw it)."""
+        """Connections ended in each bin, by outcome (the time the client saw it),
+        with the completed streams cut short under ``"truncated"``."""
+        self._watched: Simulation | None = None
+        self._truncated = 0
+        """How many truncated streams the watched run had counted at the last close."""
         self.latencies: list[list[float]] = []
         """Connect latencies (seconds), in the bin of the connect."""
         self.active_area: dict[str, list[float]] = {}
@@ -82,11 +99,29 @@ class Recorder:
         state a backend it added starts in, ``"removed"`` for one it removed
         (it keeps its connections for a while) and ``"gone"`` once forgotten."""
 
+    def watch(self, simulation: Simulation) -> None:
+        """Read ``simulation``'s count of truncated streams as connections close.
+
+        The engine counts a stream a killed backend cut short when it closes
+        the connection, just before the core's ``ConnectionClosed`` for it
+        reaches :meth:`closed`: a count that has grown since the last close
+        marks this one. Call it before the run; :meth:`series` refuses a run
+        with truncated streams it did not watch.
+        """
+        self._watched = simulation
+        self._truncated = simulation.truncated_completed
+
     # -- fed during the run --------------------------------------------------------------
 
     def closed(self, event: ConnectionClosed) -> None:
         width = self.bin
-        counts = self.outcomes.setdefault(event.outcome.value, [])
+        outcome = event.outcome.value
+        watched = self._watched
+        if watched is not None and watched.truncated_completed != self._truncated:
+            self._truncated = watched.truncated_completed
+            if event.outcome is Outcome.COMPLETED:
+                outcome = "truncated"
+        counts = self.outcomes.setdefault(outcome, [])
         index = int(event.at / width)
         if len(counts) <= index:
             counts.extend([0] * (index + 1 - len(counts)))
@@ -129,10 +164,18 @@ class Recorder:
     # -- after the run ---------------------------------------------------------------------
 
     def series(self, simulation: Simulation) -> dict[str, Any]:
-        """The run over time, as plain data: see :mod:`loble.sim._plot` for its reader."""
+        """The run over time, as plain data: see :mod:`loble.sim._plot` for its reader.
+
+        The bins go on past the run's end while the kernel refuses clients.
+        """
+        if simulation.truncated_completed and self._watched is not simulation:
+            raise ValueError("the run has truncated streams: watch() it before it runs")
         end = simulation.ended_at
         width = self.bin
-        count = int(end / width) + 1  # a bin for what ends at the very end, too
+        refused = simulation.refused_after_stop
+        times = simulation.refused_after_stop_times
+        last = max(end, times[-1]) if refused else end
+        count = int(last / width) + 1  # a bin for what ends at the very end, too
         monitor = simulation.monitor
         for address, (since, active) in list(self._since.items()):
             self._accumulate(address, since, end, active)
@@ -193,11 +236,33 @@ class Recorder:
             if monitor.shutdown is None
             else (monitor.shutdown.at, monitor.shutdown.deadline),
             "outcomes": {
-                outcome: _padded(counts, count, 0) for outcome, counts in self.outcomes.items()
+                **{outcome: _padded(counts, count, 0) for outcome, counts in self.outcomes.items()},
+                **(
+                    {AFTER_STOP: evenly(refused, times[0], times[-1], width, count)}
+                    if refused
+                    else {}
+                ),
             },
             "active": active_mean,
             "latency_ms": latency,
         }
+
+
+def evenly(total: int, first: float, last: float, width: float, count: int) -> list[int]:
+    """``total`` connections spread evenly from ``first`` to ``last``, in whole
+    connections per bin: each bin has the share of the span it covers, rounded
+    so that the bins add up to ``total`` exactly."""
+    bins = [0] * count
+    if last <= first:
+        bins[min(int(first / width), count - 1)] = total
+        return bins
+    given = 0
+    for index in range(int(first / width), min(int(last / width), count - 1) + 1):
+        covered = min(last, (index + 1) * width) - first
+        upto = total if covered >= last - first else round(total * covered / (last - first))
+        bins[index] = upto - given
+        given = upto
+    return bins
 
 
 def _padded(values: list[Any], length: int, fill: Any) -> list[Any]:

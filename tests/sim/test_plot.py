@@ -30,7 +30,9 @@ from loble.sim.cli import PLOT_HINT, run_seed
 from .conftest import REPO, scenario
 
 CRASH = REPO / "scenarios" / "backend-crash.toml"
+KILL = REPO / "scenarios" / "backend-kill.toml"
 ROLLING = REPO / "scenarios" / "rolling-maintenance.toml"
+SHUTDOWN = REPO / "scenarios" / "graceful-shutdown.toml"
 HINT = f"error: {PLOT_HINT}\n"
 
 
@@ -38,7 +40,9 @@ def recorded(path: Path | Scenario, seed: int = 1) -> tuple[dict[str, Any], dict
     """A run's report and its series over time."""
     loaded = load_scenario(path) if isinstance(path, Path) else path
     recorder = Recorder(bin_width(loaded.sim.duration))
-    simulation = Simulation(loaded, seed, recorder=recorder).run()
+    simulation = Simulation(loaded, seed, recorder=recorder)
+    recorder.watch(simulation)
+    simulation.run()
     return build_report(simulation), recorder.series(simulation)
 
 
@@ -96,6 +100,50 @@ def test_the_series_agree_with_the_report() -> None:
     p50 = series["latency_ms"]["p50"]
     assert 0.5 < p50[0] < 2.5 and math.isnan(p50[-1])
     assert series["shutdown"] is None and series["spans"] == {}
+
+
+def test_truncated_streams_and_refusals_after_the_stop_are_series_of_their_own() -> None:
+    """What clients saw, not only Loble's outcomes: a killed backend's FIN, the
+    kernel's refusals once the process stopped."""
+    report, series = recorded(KILL)
+    seen, outcomes = report["clients"]["seen"], series["outcomes"]
+    assert seen["truncated"] > 0
+    assert sum(outcomes["truncated"]) == seen["truncated"]
+    assert sum(outcomes["completed"]) == seen["complete"]
+    # The backend is killed at t=20 s: its streams end a moment later, in that bin.
+    width = series["bin"]
+    assert (
+        sum(outcomes["truncated"][int(20.0 / width) : int(20.5 / width) + 1]) == seen["truncated"]
+    )
+
+    report, series = recorded(SHUTDOWN)
+    clients, width = report["clients"], series["bin"]
+    [row] = [row for row in clients["impact"] if row["outcome"] == "refused_after_stop"]
+    refused = series["outcomes"]["refused_after_stop"]
+    assert sum(refused) == clients["refused_after_stop"] > 0
+    assert len(refused) == series["bins"] == int(row["last"] / width) + 1
+    assert series["bins"] > int(series["end"] / width) + 1  # past the run's end
+    assert {index for index, count in enumerate(refused) if count} == set(
+        range(int(row["first"] / width), int(row["last"] / width) + 1)
+    )
+    figure = build_figure([series], load_scenario(SHUTDOWN))
+    assert f"refused after stop, spread evenly ({clients['refused_after_stop']})" in legend_labels(
+        figure.axes[2]
+    )
+    figure = build_figure([recorded(KILL)[1]], load_scenario(KILL))
+    labels = legend_labels(figure.axes[2])
+    assert labels[:2] == [
+        f"completed ({seen['complete']})",
+        f"truncated (FIN) ({seen['truncated']})",
+    ]
+
+
+def test_a_run_with_truncated_streams_must_be_watched() -> None:
+    loaded = load_scenario(KILL)
+    recorder = Recorder(bin_width(loaded.sim.duration))
+    simulation = Simulation(loaded, 1, recorder=recorder).run()
+    with pytest.raises(ValueError, match="watch"):
+        recorder.series(simulation)
 
 
 def test_the_area_under_active_connections_is_the_time_connections_were_held() -> None:
