@@ -2,9 +2,12 @@
 
 Each subsystem registers its own subcommands (``loble.io.cli``,
 ``loble.io.admin_cli``, ``loble.sim.cli``), so this file stays a table of
-contents. Every command turns a :class:`LobleError` into one line on stderr
-and exit status 1: a user never sees a traceback for their own bad input,
-nor for a reader that closes the output early (``loble sim ... --json | head -1``).
+contents. A command imports what it needs when it runs: ``loble sim`` loads
+none of the daemon's dependencies (anyio and the HTTP stack), so it starts
+fast and runs wherever the core does. Every command turns a
+:class:`LobleError` into one line on stderr and exit status 1: a user never
+sees a traceback for their own bad input, nor for a reader that closes the
+output early (``loble sim ... --json | head -1``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-import tomli_w
-
 from loble import __version__
 from loble.config import load_config
 from loble.core import LobleError, config_to_dict
-from loble.io._runtime import runtime_options
 
 EXIT_STDOUT_CLOSED = 128 + 13
 """The status of a command whose reader closed stdout early: 128 + SIGPIPE (13).
@@ -31,6 +31,10 @@ output was cut short (an exit 0 would claim the whole report was read).
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    from loble.io._runtime import runtime_options
+
     config = load_config(args.path)
     runtime_options(config.runtime)  # as `loble run` does: a missing uvloop or trio fails here
     effective = config_to_dict(config)

@@ -74,6 +74,7 @@ from ._demo_view import (
     render,
 )
 from ._logging import LIBRARY_LOGGERS, log
+from .cli import BREAK_EVERY, FIRST_BREAK, LIVE_RATE
 
 __all__ = [
     "Clients",
@@ -106,15 +107,15 @@ _LINGER_NOW = struct.pack("ii", 1, 0)
 class DemoOptions:
     """How ``loble demo`` runs (its command-line options)."""
 
-    rate: float = 10.0
+    rate: float = LIVE_RATE
     """Client requests a second; 0 for none."""
     live: bool = True
     """Draw the live view on stdout; False: log lines (``--plain``)."""
     duration: float | None = None
     """Seconds before the demo drains and exits on its own; None: until a signal."""
-    break_every: float = 30.0
+    break_every: float = BREAK_EVERY
     """Seconds between two rounds of the schedule; 0: no schedule."""
-    first_break: float = 5.0
+    first_break: float = FIRST_BREAK
     """Seconds from the start to the first round."""
 
 

@@ -14,6 +14,11 @@ invalid file, a stale pid file) is a :class:`LobleError`, which
 ``loble.__main__`` prints as one line and exit status 1. This module decides
 nothing about backends: it only shows what ``GET /status`` says and asks
 for changes the daemon's control plane applies.
+
+Every ``loble`` command, ``loble sim`` too, builds its parser with
+:func:`register`, so this module imports none of the daemon's modules (nor
+anyio or starlette) at the top: ``ctl``'s actions are the values of the
+core's :class:`~loble.core.AdminInput`, the names in the admin API's URLs.
 """
 
 from __future__ import annotations
@@ -25,24 +30,20 @@ import os
 import signal
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from loble.config import load_config
-from loble.core import LobleError, parse_address
+from loble.core import AdminInput, LobleError, parse_address
 
-from ._admin import ADMIN_ACTIONS
-from ._datapath import format_address
+if TYPE_CHECKING:
+    import urllib.error
 
 __all__ = ["TOKEN_VARIABLE", "register", "status_view"]
 
@@ -101,7 +102,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "maintenance": "no traffic and no probes",
         "ready": "back to normal from drain or maintenance",
     }
-    for action in ADMIN_ACTIONS:
+    for action in (admin_input.value for admin_input in AdminInput):  # the admin API's names
         parser = actions.add_parser(action, help=explained.get(action))
         parser.add_argument("backend", metavar="BACKEND", help="host:port, as in [[backends]]")
         _admin_arguments(parser)
@@ -157,6 +158,9 @@ class AdminClient:
         return self._request("POST", path, body)
 
     def _request(self, method: str, path: str, body: Mapping[str, object] | None) -> dict[str, Any]:
+        import urllib.error  # they bring http.client, ssl and email: only a request needs them
+        import urllib.request
+
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -221,6 +225,8 @@ def _client(args: argparse.Namespace) -> AdminClient:
 
 
 def _url(address: str, key: str) -> str:
+    from ._datapath import format_address
+
     try:
         host, port = parse_address(address, allow_port_zero=True)
     except ValueError as error:
@@ -250,6 +256,8 @@ def _top(args: argparse.Namespace) -> int:
         raise LobleError(f"--count: {args.count} must be at least 1")
     if not args.interval > 0:
         raise LobleError(f"--interval: {args.interval} must be more than 0")
+    from rich.live import Live
+
     client = _client(args)
     console = _console()
     view = status_view(client.get("/status"))  # unreachable at the start: one line, exit 1
@@ -288,6 +296,8 @@ def _refreshed(client: AdminClient, previous: Group) -> Group:
 
 def status_view(document: Mapping[str, Any]) -> Group:
     """The status document as the header line above one row per backend."""
+    from rich.table import Table
+
     backends: Sequence[Mapping[str, Any]] = document.get("backends", [])
     header = Text()
     process = document.get("process")

@@ -2,6 +2,11 @@
 
 Bad input ends here as a :class:`LobleError`, which ``loble.__main__``
 prints as one line per problem.
+
+Every ``loble`` command builds its parser from :func:`register`, so this
+module imports nothing of the daemon's at the top: its modules (and anyio,
+hypercorn, starlette, prometheus_client) are imported by the handler that
+runs it, and ``loble sim`` never loads them.
 """
 
 from __future__ import annotations
@@ -13,22 +18,17 @@ import sys
 from functools import partial
 from typing import Any
 
-from prometheus_client import disable_created_metrics
-
 from loble.config import load_config
 from loble.core import Config, LobleError
-
-from ._daemon import Daemon
-from ._demo import DemoOptions, run_backends, run_demo
-from ._logging import configure_logging
-from ._runtime import run, runtime_options
-from ._supervisor_admin import worker_admin_socket
-from ._workers import run_workers, worker_config, worker_index
 
 LIVE_RATE = 10.0
 """``loble demo``'s client requests a second with the live view: enough for its sparklines."""
 PLAIN_RATE = 2.0
 """... and with ``--plain``, where each is an access log line."""
+BREAK_EVERY = 30.0
+"""``loble demo``'s seconds between two rounds of its schedule (``--break-every``)."""
+FIRST_BREAK = 5.0
+"""... and from the start to the first round (``--first-break``)."""
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -88,17 +88,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     demo.add_argument(
         "--break-every",
         type=float,
-        default=DemoOptions.break_every,
+        default=BREAK_EVERY,
         metavar="SECONDS",
         help="length of one round of the schedule (stop a server, start it, drain another, "
-        f"ready it); 0: no schedule (default: {DemoOptions.break_every:g})",
+        f"ready it); 0: no schedule (default: {BREAK_EVERY:g})",
     )
     demo.add_argument(
         "--first-break",
         type=float,
-        default=DemoOptions.first_break,
+        default=FIRST_BREAK,
         metavar="SECONDS",
-        help=f"when the first round begins (default: {DemoOptions.first_break:g})",
+        help=f"when the first round begins (default: {FIRST_BREAK:g})",
     )
     demo.add_argument(
         "--no-access-log",
@@ -109,6 +109,8 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
 
 def _quiet_metrics() -> None:
+    from prometheus_client import disable_created_metrics
+
     # prometheus_client adds a "_created" timestamp series per counter, which
     # Prometheus scrapes as noise; this process only serves Loble's metrics.
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -118,6 +120,12 @@ def _run(args: argparse.Namespace) -> int:
     # A hang-up reloads once the daemon watches for it; until then (start-up,
     # or a worker still starting) it must not kill the process either.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from ._daemon import Daemon
+    from ._logging import configure_logging
+    from ._runtime import run, runtime_options
+    from ._supervisor_admin import worker_admin_socket
+    from ._workers import run_workers, worker_config, worker_index
+
     config = load_config(args.config)
     _quiet_metrics()
     runtime_options(config.runtime)  # a missing runtime fails before any socket opens
@@ -151,6 +159,10 @@ def _demo(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None and not value >= 0:  # NaN too
             raise LobleError(f"--{option.replace('_', '-')}: {value} must be >= 0")
+    from ._demo import DemoOptions, run_backends, run_demo
+    from ._logging import configure_logging
+    from ._runtime import run, runtime_options
+
     live = not args.plain and not args.backends_only and sys.stdout.isatty()
     config: Config = load_config(args.config)
     if live:
