@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from loble.__main__ import main
 from loble.core import Config, ConfigError
@@ -847,3 +849,15 @@ WORKERS = (
     "its own health checks (N times the failures to take a backend out, each worker "
     "logging its own state changes); simulate with workers = 1"
 )
+
+
+def test_the_documented_world_example_is_valid(repo: Path) -> None:
+    """docs/simulation.md's example of the new keys loads, with no warning."""
+    page = (repo / "docs" / "simulation.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", page, flags=re.DOTALL)
+    (block,) = [block for block in blocks if "[[sim.fault_processes]]" in block]
+    loaded = parse_scenario(tomllib.loads(block))
+    assert loaded.warnings == ()
+    assert loaded.sim.clients.requests is not None and len(loaded.sim.fault_processes) == 2
+    (added,) = loaded.sim.operations
+    assert (added.action, added.written_as) == ("reload", "add")
