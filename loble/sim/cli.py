@@ -5,9 +5,13 @@ trace (``--trace FILE``, one JSON line per event) and draw the run over time
 (``--plot FILE``, with matplotlib, imported only then). ``--runs K`` runs seeds
 N..N+K-1 on a process pool (both cores by default) or, with ``--cluster
 tcp://HOST:PORT``, on a Dask cluster's workers (see :mod:`loble.sim._swarm`),
-shows a progress bar on stderr when it is a terminal, prints the impact on
-clients over the runs, and for each failing seed prints the command that
-replays it; ``--plot`` then draws the spread over the seeds. ``--swarm`` draws
+shows a progress bar on stderr when it is a terminal, and leads with
+distributions over the seeds (see :mod:`loble.sim._spread`): what clients
+saw, the impact window, the number and the times of state changes, each
+with the seeds behind its min and max and the commands that replay them;
+``--json`` carries them under ``distributions``. For each failing seed it
+prints the command that replays it; ``--plot`` then draws the spread over
+the seeds. ``--swarm`` draws
 each seed's faults from the seed. What a scenario asks for that the run never
 does (a parameter its behaviour ignores, a fault outside the simulated time)
 is one ``warning:`` line each on stderr. The exit status is 0 when every
@@ -32,13 +36,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loble.core import LobleError
 
-from ._report import IMPACT, render_report
+from ._report import AFTER_STOP, IMPACT, IMPACT_AFTER_STOP, SEEN, render_report
 from ._scenario import Scenario, load_scenario
+from ._spread import over_runs, render_distributions
 from ._swarm import describe_faults, run_once, run_seeds
 
 __all__ = [
     "EXIT_INVARIANT_FAILED",
     "PLOT_HINT",
+    "clients_saw",
     "impact_over_runs",
     "register",
     "replay_command",
@@ -57,13 +63,11 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "report what backends and clients saw and whether every invariant held.",
     )
     sim.add_argument("scenario", metavar="SCENARIO", help="a scenario .toml file")
-    sim.add_argument("--seed", type=int, default=None, help="the seed (default: sim.seed)")
-    sim.add_argument(
-        "--runs", type=int, default=1, metavar="K", help="run seeds N..N+K-1 (default 1)"
-    )
+    # Whole numbers are checked by _handle, not argparse: a bad one is one line.
+    sim.add_argument("--seed", default=None, metavar="N", help="the seed (default: sim.seed)")
+    sim.add_argument("--runs", default="1", metavar="K", help="run seeds N..N+K-1 (default 1)")
     sim.add_argument(
         "--jobs",
-        type=int,
         default=None,
         metavar="J",
         help="processes for --runs (default: the number of cores, at most 2)",
@@ -133,13 +137,26 @@ def _warn(report: dict[str, Any]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
+def _whole(option: str, text: str, least: int) -> int:
+    """``text`` as a whole number of at least ``least``; one line naming ``option`` if not."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise LobleError(f"{option}: {text!r} is not a whole number") from None
+    if value < least:
+        raise LobleError(f"{option}: {value} must be >= {least}")
+    return value
+
+
 def _handle(args: argparse.Namespace) -> int:
     if not args.scenario:  # Path("") is ".", which would name the current directory
         raise LobleError("scenario path is empty")
+    args.runs = _whole("--runs", args.runs, 1)
+    if args.jobs is not None:
+        args.jobs = _whole("--jobs", args.jobs, 1)
+    given = None if args.seed is None else _whole("--seed", args.seed, 0)
     scenario = load_scenario(args.scenario)
-    seed = scenario.sim.seed if args.seed is None else args.seed
-    if args.runs < 1:
-        raise LobleError(f"--runs: {args.runs} must be >= 1")
+    seed = scenario.sim.seed if given is None else given
     if seed < 0:
         raise LobleError(f"--seed: {seed} must be >= 0")
     # Before any run: a missing matplotlib or a bad file name fails at once.
@@ -211,18 +228,43 @@ def _many(args: argparse.Namespace, scenario: Scenario, first_seed: int) -> int:
     if plotted:
         runs = [run for run in (series[seed] for seed in seeds) if run is not None]
         args.plotter.save_plot(args.plot, runs, scenario)
+    ordered = [reports[seed] for seed in seeds]
+    distributions = over_runs(ordered, lambda seed: replay_command(args.scenario, seed, args.swarm))
     if args.json:
         summary = {
             "scenario": scenario.name,
             "seeds": [seeds[0], seeds[-1]],
             "runs": len(seeds),
             "failed_seeds": failed,
-            "reports": [reports[seed] for seed in seeds],
+            "distributions": distributions,
+            "reports": ordered,
         }
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(args.scenario, scenario, seeds, reports, failed, args.swarm)
+        width = None if sys.stdout.isatty() else 120
+        render_distributions(distributions, _StdoutConsole(highlight=False, width=width))
+        _print_failures(args.scenario, seeds, reports, failed, args.swarm)
     return EXIT_INVARIANT_FAILED if failed else 0
+
+
+def clients_saw(reports: list[dict[str, Any]]) -> str:
+    """What clients saw, summed over ``reports``: ``complete 59677, reset 162 (of 59839 arrived)``.
+
+    The client's view (``clients.seen``), not Loble's outcomes: a stream a
+    killed backend cut short is truncated, not completed, and a client the
+    kernel refused after the process stopped is counted with the others.
+    """
+    totals = dict.fromkeys(SEEN, 0)
+    for report in reports:
+        for saw, count in report["clients"]["seen"].items():
+            totals[saw] += count
+    parts = [f"{SEEN[saw]} {count}" for saw, count in totals.items() if count]
+    still_open = sum(report["clients"]["in_flight_at_end"] for report in reports)
+    if still_open:
+        parts.append(f"still open at the end {still_open}")
+    arrived = sum(report["clients"]["arrived"] for report in reports)
+    return f"{', '.join(parts) or 'none'} (of {arrived} arrived)"
 
 
 def _print_summary(
@@ -233,17 +275,23 @@ def _print_summary(
     failed: list[int],
     swarm: bool = False,
 ) -> None:
-    totals: dict[str, int] = {}
-    for seed in seeds:
-        for outcome, count in reports[seed]["clients"]["outcomes"].items():
-            totals[outcome] = totals.get(outcome, 0) + count
-    seen = ", ".join(f"{outcome.replace('_', ' ')} {n}" for outcome, n in totals.items() if n)
+    ordered = [reports[seed] for seed in seeds]
     drawn = ", faults drawn from each seed" if swarm else ""
     print(
-        f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}{drawn}; clients: {seen}"
+        f"{scenario.name}: {len(seeds)} runs, seeds {seeds[0]}..{seeds[-1]}{drawn}; "
+        f"clients saw: {clients_saw(ordered)}"
     )
-    for line in impact_over_runs([reports[seed] for seed in seeds]):
+    for line in impact_over_runs(ordered):
         print(f"Impact: {line}")
+
+
+def _print_failures(
+    path: str,
+    seeds: range,
+    reports: dict[int, dict[str, Any]],
+    failed: list[int],
+    swarm: bool = False,
+) -> None:
     if not failed:
         print("every invariant held in every run")
         return
@@ -258,14 +306,20 @@ def _print_summary(
 
 def impact_over_runs(reports: list[dict[str, Any]]) -> list[str]:
     """One line per kind of client failure: in how many runs, and the range over them
-    of when it began, when it ended and how many connections it took."""
+    of when it began, when it ended and how many connections it took.
+
+    The kinds are those of a single run's impact lines, in the same order:
+    Loble's outcomes, then the clients the kernel refused after the process
+    stopped."""
+    kinds = {outcome.value: what for outcome, what in IMPACT.items()}
+    kinds[AFTER_STOP] = IMPACT_AFTER_STOP
     lines = []
-    for outcome, what in IMPACT.items():
+    for outcome, what in kinds.items():
         rows = [
             row
             for report in reports
             for row in report["clients"]["impact"]
-            if row["outcome"] == outcome.value
+            if row["outcome"] == outcome
         ]
         if not rows:
             continue

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,9 @@ from loble.sim.cli import EXIT_INVARIANT_FAILED, replay_command
 from .conftest import REPO
 
 CRASH = str(REPO / "scenarios" / "backend-crash.toml")
+FLAPPING = str(REPO / "scenarios" / "flapping-backend.toml")
+KILL = str(REPO / "scenarios" / "backend-kill.toml")
+SHUTDOWN = str(REPO / "scenarios" / "graceful-shutdown.toml")
 SHORT = """
 [[backends]]
 address = "10.0.0.1:80"
@@ -98,9 +105,19 @@ def test_user_errors_are_one_line_each(
     ]
     assert main(["sim", str(tmp_path / "missing.toml")]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert main(["sim", short, "--runs", "0"]) == 1
-    assert capsys.readouterr().err == "error: --runs: 0 must be >= 1\n"
-    assert main(["sim", short, "--seed", "-1"]) == 1
+    for argv, message in (
+        (["--runs", "0"], "--runs: 0 must be >= 1"),
+        (["--runs", "-3"], "--runs: -3 must be >= 1"),
+        (["--runs", "many"], "--runs: 'many' is not a whole number"),
+        (["--runs", "2.5"], "--runs: '2.5' is not a whole number"),
+        (["--runs", "2", "--jobs", "0"], "--jobs: 0 must be >= 1"),
+        (["--runs", "2", "--jobs", "two"], "--jobs: 'two' is not a whole number"),
+        (["--seed", "-1"], "--seed: -1 must be >= 0"),
+        (["--seed", "x"], "--seed: 'x' is not a whole number"),
+    ):
+        assert main(["sim", short, *argv]) == 1, argv
+        captured = capsys.readouterr()
+        assert (captured.err, captured.out) == (f"error: {message}\n", ""), argv
     assert main(["sim", short, "--runs", "2", "--trace", "x"]) == 1
     assert "--trace records one run" in capsys.readouterr().err
     assert main(["sim", short, "--trace", str(tmp_path / "no" / "dir" / "t")]) == 1
@@ -129,3 +146,146 @@ def test_an_arithmetic_error_in_a_run_is_one_line_naming_the_run(
         err = capsys.readouterr().err
         assert err.startswith("error: scenario 'short', seed ") and "Traceback" not in err
         assert len(err.splitlines()) == 1
+
+
+def test_bad_runs_are_one_line_from_the_command_too(short: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loble", "sim", short, "--runs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "error: --runs: 0 must be >= 1\n")
+
+
+# -- distributions over seeds ------------------------------------------------------------
+
+
+def table(out: str) -> dict[str, list[str]]:
+    """The rows of the printed tables (and their headings): the first cell, then the others."""
+    rows = {}
+    for line in out.splitlines():
+        if line[:1] in ("│", "┃"):
+            cells = [cell.strip() for cell in line.strip()[1:-1].split(line[0])]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def replayed(capsys: pytest.CaptureFixture[str], command: str) -> dict[str, Any]:
+    """The report of a printed replay command, run as typed (plus --json)."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["loble", "sim"]
+    assert main([*argv[1:], "--json"]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def first_unhealthy(report: dict[str, Any]) -> float:
+    times = [row["at"] for row in report["timeline"] if row["new"] == "unhealthy"]
+    return float(times[0])
+
+
+def test_many_runs_print_distributions_whose_extremes_replay_to_their_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Least connections against a flapping backend: the count of state changes
+    varies by seed, and the seeds named at its min and max replay to them."""
+    assert main(["sim", FLAPPING, "--runs", "10", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("flapping-backend: 10 runs, seeds 1..10; clients saw: complete ")
+    assert "With 10 runs, p99 is the max: run more seeds for the tail" in lines
+    assert lines[-1] == "every invariant held in every run"
+    printed = [line.strip() for line in lines if line.startswith("  loble sim ")]
+    rows = table(out)
+    assert rows["figure"] == ["runs", "min", "p50", "p90", "p99", "max", "min seed", "max seed"]
+    checks: list[tuple[str, Callable[[dict[str, Any]], float], str]] = [
+        ("state changes", lambda report: len(report["timeline"]), "d"),
+        ("10.0.1.3:8080 -> unhealthy (1st) at (s)", first_unhealthy, ".3f"),
+        ("saw complete", lambda report: report["clients"]["seen"]["complete"], "d"),
+    ]
+    for label, figure, spec in checks:
+        runs, low, *_, high, low_seed, high_seed = rows[label]
+        assert runs == "10" and low != high, label  # a spread, not one value
+        for value, cell in ((low, low_seed), (high, high_seed)):
+            command = replay_command(FLAPPING, int(cell.split()[0]))
+            assert command in printed
+            assert format(figure(replayed(capsys, command)), spec) == value, label
+    # The last cycles happen in some runs only: the row says in how many.
+    transitions = [label for label in rows if label.startswith("10.0.1.3:8080 -> ")]
+    assert {rows[label][0] for label in transitions} - {"10"}
+
+
+def test_the_summary_line_counts_what_clients_saw(capsys: pytest.CaptureFixture[str]) -> None:
+    for path in (KILL, SHUTDOWN):
+        assert main(["sim", path, "--runs", "3", "--json"]) == 0
+        reports = json.loads(capsys.readouterr().out)["reports"]
+        seen = {
+            saw: sum(report["clients"]["seen"][saw] for report in reports)
+            for saw in reports[0]["clients"]["seen"]
+        }
+        arrived = sum(report["clients"]["arrived"] for report in reports)
+        assert main(["sim", path, "--runs", "3"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        if path == KILL:  # streams a killed backend cut short: Loble saw them complete
+            assert seen["truncated"] > 0
+            expected = (
+                f"complete {seen['complete']}, truncated (FIN) {seen['truncated']}, "
+                f"reset {seen['reset']} (of {arrived} arrived)"
+            )
+        else:  # refused while shutting down, and by the kernel after the stop
+            expected = (
+                f"complete {seen['complete']}, reset {seen['reset']}, "
+                f"refused by the kernel {seen['refused_by_kernel']} (of {arrived} arrived)"
+            )
+        assert first.endswith(f"; clients saw: {expected}"), first
+
+
+def test_json_carries_the_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", SHUTDOWN, "--runs", "4", "--seed", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    reports = summary["reports"]
+    spread = summary["distributions"]
+    assert set(spread) == {"runs", "clients", "impact", "state_changes", "transitions"}
+    keys = {"runs", "min", "p50", "p90", "p99", "max", "at_min", "at_max"}
+    clients = spread["clients"]
+    figures = [
+        clients["arrived"],
+        clients["still_open_at_end"],
+        *clients["seen"].values(),
+        *clients["seen_rows"],
+        *spread["impact"].values(),
+        spread["state_changes"],
+    ]
+    for figure in figures:
+        assert keys <= set(figure) and figure["runs"] == 4
+        for end in ("at_min", "at_max"):
+            assert set(figure[end]) == {"seed", "runs", "replay"}
+            assert figure[end]["replay"] == replay_command(SHUTDOWN, figure[end]["seed"])
+    assert list(clients["seen"]) == [
+        "complete",
+        "truncated",
+        "reset",
+        "refused_by_kernel",
+        "refused_by_loble",
+    ]
+    assert [(row["saw"], row["outcome"]) for row in clients["seen_rows"]] == [
+        ("complete", "completed"),
+        ("reset", "cut"),
+        ("refused_by_kernel", "refused_shutting_down"),
+        ("refused_by_kernel", "refused_after_stop"),
+    ]
+    after_stop = [report["clients"]["refused_after_stop"] for report in reports]
+    row = clients["seen_rows"][3]
+    assert (row["min"], row["max"]) == (min(after_stop), max(after_stop))
+    assert reports[after_stop.index(row["max"])]["seed"] == row["at_max"]["seed"]
+    last = spread["impact"]["last"]
+    report = replayed(capsys, last["at_max"]["replay"])
+    assert max(row["last"] for row in report["clients"]["impact"]) == last["max"]
+    assert spread["transitions"] == [] and spread["state_changes"]["max"] == 0
+    # The impact lines over the runs count the clients refused after the stop too.
+    assert main(["sim", SHUTDOWN, "--runs", "4", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Impact: clients refused by the kernel (nothing listening) in 4 of 4 runs" in out
+    assert "none: the process had stopped" in table(out)  # under "saw refused by the kernel"

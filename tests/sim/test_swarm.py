@@ -57,8 +57,13 @@ def test_a_cluster_gives_the_local_report_byte_for_byte(
         local = _json(capsys, *argv, "--jobs", "2")
         remote = _json(capsys, *argv, "--cluster", cluster)
         assert remote == local and len(remote["reports"]) == 6
+        # The distributions too, replay commands and all (with --swarm, they carry it).
+        spread = remote["distributions"]
+        assert spread["runs"] == 6 and spread["transitions"]
+        assert spread["state_changes"]["at_max"]["replay"].endswith(" --swarm" if extra else "")
         assert main(["sim", *argv, "--jobs", "1"]) == 0
         text = capsys.readouterr().out
+        assert "Over 6 runs" in text and "Replay a seed behind a min or a max:" in text
         assert main(["sim", *argv, "--cluster", cluster]) == 0
         assert capsys.readouterr().out == text
 
