@@ -553,7 +553,9 @@ def _parse_sim(
             checker, "sim.network.latency", network_table, "latency", NetworkConfig().latency
         )
     )
-    faults = _parse_faults(checker, table.get("faults"), addresses, warnings)
+    faults = _parse_faults(
+        checker, table.get("faults"), addresses, _joins(own, operations), warnings
+    )
     service = _optional_distribution(checker, "sim.service", table, "service")
     backends = _parse_backend_models(checker, table.get("backends"), addresses)
     processes = _parse_fault_processes(
@@ -836,8 +838,25 @@ def _not_a_backend(
     return True
 
 
+def _joins(own: tuple[str, ...], operations: tuple[Operation, ...]) -> dict[str, float]:
+    """When each backend an operation brings (a reload or an add) first joins the run."""
+    joins: dict[str, float] = {}
+    for operation in operations:
+        if operation.config is None:
+            continue
+        for backend in operation.config.backends:
+            address = backend.address
+            if address not in own and operation.at < joins.get(address, math.inf):
+                joins[address] = operation.at
+    return joins
+
+
 def _parse_faults(
-    checker: Checker, raw: Any, addresses: tuple[str, ...], warnings: list[str]
+    checker: Checker,
+    raw: Any,
+    addresses: tuple[str, ...],
+    joins: Mapping[str, float],
+    warnings: list[str],
 ) -> tuple[Fault, ...]:
     if raw is None:
         return ()
@@ -861,6 +880,14 @@ def _parse_faults(
         backend = entry.get("backend", ALL_BACKENDS)
         if "backend" in entry:
             _not_a_backend(checker, f"{path}.backend", backend, addresses, star=True)
+        joined = joins.get(backend, -1.0) if isinstance(backend, str) else -1.0
+        if "at" in entry and _number(entry["at"]) is None and at <= joined:
+            # At one instant faults change before operations run: it is not there yet.
+            checker.error(
+                f"{path}.at",
+                f"{entry['at']!r} must be later than {joined:g} s, when an operation "
+                f"brings {backend!r}",
+            )
         behaviour = checker.value(path, entry, "behaviour", "up", choice(BEHAVIOURS))
         until = checker.value(path, entry, "until", None, _number)
         if until is not None and until <= at:

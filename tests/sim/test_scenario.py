@@ -861,3 +861,28 @@ def test_the_documented_world_example_is_valid(repo: Path) -> None:
     assert loaded.sim.clients.requests is not None and len(loaded.sim.fault_processes) == 2
     (added,) = loaded.sim.operations
     assert (added.action, added.written_as) == ("reload", "add")
+
+
+def test_a_fault_on_a_backend_an_operation_brings_must_come_after_it() -> None:
+    """It crashed the engine (KeyError) before: at one instant faults change
+    before operations run, so the backend is not there yet."""
+    for operation in (
+        {"at": 3.0, "action": "add", "backend": C},
+        {"at": 3.0, "action": "reload", "config": {"backends": [{"address": C}]}},
+    ):
+        for at in (1.0, 3):
+            found = errors_of(
+                document(
+                    sim_operations=[operation],
+                    sim_faults=[{"at": at, "backend": C, "behaviour": "crash"}],
+                )
+            )
+            assert found == [
+                f"sim.faults[0].at: {at!r} must be later than 3 s, when an operation brings "
+                "'10.9.0.3:80'"
+            ]
+        later = scenario(
+            sim_operations=[operation],
+            sim_faults=[{"at": 3.5, "backend": C, "behaviour": "crash", "until": 5.0}],
+        )
+        assert build_report(Simulation(later, 1).run())["ok"]
