@@ -216,7 +216,7 @@ def test_balancers_measure_up_to_queueing_theory() -> None:
     assert 5.5 < refused["random"] / refused["p2c"] < 6.5  # "a sixth"
     # The CLI's own count of the same seeds gives random's share.
     summary = shown(page, "loble sim docs/lessons/balancers/capacity.toml --runs 20")
-    completed, failed = map(int, re.findall(r"completed (\d+), connect failed (\d+)", summary)[0])
+    completed, failed = map(int, re.findall(r"complete (\d+), refused by Loble (\d+)", summary)[0])
     assert round(failed / (completed + failed), 4) == refused["random"]
     share = f"{refused['random']:.2%}"
     assert f"{failed} refused out of {failed} + {completed} arrivals is {share}" in page.read_text()
