@@ -411,8 +411,11 @@ def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
 
 def _abort(outcome: Outcome) -> Rule:
     def rule(conn: Connection, now: float, out: list[Output]) -> None:
-        conn._end_attempt(now, out)
+        # The close first, then what the attempt's end changed (a draining
+        # backend's last connection making it UNHEALTHY): the change follows
+        # its cause, the connection's end, in the outputs too.
         conn._close(outcome, now, out)
+        conn._end_attempt(now, out)
 
     return rule
 

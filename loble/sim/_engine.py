@@ -93,7 +93,6 @@ from loble.core import (
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
-    HealthInput,
     HealthReport,
     LobleError,
     Output,
@@ -291,8 +290,14 @@ class Simulation:
             else getattr(balancer, "__name__", type(balancer).__name__)
         )
         """The balancer, as the report names it: the configured algorithm, or the factory's name."""
+        # The monitor reads each connection's health reports from the actions
+        # and events around them, so the core makes none, but for a trace:
+        # they are there for a reader of it (and change no decision).
         self.core = ProxyCore(
-            scenario.config, self.rng, balancer=None if balancer is None else balancer(self.rng)
+            scenario.config,
+            self.rng,
+            balancer=None if balancer is None else balancer(self.rng),
+            health_reports=trace is not None,
         )
         self.monitor = Monitor(scenario.config, self.core)
         self.backends = {b.address: SimBackend(b.address) for b in scenario.config.backends}
@@ -303,6 +308,9 @@ class Simulation:
         self.arrivals_done = False
         self.shutting_down = False
         self._heap: list[tuple[Any, ...]] = []
+        self._arrival: tuple[Any, ...] | None = None
+        """The next client's arrival (or wake-up at a change of rate), kept
+        out of the heap: there is one at a time, and every connection has one."""
         self._next_sequence = itertools.count(1).__next__
         self._latency = sim.network.latency.sampler(self.rng)
         self._duration = sim.clients.duration.sampler(self.rng)
@@ -340,10 +348,10 @@ class Simulation:
         ``_TOUCH`` once it hangs: nothing will)."""
         monitor = self.monitor
         self._dispatch: dict[type, Callable[[Any, float], None]] = {
-            HealthReport: monitor.health_report,
+            HealthReport: _ignore,  # made only for a trace: the monitor has read it already
             ConnectBackend: self._connect,
             ConnectionClosed: monitor.connection_closed,
-            ConnectFailed: _ignore,  # the monitor follows the health reports it comes with
+            ConnectFailed: monitor.connect_failed,
             CloseConnection: self._close,
             ShutdownWrite: self._shutdown_write,
             BackendStateChanged: monitor.state_changed,
@@ -395,7 +403,7 @@ class Simulation:
                 self._schedule(fault.until, _FAULT_END, index)
         for index, operation in enumerate(sim.operations):
             self._schedule(operation.at, _OPERATION, index)
-        self._schedule(0.0, _ARRIVAL, False)
+        self._arrival = (0.0, self._next_sequence(), _ARRIVAL, False)
         self._schedule(sim.duration, _ARRIVALS_END)
         if sim.shutdown_at is not None:
             self._schedule(sim.shutdown_at, _SHUTDOWN)
@@ -424,6 +432,7 @@ class Simulation:
     def _loop(self, horizon: float) -> None:
         heap = self._heap
         core = self.core
+        control = core.control
         monitor = self.monitor
         handlers = self._handlers
         next_deadline = core.next_deadline
@@ -439,26 +448,41 @@ class Simulation:
         floor = -infinity
         step = 0
         while True:
+            # The next event: the heap's first, or the next client's arrival,
+            # which waits outside the heap (one a step, its sequence number
+            # drawn when it was scheduled, so ties fall as if it were inside).
+            arrival = self._arrival
+            event: tuple[Any, ...] | None
+            if heap:
+                event = heap[0]
+                if arrival is not None and arrival < event:
+                    event = arrival
+            else:
+                event = arrival
             # Asking the core for its deadline at every step costs a tenth of
             # the run. Every timer the core files is at least `lead` after the
             # call that files it (ProxyCore.wake_bound), so after asking once,
             # an event earlier than `floor` must still come first: skip the
             # question.
-            if not heap or heap[0][0] >= floor:
+            if event is None or event[0] >= floor:
                 due = next_deadline()
                 floor = wake_bound(self.now, due, lead=lead)
-            if heap and (due is None or heap[0][0] <= due):
-                event = pop(heap)
+            if event is not None and (due is None or event[0] <= due):
                 now = event[0]
                 if now > horizon:
                     break
+                if event is arrival:
+                    self._arrival = None
+                else:
+                    pop(heap)
                 step += 1
                 monitor.step = step
                 monitor.now = self.now = now
                 if trace is not None:
                     trace(_event_record(step, now, event))
-                handlers[event[2]](event, now)
-                if event[2] == _OPERATION:
+                kind = event[2]
+                handlers[kind](event, now)
+                if kind == _OPERATION:
                     # A reload may change every timing: ask again, on the new lead.
                     lead = self._timer_lead
                     floor = -infinity
@@ -481,7 +505,7 @@ class Simulation:
             if (
                 monitor.pending
                 or now > monitor.connect_check_at
-                or core.snapshot.version != monitor.version
+                or control.snapshot.version != monitor.version
             ):
                 end_step()
             if self.may_end and (core.stopped or (self.arrivals_done and not core.in_flight)):
@@ -496,13 +520,10 @@ class Simulation:
         only the arrivals' own draws, so nothing before the stop changes.
         Every other event left is dropped: its process is gone.
         """
-        heap = self._heap
         trace = self.trace
         times = self.refused_after_stop_times
-        while heap:
-            event = heapq.heappop(heap)
-            if event[2] != _ARRIVAL:
-                continue
+        while self._arrival is not None:
+            event, self._arrival = self._arrival, None
             now = event[0]
             if event[3]:
                 self.arrived += 1
@@ -545,21 +566,30 @@ class Simulation:
         dispatch = self._dispatch
         monitor = self.monitor
         active = monitor.active
-        report = dispatch[HealthReport]
+        connect = dispatch[ConnectBackend]
+        failed = dispatch[ConnectFailed]
         closed = dispatch[ConnectionClosed]
         admin = dispatch[AdminStateChanged]
         reconfigured = dispatch[Reconfigured]
         forgotten = dispatch[BackendForgotten]
-        moved = (HealthInput.CONNECTION_STARTED, HealthInput.CONNECTION_FINISHED)
 
-        def on_report(output: HealthReport, now: float) -> None:
-            report(output, now)
-            if output.input in moved:
-                recorder.active(output.address, now, active[output.address])
+        # An attempt starts with its ConnectBackend and ends with its
+        # ConnectFailed or its connection's close: the active count moves then.
+        def on_connect(output: ConnectBackend, now: float) -> None:
+            connect(output, now)
+            address = output.backend.address
+            recorder.active(address, now, active[address])
+
+        def on_failed(output: ConnectFailed, now: float) -> None:
+            failed(output, now)
+            recorder.active(output.backend, now, active[output.backend])
 
         def on_closed(output: ConnectionClosed, now: float) -> None:
+            holding = output.connection_id in monitor.holding
             closed(output, now)
             recorder.closed(output)
+            if holding and output.backend is not None:
+                recorder.active(output.backend, now, active[output.backend])
 
         def on_admin(output: AdminStateChanged, now: float) -> None:
             admin(output, now)
@@ -576,7 +606,8 @@ class Simulation:
             forgotten(output, now)
             recorder.member(now, output.address, "gone")
 
-        dispatch[HealthReport] = on_report
+        dispatch[ConnectBackend] = on_connect
+        dispatch[ConnectFailed] = on_failed
         dispatch[ConnectionClosed] = on_closed
         dispatch[AdminStateChanged] = on_admin
         dispatch[Reconfigured] = on_reconfigured
@@ -617,10 +648,10 @@ class Simulation:
                 self._scheduled_in_phase += 1
             if at < change:
                 if at < until:
-                    heapq.heappush(self._heap, (at, self._next_sequence(), _ARRIVAL, True))
+                    self._arrival = (at, self._next_sequence(), _ARRIVAL, True)
                 return
         if change < until:
-            self._schedule(change, _ARRIVAL, False)
+            self._arrival = (change, self._next_sequence(), _ARRIVAL, False)
 
     def _on_arrivals_end(self, event: tuple[Any, ...], now: float) -> None:
         self.arrivals_done = self.may_end = True

@@ -72,6 +72,7 @@ from loble.core import (
     CloseConnection,
     Config,
     ConnectBackend,
+    ConnectFailed,
     ConnectionClosed,
     HealthInput,
     HealthReport,
@@ -214,6 +215,8 @@ class Monitor:
         self.timeline: list[BackendStateChanged] = []
         self.shutdown: ShutdownStarted | None = None
         self.shutdown_finished: ShutdownFinished | None = None
+        self.holding: dict[int, str] = {}
+        """Connections with an attempt started and not yet ended: its backend."""
         self.connecting: dict[int, tuple[int, float, tuple[str, ...]]] = {}
         """Connections with an attempt in progress: (attempt, started at, backends tried)."""
         self.connect_deadlines: deque[tuple[float, int, int]] = deque()
@@ -256,9 +259,17 @@ class Monitor:
             )
 
     def connected(self, connection_id: int, now: float) -> None:
-        """The driver reported a connect the core took (it did not return None)."""
+        """The driver reported a connect the core took (it did not return None).
+
+        That is the attempt's verdict, a passive success (the core's
+        ``PASSIVE_SUCCESS``), before any output the call made.
+        """
         self.connecting.pop(connection_id, None)
         self.last_activity[connection_id] = now
+        address = self.holding.get(connection_id)
+        if address is not None:
+            self.consecutive_failures[address] = 0
+            self.consecutive_successes[address] += 1
 
     def activity(self, connection_id: int, now: float) -> None:
         """Bytes moved or EOF on a connection, about to be reported to the core."""
@@ -337,6 +348,22 @@ class Monitor:
                 f"({connect_retries})",
             )
         self.connecting[connection_id] = (attempt, now, tried)
+        # The attempt starts on the backend (the core's CONNECTION_STARTED):
+        # it must be one a new connection may start on.
+        self.holding[connection_id] = address
+        if self.state[address] is not _H:
+            self.violate(
+                SAFE_DRAINING,
+                f"a connection started on {address} while {self.state[address].name}",
+            )
+        if address in self.barred:
+            self.violate(
+                SAFE_DRAINING,
+                f"a connection started on {address} while admin={self.admin[address].name}"
+                f"{', removed by a reload' if address in self.removing else ''}",
+            )
+        self.started[address] += 1
+        self.active[address] += 1
         due = now + connect_timeout
         deadlines = self.connect_deadlines
         if not deadlines:
@@ -349,41 +376,50 @@ class Monitor:
             bisect.insort(deadlines, (due, connection_id, attempt))
             self.connect_check_at = deadlines[0][0] + _LATE
 
+    def connect_failed(self, event: ConnectFailed, now: float) -> None:
+        """An attempt failed: it ends (``CONNECTION_FINISHED``), with a failure verdict."""
+        address = event.backend
+        self.holding.pop(event.connection_id, None)
+        self._finished(address)
+        self.passive_failures[address] += 1
+        self._failure(address)
+        self.probe_run[address] = 0
+
     def health_report(self, report: HealthReport, now: float) -> None:
+        """A health report from a driver of the control plane alone, with no connections.
+
+        The simulator's core makes none (``ProxyCore(health_reports=False)``):
+        the monitor reads each from the action or event it stands beside
+        (:meth:`connect_started`, :meth:`connected`, :meth:`connect_failed`,
+        :meth:`connection_closed`), which checks the core's bookkeeping
+        against what it did, not against what it says it did.
+        """
         address, health_input = report.address, report.input
         if health_input is _STARTED:
-            if self.state[address] is not _H:
-                self.violate(
-                    SAFE_DRAINING,
-                    f"a connection started on {address} while {self.state[address].name}",
-                )
-            if address in self.barred:
-                self.violate(
-                    SAFE_DRAINING,
-                    f"a connection started on {address} while admin={self.admin[address].name}"
-                    f"{', removed by a reload' if address in self.removing else ''}",
-                )
             self.started[address] += 1
             self.active[address] += 1
         elif health_input is _FINISHED:
-            self.finished[address] += 1
-            active = self.active[address] = self.active[address] - 1
-            if active <= 0:
-                if active < 0:
-                    self.violate(CONSERVATION, f"{address}: more attempts finished than started")
-                else:
-                    if self.state[address] is _D:
-                        self.drained.append(address)  # must be UNHEALTHY by the end of the step
-                        self.pending = True
-                    if address in self.removing:
-                        self.leaving_idle.append(address)  # must be forgotten by then
-                        self.pending = True
+            self._finished(address)
         elif health_input is _SUCCESS:
             self._success(address)
         else:
             self.passive_failures[address] += 1
             self._failure(address)
             self.probe_run[address] = 0
+
+    def _finished(self, address: str) -> None:
+        self.finished[address] += 1
+        active = self.active[address] = self.active[address] - 1
+        if active <= 0:
+            if active < 0:
+                self.violate(CONSERVATION, f"{address}: more attempts finished than started")
+            else:
+                if self.state[address] is _D:
+                    self.drained.append(address)  # must be UNHEALTHY by the end of the step
+                    self.pending = True
+                if address in self.removing:
+                    self.leaving_idle.append(address)  # must be forgotten by then
+                    self.pending = True
 
     def state_changed(self, event: BackendStateChanged, now: float) -> None:
         address, old, new = event.address, event.old, event.new
@@ -542,6 +578,9 @@ class Monitor:
 
     def connection_closed(self, event: ConnectionClosed, now: float) -> None:
         connection_id, outcome = event.connection_id, event.outcome
+        address = self.holding.pop(connection_id, None)
+        if address is not None:
+            self._finished(address)  # the attempt still open ends with it
         if self.open.pop(connection_id, 0) is not None:
             self.violate(CONSERVATION, f"connection {connection_id} ended twice or never opened")
         self.outcomes[outcome] += 1

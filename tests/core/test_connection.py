@@ -196,7 +196,13 @@ def test_half_close_from_the_client_then_the_backend() -> None:
         CloseConnection(connection_id=7, outcome=Outcome.COMPLETED, reset=False)
     ]
     assert reports(outputs) == [(A1, HealthInput.CONNECTION_FINISHED)]
-    closed = outputs[-1]
+    # The close, then the attempt's end: what that end changes follows its cause.
+    assert [type(output) for output in outputs] == [
+        CloseConnection,
+        ConnectionClosed,
+        HealthReport,
+    ]
+    closed = outputs[1]
     assert isinstance(closed, ConnectionClosed)
     assert (closed.opened_at, closed.connected_at, closed.at) == (0.0, 1.0, 3.0)
 

@@ -193,12 +193,12 @@ def test_the_removal_timeout_cuts_what_is_left_with_a_reset() -> None:
     assert CloseConnection(connection_id=cid, outcome=Outcome.REMOVED, reset=True) in outputs
     (closed,) = [o for o in outputs if isinstance(o, ConnectionClosed)]
     assert (closed.connection_id, closed.outcome) == (cid, Outcome.REMOVED)
-    # Forgotten as the cut attempt finishes, before its close is announced.
+    # Forgotten as the cut attempt finishes, right after its close is announced.
     assert kinds(outputs) == [
-        "HealthReport",
-        "BackendForgotten",
         "CloseConnection",
         "ConnectionClosed",
+        "HealthReport",
+        "BackendForgotten",
     ]
     assert list(proxy.connections) == [kept]
 

@@ -255,6 +255,32 @@ def test_monitor_tally_matches_the_core_at_the_end() -> None:
     assert monitor.outcomes[Outcome.COMPLETED] > 0
 
 
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda path: path.stem)
+def test_the_monitor_reads_each_health_report_from_the_actions_around_it(path: Path) -> None:
+    """Untraced, the core makes no HealthReport and the monitor derives each one.
+
+    Traced, the core makes them (for the reader): the counts the monitor
+    derived must be exactly the core's own reports, and the run the same.
+    """
+    loaded = load_scenario(path)
+    lines: list[dict[str, Any]] = []
+    traced = Simulation(loaded, 2, trace=lines.append).run()
+    counts: dict[tuple[str, str], int] = {}
+    for line in lines:
+        if line.get("output") == "HealthReport":
+            key = (line["address"], line["input"])
+            counts[key] = counts.get(key, 0) + 1
+    assert counts, "a traced run shows the core's reports"
+    monitor = traced.monitor
+    for address in monitor.known:
+        assert monitor.started[address] == counts.get((address, "connection_started"), 0)
+        assert monitor.finished[address] == counts.get((address, "connection_finished"), 0)
+        assert monitor.passive_failures[address] == counts.get((address, "passive_failure"), 0)
+    untraced = Simulation(loaded, 2)
+    assert not untraced.core.health_reports
+    assert build_report(untraced.run()) == build_report(traced)
+
+
 def test_trace_lines_are_json_with_steps(tmp_path: Path) -> None:
     trace = io.StringIO()
     run_seed(scenario(sim_duration=1.0), 1, trace)

@@ -178,8 +178,12 @@ def test_unhealthy_while_active_breaks_safe_draining(monitor: Monitor) -> None:
     for _ in range(2):
         report(monitor, A, HealthInput.PASSIVE_FAILURE)
     change(monitor, A, H, U)
-    report(monitor, A, HealthInput.CONNECTION_STARTED)
+    # A connect to it now: the attempt starts with its ConnectBackend.
+    monitor.connect_started(
+        ConnectBackend(connection_id=1, attempt=1, backend=Backend(address=A)), 0.0
+    )
     assert invariants(monitor) == ["safe draining", "safe draining"]
+    assert "started on 10.9.0.1:80 while UNHEALTHY" in str(monitor.violations[1])
 
 
 def test_snapshot_churn(monitor: Monitor) -> None:

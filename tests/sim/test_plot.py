@@ -21,7 +21,7 @@ from matplotlib.patches import Rectangle
 
 from loble import sim as sim_package
 from loble.__main__ import main
-from loble.core import ConnectionClosed, HealthReport
+from loble.core import ConnectFailed, ConnectionClosed
 from loble.sim import Scenario, Simulation, build_report, load_scenario
 from loble.sim._plot import STATE_COLOURS, build_figure
 from loble.sim._timeline import Recorder, bin_width, spread, state_shares
@@ -190,7 +190,8 @@ def test_recording_changes_nothing_in_the_run_and_nothing_runs_without_it() -> N
     assert recording.getvalue() == plain.getvalue()
     # Without a recorder (or a trace) the outputs go straight to the monitor.
     untraced = Simulation(loaded, 3)
-    assert untraced._dispatch[HealthReport] == untraced.monitor.health_report
+    assert untraced._dispatch[ConnectFailed] == untraced.monitor.connect_failed
+    assert not untraced.core.health_reports  # the monitor reads them from the actions
     assert untraced._dispatch[ConnectionClosed] == untraced.monitor.connection_closed
 
 
