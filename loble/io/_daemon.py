@@ -53,6 +53,7 @@ from loble.core import (
     Backend,
     Config,
     ConfigError,
+    HealthReport,
     LobleError,
     ProxyCore,
     Reconfigured,
@@ -124,7 +125,11 @@ class Daemon:
         listeners: Sequence[Listener] = (),
     ) -> None:
         self.config = config
-        self.core = ProxyCore(config, rng or random.Random())
+        # A connection's health reports are outputs only if some listener
+        # follows them (metrics and the journal read the events instead):
+        # otherwise the core makes three objects fewer per connection.
+        wants_reports = any(HealthReport in listener.handlers() for listener in listeners)
+        self.core = ProxyCore(config, rng or random.Random(), health_reports=wants_reports)
         self.logger = logger or logging.getLogger("loble")
         self.metrics = Metrics(self.core)
         self.journal = Journal(self.logger, config.logging, config.timeouts.drain)

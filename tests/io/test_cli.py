@@ -9,12 +9,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
 
 from loble.__main__ import main
-from loble.core import parse_config
+from loble.core import ConnectBackend, HealthReport, parse_config
 from loble.io import Daemon
 from loble.io._copy import SPLICE_AVAILABLE, CopyMethod
 
@@ -128,6 +129,33 @@ def test_the_variables_choose_how_bytes_move(monkeypatch: pytest.MonkeyPatch) ->
     expected = CopyMethod.AUTO if SPLICE_AVAILABLE else CopyMethod.RECV_INTO
     assert Daemon(config).copy_method is expected
     assert Daemon(config, copy="recv_into").copy_method is CopyMethod.RECV_INTO
+
+
+class ReportFollower:
+    """A listener that follows the connections' health reports."""
+
+    def __init__(self) -> None:
+        self.reports: list[HealthReport] = []
+
+    def handlers(self) -> dict[type, Any]:
+        return {HealthReport: self.reports.append}
+
+    def link_accepted(self, link: Any) -> None: ...
+
+    def backend_connected(self, address: str, seconds: float) -> None: ...
+
+    def link_dropped(self, link: Any, closed: Any) -> None: ...
+
+    def probed(self, address: str, ok: bool) -> None: ...
+
+
+def test_the_core_makes_health_reports_only_for_a_listener_that_follows_them() -> None:
+    config = parse_config({"backends": [{"address": "127.0.0.1:9"}]})
+    # Metrics and the journal read the events: no report objects by default.
+    _, outputs = Daemon(config).core.accept(0.0)
+    assert [type(output) for output in outputs] == [ConnectBackend]
+    _, outputs = Daemon(config, listeners=(ReportFollower(),)).core.accept(0.0)
+    assert [type(output) for output in outputs] == [HealthReport, ConnectBackend]
 
 
 def test_check_config_never_prints_the_admin_token(
