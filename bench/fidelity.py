@@ -1,6 +1,6 @@
 """The simulator against the daemon, on the shipped scenarios in full.
 
-Not a test: run it by hand, ``python bench/fidelity.py`` (about 15 minutes;
+Not a test: run it by hand, ``python bench/fidelity.py`` (about 11 minutes;
 ``--only backend-crash,slow-drain`` for some, ``--seed N``). For each
 scenario it runs the simulation with a trace, replays the run's arrivals,
 durations and fault schedule on 127.0.0.1 against ``loble run`` (the harness
