@@ -9,8 +9,8 @@ objects.
 What a user of the library needs is exported here: what it takes to drive a
 :class:`ProxyCore` (its outputs, the enums they carry, its statistics, whose
 fault a socket error is, the operator's admin states and inputs), to write a
-balancer, and to parse a configuration (with the schema helper the
-simulator's scenarios use too). The machines
+balancer, to read and write PROXY protocol headers, and to parse a
+configuration (with the schema helper the simulator's scenarios use too). The machines
 themselves (health, connection, process, control plane, timers) are the
 core's internals: tests that need them import the private modules.
 """
@@ -41,6 +41,7 @@ from ._config import (
     config_to_dict,
     parse_address,
     parse_config,
+    send_proxy_versions,
 )
 from ._connection import RESET_OUTCOMES
 from ._errors import ConfigError, LobleError, StateMachineError
@@ -71,6 +72,16 @@ from ._faults import ACCEPT_SKIP_ERRNOS, SHORTAGE_ERRNOS, is_shortage, skips_one
 from ._health import HealthInput, HealthState
 from ._process import ProcessState
 from ._proxy import ProxyCore
+from ._proxy_protocol import (
+    PROXY_ERROR_REASONS,
+    HeaderParser,
+    ProxyHeader,
+    ProxyProtocolError,
+    TrustedSources,
+    encode,
+    encode_v1,
+    encode_v2,
+)
 from ._schema import Check, Checker, boolean, choice, integer, seconds
 from ._statistics import BackendStatistics, CoreStatistics
 
@@ -78,6 +89,7 @@ __all__ = [
     "ACCEPT_SKIP_ERRNOS",
     "ALGORITHMS",
     "BALANCERS",
+    "PROXY_ERROR_REASONS",
     "RESET_OUTCOMES",
     "SHORTAGE_ERRNOS",
     "Action",
@@ -102,6 +114,7 @@ __all__ = [
     "ConnectionClosed",
     "CoreStatistics",
     "Event",
+    "HeaderParser",
     "HealthConfig",
     "HealthInput",
     "HealthReport",
@@ -117,6 +130,8 @@ __all__ = [
     "ProbeBackend",
     "ProcessState",
     "ProxyCore",
+    "ProxyHeader",
+    "ProxyProtocolError",
     "Reconfigured",
     "RoundRobin",
     "RuntimeConfig",
@@ -129,16 +144,21 @@ __all__ = [
     "StateMachineError",
     "StopAccepting",
     "TimeoutsConfig",
+    "TrustedSources",
     "WeightChanged",
     "WeightedRandom",
     "boolean",
     "choice",
     "config_to_dict",
+    "encode",
+    "encode_v1",
+    "encode_v2",
     "integer",
     "is_shortage",
     "make_balancer",
     "parse_address",
     "parse_config",
     "seconds",
+    "send_proxy_versions",
     "skips_one_client",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "RUNTIME_BACKENDS",
+    "SEND_PROXY",
     "WEIGHT",
     "AdminConfig",
     "BackendConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "config_to_dict",
     "parse_address",
     "parse_config",
+    "send_proxy_versions",
 ]
 
 ALGORITHMS = ("round_robin", "random", "least_connections", "p2c")
@@ -45,6 +47,8 @@ WEIGHT = integer(1, 1_000_000)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 RUNTIME_BACKENDS = ("asyncio", "uvloop", "trio")
+SEND_PROXY = ("off", "v1", "v2")
+"""What ``send_proxy`` takes: no PROXY protocol header to backends, or one of version 1 or 2."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +60,10 @@ class ListenerConfig:
     """Client connections carried at once (HAProxy's ``maxconn``); at this many,
     accepting pauses and new clients wait in the listen backlog. 0: no limit
     but the one the file descriptors allow. A reload applies it at once."""
+    accept_proxy_from: tuple[str, ...] = ()
+    """Networks (canonical CIDRs) whose clients must begin with a PROXY protocol
+    header, v1 or v2 (HAProxy's ``accept-proxy``); empty: no client may, and no
+    client's bytes are ever read as one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +71,9 @@ class BalancerConfig:
     algorithm: str = "round_robin"
     connect_retries: int = 2
     """Extra connect attempts, each on a backend not yet tried (redispatch)."""
+    send_proxy: str = "off"
+    """The PROXY protocol header sent to every backend before the client's bytes
+    (``v1``, ``v2``), or none (``off``); a backend's own ``send_proxy`` overrides it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +137,9 @@ class AdminConfig:
 class BackendConfig:
     address: str
     weight: int = 1
+    send_proxy: str = ""
+    """This backend's PROXY protocol header (``off``, ``v1``, ``v2``); "" for
+    ``[balancer] send_proxy``'s."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,6 +275,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _DEFAULT_LISTENER.max_connections,
             integer(0, 1_000_000),
         ),
+        accept_proxy_from=_networks(checker, table),
     )
 
     table = _section(checker, data, "balancer")
@@ -274,6 +289,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             "connect_retries",
             _DEFAULT_BALANCER.connect_retries,
             integer(0, 100),
+        ),
+        send_proxy=checker.value(
+            "balancer", table, "send_proxy", _DEFAULT_BALANCER.send_proxy, choice(SEND_PROXY)
         ),
     )
 
@@ -402,6 +420,62 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
 
 
+def _networks(checker: Checker, table: Mapping[str, Any]) -> tuple[str, ...]:
+    """``[listener] accept_proxy_from``: networks, each checked by ``ipaddress``, canonical."""
+    raw = table.get("accept_proxy_from", _DEFAULT_LISTENER.accept_proxy_from)
+    if not isinstance(raw, (list, tuple)):
+        checker.error(
+            "listener.accept_proxy_from",
+            f'{raw!r} is not an array of networks (["10.0.0.0/8", "::1/128"])',
+        )
+        return _DEFAULT_LISTENER.accept_proxy_from
+    networks: list[str] = []
+    for index, item in enumerate(raw):
+        path = f"listener.accept_proxy_from[{index}]"
+        if not isinstance(item, str):
+            checker.error(path, f'{item!r} is not a string (a network such as "10.0.0.0/8")')
+            continue
+        problem = _network_problem(item)
+        if problem is not None:
+            checker.error(path, f"{item!r} {problem}")
+            continue
+        networks.append(str(ipaddress.ip_network(item)))
+    return tuple(networks)
+
+
+def _network_problem(text: str) -> str | None:
+    if "%" in text:  # ipaddress takes zones (fe80::%eth0/64); peers' addresses are matched without
+        return "has a zone (%...): write the network alone"
+    try:
+        ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            return "is not an IPv4 or IPv6 network (such as 10.0.0.0/8 or ::1/128)"
+        return f"has host bits set: the network is {loose}"
+    return None
+
+
+def _backend_send_proxy(raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        return 'is not a string ("off", "v1", "v2", or "" for [balancer] send_proxy)'
+    if raw and raw not in SEND_PROXY:
+        return 'is not one of off, v1, v2 (or "" for [balancer] send_proxy)'
+    return None
+
+
+def send_proxy_versions(config: Config) -> dict[str, int]:
+    """The PROXY protocol version (1 or 2) each backend is sent, by address; a
+    backend sent none is absent."""
+    versions: dict[str, int] = {}
+    for backend in config.backends:
+        chosen = backend.send_proxy or config.balancer.send_proxy
+        if chosen != "off":
+            versions[backend.address] = int(chosen[1:])
+    return versions
+
+
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
 
 
@@ -496,6 +570,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             continue
         address = entry["address"]
         weight = checker.value(path, entry, "weight", 1, WEIGHT)
+        send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -508,7 +583,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             )
             continue
         seen[key] = index
-        backends.append(BackendConfig(address=address, weight=weight))
+        backends.append(BackendConfig(address=address, weight=weight, send_proxy=send_proxy))
     return tuple(backends)
 
 
@@ -526,8 +601,14 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name in _SECTIONS:
         section = getattr(config, name)
-        result[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+        result[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
     result["backends"] = [
-        {"address": backend.address, "weight": backend.weight} for backend in config.backends
+        {"address": backend.address, "weight": backend.weight, "send_proxy": backend.send_proxy}
+        for backend in config.backends
     ]
     return result
+
+
+def _plain(value: Any) -> Any:
+    """A value as a TOML writer takes it: an array as a list."""
+    return list(value) if isinstance(value, tuple) else value

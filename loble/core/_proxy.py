@@ -532,7 +532,9 @@ class ProxyCore:
 
 
 def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
-    """Dotted paths of every key whose value differs, in schema order (not backends)."""
+    """Dotted paths of every key whose value differs, in schema order, then the
+    backends kept whose ``send_proxy`` changed (``backends[ADDRESS].send_proxy``:
+    the rest of a backend's change is in ``added``, ``removed``, ``reweighted``)."""
     changed: list[str] = []
     for section in fields(Config):
         if section.name == "backends":
@@ -543,4 +545,9 @@ def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
         for key in fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 changed.append(f"{section.name}.{key.name}")
+    before_send = {backend.address: backend.send_proxy for backend in old.backends}
+    for backend in new.backends:
+        was = before_send.get(backend.address)
+        if was is not None and was != backend.send_proxy:
+            changed.append(f"backends[{backend.address}].send_proxy")
     return tuple(changed)

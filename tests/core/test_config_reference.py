@@ -34,6 +34,14 @@ MISSING = dataclasses.MISSING
 TOML_TYPES = {str: "string", int: "integer", float: "float", bool: "boolean"}
 
 
+def toml_type(kind: Any) -> str:
+    """A field's TOML type: ``tuple[str, ...]`` is an array of strings."""
+    if typing.get_origin(kind) is tuple:
+        (item, _) = typing.get_args(kind)
+        return f"array of {TOML_TYPES[item]}s"
+    return TOML_TYPES[kind]
+
+
 # -- the schema, from the code ---------------------------------------------------
 
 
@@ -88,6 +96,8 @@ def check_of(heading: str, key: str) -> str | None:
     """
     kind = refusal(heading, key, [])
     if not kind:
+        if refusal(heading, key, "zzz").startswith("is not an array"):
+            return None  # an array: what its items may be is the page's prose
         return "(parse_config takes anything here, a list too: is the key read at all?)"
     if kind == "is not an integer":
         low = re.fullmatch(r"must be >= (-?\d+)", refusal(heading, key, -(10**12)))
@@ -134,7 +144,7 @@ def schema() -> dict[str, dict[str, Key]]:
         hints = typing.get_type_hints(section, vars(_config))
         found[heading] = {
             field.name: Key(
-                TOML_TYPES[hints[field.name]],
+                toml_type(hints[field.name]),
                 field.default,
                 check_of(heading, field.name),
             )
@@ -184,7 +194,8 @@ def documented_default(cell: str) -> Any:
     if cell == "required":
         return MISSING
     assert cell.startswith("`") and cell.endswith("`"), f"not a TOML value in code: {cell!r}"
-    return tomllib.loads(f"value = {cell[1:-1]}")["value"]
+    value = tomllib.loads(f"value = {cell[1:-1]}")["value"]
+    return tuple(value) if isinstance(value, list) else value  # arrays are tuples in the schema
 
 
 def every_key() -> list[tuple[str, str]]:
