@@ -15,6 +15,11 @@ from the ``random.Random`` it is given, so a seed fixes every choice.
   weighted leastconn), ties broken in rotation.
 * ``p2c``: power of two choices: two distinct backends drawn by weight, the
   one with fewer active connections per weight wins (Envoy's LEAST_REQUEST).
+* ``maglev`` and ``ring_hash``: consistent hashing of the client's address
+  (:mod:`._hashing`): the same client goes to the same backend, on every
+  Loble instance with the same backends, and when one of ``N`` backends
+  leaves about ``1/N`` of the clients move. These are *keyed* balancers
+  (:class:`KeyedBalancer`): the core gives them the connection's key.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from ._backend import Backend, Snapshot
+from ._hashing import DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_RING_POINTS, HashRing, MaglevTable
 
 __all__ = [
     "BALANCERS",
     "Balancer",
+    "KeyedBalancer",
     "LeastConnections",
+    "Maglev",
     "PowerOfTwoChoices",
+    "RingHash",
     "RoundRobin",
     "WeightedRandom",
     "make_balancer",
@@ -56,6 +65,26 @@ class Balancer(Protocol):
         exclude: Collection[str] = (),
     ) -> Backend | None:
         """Choose a backend of ``snapshot`` not in ``exclude``, or None."""
+        ...
+
+
+class KeyedBalancer(Balancer, Protocol):
+    """A balancer that picks by the connection's key (a hash of the client's address).
+
+    The core calls :meth:`pick_for` instead of ``pick`` when ``keyed`` is
+    true; ``key`` is None when the driver gave no client address.
+    """
+
+    keyed: bool
+
+    def pick_for(
+        self,
+        key: int | None,
+        snapshot: Snapshot,
+        active: ActiveCount,
+        exclude: Collection[str] = (),
+    ) -> Backend | None:
+        """Choose the backend of ``key`` among ``snapshot``'s, not in ``exclude``."""
         ...
 
 
@@ -209,15 +238,96 @@ class PowerOfTwoChoices:
         return a if score_a < score_b else b
 
 
+_KEPT_TABLES = 4
+"""Lookup tables a hashing balancer keeps, by backend set: a backend that
+flaps out and back finds its tables built (a Maglev table of 65,537 slots
+takes some 40 ms of Python to fill)."""
+
+
+class _Hashing:
+    """What Maglev and the ring share: a table per backend set, built on demand."""
+
+    keyed = True
+
+    def __init__(
+        self, rng: random.Random, build: Callable[[Sequence[Backend]], MaglevTable | HashRing]
+    ) -> None:
+        self._rng = rng
+        self._build = build
+        self._version = -1
+        self._table: MaglevTable | HashRing | None = None
+        self._tables: dict[tuple[tuple[str, int], ...], MaglevTable | HashRing] = {}
+
+    def pick(
+        self,
+        snapshot: Snapshot,
+        active: ActiveCount,
+        exclude: Collection[str] = (),
+    ) -> Backend | None:
+        """Without a key: a random slot's backend (Envoy, for a request with no hash)."""
+        return self.pick_for(None, snapshot, active, exclude)
+
+    def pick_for(
+        self,
+        key: int | None,
+        snapshot: Snapshot,
+        active: ActiveCount,
+        exclude: Collection[str] = (),
+    ) -> Backend | None:
+        if snapshot.version != self._version:
+            self._version = snapshot.version
+            members = tuple((backend.address, backend.weight) for backend in snapshot.backends)
+            table = self._tables.pop(members, None)
+            if table is None:
+                table = self._build(snapshot.backends)
+                if len(self._tables) >= _KEPT_TABLES:
+                    del self._tables[next(iter(self._tables))]  # the oldest
+            self._tables[members] = table  # most recent last
+            self._table = table
+        assert self._table is not None
+        if key is None:
+            key = self._rng.getrandbits(64)
+        return self._table.lookup(key, exclude)
+
+
+class Maglev(_Hashing):
+    """Google's Maglev: a prime-sized lookup table, near-minimal disruption."""
+
+    def __init__(self, rng: random.Random, table_size: int = DEFAULT_MAGLEV_TABLE_SIZE) -> None:
+        super().__init__(rng, lambda backends: MaglevTable(backends, table_size))
+        self.table_size = table_size
+
+
+class RingHash(_Hashing):
+    """Karger's consistent-hash ring: points per unit of weight, nginx's 160 by default."""
+
+    def __init__(self, rng: random.Random, points: int = DEFAULT_RING_POINTS) -> None:
+        super().__init__(rng, lambda backends: HashRing(backends, points))
+        self.points = points
+
+
 BALANCERS: dict[str, Callable[[random.Random], Balancer]] = {
     "round_robin": RoundRobin,
     "random": WeightedRandom,
     "least_connections": LeastConnections,
     "p2c": PowerOfTwoChoices,
+    "maglev": Maglev,
+    "ring_hash": RingHash,
 }
 
 
-def make_balancer(algorithm: str, rng: random.Random) -> Balancer:
+def make_balancer(
+    algorithm: str,
+    rng: random.Random,
+    *,
+    table_size: int = DEFAULT_MAGLEV_TABLE_SIZE,
+    ring_points: int = DEFAULT_RING_POINTS,
+) -> Balancer:
+    """The balancer ``algorithm`` names; the hashing ones sized as configured."""
+    if algorithm == "maglev":
+        return Maglev(rng, table_size)
+    if algorithm == "ring_hash":
+        return RingHash(rng, ring_points)
     try:
         factory = BALANCERS[algorithm]
     except KeyError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ._errors import ConfigError
+from ._hashing import DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_RING_POINTS, is_prime
 from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
@@ -41,7 +42,8 @@ __all__ = [
     "send_proxy_versions",
 ]
 
-ALGORITHMS = ("round_robin", "random", "least_connections", "p2c")
+ALGORITHMS = ("round_robin", "random", "least_connections", "p2c", "maglev", "ring_hash")
+HASH_KEYS = ("address", "address_port")
 WEIGHT = integer(1, 1_000_000)
 """The check of a backend's weight, in the config and for an operator's change."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,6 +76,12 @@ class BalancerConfig:
     send_proxy: str = "off"
     """The PROXY protocol header sent to every backend before the client's bytes
     (``v1``, ``v2``), or none (``off``); a backend's own ``send_proxy`` overrides it."""
+    hash_key: str = "address"
+    """What ``maglev`` and ``ring_hash`` hash: the client's address, or address and port."""
+    maglev_table_size: int = DEFAULT_MAGLEV_TABLE_SIZE
+    """Slots of the Maglev lookup table: a prime, as Envoy's (65,537)."""
+    ring_points: int = DEFAULT_RING_POINTS
+    """Points on the hash ring per unit of a backend's weight (nginx's 160)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,6 +252,19 @@ def _address(*, allow_port_zero: bool = False) -> Check:
     return check
 
 
+def _prime(minimum: int, maximum: int) -> Check:
+    """An integer in bounds that is prime (a Maglev table's size)."""
+    bounded = integer(minimum, maximum)
+
+    def check(raw: Any) -> str | None:
+        problem = bounded(raw)
+        if problem is None and not is_prime(raw):
+            return "must be a prime number (65537 is Envoy's default)"
+        return problem
+
+    return check
+
+
 def _section(checker: Checker, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     table = checker.table(name, data.get(name))
     valid = tuple(f.name for f in fields(_SECTIONS[name]))
@@ -292,6 +313,19 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         ),
         send_proxy=checker.value(
             "balancer", table, "send_proxy", _DEFAULT_BALANCER.send_proxy, choice(SEND_PROXY)
+        ),
+        hash_key=checker.value(
+            "balancer", table, "hash_key", _DEFAULT_BALANCER.hash_key, choice(HASH_KEYS)
+        ),
+        maglev_table_size=checker.value(
+            "balancer",
+            table,
+            "maglev_table_size",
+            _DEFAULT_BALANCER.maglev_table_size,
+            _prime(3, 5_000_011),
+        ),
+        ring_points=checker.value(
+            "balancer", table, "ring_points", _DEFAULT_BALANCER.ring_points, integer(1, 10_000)
         ),
     )
 

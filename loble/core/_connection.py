@@ -119,8 +119,9 @@ class ConnInput(enum.Enum):
     passed: the connection is cut, no verdict on the backend."""
 
 
-Picker = Callable[[Collection[str]], "Backend | None"]
-"""Returns an eligible backend whose address is not in the given collection."""
+Picker = Callable[[Collection[str], "int | None"], "Backend | None"]
+"""Returns an eligible backend whose address is not in the given collection
+(the second argument: the connection's key, for a hashing balancer)."""
 
 Reporter = Callable[[list[Output], str, HealthInput, float], None]
 """Appends a health report on a backend to the outputs, and whatever it caused."""
@@ -190,6 +191,7 @@ class Connection:
         "connected_at",
         "connection_id",
         "deadline_at",
+        "key",
         "last_activity",
         "opened_at",
         "outcome",
@@ -214,6 +216,8 @@ class Connection:
         self.outcome: Outcome | None = None
         self.timer_due: float | None = None
         """Due time of this connection's live entry in its owner's timer queue."""
+        self.key: int | None = None
+        """The hash of its client, for a hashing balancer (None: no client given)."""
 
     def __repr__(self) -> str:
         backend = self.backend.address if self.backend else None
@@ -240,7 +244,7 @@ class Connection:
         if self.attempt:
             raise StateMachineError(f"connection {self.connection_id}: opened twice")
         self.opened_at = now
-        backend = self.policy.pick(())
+        backend = self.policy.pick((), self.key)
         if backend is None:
             self._close(Outcome.NO_BACKEND, now, out)
         else:
@@ -401,7 +405,7 @@ def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
     backend = None
     if conn.attempt <= conn.policy.connect_retries:
         tried = conn.tried = (*conn.tried, conn.backend.address)
-        backend = conn.policy.pick(tried)
+        backend = conn.policy.pick(tried, conn.key)
     conn._end_attempt(now, out, failure=True)
     if backend is not None:
         conn._begin_attempt(backend, now, out)

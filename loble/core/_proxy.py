@@ -34,15 +34,17 @@ from __future__ import annotations
 import random
 from collections.abc import Collection
 from dataclasses import fields
+from typing import cast
 
 from ._admin import AdminInput
 from ._backend import Backend, Snapshot
-from ._balancers import Balancer, make_balancer
+from ._balancers import Balancer, KeyedBalancer, make_balancer
 from ._config import WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
 from ._events import ConnectionClosed, Outcome, Output, Reconfigured
+from ._hashing import hash_key
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
 from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue
@@ -89,9 +91,12 @@ class ProxyCore:
             (Backend(address=b.address, weight=b.weight) for b in config.backends),
             config.health,
         )
-        self.balancer = balancer or make_balancer(config.balancer.algorithm, rng)
+        self.balancer = balancer or _balancer_for(config, rng)
+        self._keyed = getattr(self.balancer, "keyed", False)
+        """Whether the balancer picks by the client's key (``KeyedBalancer``)."""
         self.process = ProcessLifecycle(config.timeouts.drain)
         self.connections: dict[int, Connection] = {}
+        self._hash_port = config.balancer.hash_key == "address_port"
         self._policy = self._make_policy(config)
         self._removal_deadlines: dict[str, float] = {}
         """Removed backends whose connections are cut at a deadline, and when."""
@@ -198,8 +203,12 @@ class ProxyCore:
     def start(self, now: float) -> list[Output]:
         return list(self.control.start(now))
 
-    def accept(self, now: float) -> tuple[int, list[Output]]:
-        """A client connected: open its connection and pick a backend."""
+    def accept(self, now: float, client: tuple[str, int] | None = None) -> tuple[int, list[Output]]:
+        """A client connected: open its connection and pick a backend.
+
+        ``client`` is its ``(address, port)``, the key of the hashing
+        balancers (``[balancer] hash_key``); the others never read it.
+        """
         connection_id = self._next_connection_id
         self._next_connection_id = connection_id + 1
         if self.process.state is not _RUNNING:
@@ -215,6 +224,9 @@ class ProxyCore:
             # Nothing was carried: an orderly close (see RESET_OUTCOMES).
             return connection_id, [close_connection(connection_id, closed.outcome), closed]
         connection = Connection(connection_id, self._policy)
+        if client is not None and self._keyed:
+            host, port = client
+            connection.key = hash_key(f"{host}:{port}" if self._hash_port else host)
         out: list[Output] = []
         connection.open_into(now, out)
         if connection.state is _CONNECTING:
@@ -327,8 +339,10 @@ class ProxyCore:
             now,
         )
         self.config = config
-        if config.balancer.algorithm != old.balancer.algorithm:
-            self.balancer = make_balancer(config.balancer.algorithm, self._rng)
+        if _table_of(config) != _table_of(old):
+            self.balancer = _balancer_for(config, self._rng)
+            self._keyed = getattr(self.balancer, "keyed", False)
+        self._hash_port = config.balancer.hash_key == "address_port"
         if (
             config.timeouts.connect != old.timeouts.connect
             or config.timeouts.idle != old.timeouts.idle
@@ -440,13 +454,18 @@ class ProxyCore:
                 connection.handle_into(ConnInput.REMOVED, now, out)
                 self._settle(connection, now, out)
 
-    def _pick(self, exclude: Collection[str]) -> Backend | None:
+    def _pick(self, exclude: Collection[str], key: int | None) -> Backend | None:
         # Each attempt reads the snapshot once, when it picks: for the first
         # attempt that is the instant of accept. A retry reads the snapshot
         # current when the failure arrives (before that failure's own report
         # is applied; the failed backend is excluded anyway).
         control = self.control
-        return self.balancer.pick(control.snapshot, control.active_connections, exclude)
+        balancer = self.balancer
+        if self._keyed:
+            return cast("KeyedBalancer", balancer).pick_for(
+                key, control.snapshot, control.active_connections, exclude
+            )
+        return balancer.pick(control.snapshot, control.active_connections, exclude)
 
     def _input(self, connection_id: int, conn_input: ConnInput, now: float) -> list[Output]:
         connection = self.connections.get(connection_id)
@@ -529,6 +548,22 @@ class ProxyCore:
             self.cut_count += len(connections)
         out.extend(step.outputs)
         return out
+
+
+def _table_of(config: Config) -> tuple[str, int, int]:
+    """What a balancer is built from: a change of any of it builds a new one."""
+    balancer = config.balancer
+    return balancer.algorithm, balancer.maglev_table_size, balancer.ring_points
+
+
+def _balancer_for(config: Config, rng: random.Random) -> Balancer:
+    balancer = config.balancer
+    return make_balancer(
+        balancer.algorithm,
+        rng,
+        table_size=balancer.maglev_table_size,
+        ring_points=balancer.ring_points,
+    )
 
 
 def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:

@@ -177,7 +177,7 @@ def test_integers_are_accepted_as_seconds() -> None:
         (one_backend(timeouts={"drain": -1}), "timeouts.drain: -1.0 must be >= 0 seconds"),
         (
             one_backend(balancer={"algorithm": "round-robin"}),
-            "balancer.algorithm: 'round-robin' is not one of round_robin, random, least_connections, p2c; did you mean 'round_robin'?",
+            "balancer.algorithm: 'round-robin' is not one of round_robin, random, least_connections, p2c, maglev, ring_hash; did you mean 'round_robin'?",
         ),
         (one_backend(balancer={"algorithm": 3}), "balancer.algorithm: 3 is not a string"),
         (

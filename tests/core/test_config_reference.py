@@ -6,7 +6,8 @@ keys, types and defaults from the dataclasses of ``loble/core/_config.py``
 and each key's check from ``parse_config`` itself, by feeding it values it
 must refuse and reading its one-line errors: a value of the wrong type says
 what kind of check it is, ``-10**12`` and ``10**12`` give an integer's bounds
-(``must be >= 1``, ``must be <= 1000``), ``"zzz"`` gives a choice's options
+(``must be >= 1``, ``must be <= 1000``) and a composite number within
+them a prime's (``must be a prime number``), ``"zzz"`` gives a choice's options
 (``is not one of round_robin, random, ...``, so ``ALGORITHMS``, ``LOG_LEVELS``
 and the others as the code has them), ``-1.0`` and ``1e10`` a number of
 seconds' range, ``"h:99999"`` an address's port range. The page's side is
@@ -104,7 +105,12 @@ def check_of(heading: str, key: str) -> str | None:
         high = re.fullmatch(r"must be <= (-?\d+)", refusal(heading, key, 10**12))
         if not (low and high):
             return "(an integer without both bounds)"
-        return f"{number(low[1])} to {number(high[1])}"
+        bounds = f"{number(low[1])} to {number(high[1])}"
+        # A composite number within the bounds: refused only by a prime check.
+        composite = max(int(low[1]), 2) * 2
+        if refusal(heading, key, composite).startswith("must be a prime"):
+            return f"{bounds}, prime"
+        return bounds
     if kind == "is not a number of seconds":
         low_text = refusal(heading, key, -1.0)
         low = re.fullmatch(r"must be (?:at least|>=) ([\d.]+) seconds", low_text)

@@ -56,7 +56,7 @@ def test_config_and_sim_errors_come_together_with_key_paths() -> None:
     errors = errors_of(doc)
     assert (
         "balancer.algorithm: 'round_robn' is not one of round_robin, random, "
-        "least_connections, p2c; did you mean 'round_robin'?" in errors
+        "least_connections, p2c, maglev, ring_hash; did you mean 'round_robin'?" in errors
     )
     assert "sim.duraton: unknown key; did you mean 'duration'?" in errors
     assert "sim.clients.rate: -1 must be >= 0" in errors
