@@ -82,6 +82,12 @@ class BalancerConfig:
     """Slots of the Maglev lookup table: a prime, as Envoy's (65,537)."""
     ring_points: int = DEFAULT_RING_POINTS
     """Points on the hash ring per unit of a backend's weight (nginx's 160)."""
+    slow_start: float = 0.0
+    """Seconds over which a backend back in rotation ramps up to its full share
+    of new connections (HAProxy's ``slowstart``); 0: at once."""
+    slow_start_floor: float = 0.1
+    """The share of its picks a backend keeps as its slow start begins (Envoy's
+    ``min_weight_percent``, 10%)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,6 +258,15 @@ def _address(*, allow_port_zero: bool = False) -> Check:
     return check
 
 
+def _share(raw: Any) -> str | None:
+    """A number from 0 to 1 (a share)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return "is not a number"
+    if not 0.0 <= raw <= 1.0:
+        return "must be from 0 to 1"
+    return None
+
+
 def _prime(minimum: int, maximum: int) -> Check:
     """An integer in bounds that is prime (a Maglev table's size)."""
     bounded = integer(minimum, maximum)
@@ -326,6 +341,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         ),
         ring_points=checker.value(
             "balancer", table, "ring_points", _DEFAULT_BALANCER.ring_points, integer(1, 10_000)
+        ),
+        slow_start=float(
+            checker.value(
+                "balancer",
+                table,
+                "slow_start",
+                _DEFAULT_BALANCER.slow_start,
+                seconds(positive=False, minimum=0.0),
+            )
+        ),
+        slow_start_floor=float(
+            checker.value(
+                "balancer", table, "slow_start_floor", _DEFAULT_BALANCER.slow_start_floor, _share
+            )
         ),
     )
 

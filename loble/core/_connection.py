@@ -119,9 +119,9 @@ class ConnInput(enum.Enum):
     passed: the connection is cut, no verdict on the backend."""
 
 
-Picker = Callable[[Collection[str], "int | None"], "Backend | None"]
+Picker = Callable[[Collection[str], "int | None", float], "Backend | None"]
 """Returns an eligible backend whose address is not in the given collection
-(the second argument: the connection's key, for a hashing balancer)."""
+(then: the connection's key, for a hashing balancer, and the time, for slow start)."""
 
 Reporter = Callable[[list[Output], str, HealthInput, float], None]
 """Appends a health report on a backend to the outputs, and whatever it caused."""
@@ -244,7 +244,7 @@ class Connection:
         if self.attempt:
             raise StateMachineError(f"connection {self.connection_id}: opened twice")
         self.opened_at = now
-        backend = self.policy.pick((), self.key)
+        backend = self.policy.pick((), self.key, now)
         if backend is None:
             self._close(Outcome.NO_BACKEND, now, out)
         else:
@@ -405,7 +405,7 @@ def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
     backend = None
     if conn.attempt <= conn.policy.connect_retries:
         tried = conn.tried = (*conn.tried, conn.backend.address)
-        backend = conn.policy.pick(tried, conn.key)
+        backend = conn.policy.pick(tried, conn.key, now)
     conn._end_attempt(now, out, failure=True)
     if backend is not None:
         conn._begin_attempt(backend, now, out)

@@ -116,6 +116,10 @@ class ControlPlane:
         self.probed: dict[str, Probed] = {}
         """Each backend's last probe result (absent: never probed)."""
         self._forgotten: str | None = None
+        self.joined: dict[str, float] = {}
+        """Backends back in rotation after being out (recovered, added by a
+        reload, back from maintenance), and when: what slow start ramps from.
+        The core drops an entry once its ramp is over or the backend leaves."""
         for backend in backends:
             if backend.address in self.backends:
                 raise LobleError(f"backend {backend.address} is listed twice")
@@ -239,6 +243,9 @@ class ControlPlane:
         events: list[Event] = [AdminStateChanged(at=now, address=address, old=old, new=new)]
         if old is _MAINT:
             self._resume_probes(address, now)
+            self.joined[address] = now
+        elif new is _MAINT:
+            self.joined.pop(address, None)
         published = self._republish(now)
         if published is not None:
             events.append(published)
@@ -376,7 +383,10 @@ class ControlPlane:
         if transition.new is _HEALTHY:
             if not self.health_config.active:
                 self._probe_due.pop(address, None)
+            if transition.old is _UNHEALTHY:
+                self.joined[address] = now  # back from nothing: cold (DRAINING kept its load)
         elif transition.old is _HEALTHY:
+            self.joined.pop(address, None)
             # Out of the snapshot, DRAINING or UNHEALTHY: only probes can bring
             # it back, the first an interval from now. DRAINING -> UNHEALTHY
             # keeps the schedule it has.
@@ -431,6 +441,8 @@ class ControlPlane:
             # Not proven yet: it joins as a backend coming back does.
             record.state = _UNHEALTHY
             self.since[address] = (now, ADDED_REASON)
+        elif now is not None:
+            self.joined[address] = now  # in rotation at once, and cold
 
     def _forget(self, address: str, now: float) -> BackendForgotten:
         self.removing.pop(address, None)
@@ -438,6 +450,7 @@ class ControlPlane:
         del self.admin[address]
         self.since.pop(address, None)
         self.probed.pop(address, None)
+        self.joined.pop(address, None)
         self._probe_due.pop(address, None)
         self._probe_in_flight.pop(address, None)
         self._forgotten = address

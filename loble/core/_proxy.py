@@ -97,6 +97,8 @@ class ProxyCore:
         self.process = ProcessLifecycle(config.timeouts.drain)
         self.connections: dict[int, Connection] = {}
         self._hash_port = config.balancer.hash_key == "address_port"
+        self._slow_start = config.balancer.slow_start
+        self._slow_start_floor = config.balancer.slow_start_floor
         self._policy = self._make_policy(config)
         self._removal_deadlines: dict[str, float] = {}
         """Removed backends whose connections are cut at a deadline, and when."""
@@ -343,6 +345,8 @@ class ProxyCore:
             self.balancer = _balancer_for(config, self._rng)
             self._keyed = getattr(self.balancer, "keyed", False)
         self._hash_port = config.balancer.hash_key == "address_port"
+        self._slow_start = config.balancer.slow_start
+        self._slow_start_floor = config.balancer.slow_start_floor
         if (
             config.timeouts.connect != old.timeouts.connect
             or config.timeouts.idle != old.timeouts.idle
@@ -454,7 +458,7 @@ class ProxyCore:
                 connection.handle_into(ConnInput.REMOVED, now, out)
                 self._settle(connection, now, out)
 
-    def _pick(self, exclude: Collection[str], key: int | None) -> Backend | None:
+    def _pick(self, exclude: Collection[str], key: int | None, now: float) -> Backend | None:
         # Each attempt reads the snapshot once, when it picks: for the first
         # attempt that is the instant of accept. A retry reads the snapshot
         # current when the failure arrives (before that failure's own report
@@ -462,10 +466,41 @@ class ProxyCore:
         control = self.control
         balancer = self.balancer
         if self._keyed:
-            return cast("KeyedBalancer", balancer).pick_for(
-                key, control.snapshot, control.active_connections, exclude
-            )
-        return balancer.pick(control.snapshot, control.active_connections, exclude)
+            keyed = cast("KeyedBalancer", balancer)
+            backend = keyed.pick_for(key, control.snapshot, control.active_connections, exclude)
+        else:
+            backend = balancer.pick(control.snapshot, control.active_connections, exclude)
+        if backend is not None and self._slow_start and control.joined:
+            backend = self._ramp(backend, exclude, key, now)
+        return backend
+
+    def _ramp(
+        self, backend: Backend, exclude: Collection[str], key: int | None, now: float
+    ) -> Backend:
+        """Slow start: a backend that joined ``elapsed`` seconds ago keeps a pick
+        with probability ``floor + (1 - floor) * elapsed / slow_start``; else
+        the balancer picks again without it (HAProxy's ``slowstart``, Envoy's
+        ``slow_start_config``). So its share of new connections grows from the
+        floor to its whole share over the window, whatever the algorithm: a
+        recovered backend that ``least_connections`` would flood (it has none
+        active) takes only a part at first. A hashing balancer's draw is the
+        client's own key, so the clients it sends back grow as a stable set.
+        """
+        joined = self.control.joined
+        since = joined.get(backend.address)
+        if since is None:
+            return backend
+        elapsed = now - since
+        if elapsed >= self._slow_start:
+            del joined[backend.address]  # ramped up: full weight from now on
+            return backend
+        floor = self._slow_start_floor
+        share = floor + (1.0 - floor) * max(elapsed, 0.0) / self._slow_start
+        draw = (key % 1_000_003) / 1_000_003 if key is not None else self._rng.random()
+        if draw < share:
+            return backend
+        again = self._pick((*exclude, backend.address), key, now)
+        return backend if again is None else again
 
     def _input(self, connection_id: int, conn_input: ConnInput, now: float) -> list[Output]:
         connection = self.connections.get(connection_id)

@@ -120,6 +120,10 @@ def check_of(heading: str, key: str) -> str | None:
         if not (low and high):
             return f"(seconds without both bounds: {low_text!r})"
         return f"{low[1]} s to {high[1]} s"
+    if kind == "is not a number":
+        if refusal(heading, key, -0.5) == refusal(heading, key, 1.5) == "must be from 0 to 1":
+            return "0 to 1"
+        return "(a number without its bounds)"
     if kind == "is not true or false":
         return "`true`, `false`"
     if kind == "is not a 'host:port' string":

@@ -52,7 +52,7 @@ S = ConnState
 
 
 def picker(backends: list[Backend]) -> object:
-    def pick(exclude: Collection[str], key: int | None = None) -> Backend | None:
+    def pick(exclude: Collection[str], key: int | None = None, now: float = 0.0) -> Backend | None:
         for backend in backends:
             if backend.address not in exclude:
                 return backend
