@@ -76,10 +76,13 @@ TOLERANCES = {
 """Issue 14's: each outcome count within 1% of the arrivals, each state change
 within 50 ms; with round robin, the same backend for every spaced arrival."""
 
-SPACING = 0.005
-"""An arrival is *spaced* when no other pick of a backend (another arrival, a
-retry) is this close to it in the simulation: two picks nearer than the
-daemon's own scheduling noise may be made in either order."""
+SPACING = 0.010
+"""Seconds: a pick this close to a state change (in either run), or to
+another client's retry, may be made on the other side of it in the other
+run (the daemon's scheduling noise, a loaded machine's included). A retry's
+window runs from this before the attempt before it to twice this after the
+simulated retry: the daemon's retry comes sooner (a loopback round trip),
+unless the daemon is slow to handle the refusal."""
 
 START_MARGIN = 0.5
 """Seconds between setting ``t0`` and the first instant of the replay."""
@@ -828,7 +831,8 @@ def _spaced(run: SimRun, real: RealRun, transitions: list[dict[str, Any]]) -> se
     change (anywhere between its simulated and its real time), or another
     client's retry (the daemon's refused connect comes back after a loopback
     round trip, the simulation's after its own latency). A client is spaced
-    when none of its picks is ambiguous and none was since the last change.
+    when none of its picks is ambiguous and none was since the last state
+    change whose window is wholly after the last ambiguous pick.
     """
     windows: list[tuple[float, float, int]] = []
     rebuilds: list[tuple[float, float]] = []
@@ -844,23 +848,20 @@ def _spaced(run: SimRun, real: RealRun, transitions: list[dict[str, Any]]) -> se
         first = planned.picks[0]
         picks.append((first, min(first, seen.started), max(first, seen.started), planned.index))
         for before, retry in itertools.pairwise(planned.picks):
-            windows.append((before, retry + SPACING, planned.index))
+            windows.append((before - SPACING, retry + 2 * SPACING, planned.index))
             picks.append((retry, before, retry, planned.index))
     picks.sort()
     dirty: set[int] = set()
     tainted: float | None = None
-    """Since when the picks may be shifted: cleared by a rebuild wholly after it."""
+    """The last ambiguous pick: the picks may be shifted until a rebuild wholly after it."""
     next_rebuild = 0
     for _, low, high, index in picks:
         while next_rebuild < len(rebuilds) and rebuilds[next_rebuild][1] <= low:
             if tainted is not None and rebuilds[next_rebuild][0] > tainted:
                 tainted = None
             next_rebuild += 1
-        if any(
-            owner != index and start <= high + SPACING and low - SPACING <= stop
-            for start, stop, owner in windows
-        ):
-            tainted = high if tainted is None else tainted
+        if any(owner != index and start <= high and low <= stop for start, stop, owner in windows):
+            tainted = high if tainted is None else max(tainted, high)
         if tainted is not None:
             dirty.add(index)
     return {p.index for p in run.clients if p.picks} - dirty
