@@ -17,7 +17,12 @@ connection, and none per wakeup:
   nothing more is read);
 * each socket of an established connection is also watched for errors while
   nothing reads or writes it (after its peer's half-close it stays in the
-  epoll set with an empty mask), so a late reset ends the connection at once.
+  epoll set with an empty mask), so a late reset ends the connection at once;
+* a client that must send a PROXY protocol header first has a reader of its
+  own and a loop timer (its deadline) until the header is complete; bytes a
+  backend must get first (a PROXY header) are written as the connect is
+  agreed, and what the socket does not take at once has the direction wait
+  for the backend to be writable before it reads the client.
 
 On Linux the callbacks live in a :class:`~._loop.Readiness` registry:
 registering one is a dict update and one ``epoll_ctl``, not asyncio's
@@ -45,9 +50,11 @@ from loble.core import ConnectBackend, Side
 from ._copy import BufferPool, OneWay, Pumped
 from ._datapath import (
     ACCEPT_BACKOFF,
+    TIMEOUT,
     AddressBook,
     Attempt,
     Dialed,
+    HeaderRead,
     Link,
     Reports,
     accept_batch,
@@ -55,6 +62,8 @@ from ._datapath import (
     dial_finished,
     hand_over,
     listener_label,
+    read_header,
+    send_preface,
     set_reset,
     shut_write,
 )
@@ -66,6 +75,7 @@ _READ = Pumped.READ
 _WRITE = Pumped.WRITE
 _CONNECTED, _IN_PROGRESS = Dialed.CONNECTED, Dialed.IN_PROGRESS
 _REFUSED = Dialed.REFUSED
+_MORE, _DONE = HeaderRead.MORE, HeaderRead.DONE
 
 
 class CallbackAttempt(Attempt):
@@ -261,13 +271,23 @@ class CallbackPath:
         assert sock is not None
         attempt.sock = None
         link.join(sock, attempt.backend.address, self._pool)
+        state = link.proxy_protocol
+        # Bytes the backend gets first and could not take at once: held, and
+        # that direction waits to write them before it reads the client.
+        held = None
+        if state is not None and state.preface and send_preface(link):
+            held = link.to_backend
         add_reader = self._add_reader
         epoll = self._epoll
         try:
             for way in (link.to_backend, link.to_client):
                 assert way is not None
-                add_reader(way.source_fd, self._on_readable, link, way)
-                way.waiting = _READ
+                if way is held:
+                    self._add_writer(way.sink_fd, self._on_writable, link, way)
+                    way.waiting = _WRITE
+                else:
+                    add_reader(way.source_fd, self._on_readable, link, way)
+                    way.waiting = _READ
                 if epoll is not None:  # after a half-close, nothing else would see a reset
                     epoll.watch(way.source_fd, self._on_hangup, link, way)
         except OSError as error:  # epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
@@ -284,6 +304,55 @@ class CallbackPath:
             self._remove_writer(attempt.sock.fileno())
             attempt.sock.close()
             attempt.sock = None
+
+    # -- a client's PROXY protocol header ------------------------------------------
+
+    def read_header(self, link: CallbackLink) -> None:
+        state = link.proxy_protocol
+        assert state is not None
+        self._add_reader(link.client.fileno(), self._on_header, link)
+        state.reading = True
+        state.timer = self._loop.call_later(state.timeout, self._header_late, link)
+
+    def _on_header(self, link: CallbackLink) -> None:
+        try:
+            read = read_header(link)
+            if read is _MORE:
+                return
+            self._stop_header(link)
+            state = link.proxy_protocol
+            assert state is not None
+            if read is _DONE:
+                self._reports.header_read(link)
+            else:
+                self._reports.header_failed(link, state.reason, state.problem)
+        except Exception:
+            self._failed(link)
+
+    def _header_late(self, link: CallbackLink) -> None:
+        state = link.proxy_protocol
+        assert state is not None
+        state.timer = None
+        try:
+            self._stop_header(link)
+            self._reports.header_failed(
+                link, TIMEOUT, f"no complete header within {state.timeout} s ([timeouts] idle)"
+            )
+        except Exception:
+            self._failed(link)
+
+    def _stop_header(self, link: CallbackLink) -> None:
+        """No more reading of the header: its reader and its deadline go."""
+        state = link.proxy_protocol
+        assert state is not None
+        if state.reading:
+            state.reading = False
+            self._remove_reader(link.client.fileno())
+        timer = state.timer
+        if timer is not None:
+            state.timer = None
+            assert isinstance(timer, asyncio.TimerHandle)
+            timer.cancel()
 
     # -- forwarding ----------------------------------------------------------------
 
@@ -340,6 +409,8 @@ class CallbackPath:
     def _failed(self, link: CallbackLink) -> None:
         # A bug, so what is registered is unknown: unregister everything
         # before the sockets close, or the selector would keep stale entries.
+        if link.proxy_protocol is not None and link.client.fileno() >= 0:
+            self._stop_header(link)
         for sock in (link.client, link.backend):
             if sock is not None and sock.fileno() >= 0:
                 self._remove_reader(sock.fileno())
@@ -370,6 +441,9 @@ class CallbackPath:
         a closed socket's descriptor is -1 and its directions hold nothing.
         """
         self._abandon(link)
+        state = link.proxy_protocol
+        if state is not None and link.client.fileno() >= 0:
+            self._stop_header(link)  # still reading its header, or not: at most a check
         if reset:
             set_reset(link.client, link.backend)
         unregister = self._epoll is None

@@ -31,6 +31,18 @@ anyway (EMFILE: the limit lowered from outside, descriptors taken by
 something else) has the path back off and retry. Either shortage is logged
 once as it begins and once as it ends (:class:`Shortage`), never per client.
 
+The PROXY protocol is the conductor's to decide (the data path reads and
+writes the bytes). A client from ``[listener] accept_proxy_from`` is not
+the core's yet when accepted: the path reads its header first (within
+``[timeouts] idle``), and only then is it filed with the core, under the
+client's address the header gave, so that every decision, log line and
+header sent on carries that address. A header refused, or not complete in
+time, closes that client alone, with one log line and a count by reason
+(:attr:`Conductor.proxy_header_errors`). A backend with ``send_proxy`` gets
+its header (:func:`loble.core.encode`) the moment its connect is agreed,
+before the path moves any byte of the client's. A reload applies both to
+what comes after it: clients accepted, backend connections made.
+
 Nothing here touches a socket or an event loop: the unit tests drive a
 conductor with a fake data path and a fake clock.
 """
@@ -50,16 +62,29 @@ from loble.core import (
     Config,
     ConnectBackend,
     ConnectionClosed,
+    HeaderParser,
     Output,
     ProbeBackend,
     ProxyCore,
+    ProxyProtocolError,
     ShutdownWrite,
     Side,
     StopAccepting,
+    TrustedSources,
+    encode,
+    send_proxy_versions,
 )
 
 from ._copy import OneWay, Pumped
-from ._datapath import Attempt, ConnectionBudget, DataPath, Link, Reports
+from ._datapath import (
+    HEADER_ERROR_REASONS,
+    Attempt,
+    ConnectionBudget,
+    DataPath,
+    Link,
+    ProxyState,
+    Reports,
+)
 from ._logging import log
 
 __all__ = ["Conductor", "Listener", "Shortage", "Timer"]
@@ -187,6 +212,15 @@ class Conductor(Generic[LinkT]):
         """The stretch at the connection limit under way, if any."""
         self._short: Shortage | None = None
         """The stretch of failing accepts under way, if any."""
+        self._trusted: TrustedSources | None = None
+        """``[listener] accept_proxy_from``, or None when empty (no client is read)."""
+        self._send_proxy: dict[str, int] = {}
+        """The PROXY protocol version each backend is sent, by address (``send_proxy``)."""
+        self._proxy_config(core.config)
+        self.awaiting_header: set[LinkT] = set()
+        """Clients accepted whose PROXY protocol header is not complete yet: not the core's."""
+        self.proxy_header_errors: dict[str, int] = dict.fromkeys(HEADER_ERROR_REASONS, 0)
+        """Clients closed for their PROXY protocol header, by reason (the metric reads it)."""
         own: dict[type, Handler] = {
             ConnectBackend: self._connect,
             ShutdownWrite: self._shutdown_write,
@@ -259,6 +293,7 @@ class Conductor(Generic[LinkT]):
         """Apply a reloaded configuration; returns the outputs, carried out."""
         outputs = self.core.reconfigure(config, self.now())
         self._touch_resolution = self.core.touch_resolution
+        self._proxy_config(config)
         self._carry_out(outputs)
         self._wake()
         self._set_max_connections(config.listener.max_connections)
@@ -295,6 +330,19 @@ class Conductor(Generic[LinkT]):
             self._full.accepted += 1
         if holding >= self.connection_limit:
             self._pause()
+        trusted = self._trusted
+        if trusted is not None and self._read_header(link, trusted):
+            return  # filed with the core once its header is complete (header_read)
+        # _admit, inlined: a call less for every connection that sends no header.
+        connection_id, outputs = self.core.accept(self.now())
+        link.connection_id = connection_id
+        self.links[connection_id] = link
+        for hook in self._accepted_hooks:
+            hook(link)
+        self._carry_out(outputs)
+
+    def _admit(self, link: LinkT) -> None:
+        """File the client with the core and carry out its first orders."""
         connection_id, outputs = self.core.accept(self.now())
         link.connection_id = connection_id
         self.links[connection_id] = link
@@ -327,6 +375,8 @@ class Conductor(Generic[LinkT]):
         address = attempt.backend.address
         for hook in self._connected_hooks:
             hook(address, seconds)
+        if self._send_proxy or link.proxy_protocol is not None:
+            self._preface(link, address)
         # Both directions exist before anything the core said runs, so every
         # order it gives for this connection finds it forwarding.
         self.path.forward(link, attempt)
@@ -402,6 +452,7 @@ class Conductor(Generic[LinkT]):
         """A bug in the daemon, not a network event: keep serving the others, and
         tell the core this connection is gone so its accounting stays right."""
         self.logger.exception("connection %d failed", link.connection_id)
+        self.awaiting_header.discard(link)
         try:
             if self.links.get(link.connection_id) is link:
                 self._carry_out(self.core.client_error(link.connection_id, self.now()))
@@ -410,6 +461,87 @@ class Conductor(Generic[LinkT]):
             self.path.close(link, True)
             if self.links.get(link.connection_id) is link:
                 del self.links[link.connection_id]
+
+    # -- the PROXY protocol --------------------------------------------------------------------
+
+    def _proxy_config(self, config: Config) -> None:
+        """Who may send a header and which backends get one: for what comes next."""
+        trusted = TrustedSources(config.listener.accept_proxy_from)
+        self._trusted = trusted if trusted else None
+        self._send_proxy = send_proxy_versions(config)
+
+    def _read_header(self, link: LinkT, trusted: TrustedSources) -> bool:
+        """Whether ``link``'s client must send a header first: then the path reads it."""
+        address = link.peer_address
+        if not (isinstance(address, tuple) and trusted.trusts(str(address[0]))):
+            return False
+        link.proxy_protocol = ProxyState(HeaderParser(), self.core.config.timeouts.idle)
+        self.awaiting_header.add(link)
+        self.path.read_header(link)
+        return True
+
+    def header_read(self, link: LinkT) -> None:
+        """The client's header is complete: it names the client, the core takes it."""
+        self.awaiting_header.discard(link)
+        state = link.proxy_protocol
+        assert state is not None and state.header is not None
+        header = state.header
+        if header.source is not None:  # LOCAL, UNKNOWN: the connection's own addresses stand
+            state.proxy = link.peer_address
+            link.peer_address = header.source
+            state.destination = header.destination
+        self._admit(link)
+
+    def header_failed(self, link: LinkT, reason: str, problem: str) -> None:
+        """The client's header was refused or late: that client alone is closed."""
+        self.awaiting_header.discard(link)
+        self.proxy_header_errors[reason] = self.proxy_header_errors.get(reason, 0) + 1
+        log(
+            self.logger,
+            logging.WARNING,
+            "PROXY protocol header refused: closing the client",
+            client=link.peer,
+            listener=link.listener,
+            reason=reason,
+            error=problem,
+        )
+        self.path.close(link, True)
+
+    def _preface(self, link: LinkT, address: str) -> None:
+        """What the backend at ``address`` gets before the client's bytes: the header
+        its ``send_proxy`` asks for, then the client's bytes read with its own header."""
+        state = link.proxy_protocol
+        version = self._send_proxy.get(address)
+        if version is None:
+            if state is not None and state.early:
+                state.preface = state.early
+            return
+        if state is None:
+            state = link.proxy_protocol = ProxyState()
+        source = _ip_address(link.peer_address)
+        destination = state.destination or _local_address(link)
+        try:
+            header = encode(version, source, destination)
+        except ProxyProtocolError:  # addresses no header can carry: say so
+            header = encode(version, None, None)
+        state.preface = header + state.early
+        state.uncounted = len(header)
+
+    def _drop_awaiting(self) -> None:
+        """Shutdown: the clients still sending a header were never the core's; they
+        go as the clients still in the backlog do (closed, not served)."""
+        if not self.awaiting_header:
+            return
+        links = list(self.awaiting_header)
+        self.awaiting_header.clear()
+        log(
+            self.logger,
+            logging.INFO,
+            "shutdown: closing the clients whose PROXY protocol header is not complete",
+            clients=len(links),
+        )
+        for link in links:
+            self.path.close(link, False)
 
     # -- the connection limit ---------------------------------------------------------------
 
@@ -572,3 +704,19 @@ class Conductor(Generic[LinkT]):
 
     def _stop(self, output: StopAccepting) -> None:
         self._stop_accepting()
+        self._drop_awaiting()
+
+
+def _ip_address(address: object) -> tuple[str, int] | None:
+    """``(host, port)`` of a socket address (IPv6's has four fields), or None."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
+
+
+def _local_address(link: Link) -> tuple[str, int] | None:
+    """The address the client connected to: its socket's own."""
+    try:
+        return _ip_address(link.client.getsockname())
+    except OSError:
+        return None

@@ -211,6 +211,7 @@ class OneWay:
         "source",
         "source_fd",
         "total",
+        "uncounted",
         "waiting",
     )
 
@@ -232,6 +233,9 @@ class OneWay:
         self.total = 0
         self.reported = 0
         """Of ``total``, how much the driver has already counted in its metrics."""
+        self.uncounted = 0
+        """Bytes held (:meth:`hold`) that are Loble's own, not the source's (a PROXY
+        header): written first, and left out of ``total``."""
         self.waiting: Pumped | None = None
         """The driver's note of what it waits for (e.g. which callback is registered)."""
 
@@ -391,6 +395,10 @@ class OneWay:
             pending, offset = read, 0
         self.moved = moved
         self.total += moved
+        if self.uncounted:
+            header = min(self.uncounted, moved)
+            self.uncounted -= header
+            self.total -= header
         self.pending = pending
         if pending:
             if buffer is not self._buffer:
@@ -404,6 +412,21 @@ class OneWay:
             self._pool.give_buffer(self._buffer)
             self._buffer = None
         return result
+
+    def hold(self, data: bytes, uncounted: int = 0) -> None:
+        """Bytes to write to the sink before any read from the source, of which the
+        first ``uncounted`` are Loble's own (left out of ``total``).
+
+        For what a backend must get first: a PROXY header, and the client's bytes
+        read with the header it sent. Called on a fresh direction, before the
+        driver pumps it: the driver then waits for the sink to be writable.
+        """
+        assert not self.pending and len(data) <= CHUNK_SIZE
+        buffer = self._buffer = self._pool.take_buffer()
+        buffer[: len(data)] = data
+        self._offset = 0
+        self.pending = len(data)
+        self.uncounted = uncounted
 
     def release(self) -> None:
         """The connection is closing: give back (or discard) what this direction holds."""

@@ -247,6 +247,7 @@ class Daemon:
                 self._started_at = conductor.now()
                 self.metrics.now = conductor.now
                 self.metrics.admission = conductor
+                self.metrics.proxy_header_errors = conductor.proxy_header_errors
                 self.metrics.started = self._started_at
                 self.metrics.before_render = self._count_bytes_in_flight
                 if handle_signals:

@@ -15,7 +15,9 @@ above it:
   non-blocking connect (:func:`dial`, walking an :class:`Attempt`'s
   addresses), a batch of accepts (:func:`accept_batch`), a half-close
   (:func:`send_eof`), a close that resets (:func:`set_reset`), a probe
-  (:func:`probe`);
+  (:func:`probe`), reading a client's PROXY protocol header
+  (:func:`read_header`, into a :class:`ProxyState`) and writing what a
+  backend gets before the client's bytes (:func:`send_preface`);
 * how many client connections the process's descriptors can carry at once
   (:func:`connection_budget`), which the conductor enforces.
 
@@ -41,9 +43,13 @@ from typing import Protocol, TypeVar
 import anyio
 
 from loble.core import (
+    PROXY_ERROR_REASONS,
     Backend,
     ConnectBackend,
     ConnectionClosed,
+    HeaderParser,
+    ProxyHeader,
+    ProxyProtocolError,
     Side,
     is_shortage,
     skips_one_client,
@@ -54,13 +60,16 @@ from ._copy import BufferPool, CopyMethod, OneWay, Pumped
 __all__ = [
     "ACCEPT_BACKOFF",
     "ACCEPT_BATCH",
+    "HEADER_ERROR_REASONS",
     "AddressBook",
     "Addresses",
     "Attempt",
     "ConnectionBudget",
     "DataPath",
     "Dialed",
+    "HeaderRead",
     "Link",
+    "ProxyState",
     "Reports",
     "accept_batch",
     "connection_budget",
@@ -70,7 +79,9 @@ __all__ = [
     "hand_over",
     "listener_label",
     "probe",
+    "read_header",
     "send_eof",
+    "send_preface",
     "set_reset",
     "shut_write",
 ]
@@ -113,6 +124,7 @@ class Link:
         "ended",
         "listener",
         "peer_address",
+        "proxy_protocol",
         "released",
         "to_backend",
         "to_client",
@@ -128,7 +140,10 @@ class Link:
         self.listener = listener
         """The address of the listening socket that accepted it."""
         self.peer_address = peer_address
-        """The client's address as ``accept`` returned it (formatted only when asked)."""
+        """The client's address as ``accept`` returned it (formatted only when asked),
+        or as its PROXY protocol header gave it."""
+        self.proxy_protocol: ProxyState | None = None
+        """The PROXY protocol's part, for a connection that uses it (else None)."""
         self.ended: ConnectionClosed | None = None
         """How the core ended the connection, once it has (the conductor notes it)."""
         self.released = False
@@ -165,6 +180,58 @@ class Link:
     @property
     def bytes_to_client(self) -> int:
         return self.to_client.total if self.to_client is not None else 0
+
+
+class ProxyState:
+    """A connection's part of the PROXY protocol: the header its client sends, the
+    bytes its backend gets before the client's.
+
+    Made by the conductor for a client from ``[listener] accept_proxy_from``
+    (with a :attr:`parser`, until the header is complete) or for a backend
+    with ``send_proxy`` (with a :attr:`preface` only).
+    """
+
+    __slots__ = (
+        "destination",
+        "early",
+        "header",
+        "parser",
+        "preface",
+        "problem",
+        "proxy",
+        "reading",
+        "reason",
+        "timeout",
+        "timer",
+        "uncounted",
+    )
+
+    def __init__(self, parser: HeaderParser | None = None, timeout: float = 0.0) -> None:
+        self.parser = parser
+        """Reading the client's header, until it is complete (then None)."""
+        self.timeout = timeout
+        """Seconds the client has to send the whole header."""
+        self.timer: object = None
+        """The path's handle on that deadline, if it keeps one (the callbacks path)."""
+        self.reading = False
+        """Whether the path is watching the client for the header's bytes."""
+        self.header: ProxyHeader | None = None
+        self.early = b""
+        """The client's bytes that came with the header, after it: the backend's first."""
+        self.proxy: object = None
+        """The address of the peer that sent the header (the proxy in front), when the
+        header named another client (then ``Link.peer_address`` is the client's)."""
+        self.destination: tuple[str, int] | None = None
+        """The address the client connected to, as the header said."""
+        self.preface = b""
+        """What the backend gets first, once connected: the header Loble sends, then
+        :attr:`early`."""
+        self.uncounted = 0
+        """Bytes at the start of :attr:`preface` that are Loble's own (the header)."""
+        self.reason = ""
+        """Why the header was refused: ``missing``, ``malformed``, ``timeout``, ``closed``."""
+        self.problem = ""
+        """What was wrong with it, one line."""
 
 
 L = TypeVar("L", bound=Link, contravariant=True)
@@ -262,6 +329,11 @@ class DataPath(Protocol[L]):
     def resume_accepting(self) -> None:
         """Accept again on every listener still served. Does nothing unless paused."""
 
+    def read_header(self, link: L) -> None:
+        """Read the client's PROXY protocol header (into ``link.proxy_protocol``) and
+        report :meth:`Reports.header_read` or :meth:`Reports.header_failed`, within
+        the state's ``timeout``. Nothing is read past the stream's first bytes."""
+
     def dispose(self) -> None:
         """Every connection is closed and serving has ended: release the rest."""
 
@@ -303,6 +375,12 @@ class Reports(Protocol[L]):
 
     def driver_failed(self, link: L) -> None:
         """A bug in the path, not a network event: end this connection, keep the rest."""
+
+    def header_read(self, link: L) -> None:
+        """The client's PROXY protocol header is complete (``link.proxy_protocol.header``)."""
+
+    def header_failed(self, link: L, reason: str, problem: str) -> None:
+        """The client's PROXY protocol header was refused, or did not come in time."""
 
 
 # -- socket work both paths do the same way ---------------------------------------------
@@ -381,6 +459,80 @@ def hand_over(reports: Reports[L], link: L, attempt: Attempt) -> None:
     if not live:
         attempt.sock = None
         sock.close()  # stale: the core had given up on this attempt
+
+
+class HeaderRead(enum.Enum):
+    """What :func:`read_header` got."""
+
+    MORE = "more"
+    """Not all of it yet: wait until the client is readable again."""
+    DONE = "done"
+    """Complete: ``header`` and ``early`` are set."""
+    FAILED = "failed"
+    """Refused, or the client closed: ``reason`` and ``problem`` say why."""
+
+
+HEADER_READ_SIZE = 4096
+"""Bytes read from a client at a time while its header is incomplete.
+
+The stream's bytes that come with the header are held until the backend
+is connected, so this also bounds what a connection holds then."""
+
+CLOSED = "closed"
+TIMEOUT = "timeout"
+HEADER_ERROR_REASONS = (*PROXY_ERROR_REASONS, TIMEOUT, CLOSED)
+"""Why a client's header can be refused: the metric's labels."""
+
+
+def read_header(link: Link) -> HeaderRead:
+    """Read what the client has sent of its PROXY protocol header, without blocking."""
+    state = link.proxy_protocol
+    assert state is not None and state.parser is not None
+    parser = state.parser
+    try:
+        data = link.client.recv(HEADER_READ_SIZE)
+    except BlockingIOError:
+        return HeaderRead.MORE
+    except OSError as error:
+        state.reason, state.problem = CLOSED, f"the client's socket failed: {error.strerror}"
+        return HeaderRead.FAILED
+    if not data:
+        state.reason, state.problem = CLOSED, "the client closed before its header was complete"
+        return HeaderRead.FAILED
+    try:
+        header = parser.feed(data)
+    except ProxyProtocolError as error:
+        state.reason, state.problem = error.reason, str(error)
+        return HeaderRead.FAILED
+    if header is None:
+        return HeaderRead.MORE
+    state.header, state.early, state.parser = header, parser.rest, None
+    return HeaderRead.DONE
+
+
+def send_preface(link: Link) -> bool:
+    """Write to the just connected backend what it gets before the client's bytes.
+
+    Sent at once when the socket takes it all (a fresh connection's buffer is
+    empty, so it nearly always does); what it does not take, or everything if
+    the send fails, is held in ``link.to_backend`` (:meth:`OneWay.hold`), which
+    writes it before reading the client: answers True then, and the path waits
+    for the backend to be writable. Loble's own header is never counted as
+    the client's bytes.
+    """
+    state, way, backend = link.proxy_protocol, link.to_backend, link.backend
+    assert state is not None and way is not None and backend is not None
+    preface, uncounted = state.preface, state.uncounted
+    state.preface, state.early = b"", b""
+    try:
+        sent = backend.send(preface)
+    except OSError:
+        sent = 0  # EAGAIN, or broken: the copy finds out which
+    way.total += max(0, sent - uncounted)
+    if sent == len(preface):
+        return False
+    way.hold(preface[sent:], max(0, uncounted - sent))
+    return True
 
 
 def shut_write(reports: Reports[L], link: L, side: Side) -> None:

@@ -30,7 +30,7 @@ from loble.core import (
     WeightChanged,
 )
 
-from ._datapath import Link
+from ._datapath import Link, format_address
 from ._logging import log
 
 __all__ = ["NO_BACKEND_LOG_INTERVAL", "Journal"]
@@ -97,11 +97,15 @@ class Journal:
             return
         connected_at = closed.connected_at
         connect_time = None if connected_at is None else round(connected_at - closed.opened_at, 6)
+        # The client a PROXY protocol header named, and the proxy that sent it.
+        state = link.proxy_protocol
+        via = {} if state is None or state.proxy is None else {"via": _peer(state.proxy)}
         log(
             self.logger,
             logging.INFO,
             "connection",
             client=link.peer,
+            **via,
             backend=closed.backend or "",
             tried=",".join(closed.tried),
             outcome=closed.outcome.value,
@@ -196,3 +200,9 @@ class Journal:
             cut=output.cut,
             took=round(output.at - self._shutdown_began, 3),
         )
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_address(str(address[0]), int(address[1]))
+    return ""

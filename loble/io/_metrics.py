@@ -61,7 +61,7 @@ from loble.core import (
     Reconfigured,
 )
 
-from ._datapath import Link
+from ._datapath import HEADER_ERROR_REASONS, Link
 
 __all__ = ["TO_BACKEND", "TO_CLIENT", "Metrics", "metrics_app"]
 
@@ -164,6 +164,8 @@ class Metrics:
         """The connection limit and whether accepting is paused (the conductor), once running."""
         self.pipes: Pipes | None = None
         """The daemon's pool of splice pipes, for the pipe gauges."""
+        self.proxy_header_errors: Mapping[str, int] = dict.fromkeys(HEADER_ERROR_REASONS, 0)
+        """Clients closed for their PROXY protocol header, by reason (the conductor's count)."""
         registry.register(_CoreCollector(core, self))
         self._closed: dict[tuple[str, Outcome], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -534,6 +536,15 @@ class _CoreCollector:
             "1 once shutdown has begun: not accepting, waiting for connections to finish.",
             value=float(stats.process is not ProcessState.RUNNING),
         )
+        errors = CounterMetricFamily(
+            "loble_proxy_protocol_errors",
+            "Clients from [listener] accept_proxy_from closed for their PROXY protocol header, "
+            "by reason (missing, malformed, timeout, closed).",
+            labels=("reason",),
+        )
+        for reason, count in self._metrics.proxy_header_errors.items():
+            errors.add_metric((reason,), count)
+        yield errors
         pipes = self._metrics.pipes
         if pipes is not None:
             family = GaugeMetricFamily(

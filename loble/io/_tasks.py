@@ -11,7 +11,10 @@ is readable or, while bytes are held, until its sink is writable. Closing a
 connection cancels its group; the connection's task then closes both
 sockets, once no task waits on them any more, so no socket or task outlives
 its connection and no wait is left on a descriptor number that a new socket
-may take.
+may take. A client that must send a PROXY protocol header first has it read
+by its connection's task before anything else, within the header's timeout;
+bytes a backend gets first are written as the connect is agreed, and what
+the socket does not take at once is the first thing its direction writes.
 
 On trio the waits are ``trio.lowlevel.wait_readable``/``wait_writable``,
 which are cheap. On asyncio this path works too (the end-to-end tests run it
@@ -33,16 +36,21 @@ from loble.core import ConnectBackend, Side
 from ._copy import BufferPool, OneWay, Pumped
 from ._datapath import (
     ACCEPT_BACKOFF,
+    TIMEOUT,
     AddressBook,
     Attempt,
     Dialed,
+    HeaderRead,
     Link,
+    ProxyState,
     Reports,
     accept_batch,
     dial,
     dial_finished,
     hand_over,
     listener_label,
+    read_header,
+    send_preface,
     set_reset,
     shut_write,
 )
@@ -157,6 +165,9 @@ class TaskPath:
             with link.scope:  # a close before this task ran has cancelled it already
                 async with anyio.create_task_group() as tasks:
                     link.tasks = tasks
+                    state = link.proxy_protocol
+                    if state is not None and state.parser is not None:
+                        await self._read_header(link, state)
                     action, link.waiting_connect = link.waiting_connect, None
                     if action is not None:
                         self.connect(link, action)
@@ -173,6 +184,30 @@ class TaskPath:
             if link.backend is not None:
                 link.backend.close()
             self._reports.released(link)
+
+    # -- a client's PROXY protocol header ------------------------------------------
+
+    def read_header(self, link: TaskLink) -> None:
+        pass  # the connection's task reads it first, once it runs (_serve_client)
+
+    async def _read_header(self, link: TaskLink, state: ProxyState) -> None:
+        reports = self._reports
+        wait_readable = self._wait_readable
+        with anyio.move_on_after(state.timeout) as deadline:
+            while True:
+                read = read_header(link)
+                if read is HeaderRead.MORE:
+                    await wait_readable(link.client)
+                    continue
+                if read is HeaderRead.DONE:
+                    reports.header_read(link)
+                else:
+                    reports.header_failed(link, state.reason, state.problem)
+                return
+        if deadline.cancelled_caught:
+            reports.header_failed(
+                link, TIMEOUT, f"no complete header within {state.timeout} s ([timeouts] idle)"
+            )
 
     # -- connecting ----------------------------------------------------------------
 
@@ -231,6 +266,9 @@ class TaskPath:
         assert sock is not None
         attempt.sock = None
         link.join(sock, attempt.backend.address, self._pool)
+        state = link.proxy_protocol
+        if state is not None and state.preface:
+            send_preface(link)  # what it holds back, the direction's first pump writes
         tasks = link.tasks
         assert tasks is not None  # a connect ran in it
         for way in (link.to_backend, link.to_client):
