@@ -21,6 +21,8 @@ class Backend:
     address: str
     """``host:port`` (``[v6addr]:port`` for IPv6), the key used everywhere."""
     weight: int = 1
+    backup: bool = False
+    """Taken only while no primary (non-backup) backend is healthy."""
 
     def __post_init__(self) -> None:
         if not self.address:

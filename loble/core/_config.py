@@ -88,6 +88,9 @@ class BalancerConfig:
     slow_start_floor: float = 0.1
     """The share of its picks a backend keeps as its slow start begins (Envoy's
     ``min_weight_percent``, 10%)."""
+    panic_threshold: float = 0.0
+    """Below this share of healthy primary backends, spread over all of them,
+    healthy or not (Envoy's ``healthy_panic_threshold``); 0: never."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +157,8 @@ class BackendConfig:
     send_proxy: str = ""
     """This backend's PROXY protocol header (``off``, ``v1``, ``v2``); "" for
     ``[balancer] send_proxy``'s."""
+    backup: bool = False
+    """Used only while no other (primary) backend is healthy (HAProxy's ``backup``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,6 +359,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         slow_start_floor=float(
             checker.value(
                 "balancer", table, "slow_start_floor", _DEFAULT_BALANCER.slow_start_floor, _share
+            )
+        ),
+        panic_threshold=float(
+            checker.value(
+                "balancer", table, "panic_threshold", _DEFAULT_BALANCER.panic_threshold, _share
             )
         ),
     )
@@ -634,6 +644,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
         address = entry["address"]
         weight = checker.value(path, entry, "weight", 1, WEIGHT)
         send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
+        backup = checker.value(path, entry, "backup", False, boolean())
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -646,7 +657,9 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             )
             continue
         seen[key] = index
-        backends.append(BackendConfig(address=address, weight=weight, send_proxy=send_proxy))
+        backends.append(
+            BackendConfig(address=address, weight=weight, send_proxy=send_proxy, backup=backup)
+        )
     return tuple(backends)
 
 

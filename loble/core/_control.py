@@ -26,6 +26,7 @@ backends, removes them and changes weights and health settings:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Iterable
@@ -41,6 +42,7 @@ from ._events import (
     Event,
     HealthReport,
     Output,
+    PanicChanged,
     ProbeBackend,
     SnapshotPublished,
     WeightChanged,
@@ -116,6 +118,12 @@ class ControlPlane:
         self.probed: dict[str, Probed] = {}
         """Each backend's last probe result (absent: never probed)."""
         self._forgotten: str | None = None
+        self.panic_threshold = 0.0
+        """``[balancer] panic_threshold``, set by the core (0: never panic)."""
+        self.panic = False
+        """Whether the snapshot is in panic: all primaries, too few healthy."""
+        self.pending: list[Event] = []
+        """Events :meth:`_republish` made for the caller to emit after the snapshot."""
         self.joined: dict[str, float] = {}
         """Backends back in rotation after being out (recovered, added by a
         reload, back from maintenance), and when: what slow start ramps from.
@@ -124,7 +132,8 @@ class ControlPlane:
             if backend.address in self.backends:
                 raise LobleError(f"backend {backend.address} is listed twice")
             self._add(backend)
-        self.snapshot = Snapshot(version=1, backends=tuple(self.backends.values()))
+        primaries = tuple(backend for backend in self.backends.values() if not backend.backup)
+        self.snapshot = Snapshot(version=1, backends=primaries or tuple(self.backends.values()))
         """The current snapshot; replaced whole, never mutated."""
         # Probe schedule: a heap of (due, sequence, address) with lazy deletion;
         # _probe_due holds the one live due time per probed backend.
@@ -246,9 +255,7 @@ class ControlPlane:
             self.joined[address] = now
         elif new is _MAINT:
             self.joined.pop(address, None)
-        published = self._republish(now)
-        if published is not None:
-            events.append(published)
+        self._publish(now, events)
         return events
 
     def set_weight(self, address: str, weight: int, now: float) -> list[Event]:
@@ -257,11 +264,9 @@ class ControlPlane:
         old = self.backends[address].weight
         if weight == old:
             return []
-        self.backends[address] = Backend(address=address, weight=weight)
+        self.backends[address] = dataclasses.replace(self.backends[address], weight=weight)
         events: list[Event] = [WeightChanged(at=now, address=address, old=old, new=weight)]
-        published = self._republish(now)
-        if published is not None:
-            events.append(published)
+        self._publish(now, events)
         return events
 
     def reconfigure(
@@ -326,9 +331,7 @@ class ControlPlane:
                 soonest = now + health.probe_interval
                 if soonest < self._probe_due[address]:
                     self._file_probe(address, soonest)
-        published = self._republish(now)
-        if published is not None:
-            events.append(published)
+        self._publish(now, events)
         return tuple(added), removed, tuple(reweighted), events
 
     # -- probe timer -----------------------------------------------------------
@@ -391,9 +394,7 @@ class ControlPlane:
             # it back, the first an interval from now. DRAINING -> UNHEALTHY
             # keeps the schedule it has.
             self._schedule_probe(address, now)
-        published = self._republish(now)
-        if published is not None:
-            events.append(published)
+        self._publish(now, events)
         if address in self.removing and self._health[address].active_connections == 0:
             events.append(self._forget(address, now))
         return events
@@ -456,15 +457,55 @@ class ControlPlane:
         self._forgotten = address
         return BackendForgotten(at=now, address=address)
 
+    def _publish(self, now: float, events: list[Event]) -> None:
+        """Append a new snapshot, if the eligible backends changed, after what caused it."""
+        published = self._republish(now)
+        if self.pending:
+            events.extend(self.pending)
+            self.pending.clear()
+        if published is not None:
+            events.append(published)
+
     def _republish(self, now: float) -> SnapshotPublished | None:
+        """Publish the eligible backends if they changed.
+
+        Eligible: the healthy primaries an operator left ready (not removed).
+        With none, the healthy backups (HAProxy's ``backup``). With
+        ``panic_threshold`` set and fewer healthy primaries than that share
+        of the ready ones (none included), every ready primary, healthy or
+        not (Envoy's panic: better spread over all than crush the few left);
+        :attr:`panic` says so, and a change of it is a :class:`PanicChanged`
+        in :attr:`pending` for the caller to emit.
+        """
         health, admin, removing = self._health, self.admin, self.removing
-        eligible = tuple(
+        ready = [
             backend
             for address, backend in self.backends.items()
-            if health[address].state is _HEALTHY
-            and admin[address] is _READY
-            and address not in removing
-        )
+            if admin[address] is _READY and address not in removing
+        ]
+        primaries = [backend for backend in ready if not backend.backup]
+        up = [backend for backend in primaries if health[backend.address].state is _HEALTHY]
+        threshold = self.panic_threshold
+        panic = bool(threshold) and bool(primaries) and len(up) < threshold * len(primaries)
+        if panic and not up:
+            panic = not any(
+                backend.backup and health[backend.address].state is _HEALTHY for backend in ready
+            )
+        if panic:
+            eligible = tuple(primaries)
+        elif up or len(primaries) == len(ready):
+            eligible = tuple(up)
+        else:
+            eligible = tuple(
+                backend
+                for backend in ready
+                if backend.backup and health[backend.address].state is _HEALTHY
+            )
+        if panic is not self.panic:
+            self.panic = panic
+            self.pending.append(
+                PanicChanged(at=now, panic=panic, healthy=len(up), total=len(primaries))
+            )
         if eligible == self.snapshot.backends:
             return None
         self.snapshot = Snapshot(version=self.snapshot.version + 1, backends=eligible)

@@ -190,6 +190,21 @@ class SnapshotPublished:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PanicChanged:
+    """Panic mode began or ended (``[balancer] panic_threshold``).
+
+    In panic, too few primary backends are healthy (``healthy`` of ``total``,
+    below the threshold), so new connections are spread over all ``total``,
+    healthy or not, rather than piling onto the few left (Envoy's panic).
+    """
+
+    at: float
+    panic: bool
+    healthy: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminStateChanged:
     """An operator changed a backend's admin state (see ``_admin``)."""
 
@@ -290,6 +305,7 @@ Event = (
     HealthReport
     | BackendStateChanged
     | SnapshotPublished
+    | PanicChanged
     | ConnectionClosed
     | ConnectFailed
     | ShutdownStarted

@@ -34,9 +34,11 @@ Rules that hold everywhere, and that this module alone enforces:
   ``DRAINING`` is entered on a failure, so its success count starts at 0 too.
 * **Safe draining.** A backend with active connections never becomes
   ``UNHEALTHY``; it drains first. ``DRAINING`` and ``UNHEALTHY`` backends are
-  not in the snapshot, so a new connection starting on one is a driver bug
-  and raises :class:`StateMachineError`, as does any pair missing from the
-  table (h2's rule: illegal means "missing from the table").
+  not in the snapshot, so no new connection starts on one, but in panic
+  (``[balancer] panic_threshold``: too few healthy, so every backend takes
+  connections). So every ``(state, input)`` pair has a row; a connection
+  that an unhealthy backend carries in panic counts, and its success is no
+  evidence (it comes back by probes alone).
 * **Recovery needs probes.** A backend out of the snapshot gets no new
   traffic, so only probes bring it back: ``success_threshold`` consecutive
   probe successes, from ``UNHEALTHY`` or from ``DRAINING``. A ``DRAINING``
@@ -155,12 +157,7 @@ class BackendHealth:
 
     def handle(self, health_input: HealthInput) -> Transition | None:
         """Apply one input; return the transition it caused, if any."""
-        rule = TRANSITIONS.get((self.state, health_input))
-        if rule is None:
-            raise StateMachineError(
-                f"backend {self.address}: can't handle {health_input.name} "
-                f"when state={self.state.name}"
-            )
+        rule = TRANSITIONS[(self.state, health_input)]  # every pair has a row (panic)
         old = self.state
         outcome = rule(self)
         if outcome is None:
@@ -254,14 +251,19 @@ TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
     (_H, _I.PASSIVE_FAILURE): _healthy_failure,
     (_H, _I.PROBE_SUCCESS): _count_success,
     (_H, _I.PROBE_FAILURE): _healthy_failure,
-    # DRAINING: no CONNECTION_STARTED row; it is out of the snapshot.
+    # DRAINING and UNHEALTHY are out of the snapshot, but for panic
+    # ([balancer] panic_threshold: too few healthy, so all take connections).
+    (_D, _I.CONNECTION_STARTED): _started,
     (_D, _I.CONNECTION_FINISHED): _draining_finished,
     (_D, _I.PASSIVE_SUCCESS): _draining_passive_success,
     (_D, _I.PASSIVE_FAILURE): _count_failure,
     (_D, _I.PROBE_SUCCESS): _draining_success,
     (_D, _I.PROBE_FAILURE): _count_failure,
-    # UNHEALTHY: carries no connection: only probes, and the failure verdict
-    # of an attempt that ended as its backend drained, reach it.
+    # UNHEALTHY carries no connection but in panic: its connections count,
+    # and their success is no evidence (probes alone bring it back).
+    (_U, _I.CONNECTION_STARTED): _started,
+    (_U, _I.CONNECTION_FINISHED): _finished,
+    (_U, _I.PASSIVE_SUCCESS): _draining_passive_success,
     (_U, _I.PASSIVE_FAILURE): _count_failure,
     (_U, _I.PROBE_SUCCESS): _unhealthy_success,
     (_U, _I.PROBE_FAILURE): _count_failure,

@@ -88,9 +88,10 @@ class ProxyCore:
         and the core makes three output objects fewer per connection;
         everything else, order included, is the same."""
         self.control = ControlPlane(
-            (Backend(address=b.address, weight=b.weight) for b in config.backends),
+            (Backend(address=b.address, weight=b.weight, backup=b.backup) for b in config.backends),
             config.health,
         )
+        self.control.panic_threshold = config.balancer.panic_threshold
         self.balancer = balancer or _balancer_for(config, rng)
         self._keyed = getattr(self.balancer, "keyed", False)
         """Whether the balancer picks by the client's key (``KeyedBalancer``)."""
@@ -335,8 +336,9 @@ class ProxyCore:
         """
         old = self.config
         changed = _changed_keys(old, config)
+        self.control.panic_threshold = config.balancer.panic_threshold
         added, removed, reweighted, events = self.control.reconfigure(
-            (Backend(address=b.address, weight=b.weight) for b in config.backends),
+            (Backend(address=b.address, weight=b.weight, backup=b.backup) for b in config.backends),
             config.health,
             now,
         )
