@@ -11,9 +11,11 @@ from ._monitor import INVARIANTS, Monitor, Violation
 from ._report import build_report, render_report
 from ._scenario import (
     BEHAVIOURS,
+    BackendModel,
     ClientsConfig,
     Distribution,
     Fault,
+    FaultProcess,
     NetworkConfig,
     RatePhase,
     Scenario,
@@ -22,17 +24,21 @@ from ._scenario import (
     parse_scenario,
 )
 from ._timeline import Recorder
+from ._world import RequestModel, draw_faults, with_drawn_faults
 
 __all__ = [
     "BEHAVIOURS",
     "INVARIANTS",
+    "BackendModel",
     "ClientsConfig",
     "Distribution",
     "Fault",
+    "FaultProcess",
     "Monitor",
     "NetworkConfig",
     "RatePhase",
     "Recorder",
+    "RequestModel",
     "Scenario",
     "SimBackend",
     "SimConfig",
@@ -40,7 +46,9 @@ __all__ = [
     "SimulationError",
     "Violation",
     "build_report",
+    "draw_faults",
     "load_scenario",
     "parse_scenario",
     "render_report",
+    "with_drawn_faults",
 ]

@@ -62,13 +62,71 @@ mistake, not a bug: it is recorded in :attr:`Simulation.refused` and the run
 goes on. At one instant operations run after the fault schedule's changes
 and before anything else, in file order.
 
+The world closer to production (each key unset leaves the run exactly as
+before, draw for draw, and costs not a call per connection: the variant
+handlers are chosen once, in ``__init__``):
+
+* **Drawn faults.** ``[[sim.fault_processes]]`` are drawn once, when the run
+  is built (:func:`~loble.sim._world.with_drawn_faults`, after a swarm's
+  draw if any), into faults that follow the file's own: they run exactly as
+  fixed ones (the last started on a backend is in force). A drawn fault's
+  trace event names it by what it does (``[index, "drawn", backend,
+  behaviour]``), as no line of the file has it, and so does a warning.
+* **Latency per backend.** Each :class:`SimBackend` draws its own round
+  trip (:attr:`SimBackend.latency`): its ``[[sim.backends]] latency``, or the
+  network's very sampler, so a run without one draws as before. It applies
+  to whatever crosses between Loble and that backend: connects, probes, the
+  backend's EOF, the RST or FIN a fault sends. The client's side keeps the
+  network's latency.
+* **Requests.** With ``requests``, a connection established on a backend
+  draws its schedule there and then (:meth:`RequestModel.times
+  <loble.sim._world.RequestModel.times>`: the backend's service time and
+  latency); its last response is its end, as a ``duration`` is without
+  requests (a ``slow`` backend delays each response by its ``delay``).
+  Bytes cross Loble at each request and each response, and only then: each
+  crossing is told to the core as activity (a ``_TOUCH``), so a think or a
+  service time past the idle timeout ends the connection with
+  ``IDLE_TIMEOUT``, a timeout after its last crossing. A response counts as
+  completed if it was in when the stream stopped: at the close, or at the
+  fault that stopped the stream first (``crash``, ``reset``, ``kill``,
+  ``host_down`` at its start; ``accept_hang`` at the connect: it answers
+  nothing), so a connection cut early (reset, a kill's FIN, a silent host
+  and then the idle timeout, the drain deadline, a removal) completed
+  ``completed_requests(ends, elapsed)`` and lost the rest
+  (:meth:`Simulation._close_requests`). A connection that never reached a
+  backend sent no request: it counts in the client's view, not here.
+* **Client timeouts and retries.** With ``connect_timeout`` or ``retries``
+  a client is followed across its connections. Its give-up is its own
+  timer (a ``_GIVE_UP`` event at its arrival plus ``connect_timeout``, no
+  jitter: it is not the daemon's loop): still not through to a backend
+  then, it resets, which the core hears as ``client_error`` (no verdict
+  on the backend: a client timeout shorter than Loble's connect timeout
+  hides a dead backend from the passive checks). A connection that failed
+  before carrying anything (no backend, connect failed, the client's own
+  give-up, refused by the kernel during the drain or after the stop) is
+  retried after a draw of ``retry_backoff``, as a new connection of the
+  same client, up to ``retries`` times; any other end (completed, reset,
+  cut, idle) is a client that got through. The client learns of a refusal
+  at once (Loble is next to it). ``arrived`` counts every connection, so
+  outcomes still add up to it; :attr:`clients` counts first attempts. The
+  run does not end while a retry is due; after the stop, retries meet the
+  kernel like new arrivals (:meth:`_after_stop_clients`).
+* **Timer jitter.** The loop wakes for the core's earliest deadline a draw
+  of ``timer_jitter`` late (:meth:`_late`: a function of the seed and the
+  deadline, so asking again, or asking at every step, finds the same
+  wake-up), and handles every timer due by
+  then; the simulator's events due before that wake-up run first, as a busy
+  daemon's I/O callbacks do. The monitor is told (the deadline, the
+  wake-up) and allows exactly that lateness, only until then.
+
 Recording: a :class:`~loble.sim._timeline.Recorder` passed as ``recorder``
 keeps what a plot needs and nothing else does (outcomes, active connections
 and connect latency per time bin). Like the trace, it wraps the handlers of
 the outputs it reads; without one, not a call is added to the run.
 
 A run ends when the process has stopped after a shutdown, when clients have
-stopped arriving (``sim.duration``) and no connection is open, or at
+stopped arriving (``sim.duration``), no connection is open and no retry is
+due, or at
 ``duration + settle`` at the latest. After the process stopped, clients
 still arrive until ``sim.duration``: each is counted, refused by the kernel
 (:attr:`Simulation.refused_after_stop`), and takes no step.
@@ -95,6 +153,7 @@ from loble.core import (
     ConnectionClosed,
     HealthReport,
     LobleError,
+    Outcome,
     Output,
     ProbeBackend,
     ProxyCore,
@@ -110,6 +169,7 @@ from loble.core import (
 
 from ._monitor import CORE_INPUTS, Monitor
 from ._scenario import ALL_BACKENDS, Fault, Operation, Scenario
+from ._world import RequestModel, completed_requests, latency_samplers, with_drawn_faults
 
 __all__ = ["Recording", "SimBackend", "Simulation", "SimulationError"]
 
@@ -144,6 +204,8 @@ _FAULT_END = 9
 _SHUTDOWN = 10
 _ARRIVALS_END = 11
 _OPERATION = 12
+_GIVE_UP = 13
+_RETRY = 14
 EVENT_NAMES = (
     "arrival",
     "connect_ok",
@@ -158,6 +220,8 @@ EVENT_NAMES = (
     "shutdown",
     "arrivals_end",
     "operation",
+    "give_up",
+    "retry",
 )
 _ADMIN_INPUTS = {
     "drain": AdminInput.DRAIN,
@@ -190,6 +254,12 @@ _FIRST_NAME = {code: name for name, code in reversed(_BEHAVIOUR_CODES.items())}
 BEHAVIOUR_NAMES = tuple(_FIRST_NAME[code] for code in range(len(_FIRST_NAME)))
 """Each code's name, for a backend's timeline ("up", not its alias "recover")."""
 _SIDE_BACKEND = Side.BACKEND  # an enum member read through its class costs ~80 ns
+_COMPLETED = Outcome.COMPLETED
+_RETRYABLE = (Outcome.NO_BACKEND, Outcome.CONNECT_FAILED, Outcome.REFUSED_SHUTTING_DOWN)
+"""Outcomes after which a client tries again: refused by Loble or by the
+kernel, or every attempt failed; nothing was carried (see _client_closed)."""
+_CUTS = (_CRASH, _RESET, _KILL, _HOST_DOWN)
+"""Behaviours that stop the streams open when they start: no response comes after."""
 
 
 class SimulationError(LobleError):
@@ -208,6 +278,7 @@ class SimBackend:
         "flap_since",
         "half_period",
         "incarnation",
+        "latency",
         "limit",
         "open",
         "probability",
@@ -215,8 +286,11 @@ class SimBackend:
         "timeline",
     )
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, latency: Callable[[], float] | None = None) -> None:
         self.address = address
+        self.latency: Callable[[], float] = _no_time if latency is None else latency
+        """Draws a round trip between Loble and it: its own ``[[sim.backends]]
+        latency``, or the network's (the very sampler the run shares)."""
         self.behaviour = _UP
         self.delay = 0.0
         self.limit = 0
@@ -280,6 +354,10 @@ class Simulation:
         peek_every_step: bool = False,
         balancer: Callable[[random.Random], Balancer] | None = None,
     ) -> None:
+        # The failures its fault processes draw for this seed join the fixed
+        # faults (after them, so those keep their indexes); without processes
+        # this is the very scenario.
+        scenario = with_drawn_faults(scenario, seed)
         self.scenario = scenario
         self.seed = seed
         sim = scenario.sim
@@ -300,7 +378,12 @@ class Simulation:
             health_reports=trace is not None,
         )
         self.monitor = Monitor(scenario.config, self.core)
-        self.backends = {b.address: SimBackend(b.address) for b in scenario.config.backends}
+        self.monitor.client_retries = sim.clients.retries
+        self.monitor.client_timeout = sim.clients.connect_timeout
+        self._latency = sim.network.latency.sampler(self.rng)
+        self._own_latency = latency_samplers(sim, self.rng)
+        """The round trip of each backend with a latency of its own."""
+        self.backends = {b.address: self._sim_backend(b.address) for b in scenario.config.backends}
         self.trace = trace
         self.now = 0.0
         self.ended_at = 0.0
@@ -312,7 +395,6 @@ class Simulation:
         """The next client's arrival (or wake-up at a change of rate), kept
         out of the heap: there is one at a time, and every connection has one."""
         self._next_sequence = itertools.count(1).__next__
-        self._latency = sim.network.latency.sampler(self.rng)
         self._duration = sim.clients.duration.sampler(self.rng)
         self._bytes = sim.clients.bytes.sampler(self.rng)
         self._half_close = sim.clients.half_close
@@ -335,6 +417,51 @@ class Simulation:
         """Operations the core refused: (at, action, the one-line reason)."""
         self.may_end = False
         """Set once arrivals end or shutdown begins: only then can the run stop early."""
+        clients = sim.clients
+        # Requests on keep-alive connections (see the module docstring).
+        self._requests = None if clients.requests is None else RequestModel(sim, self.rng)
+        self._schedules: dict[int, tuple[float, list[float], str, list[float]]] = {}
+        """Established connections with requests: when, the end of each
+        request (after that), the backend, and the instants bytes cross Loble."""
+        self._cut_at: dict[int, float] = {}
+        """Connections whose stream a fault stopped, and when: no response after it."""
+        self.requests_connections = 0
+        """Connections with requests that reached a backend."""
+        self.requests_completed = 0
+        self.requests_lost = 0
+        self.request_counts: dict[str, list[int]] = {}
+        """Per backend: [requests completed, requests lost] on its connections."""
+        # Clients that give up and try again.
+        self._give_up_after = clients.connect_timeout
+        self._retry_limit = clients.retries
+        self.clients_model = clients.connect_timeout is not None or clients.retries > 0
+        """Clients are followed across connections (a timeout or retries are set)."""
+        self._backoff = clients.retry_backoff.sampler(self.rng)
+        self.clients = 0
+        """Clients that arrived (first connections; with retries, ``arrived`` counts every one)."""
+        self.retried = 0
+        """Connections that were a client's retry."""
+        self.gave_up = 0
+        """Connections whose client gave up at its connect timeout."""
+        self.clients_rescued = 0
+        """Clients a retry got through after a failed connection."""
+        self.clients_failed = 0
+        """Clients whose last try failed with no retry left."""
+        self.retrying = 0
+        """Retries scheduled and not yet made (the run waits for them)."""
+        self._client_of: dict[int, tuple[int, int]] = {}
+        """Open connections of followed clients: (client, its try)."""
+        self._gave_up: dict[int, None] = {}
+        """Connections whose client gave up, until their close."""
+        # Timer jitter: how late the loop wakes for the core's timers.
+        jitter = sim.timer_jitter
+        # A generator of its own, seeded afresh for each wake-up (see _late).
+        self._jitter_rng = random.Random()
+        self._jitter = None if jitter is None else jitter.sampler(self._jitter_rng)
+        self._late_for: float | None = None
+        """The core deadline the loop's next wake-up is for, or None."""
+        self._late_at = 0.0
+        """When that wake-up comes: the deadline plus one draw of the jitter."""
         # The soonest any core call can file a timer for (ProxyCore.timer_lead);
         # the loop relies on it to skip next_deadline().
         self._peek_every_step = peek_every_step
@@ -350,9 +477,11 @@ class Simulation:
         self._dispatch: dict[type, Callable[[Any, float], None]] = {
             HealthReport: _ignore,  # made only for a trace: the monitor has read it already
             ConnectBackend: self._connect,
-            ConnectionClosed: monitor.connection_closed,
+            ConnectionClosed: (
+                self._client_closed if self.clients_model else monitor.connection_closed
+            ),
             ConnectFailed: monitor.connect_failed,
-            CloseConnection: self._close,
+            CloseConnection: self._close if self._requests is None else self._close_requests,
             ShutdownWrite: self._shutdown_write,
             BackendStateChanged: monitor.state_changed,
             SnapshotPublished: monitor.snapshot_published,
@@ -372,21 +501,31 @@ class Simulation:
             self._dispatch = {
                 kind: self._traced(handler) for kind, handler in self._dispatch.items()
             }
+        # A key left unset keeps the handler it always had: not a branch more
+        # per connection (the variants are chosen here, once).
+        requests = self._requests is not None
         self._handlers: tuple[Callable[[tuple[Any, ...], float], None], ...] = (
-            self._on_arrival,
-            self._on_connect_ok,
+            self._on_client_arrival if self.clients_model else self._on_arrival,
+            self._on_connect_ok_requests if requests else self._on_connect_ok,
             self._on_connect_refused,
             self._on_client_eof,
             self._on_backend_eof,
             self._on_backend_reset,
-            self._on_touch,
+            self._on_request_touch if requests else self._on_touch,
             self._on_probe_result,
             self._on_fault,
             self._on_fault_end,
             self._on_shutdown,
             self._on_arrivals_end,
             self._on_operation,
+            self._on_give_up,
+            self._on_retry,
         )
+
+    @property
+    def requests_open(self) -> int:
+        """Requests on connections still open: neither completed nor lost (yet)."""
+        return sum(len(schedule[1]) for schedule in self._schedules.values())
 
     # -- running ---------------------------------------------------------------------------
 
@@ -396,8 +535,12 @@ class Simulation:
         # Scheduled first, so at any instant the fault schedule changes before
         # anything else happens then: every start in file order, then every
         # end (an end that finds a later fault in force does nothing).
+        drawn_from = len(sim.faults) - sim.drawn_faults
         for index, fault in enumerate(sim.faults):
-            self._schedule(fault.at, _FAULT, index)
+            if index < drawn_from:
+                self._schedule(fault.at, _FAULT, index)
+            else:  # the trace names a drawn fault by what it does: no file line has it
+                self._schedule(fault.at, _FAULT, index, "drawn", fault.backend, fault.behaviour)
         for index, fault in enumerate(sim.faults):
             if fault.until is not None:
                 self._schedule(fault.until, _FAULT_END, index)
@@ -412,7 +555,10 @@ class Simulation:
             self.monitor.end_step()
             self._loop(sim.duration + sim.settle)
             if self.core.stopped:
-                self._after_stop()
+                if self.clients_model:
+                    self._after_stop_clients(sim.duration + sim.settle)
+                else:
+                    self._after_stop()
         except LobleError as error:
             # The core raises only on an input its tables have no row for: a
             # driver or core bug, reported as a failed invariant, not a crash.
@@ -443,6 +589,7 @@ class Simulation:
         pop = heapq.heappop
         trace = self.trace
         lead = self._timer_lead
+        jitter = self._jitter
         infinity = math.inf
         due: float | None = None
         floor = -infinity
@@ -467,6 +614,8 @@ class Simulation:
             if event is None or event[0] >= floor:
                 due = next_deadline()
                 floor = wake_bound(self.now, due, lead=lead)
+                if jitter is not None and due is not None:
+                    due = self._late(due)  # the loop wakes late for it
             if event is not None and (due is None or event[0] <= due):
                 now = event[0]
                 if now > horizon:
@@ -498,6 +647,8 @@ class Simulation:
                 monitor.timer_step = True
                 apply(handle_timer(now), now)
                 monitor.timer_step = False
+                if jitter is not None:
+                    self._late_for = monitor.late_wake = None  # that wake-up came
                 floor = -infinity  # handle_timer re-files timers anywhere after now
             else:
                 break
@@ -508,9 +659,33 @@ class Simulation:
                 or control.snapshot.version != monitor.version
             ):
                 end_step()
-            if self.may_end and (core.stopped or (self.arrivals_done and not core.in_flight)):
+            if self.may_end and (
+                core.stopped or (self.arrivals_done and not core.in_flight and not self.retrying)
+            ):
                 break
         self.ended_at = self.now
+
+    def _late(self, due: float) -> float:
+        """When the loop wakes for the core's earliest deadline ``due``.
+
+        The lateness is a draw from a generator seeded by the run's seed and
+        the deadline itself, so it is a function of the two: it does not
+        depend on when (or how often) the loop asks for the deadline, which
+        the loop skips when it can (``peek_every_step`` gives the same run),
+        and the run's own generator draws nothing for it. The monitor is
+        told the deadline and the wake-up, so its checks of timeouts on time
+        allow exactly that lateness, and only until then.
+        """
+        if due != self._late_for:
+            jitter = self._jitter
+            assert jitter is not None  # called only with timer jitter
+            self._jitter_rng.seed(
+                f"loble-jitter:{self.seed}:{due!r}"
+            )  # a str seeds alike everywhere
+            self._late_for = due
+            self._late_at = due + jitter()
+            self.monitor.late_wake = (due, self._late_at)
+        return self._late_at
 
     def _after_stop(self) -> None:
         """The process has stopped and nothing listens: clients go on arriving.
@@ -656,6 +831,123 @@ class Simulation:
     def _on_arrivals_end(self, event: tuple[Any, ...], now: float) -> None:
         self.arrivals_done = self.may_end = True
 
+    # -- clients that give up and try again -----------------------------------------------------
+
+    def _on_client_arrival(self, event: tuple[Any, ...], now: float) -> None:
+        """:meth:`_on_arrival` for a scenario whose clients time out or retry."""
+        if event[3]:
+            self.clients += 1
+            self._client_connects(self.clients, 1, now)
+        self._next_arrival(now)
+
+    def _client_connects(self, client: int, attempt: int, now: float) -> None:
+        """Try ``attempt`` (1 for the first) of ``client``: a new connection to Loble."""
+        self.arrived += 1
+        monitor = self.monitor
+        monitor.client_attempt(client, attempt)
+        connection_id, outputs = self.core.accept(now)
+        # Known before its outputs run: a refusal closes it among them.
+        self._client_of[connection_id] = (client, attempt)
+        monitor.accepted_connection(connection_id, outputs)
+        self._apply(outputs, now)
+        timeout = self._give_up_after
+        if timeout is not None and connection_id in self._client_of:
+            self._schedule(now + timeout, _GIVE_UP, connection_id)
+
+    def _on_give_up(self, event: tuple[Any, ...], now: float) -> None:
+        """The client's connect timeout: still not through to a backend, it resets."""
+        connection_id = event[3]
+        if connection_id not in self._client_of or connection_id in self._sockets:
+            return  # closed already, or established: the client has its backend
+        self.gave_up += 1
+        self._gave_up[connection_id] = None
+        self.monitor.client_gave_up(connection_id, now)
+        self._apply(self.core.client_error(connection_id, now), now)
+
+    def _client_closed(self, event: ConnectionClosed, now: float) -> None:
+        """A followed client's connection ended: through, or failed (then maybe a retry).
+
+        Failed means closed before a byte was carried: refused by Loble (no
+        backend, or every attempt failed), refused by the kernel during the
+        drain, or given up by the client at its connect timeout. Anything
+        else (completed, reset, cut, idle) is a client that got through.
+        """
+        monitor = self.monitor
+        monitor.connection_closed(event, now)
+        connection_id = event.connection_id
+        entry = self._client_of.pop(connection_id, None)
+        if entry is None:
+            return
+        gave_up = connection_id in self._gave_up
+        if gave_up:
+            del self._gave_up[connection_id]
+        monitor.client_closed(event, gave_up)
+        self._client_ended(entry[0], entry[1], gave_up or event.outcome in _RETRYABLE, now)
+
+    def _client_ended(self, client: int, attempt: int, failed: bool, now: float) -> None:
+        if not failed:
+            if attempt > 1:
+                self.clients_rescued += 1
+            self.monitor.client_finished(client)
+        elif attempt <= self._retry_limit:
+            self.retrying += 1
+            self._schedule(now + self._backoff(), _RETRY, client, attempt + 1)
+        else:
+            self.clients_failed += 1
+            self.monitor.client_finished(client)
+
+    def _on_retry(self, event: tuple[Any, ...], now: float) -> None:
+        self.retrying -= 1
+        self.retried += 1
+        self._client_connects(event[3], event[4], now)
+
+    def _after_stop_clients(self, horizon: float) -> None:
+        """:meth:`_after_stop` for clients that retry: their retries meet the kernel too.
+
+        New clients arrive until ``sim.duration`` and retries come when they
+        are due (until the run's horizon), in time order: each is refused by
+        the kernel, counted, and, with a retry left, tries again after its
+        backoff. Every other event left is dropped.
+        """
+        heap = self._heap
+        heap[:] = [event for event in heap if event[2] == _RETRY]
+        heapq.heapify(heap)
+        trace = self.trace
+        times = self.refused_after_stop_times
+        while True:
+            arrival = self._arrival
+            if arrival is not None and (not heap or arrival < heap[0]):
+                event, self._arrival = arrival, None
+                self._next_arrival(event[0])
+                if not event[3]:
+                    continue  # a change of rate
+                self.clients += 1
+                client, attempt = self.clients, 1
+            elif heap:
+                event = heapq.heappop(heap)
+                self.retrying -= 1
+                self.retried += 1
+                client, attempt = event[3], event[4]
+            else:
+                break
+            now = event[0]
+            if now > horizon:
+                if attempt > 1:
+                    self.retrying += 1  # still to come when the run ends
+                break
+            self.arrived += 1
+            self.refused_after_stop += 1
+            if times:
+                times[1:] = [now]
+            else:
+                times.append(now)
+            if trace is not None:
+                record = _event_record(self.monitor.step, now, event)
+                record["refused"] = "kernel: the process stopped"
+                trace(record)
+            self.monitor.client_attempt(client, attempt)
+            self._client_ended(client, attempt, True, now)
+
     def _on_client_eof(self, event: tuple[Any, ...], now: float) -> None:
         connection_id = event[3]
         self.monitor.activity(connection_id, now)
@@ -688,8 +980,13 @@ class Simulation:
         # One side sent EOF; the other finishes what it was sending and closes.
         if action.side is _SIDE_BACKEND:
             socket = self._sockets.get(action.connection_id)
-            delay = socket[0].delay if socket is not None and socket[0].behaviour == _SLOW else 0.0
-            at, kind = now + self._latency() + delay, _BACKEND_EOF
+            if socket is None:  # not established: cannot be, but the network's round trip then
+                at = now + self._latency()
+            else:
+                backend = socket[0]
+                delay = backend.delay if backend.behaviour == _SLOW else 0.0
+                at = now + backend.latency() + delay
+            kind = _BACKEND_EOF
         else:
             at, kind = now + self._latency(), _CLIENT_EOF
         heapq.heappush(self._heap, (at, self._next_sequence(), kind, action.connection_id))
@@ -714,7 +1011,7 @@ class Simulation:
         behaviour = backend.behaviour
         if behaviour in (_BLACKHOLE, _HOST_DOWN):
             return  # the SYN goes nowhere: the core's connect timeout decides
-        at = now + self._latency()
+        at = now + backend.latency()
         if behaviour == _UP:  # the common case: none of the checks below apply
             epoch = backend.incarnation
         else:
@@ -777,6 +1074,105 @@ class Simulation:
         if duration > touch_every and now + touch_every > now:
             self._schedule(now + touch_every, _TOUCH, connection_id, end)
 
+    def _on_connect_ok_requests(self, event: tuple[Any, ...], now: float) -> None:
+        """:meth:`_on_connect_ok` with requests: the connection lasts its schedule.
+
+        (Its first half is :meth:`_on_connect_ok`'s, kept in step by hand: the
+        plain one is the hot path and calls nothing it need not.)
+        """
+        connection_id, attempt, backend = event[3], event[4], event[5]
+        behaviour = backend.behaviour
+        epoch = backend.epoch(now) if behaviour == _FLAPPING else backend.incarnation
+        if epoch != event[6]:
+            backend.open -= 1
+            self._apply(self.core.connect_failed(connection_id, attempt, now), now)
+            return
+        outputs = self.core.connected(connection_id, attempt, now)
+        if outputs is None:
+            backend.open -= 1
+            return
+        self.monitor.connected(connection_id, now)
+        moved = self._bytes()
+        backend.sockets[connection_id] = None
+        self._apply(outputs, now)
+        assert self._requests is not None
+        ends, sends = self._requests.times(backend.address)
+        if behaviour == _SLOW:
+            # Each response comes `delay` late, and the requests after it with it.
+            delay = backend.delay
+            ends = [end + delay * (index + 1) for index, end in enumerate(ends)]
+            sends = [sent + delay * index for index, sent in enumerate(sends)]
+        # Bytes cross Loble when a request goes and when its response comes.
+        crossings = [instant for pair in zip(sends, ends, strict=True) for instant in pair]
+        crossings.pop()  # the last response's end is the connection's own end event
+        self._schedules[connection_id] = (now, ends, backend.address, crossings)
+        self.requests_connections += 1
+        if behaviour >= _HANGS:
+            # It accepted and will answer nothing: every request is lost.
+            self._cut_at[connection_id] = now
+            self._sockets[connection_id] = (backend, moved, 0, _TOUCH)
+            return
+        duration = ends[-1]
+        rng = self.rng
+        sequence = self._next_sequence()
+        if behaviour == _RESET and rng.random() < backend.probability:
+            at, kind = now + duration * rng.random(), _BACKEND_RESET
+        else:
+            at = now + duration
+            kind = _CLIENT_EOF if rng.random() < self._half_close else _BACKEND_EOF
+        heapq.heappush(self._heap, (at, sequence, kind, connection_id))
+        self._sockets[connection_id] = (backend, moved, sequence, kind)
+        self._plan_touch(connection_id, 0, now)
+
+    def _plan_touch(self, connection_id: int, index: int, last: float) -> None:
+        """Schedule the connection's next activity: its next crossing after ``last``.
+
+        Every crossing (a request sent, a response in) is told to the core,
+        so its idle deadline is always the daemon's: a think or a service
+        time longer than the idle timeout is cut by it, exactly a timeout
+        after the last crossing, and a host that goes silent leaves the last
+        crossing before it as the connection's last activity.
+        """
+        t0, _, _, crossings = self._schedules[connection_id]
+        count = len(crossings)
+        while index < count and t0 + crossings[index] <= last:
+            index += 1
+        if index < count:
+            self._schedule(t0 + crossings[index], _TOUCH, connection_id, index + 1)
+
+    def _on_request_touch(self, event: tuple[Any, ...], now: float) -> None:
+        connection_id = event[3]
+        if connection_id in self._sockets:
+            self.monitor.activity(connection_id, now)
+            self.core.touch(connection_id, now)
+            self._plan_touch(connection_id, event[4], now)
+
+    def _close_requests(self, action: CloseConnection, now: float) -> None:
+        """:meth:`_close`, then count the connection's requests completed and lost.
+
+        A response counts if it was in when the stream stopped: at the close
+        (the last response is in before a completed close), or at the fault
+        that stopped it earlier (a kill, a reset, a silent host, an accept
+        that never answers), whichever came first.
+        """
+        self._close(action, now)
+        connection_id = action.connection_id
+        schedule = self._schedules.pop(connection_id, None)
+        if schedule is None:
+            return  # never established: no request was sent
+        t0, ends, address, _ = schedule
+        cut = self._cut_at.pop(connection_id, None)
+        if cut is None and action.outcome is _COMPLETED:
+            done = len(ends)
+        else:
+            done = completed_requests(ends, (now if cut is None else min(cut, now)) - t0)
+        lost = len(ends) - done
+        self.requests_completed += done
+        self.requests_lost += lost
+        counts = self.request_counts.setdefault(address, [0, 0])
+        counts[0] += done
+        counts[1] += lost
+
     def _on_connect_refused(self, event: tuple[Any, ...], now: float) -> None:
         self._apply(self.core.connect_failed(event[3], event[4], now), now)
 
@@ -784,7 +1180,7 @@ class Simulation:
         backend = self.backends[action.backend.address]
         self.monitor.probe_sent(backend.address)
         timeout = action.timeout
-        rtt = self._latency()
+        rtt = backend.latency()
         if backend.behaviour == _BLACKHOLE or backend.behaviour == _HOST_DOWN:
             at, ok = now + timeout, False
         elif backend.refuses(now):
@@ -840,14 +1236,23 @@ class Simulation:
         backend.timeline.append((now, BEHAVIOUR_NAMES[code]))
         if code == _UP or not backend.sockets:
             return
+        if self._schedules and code in _CUTS:
+            # The streams stop now: a response not in by now never comes.
+            cut_at, schedules = self._cut_at, self._schedules
+            for connection_id in backend.sockets:
+                if connection_id in schedules:
+                    cut_at.setdefault(connection_id, now)
         if code in (_CRASH, _RESET) or (code == _KILL and fault.unread == "all"):
             # Every open connection is reset: each client sees a RST a round trip on.
             for connection_id in backend.sockets:
-                self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+                self._schedule(now + backend.latency(), _BACKEND_RESET, connection_id)
         elif code == _KILL:
             self._kill(backend, fault.unread, now)
         elif code == _HOST_DOWN:
             self._hang(backend)
+
+    def _sim_backend(self, address: str) -> SimBackend:
+        return SimBackend(address, self._own_latency.get(address, self._latency))
 
     def _pending_ends(self, backend: SimBackend) -> dict[int, int]:
         """The connections on ``backend`` whose own end is still to come: seq -> id."""
@@ -879,7 +1284,7 @@ class Simulation:
             if sockets[connection_id][2] not in pending:
                 continue
             if unread == "senders" and kind == _CLIENT_EOF:
-                self._schedule(now + self._latency(), _BACKEND_RESET, connection_id)
+                self._schedule(now + backend.latency(), _BACKEND_RESET, connection_id)
             else:
                 finned[connection_id] = None
         if not finned:
@@ -887,7 +1292,7 @@ class Simulation:
         self._drop(lambda event: event[1] in pending and pending[event[1]] in finned)
         for connection_id in finned:
             self.truncated[connection_id] = None
-            self._schedule(now + self._latency(), _BACKEND_EOF, connection_id)
+            self._schedule(now + backend.latency(), _BACKEND_EOF, connection_id)
 
     def _hang(self, backend: SimBackend) -> None:
         """The host went silent: its connections see nothing more, not even a touch.
@@ -931,7 +1336,7 @@ class Simulation:
         config = self.core.config
         for backend in config.backends:
             if backend.address not in self.backends:
-                self.backends[backend.address] = SimBackend(backend.address)
+                self.backends[backend.address] = self._sim_backend(backend.address)
         # Clients keep their pace: bytes flow often enough for the shortest
         # idle timeout any open connection may be on.
         self._touch_every = min(self._touch_every, config.timeouts.idle / 2)
@@ -973,3 +1378,7 @@ def _fields(output: Any) -> dict[str, Any]:
 
 def _ignore(output: object, now: float) -> None:
     """An output the simulator has nothing to do for."""
+
+
+def _no_time() -> float:
+    return 0.0

@@ -43,14 +43,22 @@ things *happen*, and on time:
   forgotten.
 * **bounded retries**: per connection, attempts are numbered 1, 2, ... and
   never exceed ``1 + connect_retries``; a retry never goes to a backend that
-  connection already tried.
+  connection already tried. Per client that retries (``[sim.clients]
+  retries``), tries are numbered 1, 2, ... and never exceed ``1 + retries``,
+  and a client ends (through, or failed for good) once.
 * **timeouts on time**: a connect the core gives up on from its timer is
   abandoned no earlier than the attempt's start plus ``timeouts.connect``,
   and no attempt is still connecting after that (checked at every step, as
   connect deadlines come in order); an ``IDLE_TIMEOUT`` close comes exactly
   at the last activity the driver reported plus ``timeouts.idle``; no
   connection gets activity after its idle deadline passed, and none is left
-  connecting or idle past a deadline when the run ends.
+  connecting or idle past a deadline when the run ends. A client that gave
+  up at its own connect timeout did so exactly then, was not connected, and
+  its connection ended then as a client reset; no client's connection is
+  connected, or still waiting, past that timeout. With timer jitter the
+  driver tells the monitor each late wake-up (:attr:`Monitor.late_wake`):
+  a core deadline from the one it is for may pass unhandled until it comes,
+  and no longer; every other check is as strict as without jitter.
 
 It also keeps what the report shows (outcomes, latencies, the timeline), since
 those are the same observations.
@@ -129,6 +137,7 @@ _COMPLETED, _IDLE_TIMEOUT, _CONNECT_FAILED = (
 )
 _BACKEND_RESET, _CUT, _REFUSED = Outcome.BACKEND_RESET, Outcome.CUT, Outcome.REFUSED_SHUTTING_DOWN
 _REMOVED = Outcome.REMOVED
+_CLIENT_RESET = Outcome.CLIENT_RESET
 _READY = AdminState.READY
 
 
@@ -232,6 +241,19 @@ class Monitor:
         snapshot version: a driver may skip the call while this is False,
         ``now`` is not past :attr:`connect_check_at` and the core's snapshot
         version is :attr:`version` (the simulator's loop tests exactly that)."""
+        self.late_wake: tuple[float, float] | None = None
+        """Set by a driver whose loop wakes late for the core's timers (timer
+        jitter): (the earliest core deadline, when the loop will wake for it).
+        Until then a deadline from that one on may be past and not yet
+        handled, by exactly that lateness; None: timers are handled on time."""
+        self.client_timeout: float | None = None
+        """The clients' own connect timeout, if they have one (set by the driver)."""
+        self.client_retries = 0
+        """How many times a client may try again (set by the driver)."""
+        self.client_tries: dict[int, int] = {}
+        """Clients not yet through or failed for good: their last try."""
+        self.given_up: dict[int, float] = {}
+        """Connections whose client gave up, and when, until their close."""
         self.violation_counts = dict.fromkeys(INVARIANTS, 0)
         self.violations: list[Violation] = []
 
@@ -279,7 +301,7 @@ class Monitor:
         idle = self.idle_timeout
         if connection_id < self._current_from:
             idle = self._policy(connection_id)[1]
-        if now > last + idle + _LATE:
+        if now > last + idle + _LATE and not self._late_covers(last + idle, now):
             self.violate(
                 TIMEOUTS_ON_TIME,
                 f"connection {connection_id} still open at its first activity in "
@@ -308,6 +330,74 @@ class Monitor:
             if run >= self.success_threshold:
                 self.recovering.append(address)  # must be HEALTHY by the end of the step
                 self.pending = True
+
+    # -- clients that time out and retry (reported by the driver) -----------------------
+
+    def client_attempt(self, client: int, attempt: int) -> None:
+        """``client`` makes try ``attempt``: 1, then each retry, at most ``1 + retries``."""
+        previous = self.client_tries.get(client, 0)
+        if attempt != previous + 1:
+            self.violate(BOUNDED_RETRIES, f"client {client}: try {attempt} follows try {previous}")
+        if attempt > 1 + self.client_retries:
+            self.violate(
+                BOUNDED_RETRIES,
+                f"client {client}: try {attempt} exceeds 1 + retries ({self.client_retries})",
+            )
+        self.client_tries[client] = attempt
+
+    def client_gave_up(self, connection_id: int, now: float) -> None:
+        """The client of ``connection_id`` gave up waiting: it must not have been connected."""
+        if self.client_timeout is None:
+            self.violate(
+                TIMEOUTS_ON_TIME, f"connection {connection_id}: a client without a timeout gave up"
+            )
+        if connection_id in self.last_activity:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id}: its client gave up at t={now:.6f}, "
+                "but it was connected",
+            )
+        self.given_up[connection_id] = now
+
+    def client_closed(self, event: ConnectionClosed, gave_up: bool) -> None:
+        """A followed client's connection closed (after :meth:`connection_closed`).
+
+        One its client gave up on ends then, as a client reset, never
+        connected, exactly its connect timeout after it opened. Any other
+        never connected that ended later than that timeout is a client that
+        should have given up, and one connected after it a client reported
+        connected after it gave up.
+        """
+        connection_id, timeout = event.connection_id, self.client_timeout
+        given_up = self.given_up.pop(connection_id, None)
+        if gave_up != (given_up is not None):
+            self.violate(CONSERVATION, f"connection {connection_id}: a give-up was not reported")
+        if timeout is None:
+            return
+        due = event.opened_at + timeout
+        if given_up is not None:
+            if (
+                event.outcome is not _CLIENT_RESET
+                or event.connected_at is not None
+                or not event.at == given_up == due
+            ):
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"connection {connection_id}: its client gave up at t={given_up:.6f} "
+                    f"(due t={due:.6f}), yet it ended {event.outcome.value} at t={event.at:.6f}"
+                    f"{'' if event.connected_at is None else ', connected'}",
+                )
+        elif (event.connected_at if event.connected_at is not None else event.at) > due + _LATE:
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"connection {connection_id}: still waiting for a backend past its client's "
+                f"connect timeout at t={due:.6f}",
+            )
+
+    def client_finished(self, client: int) -> None:
+        """``client`` is through, or failed with no retry left: it makes no more tries."""
+        if self.client_tries.pop(client, None) is None:
+            self.violate(CONSERVATION, f"client {client} finished twice, or never started")
 
     # -- outputs, in order ---------------------------------------------------------------
 
@@ -714,14 +804,16 @@ class Monitor:
             self.violate(CONSERVATION, "the process stopped with connections open")
         # Left at the end: nothing may wait on a deadline that has passed.
         for connection_id, (attempt, started, _) in self.connecting.items():
-            if self.now > started + self._policy(connection_id)[0] + _LATE:
+            due = started + self._policy(connection_id)[0]
+            if self.now > due + _LATE and not self._late_covers(due, self.now):
                 self.violate(
                     TIMEOUTS_ON_TIME,
                     f"connection {connection_id}: attempt {attempt} started at t={started:.6f} "
                     f"still connecting when the run ended, past its connect timeout",
                 )
         for connection_id, last in self.last_activity.items():
-            if self.now > last + self._policy(connection_id)[1] + _LATE:
+            due = last + self._policy(connection_id)[1]
+            if self.now > due + _LATE and not self._late_covers(due, self.now):
                 self.violate(
                     TIMEOUTS_ON_TIME,
                     f"connection {connection_id} idle since t={last:.6f} still open when "
@@ -739,6 +831,15 @@ class Monitor:
             bisect.bisect_right(firsts, connection_id) - 1
         ]
         return connect, idle, retries
+
+    def _late_covers(self, deadline: float, now: float) -> bool:
+        """Is ``deadline``, past at ``now``, one the loop's late wake-up has yet to handle?
+
+        Only with timer jitter: the wake-up for the earliest deadline comes
+        at a drawn instant, and a deadline from that one on may wait for it.
+        """
+        late = self.late_wake
+        return late is not None and late[0] - _LATE <= deadline and now <= late[1] + _LATE
 
     def _abandoned(
         self, connection_id: int, attempt: int, started: float, now: float, connect_timeout: float
@@ -759,7 +860,7 @@ class Monitor:
             )
             return
         due = last + self._policy(connection_id)[1]
-        if not due <= now <= due + _LATE:
+        if not due <= now <= due + _LATE and not (due <= now and self._late_covers(due, now)):
             self.violate(
                 TIMEOUTS_ON_TIME,
                 f"connection {connection_id} closed for idleness at t={now:.6f}, "
@@ -769,6 +870,9 @@ class Monitor:
     def _overdue_connects(self, now: float) -> None:
         """Attempts whose connect deadline has passed must have ended."""
         connecting, deadlines = self.connecting, self.connect_deadlines
+        late = self.late_wake
+        if late is not None and now <= late[1] + _LATE:
+            now = min(now, late[0])  # those from the late wake's deadline on wait for it
         while deadlines and deadlines[0][0] + _LATE < now:
             due, connection_id, attempt = deadlines.popleft()
             pending = connecting.get(connection_id)

@@ -339,9 +339,8 @@ def _schedule(
         ends = fault.until if fault.until is not None else max(end, fault.at)
         marks.append((fault.at, label, BEHAVIOUR_COLOURS[fault.behaviour], ends, f"fault {index}"))
     for index, operation in enumerate(scenario.sim.operations):
-        label = (
-            operation.action if not operation.backend else f"{operation.action} {operation.backend}"
-        )
+        action = operation.written_as or operation.action  # an add is a reload, shown as an add
+        label = action if not operation.backend else f"{action} {operation.backend}"
         marks.append(
             (operation.at, f"{label} ({operation.at:g} s)", "#616161", None, f"operation {index}")
         )

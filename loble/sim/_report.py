@@ -18,9 +18,17 @@ from loble.core import RESET_OUTCOMES, HealthState, Outcome
 
 from ._engine import Simulation
 from ._monitor import INVARIANTS
-from ._scenario import Scenario
+from ._scenario import FAULT_PARAMETERS, Fault, Scenario
 
-__all__ = ["IMPACT", "build_report", "impact_line", "percentile", "render_report", "run_warnings"]
+__all__ = [
+    "IMPACT",
+    "build_report",
+    "fault_data",
+    "impact_line",
+    "percentile",
+    "render_report",
+    "run_warnings",
+]
 
 _TIMELINE_ROWS = 40
 """The table shows this many state changes; ``--json`` and ``--trace`` have all."""
@@ -88,24 +96,27 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
     scenario = simulation.scenario
     config = scenario.config
     end = simulation.ended_at
+    requests = scenario.sim.clients.requests is not None
     backends = []
     for address in monitor.known:
         world = simulation.backends[address]
-        backends.append(
-            {
-                "address": address,
-                "weight": monitor.weight[address],
-                "connections": monitor.started[address],
-                "connect_failures": monitor.passive_failures[address],
-                "probes": monitor.probes[address],
-                "probe_failures": monitor.probe_failures[address],
-                "resets": monitor.resets[address],
-                "bytes": int(world.bytes),
-                "final_state": monitor.state[address].value,
-                "seconds_in_state": _time_in_state(simulation, address, end),
-                "behaviours": [[_round(at), name] for at, name in world.timeline],
-            }
-        )
+        row: dict[str, Any] = {
+            "address": address,
+            "weight": monitor.weight[address],
+            "connections": monitor.started[address],
+            "connect_failures": monitor.passive_failures[address],
+            "probes": monitor.probes[address],
+            "probe_failures": monitor.probe_failures[address],
+            "resets": monitor.resets[address],
+            "bytes": int(world.bytes),
+            "final_state": monitor.state[address].value,
+            "seconds_in_state": _time_in_state(simulation, address, end),
+            "behaviours": [[_round(at), name] for at, name in world.timeline],
+        }
+        if requests:
+            completed, lost = simulation.request_counts.get(address, (0, 0))
+            row["requests_completed"], row["requests_lost"] = completed, lost
+        backends.append(row)
     latencies = sorted(monitor.connect_latencies)
     latency: dict[str, Any] = {"count": len(latencies)}
     if latencies:
@@ -157,9 +168,32 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         )
     seen_rows = _seen_rows(simulation)
     seen = dict.fromkeys(SEEN, 0)
-    for row in seen_rows:
-        seen[row["saw"]] += row["connections"]
-    return {
+    for seen_row in seen_rows:
+        seen[seen_row["saw"]] += seen_row["connections"]
+    clients: dict[str, Any] = {
+        "arrived": simulation.arrived,
+        "outcomes": {outcome.value: monitor.outcomes[outcome] for outcome in Outcome},
+        "refused_after_stop": simulation.refused_after_stop,
+        "seen": seen,
+        "seen_rows": seen_rows,
+        "in_flight_at_end": len(monitor.open),
+        "connect_latency_ms": latency,
+        "impact": impact,
+    }
+    # Only a scenario that sets their keys has these: any other's report is as it was.
+    if requests:
+        clients["requests"] = _requests(simulation)
+    if simulation.clients_model:
+        clients["attempts"] = {
+            "clients": simulation.clients,
+            "connections": simulation.arrived,
+            "retries": simulation.retried,
+            "gave_up": simulation.gave_up,
+            "rescued": simulation.clients_rescued,
+            "failed": simulation.clients_failed,
+            "retrying_at_end": simulation.retrying,
+        }
+    report: dict[str, Any] = {
         "scenario": scenario.name,
         "seed": simulation.seed,
         "ok": not monitor.violations,
@@ -189,16 +223,7 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
             }
             for change in monitor.timeline
         ],
-        "clients": {
-            "arrived": simulation.arrived,
-            "outcomes": {outcome.value: monitor.outcomes[outcome] for outcome in Outcome},
-            "refused_after_stop": simulation.refused_after_stop,
-            "seen": seen,
-            "seen_rows": seen_rows,
-            "in_flight_at_end": len(monitor.open),
-            "connect_latency_ms": latency,
-            "impact": impact,
-        },
+        "clients": clients,
         "shutdown": shutdown,
         "refused_operations": [
             {"at": _round(at), "action": action, "reason": reason}
@@ -206,6 +231,39 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         ],
         "invariants": invariants,
     }
+    sim = scenario.sim
+    if sim.drawn_faults:
+        report["drawn_faults"] = [
+            fault_data(fault) for fault in sim.faults[len(sim.faults) - sim.drawn_faults :]
+        ]
+    return report
+
+
+def _requests(simulation: Simulation) -> dict[str, Any]:
+    """Requests on the connections that reached a backend: completed, lost, still open."""
+    completed, lost = simulation.requests_completed, simulation.requests_lost
+    open_at_end = simulation.requests_open
+    return {
+        "connections": simulation.requests_connections,
+        "completed": completed,
+        "lost": lost,
+        "open_at_end": open_at_end,
+    }
+
+
+def fault_data(fault: Fault) -> dict[str, Any]:
+    """A fault as plain data: when, where, what, and the parameter its behaviour reads."""
+    data: dict[str, Any] = {
+        "at": _round(fault.at),
+        "until": None if fault.until is None else _round(fault.until),
+        "backend": fault.backend,
+        "behaviour": fault.behaviour,
+    }
+    for name, user in FAULT_PARAMETERS.items():
+        if user == fault.behaviour:
+            value = getattr(fault, name)
+            data[name] = _round(value) if isinstance(value, float) else value
+    return data
 
 
 def _seen_rows(simulation: Simulation) -> list[dict[str, Any]]:
@@ -238,8 +296,14 @@ def run_warnings(scenario: Scenario, end: float) -> list[str]:
     """
     warnings = []
     duration = scenario.sim.duration
+    drawn_from = len(scenario.sim.faults) - scenario.sim.drawn_faults
     for index, fault in enumerate(scenario.sim.faults):
         where = f"sim.faults[{index}].at: {fault.behaviour} at {fault.at:g} s"
+        if index >= drawn_from:  # no line of the file: say which draw
+            where = (
+                f"sim.fault_processes: drawn fault {index - drawn_from + 1}, "
+                f"{fault.behaviour} on {fault.backend} at {fault.at:g} s,"
+            )
         if fault.at > end:
             warnings.append(f"{where} is after the run ended at {end:.3f} s: it never happened")
         elif fault.at >= duration:
@@ -269,6 +333,64 @@ def impact_line(row: dict[str, Any], arrived: int) -> str:
     return f"{what} {when}, {count} {plural} ({count / arrived:.1%} of arrivals)"
 
 
+def attempts_line(attempts: dict[str, Any]) -> str:
+    """What clients' timeouts and retries did, and what the retries cost in load."""
+    clients, connections = attempts["clients"], attempts["connections"]
+    extra = f", +{attempts['retries'] / clients:.1%} load" if clients else ""
+    line = (
+        f"Clients: {clients} arrived, {connections} connections ({attempts['retries']} "
+        f"retries{extra}); {attempts['gave_up']} gave up, {attempts['rescued']} "
+        f"saved by a retry, {attempts['failed']} failed"
+    )
+    if attempts["retrying_at_end"]:
+        line += f", {attempts['retrying_at_end']} still to retry at the end"
+    return line
+
+
+def requests_line(requests: dict[str, Any]) -> str:
+    """``Requests: 9876 completed, 123 lost (1.2%) on 1000 connections``."""
+    completed, lost = requests["completed"], requests["lost"]
+    share = f" ({lost / (completed + lost):.1%})" if completed + lost else ""
+    line = (
+        f"Requests: {completed} completed, {lost} lost{share} on "
+        f"{requests['connections']} connections that reached a backend"
+    )
+    if requests["open_at_end"]:
+        line += f"; {requests['open_at_end']} on connections still open at the end"
+    return line
+
+
+_DRAWN_ROWS = 12
+"""The rich report shows this many drawn failures; ``--json`` has every fault."""
+
+
+def drawn_table(drawn: list[dict[str, Any]]) -> Table:
+    """The faults the fault processes drew, a zone's failure on one row."""
+    rows: list[tuple[float, float | None, str, list[str]]] = []
+    for fault in drawn:
+        last = rows[-1] if rows else None
+        if last is not None and (last[0], last[1], last[2]) == (
+            fault["at"],
+            fault["until"],
+            fault["behaviour"],
+        ):
+            last[3].append(fault["backend"])
+        else:
+            rows.append((fault["at"], fault["until"], fault["behaviour"], [fault["backend"]]))
+    table = Table(
+        title=f"Faults drawn from sim.fault_processes ({len(drawn)})", title_justify="left"
+    )
+    for column in ("from (s)", "to (s)", "behaviour", "backends"):
+        table.add_column(column, justify="right" if column.endswith("(s)") else "left")
+    for at, until, behaviour, addresses in rows[:_DRAWN_ROWS]:
+        table.add_row(
+            f"{at:.3f}", "" if until is None else f"{until:.3f}", behaviour, ", ".join(addresses)
+        )
+    if len(rows) > _DRAWN_ROWS:
+        table.caption = f"{len(rows) - _DRAWN_ROWS} more failures in --json"
+    return table
+
+
 def _time_in_state(simulation: Simulation, address: str, end: float) -> dict[str, float]:
     seconds = dict.fromkeys((state.value for state in HealthState), 0.0)
     state, since = HealthState.HEALTHY, 0.0
@@ -289,15 +411,24 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     )
 
     backends = Table(title="Backends", title_justify="left")
-    for column in ("backend", "weight", "conns", "failed", "probes", "resets", "final"):
+    requests = "requests" in report["clients"]
+    columns = ["backend", "weight", "conns", "failed", "probes", "resets", "final"]
+    if requests:
+        columns[3:3] = ["requests"]
+    for column in columns:
         backends.add_column(column, justify="left" if column in ("backend", "final") else "right")
     for state in HealthState:
         backends.add_column(f"{state.value} s", justify="right")
     for row in report["backends"]:
+        served = []
+        if requests:  # completed/all, as probes are successes/all
+            completed = row["requests_completed"]
+            served = [f"{completed}/{completed + row['requests_lost']}"]
         backends.add_row(
             row["address"],
             str(row["weight"]),
             str(row["connections"]),
+            *served,
             str(row["connect_failures"]),
             f"{row['probes'] - row['probe_failures']}/{row['probes']}",
             str(row["resets"]),
@@ -342,6 +473,13 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     console.print(seen)
     for row in clients["impact"]:
         console.print(f"Impact: {impact_line(row, clients['arrived'])}")
+    if "attempts" in clients:
+        console.print(attempts_line(clients["attempts"]))
+    if requests:
+        console.print(requests_line(clients["requests"]))
+    drawn = report.get("drawn_faults", [])
+    if drawn:
+        console.print(drawn_table(drawn))
     latency = clients["connect_latency_ms"]
     if latency["count"]:
         console.print(

@@ -62,6 +62,7 @@ __all__ = [
     "latency_samplers",
     "process_faults",
     "request_schedule",
+    "request_times",
     "with_drawn_faults",
 ]
 
@@ -116,14 +117,35 @@ def request_schedule(
     time and, before each but the first, a think time, in that order. The
     last end is the connection's duration.
     """
+    return request_times(count, service, latency, think)[0]
+
+
+def request_times(
+    count: Callable[[], int],
+    service: Callable[[], float],
+    latency: Callable[[], float],
+    think: Callable[[], float],
+) -> tuple[list[float], list[float]]:
+    """:func:`request_schedule`'s ends, with the instant each request is sent.
+
+    The same draws in the same order; ``sends[0]`` is 0 (the first request
+    leaves as the connection is established) and ``sends[i]`` is
+    ``ends[i - 1]`` plus a think time. Bytes cross Loble at each send and
+    each end, and at no other time: the engine reports those instants as
+    the connection's activity, so a think or a service time longer than
+    the idle timeout is cut by it, as in the daemon.
+    """
     remaining = count() - 1
     elapsed = latency() + service()
     ends = [elapsed]
-    append = ends.append
+    sends = [0.0]
+    append, sent = ends.append, sends.append
     for _ in range(remaining):
-        elapsed += think() + latency() + service()
+        start = elapsed + think()
+        sent(start)
+        elapsed = start + latency() + service()
         append(elapsed)
-    return ends
+    return ends, sends
 
 
 def completed_requests(ends: list[float], elapsed: float) -> int:
@@ -161,6 +183,11 @@ class RequestModel:
         """Draw the request ends of a connection established on ``address``."""
         service, latency = self._by_backend.get(address, self._default)
         return request_schedule(self._count, service, latency, self._think)
+
+    def times(self, address: str) -> tuple[list[float], list[float]]:
+        """Draw a connection's request ends and sends (:func:`request_times`)."""
+        service, latency = self._by_backend.get(address, self._default)
+        return request_times(self._count, service, latency, self._think)
 
 
 def latency_samplers(sim: SimConfig, rng: random.Random) -> dict[str, Callable[[], float]]:

@@ -138,7 +138,7 @@ def test_removed_connections_cut_with_a_reset_at_the_deadline() -> None:
         (
             [{"at": 1.0, "action": "drian", "backend": A}],
             "sim.operations[0].action: 'drian' is not one of drain, undrain, maintenance, "
-            "ready, weight, reload; did you mean 'drain'?",
+            "ready, weight, reload, add, remove; did you mean 'drain'?",
         ),
         (
             [{"at": -1.0, "action": "drain", "backend": A}],
