@@ -40,8 +40,10 @@ REPLAYABLE = (
     "flapping-backend",
     "weighted-fleet",
 )
-"""Every shipped scenario but rolling-maintenance, whose operator actions
-(drain, a reload) the harness does not play yet."""
+"""The shipped scenarios the harness plays: not yet an operator's actions
+(rolling-maintenance), requests and service times (keepalive-requests),
+client timeouts and retries (client-retries), drawn faults and timer jitter
+(random-failures); ``fidelity.simulate`` refuses those with a reason."""
 
 
 def harness() -> Any:
@@ -53,11 +55,19 @@ def harness() -> Any:
     return module
 
 
-def commit() -> str:
+def commit() -> tuple[str, bool]:
+    """The commit the run starts from, and whether the tree differs from it (a
+    dirty tree is named so: ``loble run`` is started from the tree as it is)."""
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     )
-    return head.stdout.strip() or "unknown"
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return head.stdout.strip() or "unknown", bool(status.stdout.strip())
 
 
 def show(figures: dict[str, Any], problems: list[str]) -> None:
@@ -104,6 +114,7 @@ def main() -> int:
     names = [n for n in args.only.split(",") if n] or list(REPLAYABLE)
     fidelity = harness()
     results = []
+    head, dirty = commit()
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
@@ -115,12 +126,9 @@ def main() -> int:
             show(figures, problems)
             results.append({**figures, "problems": problems})
     took = time.monotonic() - started
-    out = args.out or ROOT / "bench" / "results" / f"fidelity-{commit()}.json"
-    out.write_text(
-        json.dumps({"commit": commit(), "seconds": round(took, 1), "runs": results}, indent=1)
-        + "\n",
-        encoding="utf-8",
-    )
+    out = args.out or ROOT / "bench" / "results" / f"fidelity-{head}.json"
+    summary = {"commit": head, "dirty": dirty, "seconds": round(took, 1), "runs": results}
+    out.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"\n{len(results)} scenarios in {took:.0f} s; figures in {out}")
     return 1 if any(r["problems"] for r in results) else 0
 
