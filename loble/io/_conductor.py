@@ -213,6 +213,8 @@ class Conductor(Generic[LinkT]):
         self._short: Shortage | None = None
         """The stretch of failing accepts under way, if any."""
         self._trusted: TrustedSources | None = None
+        self._keyed = False
+        """Whether the balancer hashes the client (see :meth:`_proxy_config`)."""
         """``[listener] accept_proxy_from``, or None when empty (no client is read)."""
         self._send_proxy: dict[str, int] = {}
         """The PROXY protocol version each backend is sent, by address (``send_proxy``)."""
@@ -334,7 +336,9 @@ class Conductor(Generic[LinkT]):
         if trusted is not None and self._read_header(link, trusted):
             return  # filed with the core once its header is complete (header_read)
         # _admit, inlined: a call less for every connection that sends no header.
-        connection_id, outputs = self.core.accept(self.now())
+        connection_id, outputs = self.core.accept(
+            self.now(), _client_of(link) if self._keyed else None
+        )
         link.connection_id = connection_id
         self.links[connection_id] = link
         for hook in self._accepted_hooks:
@@ -343,7 +347,9 @@ class Conductor(Generic[LinkT]):
 
     def _admit(self, link: LinkT) -> None:
         """File the client with the core and carry out its first orders."""
-        connection_id, outputs = self.core.accept(self.now())
+        connection_id, outputs = self.core.accept(
+            self.now(), _client_of(link) if self._keyed else None
+        )
         link.connection_id = connection_id
         self.links[connection_id] = link
         for hook in self._accepted_hooks:
@@ -465,10 +471,16 @@ class Conductor(Generic[LinkT]):
     # -- the PROXY protocol --------------------------------------------------------------------
 
     def _proxy_config(self, config: Config) -> None:
-        """Who may send a header and which backends get one: for what comes next."""
+        """Who may send a header and which backends get one: for what comes next.
+
+        And whether the core is told who each client is: only a hashing
+        balancer (``maglev``, ``ring_hash``) picks by it, so only then does
+        accept pass the client's address (the header's, when one was read).
+        """
         trusted = TrustedSources(config.listener.accept_proxy_from)
         self._trusted = trusted if trusted else None
         self._send_proxy = send_proxy_versions(config)
+        self._keyed = config.balancer.algorithm in HASHING_ALGORITHMS
 
     def _read_header(self, link: LinkT, trusted: TrustedSources) -> bool:
         """Whether ``link``'s client must send a header first: then the path reads it."""
@@ -720,3 +732,15 @@ def _local_address(link: Link) -> tuple[str, int] | None:
         return _ip_address(link.client.getsockname())
     except OSError:
         return None
+
+
+HASHING_ALGORITHMS = frozenset({"maglev", "ring_hash"})
+"""The balancers that pick by the client's address."""
+
+
+def _client_of(link: Link) -> tuple[str, int] | None:
+    """The client's ``(host, port)``, from its socket address (or the PROXY header's)."""
+    address = link.peer_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None

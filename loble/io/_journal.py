@@ -23,6 +23,7 @@ from loble.core import (
     HealthState,
     LoggingConfig,
     Outcome,
+    PanicChanged,
     Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
@@ -67,6 +68,7 @@ class Journal:
             WeightChanged: self._weight_changed,
             BackendStateChanged: self._state_changed,
             SnapshotPublished: self._snapshot,
+            PanicChanged: self._panic,
             ShutdownStarted: self._shutdown_started,
             ShutdownFinished: self._shutdown_finished,
         }
@@ -181,6 +183,24 @@ class Journal:
             eligible=len(output.addresses),
             backends=",".join(output.addresses),
         )
+
+    def _panic(self, output: PanicChanged) -> None:
+        if output.panic:
+            log(
+                self.logger,
+                logging.WARNING,
+                "panic: too few backends healthy, spreading over all of them",
+                healthy=output.healthy,
+                backends=output.total,
+            )
+        else:
+            log(
+                self.logger,
+                logging.INFO,
+                "panic over: enough backends healthy",
+                healthy=output.healthy,
+                backends=output.total,
+            )
 
     def _shutdown_started(self, output: ShutdownStarted) -> None:
         self._shutdown_began = output.at

@@ -520,6 +520,12 @@ class _CoreCollector:
             "Backends eligible for new connections (in the snapshot).",
             value=len(stats.eligible),
         )
+        yield GaugeMetricFamily(
+            "loble_panic",
+            "1 while in panic mode ([balancer] panic_threshold): too few backends "
+            "healthy, new connections spread over all of them.",
+            value=1.0 if self._core.control.panic else 0.0,
+        )
         admission = self._metrics.admission
         yield GaugeMetricFamily(
             "loble_connection_limit",
