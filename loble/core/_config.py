@@ -34,6 +34,7 @@ __all__ = [
     "ListenerConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "OutlierConfig",
     "RuntimeConfig",
     "TimeoutsConfig",
     "config_to_dict",
@@ -115,6 +116,42 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierConfig:
+    """Outlier ejection (Envoy's ``outlier_detection``, for L4): a backend whose
+    established connections its own resets end is taken out for a while."""
+
+    consecutive_resets: int = 0
+    """Established connections in a row that the backend ended with a reset
+    that eject it (Envoy's ``consecutive_5xx``); 0: not by count."""
+    failure_rate: float = 0.0
+    """The share of a backend's judged connections (completed or reset by it)
+    in one ``interval`` at which it is ejected; 0: not by rate."""
+    minimum_connections: int = 50
+    """Judged connections a backend must have ended in the interval for a verdict
+    by rate (Envoy's ``failure_percentage_request_volume``, 50)."""
+    interval: float = 10.0
+    """Seconds between verdicts by rate (Envoy's ``interval``, 10 s)."""
+    base_ejection_time: float = 30.0
+    """The first ejection's length; the n-th in a row lasts n times it (Envoy's 30 s)."""
+    max_ejection_time: float = 300.0
+    """The longest an ejection lasts (Envoy's 300 s)."""
+    max_ejection_percent: int = 10
+    """The most of the backends ejected at once, in percent, rounded down but at
+    least one (Envoy's 10%)."""
+    redispatch_pending: bool = False
+    """A connect in progress on a backend judged bad (taken out by health, or
+    ejected) moves to another backend at once instead of waiting out its timeout."""
+    first_byte_timeout: float = 0.0
+    """Seconds after a client's first bytes within which the backend must send
+    one, else that counts as a failure of the backend; 0: not watched."""
+
+    @property
+    def detecting(self) -> bool:
+        """Whether any verdict is made: by count, by rate, or by first byte."""
+        return bool(self.consecutive_resets or self.failure_rate or self.first_byte_timeout)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
     enabled: bool = False
     address: str = "127.0.0.1:9090"
@@ -167,6 +204,7 @@ class Config:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -179,6 +217,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "balancer": BalancerConfig,
     "health": HealthConfig,
     "timeouts": TimeoutsConfig,
+    "outlier": OutlierConfig,
     "metrics": MetricsConfig,
     "logging": LoggingConfig,
     "runtime": RuntimeConfig,
@@ -191,6 +230,7 @@ _DEFAULT_LISTENER = ListenerConfig()
 _DEFAULT_BALANCER = BalancerConfig()
 _DEFAULT_HEALTH = HealthConfig()
 _DEFAULT_TIMEOUTS = TimeoutsConfig()
+_DEFAULT_OUTLIER = OutlierConfig()
 _DEFAULT_METRICS = MetricsConfig()
 _DEFAULT_LOGGING = LoggingConfig()
 _DEFAULT_RUNTIME = RuntimeConfig()
@@ -434,6 +474,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             checker.error(f"timeouts.{name}", f"{value!r} must be >= 0 seconds")
             timeouts = replace(timeouts, **{name: getattr(_DEFAULT_TIMEOUTS, name)})
 
+    outlier = _parse_outlier(checker, _section(checker, data, "outlier"))
+
     table = _section(checker, data, "metrics")
     metrics = MetricsConfig(
         enabled=checker.value("metrics", table, "enabled", _DEFAULT_METRICS.enabled, boolean()),
@@ -485,12 +527,42 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         balancer=balancer,
         health=health,
         timeouts=timeouts,
+        outlier=outlier,
         metrics=metrics,
         logging=logging,
         runtime=runtime,
         admin=admin,
         backends=backends,
     )
+
+
+def _parse_outlier(checker: Checker, table: Mapping[str, Any]) -> OutlierConfig:
+    def key(name: str, check: Check) -> Any:
+        return checker.value("outlier", table, name, getattr(_DEFAULT_OUTLIER, name), check)
+
+    def real(name: str, check: Check) -> float:
+        return float(key(name, check))
+
+    outlier = OutlierConfig(
+        consecutive_resets=key("consecutive_resets", integer(0, 1_000_000)),
+        failure_rate=real("failure_rate", _share),
+        minimum_connections=key("minimum_connections", integer(1, 1_000_000)),
+        interval=real("interval", seconds(minimum=_SHORTEST)),
+        base_ejection_time=real("base_ejection_time", seconds(minimum=_SHORTEST)),
+        max_ejection_time=real("max_ejection_time", seconds(minimum=_SHORTEST)),
+        max_ejection_percent=key("max_ejection_percent", integer(1, 100)),
+        redispatch_pending=key("redispatch_pending", boolean()),
+        first_byte_timeout=real("first_byte_timeout", seconds(positive=False, minimum=0.0)),
+    )
+    if outlier.max_ejection_time < outlier.base_ejection_time:
+        # An ejection never lasts less than the base: the cap would be ignored.
+        checker.error(
+            "outlier.max_ejection_time",
+            f"{outlier.max_ejection_time!r} is shorter than outlier.base_ejection_time "
+            f"({outlier.base_ejection_time!r})",
+        )
+        outlier = replace(outlier, max_ejection_time=outlier.base_ejection_time)
+    return outlier
 
 
 def _networks(checker: Checker, table: Mapping[str, Any]) -> tuple[str, ...]:

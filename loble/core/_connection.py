@@ -8,6 +8,7 @@ Theory of operation
     CONNECTING --CONNECT_OK--> ESTABLISHED
     CONNECTING --CONNECT_FAILED / CONNECT_TIMEOUT--> CONNECTING (next backend)
                                                   or CLOSED (CONNECT_FAILED)
+    CONNECTING --REDISPATCH--> CONNECTING (next backend, or the same attempt)
     CONNECTING --CLIENT_ERROR, RESOURCE_EXHAUSTED or CUT--> CLOSED (no verdict on the backend)
     ESTABLISHED --CLIENT_EOF--> CLIENT_DONE   (shut down the backend's write side)
     ESTABLISHED --BACKEND_EOF--> BACKEND_DONE (shut down the client's write side)
@@ -36,7 +37,14 @@ once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
 * a failed connect is retried on a backend not tried yet, up to
   ``connect_retries`` more attempts (HAProxy's ``retries`` with
   ``redispatch``). When no untried backend is eligible, or the retries are
-  spent, the connection closes with ``CONNECT_FAILED``.
+  spent, the connection closes with ``CONNECT_FAILED``;
+* an attempt whose backend is judged bad while it is pending (health took
+  it out, or outlier ejection did: ``[outlier] redispatch_pending``) is
+  given up with no verdict (``ConnectRedispatched``, then its
+  ``CONNECTION_FINISHED``) and the next begins at once on a backend not
+  tried, within the same ``connect_retries``, rather than waiting out its
+  connect timeout. With no untried backend eligible or no retry left, the
+  attempt keeps waiting for its own answer.
 
 Half-close is exact: EOF from one side becomes "shut down the write side of
 the other" and the other direction keeps flowing until it ends too.
@@ -64,6 +72,7 @@ from ._errors import StateMachineError
 from ._events import (
     CloseConnection,
     ConnectFailed,
+    ConnectRedispatched,
     HealthReport,
     Outcome,
     Output,
@@ -117,6 +126,8 @@ class ConnInput(enum.Enum):
     REMOVED = "removed"
     """Its backend was removed by a reload and ``[timeouts] removal`` has
     passed: the connection is cut, no verdict on the backend."""
+    REDISPATCH = "redispatch"
+    """The backend of the pending attempt was judged bad: try another now."""
 
 
 Picker = Callable[[Collection[str], "int | None", float], "Backend | None"]
@@ -413,6 +424,25 @@ def _connect_failed(conn: Connection, now: float, out: list[Output]) -> None:
         conn._close(Outcome.CONNECT_FAILED, now, out)
 
 
+def _redispatch(conn: Connection, now: float, out: list[Output]) -> None:
+    assert conn.backend is not None
+    if conn.attempt > conn.policy.connect_retries:
+        return  # no retry left: the attempt keeps waiting for its answer
+    address = conn.backend.address
+    tried = (*conn.tried, address)
+    backend = conn.policy.pick(tried, conn.key, now)
+    if backend is None:
+        return  # nowhere else to go: keep waiting
+    conn.tried = tried
+    out.append(
+        ConnectRedispatched(
+            at=now, connection_id=conn.connection_id, attempt=conn.attempt, backend=address
+        )
+    )
+    conn._end_attempt(now, out)  # no verdict: the backend never answered
+    conn._begin_attempt(backend, now, out)
+
+
 def _abort(outcome: Outcome) -> Rule:
     def rule(conn: Connection, now: float, out: list[Output]) -> None:
         # The close first, then what the attempt's end changed (a draining
@@ -450,6 +480,7 @@ TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
     (_C, _I.CUT): _abort(Outcome.CUT),
     (_C, _I.RESOURCE_EXHAUSTED): _abort(Outcome.RESOURCE_EXHAUSTED),
     (_C, _I.REMOVED): _abort(Outcome.REMOVED),
+    (_C, _I.REDISPATCH): _redispatch,
     (_E, _I.CLIENT_EOF): _half_close(_CD, Side.BACKEND),
     (_E, _I.BACKEND_EOF): _half_close(_BD, Side.CLIENT),
     (_CD, _I.BACKEND_EOF): _abort(Outcome.COMPLETED),

@@ -22,6 +22,13 @@ backends, removes them and changes weights and health settings:
   record stays (as :class:`_Leaving`) while attempts on it run, and is
   forgotten (``BackendForgotten``) when the last one finishes. Re-added
   before that, it is a normal backend again, with its state and connections.
+
+Outlier ejection (``_outlier``) takes a backend out too, beside its health:
+:meth:`eject` and :meth:`restore` keep :attr:`ejected`, and an ejected
+backend counts as not healthy for the snapshot (and for panic, as Envoy's
+ejected hosts do). With :attr:`redispatch` on, a backend *judged bad* (health
+takes it out of ``HEALTHY``, or it is ejected) is queued in
+:attr:`judged_bad` for the core to move the connects pending on it.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from ._config import HealthConfig
 from ._errors import LobleError
 from ._events import (
     AdminStateChanged,
+    BackendEjected,
     BackendForgotten,
+    BackendReturned,
     BackendStateChanged,
     Event,
     HealthReport,
@@ -124,6 +133,12 @@ class ControlPlane:
         """Whether the snapshot is in panic: all primaries, too few healthy."""
         self.pending: list[Event] = []
         """Events :meth:`_republish` made for the caller to emit after the snapshot."""
+        self.ejected: dict[str, float] = {}
+        """Backends outlier ejection took out, and until when (``_outlier``)."""
+        self.redispatch = False
+        """``[outlier] redispatch_pending``, set by the core: queue backends judged bad."""
+        self.judged_bad: list[str] = []
+        """Backends judged bad since the core last looked (with :attr:`redispatch`)."""
         self.joined: dict[str, float] = {}
         """Backends back in rotation after being out (recovered, added by a
         reload, back from maintenance), and when: what slow start ramps from.
@@ -239,6 +254,32 @@ class ControlPlane:
         self.probed[address] = Probed(now, ok)
         return self.apply(address, _PROBE_INPUT[ok], now)
 
+    # -- outlier ejection -----------------------------------------------------------
+
+    def may_eject(self, address: str) -> bool:
+        """Whether ejecting ``address`` leaves some backend in rotation."""
+        return bool(self._eligible({**self.ejected, address: 0.0})[0])
+
+    def eject(
+        self, address: str, until: float, reason: str, ejections: int, now: float
+    ) -> list[Event]:
+        """Take ``address`` out of rotation until ``until``; the snapshot follows."""
+        self.ejected[address] = until
+        events: list[Event] = [
+            BackendEjected(at=now, address=address, until=until, reason=reason, ejections=ejections)
+        ]
+        if self.redispatch:
+            self.judged_bad.append(address)
+        self._publish(now, events)
+        return events
+
+    def restore(self, address: str, now: float) -> list[Event]:
+        """An ejection's time is up: back in rotation, if health and admin allow."""
+        del self.ejected[address]
+        events: list[Event] = [BackendReturned(at=now, address=address)]
+        self._publish(now, events)
+        return events
+
     # -- the operator and reloads ------------------------------------------------
 
     def set_admin(self, address: str, admin_input: AdminInput, now: float) -> list[Event]:
@@ -310,6 +351,7 @@ class ControlPlane:
             self.backends[address] = backend
         for address in removed:
             record = self._health[address]
+            self.ejected.pop(address, None)  # out of rotation anyway; forgotten by the detector
             self._probe_due.pop(address, None)
             self._probe_in_flight.pop(address, None)
             if record.active_connections == 0:
@@ -390,6 +432,8 @@ class ControlPlane:
                 self.joined[address] = now  # back from nothing: cold (DRAINING kept its load)
         elif transition.old is _HEALTHY:
             self.joined.pop(address, None)
+            if self.redispatch:
+                self.judged_bad.append(address)
             # Out of the snapshot, DRAINING or UNHEALTHY: only probes can bring
             # it back, the first an interval from now. DRAINING -> UNHEALTHY
             # keeps the schedule it has.
@@ -452,6 +496,7 @@ class ControlPlane:
         self.since.pop(address, None)
         self.probed.pop(address, None)
         self.joined.pop(address, None)
+        self.ejected.pop(address, None)
         self._probe_due.pop(address, None)
         self._probe_in_flight.pop(address, None)
         self._forgotten = address
@@ -477,41 +522,44 @@ class ControlPlane:
         :attr:`panic` says so, and a change of it is a :class:`PanicChanged`
         in :attr:`pending` for the caller to emit.
         """
-        health, admin, removing = self._health, self.admin, self.removing
-        ready = [
-            backend
-            for address, backend in self.backends.items()
-            if admin[address] is _READY and address not in removing
-        ]
-        primaries = [backend for backend in ready if not backend.backup]
-        up = [backend for backend in primaries if health[backend.address].state is _HEALTHY]
-        threshold = self.panic_threshold
-        panic = bool(threshold) and bool(primaries) and len(up) < threshold * len(primaries)
-        if panic and not up:
-            panic = not any(
-                backend.backup and health[backend.address].state is _HEALTHY for backend in ready
-            )
-        if panic:
-            eligible = tuple(primaries)
-        elif up or len(primaries) == len(ready):
-            eligible = tuple(up)
-        else:
-            eligible = tuple(
-                backend
-                for backend in ready
-                if backend.backup and health[backend.address].state is _HEALTHY
-            )
+        eligible, panic, healthy, total = self._eligible(self.ejected)
         if panic is not self.panic:
             self.panic = panic
-            self.pending.append(
-                PanicChanged(at=now, panic=panic, healthy=len(up), total=len(primaries))
-            )
+            self.pending.append(PanicChanged(at=now, panic=panic, healthy=healthy, total=total))
         if eligible == self.snapshot.backends:
             return None
         self.snapshot = Snapshot(version=self.snapshot.version + 1, backends=eligible)
         return SnapshotPublished(
             at=now, version=self.snapshot.version, addresses=self.snapshot.addresses
         )
+
+    def _eligible(self, ejected: dict[str, float]) -> tuple[tuple[Backend, ...], bool, int, int]:
+        """Who would be eligible with these backends ejected: the backends, whether
+        in panic, and how many primaries are healthy (and not ejected) of how many."""
+        health, admin, removing = self._health, self.admin, self.removing
+        ready = [
+            backend
+            for address, backend in self.backends.items()
+            if admin[address] is _READY and address not in removing
+        ]
+        up = [
+            backend
+            for backend in ready
+            if health[backend.address].state is _HEALTHY and backend.address not in ejected
+        ]
+        primaries = [backend for backend in ready if not backend.backup]
+        healthy = [backend for backend in up if not backend.backup]
+        threshold = self.panic_threshold
+        panic = bool(threshold) and bool(primaries) and len(healthy) < threshold * len(primaries)
+        if panic and not healthy:
+            panic = not up  # no primary is up: a healthy backup is better than panic
+        if panic:
+            eligible = tuple(primaries)
+        elif healthy or len(primaries) == len(ready):
+            eligible = tuple(healthy)
+        else:
+            eligible = tuple(up)  # only backups are up
+        return eligible, panic, len(healthy), len(primaries)
 
 
 def _thresholds(health: HealthConfig) -> Thresholds:

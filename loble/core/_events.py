@@ -35,11 +35,14 @@ from ._health import HealthInput, HealthState
 __all__ = [
     "Action",
     "AdminStateChanged",
+    "BackendEjected",
     "BackendForgotten",
+    "BackendReturned",
     "BackendStateChanged",
     "CloseConnection",
     "ConnectBackend",
     "ConnectFailed",
+    "ConnectRedispatched",
     "ConnectionClosed",
     "Event",
     "HealthReport",
@@ -205,6 +208,33 @@ class PanicChanged:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BackendEjected:
+    """Outlier ejection took a backend out of rotation until ``until`` (``[outlier]``).
+
+    Its health state is untouched (it is not unhealthy, and probes do not
+    bring it back): it leaves the snapshot, which follows this event, and
+    its connections already running are left alone. ``ejections`` counts
+    its ejections in a row (this one included): this one lasts that many
+    times ``base_ejection_time``, at most ``max_ejection_time``.
+    """
+
+    at: float
+    address: str
+    until: float
+    reason: str
+    ejections: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendReturned:
+    """An ejected backend's time is up: it is back in rotation if its health
+    and admin state allow (the snapshot follows if that changed it)."""
+
+    at: float
+    address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminStateChanged:
     """An operator changed a backend's admin state (see ``_admin``)."""
 
@@ -288,6 +318,22 @@ class ConnectFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectRedispatched:
+    """Connect ``attempt`` on ``backend`` was given up with no verdict: the
+    backend was judged bad while it was pending (``[outlier] redispatch_pending``).
+
+    The connection's next attempt, on another backend, is the ``ConnectBackend``
+    that follows (which abandons this one for the driver); the backend's
+    ``CONNECTION_FINISHED`` report comes between, and no failure verdict.
+    """
+
+    at: float
+    connection_id: int
+    attempt: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownStarted:
     at: float
     in_flight: int
@@ -308,12 +354,15 @@ Event = (
     | PanicChanged
     | ConnectionClosed
     | ConnectFailed
+    | ConnectRedispatched
     | ShutdownStarted
     | ShutdownFinished
     | AdminStateChanged
     | WeightChanged
     | Reconfigured
     | BackendForgotten
+    | BackendEjected
+    | BackendReturned
 )
 Output = Action | Event
 

@@ -20,7 +20,10 @@ every decision they make is made here:
   and a reload's new, already validated configuration with
   :meth:`reconfigure` (ask :meth:`next_deadline` and :meth:`timer_lead`
   again after it: the timings may have changed);
-* read :meth:`statistics` for metrics and checks.
+* read :meth:`statistics` for metrics and checks;
+* with ``[outlier] first_byte_timeout`` set (:attr:`watches_first_byte`),
+  report each connection's first bytes each way with :meth:`client_sent`
+  and :meth:`backend_sent`.
 
 Each call returns a list of outputs: actions to carry out and events to log,
 in order. Reports for a connection the core has already closed, or for an
@@ -31,6 +34,7 @@ the socket it just connected.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Collection
 from dataclasses import fields
@@ -45,6 +49,7 @@ from ._control import ControlPlane
 from ._errors import LobleError
 from ._events import ConnectionClosed, Outcome, Output, Reconfigured
 from ._hashing import hash_key
+from ._outlier import Ejection, OutlierDetector
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
 from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue
@@ -58,6 +63,10 @@ _RUNNING, _DRAINING = ProcessState.RUNNING, ProcessState.DRAINING
 _CONNECT_OK, _CONNECT_FAILED = ConnInput.CONNECT_OK, ConnInput.CONNECT_FAILED
 _CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
 _CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
+_REDISPATCH = ConnInput.REDISPATCH
+_ESTABLISHED, _CLIENT_DONE = ConnState.ESTABLISHED, ConnState.CLIENT_DONE
+_VERDICTS: dict[Outcome | None, bool] = {Outcome.BACKEND_RESET: True, Outcome.COMPLETED: False}
+"""The outcomes that are a verdict on the backend for outlier ejection: failed or not."""
 
 
 def _deadline_order(entry: tuple[float, int, Connection]) -> tuple[float, int]:
@@ -92,6 +101,19 @@ class ProxyCore:
             config.health,
         )
         self.control.panic_threshold = config.balancer.panic_threshold
+        self.control.redispatch = config.outlier.redispatch_pending
+        self.outlier = OutlierDetector(config.outlier, may_eject=self.control.may_eject)
+        """Outlier ejection's tallies and decisions (``_outlier``)."""
+        self._judging = config.outlier.detecting
+        """Whether connections' ends are verdicts (``[outlier]`` on): the one
+        test the hot path pays for the feature when it is off."""
+        self._first_byte_due: dict[int, float] = {}
+        """Connections whose backend has not answered their client's first bytes, and by when."""
+        self._first_byte_heap: list[tuple[float, int]] = []
+        self._first_byte_seen: set[int] = set()
+        """Connections whose backend sent a byte, or that were judged by its absence."""
+        self._first_byte_judged: set[int] = set()
+        """Connections judged by their backend's silence (their end is no verdict)."""
         self.balancer = balancer or _balancer_for(config, rng)
         self._keyed = getattr(self.balancer, "keyed", False)
         """Whether the balancer picks by the client's key (``KeyedBalancer``)."""
@@ -139,7 +161,7 @@ class ProxyCore:
         control = self.control
         snapshot = control.snapshot
         admin, since, probed = control.admin, control.since, control.probed
-        removing = control.removing
+        removing, ejected = control.removing, control.ejected
         backends = []
         for address, backend in control.backends.items():
             health = control.health(address)
@@ -158,6 +180,7 @@ class ProxyCore:
                     last_probe_ok=None if probe is None else probe.ok,
                     peak_connections=health.peak_connections,
                     removing=address in removing,
+                    ejected_until=ejected.get(address),
                 )
             )
         return CoreStatistics(
@@ -185,6 +208,14 @@ class ProxyCore:
         leads = [timeouts.connect, timeouts.idle, self.config.health.probe_interval]
         if shutdown_possible:
             leads.append(timeouts.drain)
+        outlier = self.config.outlier
+        if outlier.detecting:
+            # A verdict may eject: its return is due base_ejection_time on at
+            # the soonest. (The interval's tick is filed by start, reconfigure
+            # and handle_timer only, after which a driver asks again anyway.)
+            leads.append(outlier.base_ejection_time)
+        if outlier.first_byte_timeout:
+            leads.append(outlier.first_byte_timeout)  # client_sent files one
         return min(leads)
 
     def wake_bound(self, now: float, wake: float | None, *, lead: float | None = None) -> float:
@@ -204,6 +235,8 @@ class ProxyCore:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self, now: float) -> list[Output]:
+        self.outlier.fleet = len(self.control.backends)
+        self.outlier.start(now)
         return list(self.control.start(now))
 
     def accept(self, now: float, client: tuple[str, int] | None = None) -> tuple[int, list[Output]]:
@@ -262,7 +295,10 @@ class ProxyCore:
         return out
 
     def connect_failed(self, connection_id: int, attempt: int, now: float) -> list[Output]:
-        return self._attempt_input(connection_id, attempt, _CONNECT_FAILED, now)
+        out = self._attempt_input(connection_id, attempt, _CONNECT_FAILED, now)
+        if self.control.judged_bad:
+            self._redispatch(now, out)
+        return out
 
     def client_eof(self, connection_id: int, now: float) -> list[Output]:
         return self._input(connection_id, _CLIENT_EOF, now)
@@ -290,7 +326,48 @@ class ProxyCore:
             connection.touch(now)
 
     def probe_result(self, address: str, ok: bool, now: float) -> list[Output]:
-        return list(self.control.probe_result(address, ok, now))
+        out: list[Output] = list(self.control.probe_result(address, ok, now))
+        if self.control.judged_bad:
+            self._redispatch(now, out)
+        return out
+
+    # -- the first-byte timeout ([outlier] first_byte_timeout) ---------------------
+
+    @property
+    def watches_first_byte(self) -> bool:
+        """Whether :meth:`client_sent` and :meth:`backend_sent` matter (else a
+        driver need not call them: they do nothing)."""
+        return bool(self.config.outlier.first_byte_timeout)
+
+    def client_sent(self, connection_id: int, now: float) -> None:
+        """The client's first bytes were passed to the backend (later calls count nothing).
+
+        Unless the backend has sent a byte already (a protocol where the
+        server speaks first), it must send one within ``[outlier]
+        first_byte_timeout`` or that counts as a failure of the backend: a
+        verdict for outlier ejection, as a reset is. The connection is left
+        alone; its end is then no second verdict.
+        """
+        timeout = self.config.outlier.first_byte_timeout
+        if not timeout or connection_id in self._first_byte_due:
+            return
+        connection = self.connections.get(connection_id)
+        if (
+            connection is None
+            or connection.connected_at is None
+            or connection_id in self._first_byte_seen
+        ):
+            return
+        due = now + timeout
+        self._first_byte_due[connection_id] = due
+        heapq.heappush(self._first_byte_heap, (due, connection_id))
+
+    def backend_sent(self, connection_id: int, now: float) -> None:
+        """The backend's first bytes for this connection arrived (later calls count nothing)."""
+        if not self.config.outlier.first_byte_timeout or connection_id not in self.connections:
+            return
+        self._first_byte_due.pop(connection_id, None)
+        self._first_byte_seen.add(connection_id)
 
     # -- the operator and reloads ----------------------------------------------------------
 
@@ -337,6 +414,7 @@ class ProxyCore:
         old = self.config
         changed = _changed_keys(old, config)
         self.control.panic_threshold = config.balancer.panic_threshold
+        self.control.redispatch = config.outlier.redispatch_pending
         added, removed, reweighted, events = self.control.reconfigure(
             (Backend(address=b.address, weight=b.weight, backup=b.backup) for b in config.backends),
             config.health,
@@ -358,6 +436,17 @@ class ProxyCore:
             self._policy = self._make_policy(config)
             self.touch_resolution = self._policy.touch_resolution
         self.process.drain_timeout = config.timeouts.drain
+        outlier = self.outlier
+        for address in removed:
+            outlier.forget(address)
+        outlier.fleet = len(self.control.backends) - len(self.control.removing)
+        outlier.configure(config.outlier, now)
+        self._judging = config.outlier.detecting
+        if not config.outlier.first_byte_timeout:
+            self._first_byte_due.clear()
+            self._first_byte_heap.clear()
+            self._first_byte_seen.clear()
+            self._first_byte_judged.clear()
         self._lead = self.timer_lead()
         for address in added:
             self._removal_deadlines.pop(address, None)
@@ -396,6 +485,11 @@ class ProxyCore:
             candidates.append(min(self._removal_deadlines.values()))
         if self.process.deadline is not None:
             candidates.append(self.process.deadline)
+        outlier = self.outlier.deadline
+        if outlier is not None:
+            candidates.append(outlier)
+        if self._first_byte_heap:
+            candidates.append(self._first_byte_heap[0][0])  # perhaps stale: early is harmless
         return min(candidates) if candidates else None
 
     def handle_timer(self, now: float) -> list[Output]:
@@ -427,6 +521,13 @@ class ProxyCore:
             self._settle(connection, now, out)
         if self._removal_deadlines:
             self._cut_removed(now, out)
+        if self._first_byte_heap and self._first_byte_heap[0][0] <= now:
+            self._first_byte_timeouts(now, out)
+        outlier = self.outlier.deadline
+        if outlier is not None and outlier <= now:
+            self._outlier_timer(now, out)
+        if self.control.judged_bad:
+            self._redispatch(now, out)
         out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
         if deadline is not None and deadline <= now:
@@ -444,6 +545,86 @@ class ProxyCore:
             connect_retries=config.balancer.connect_retries,
             report=self.control.report if self.health_reports else self.control.judge,
         )
+
+    def _judge(self, connection: Connection, now: float, out: list[Output]) -> None:
+        """A closed connection's verdict on its backend, for outlier ejection."""
+        if self._first_byte_seen or self._first_byte_due:  # watching first bytes
+            connection_id = connection.connection_id
+            self._first_byte_due.pop(connection_id, None)
+            self._first_byte_seen.discard(connection_id)
+            if connection_id in self._first_byte_judged:
+                self._first_byte_judged.discard(connection_id)
+                return  # judged by its backend's silence already: one verdict each
+        failed = _VERDICTS.get(connection.outcome)
+        backend = connection.backend
+        if failed is None or backend is None:
+            return
+        self._verdict(backend.address, failed, now, out)
+
+    def _verdict(self, address: str, failed: bool, now: float, out: list[Output]) -> None:
+        control = self.control
+        if address in control.removing or address not in control.backends:
+            return  # removed by a reload (or forgotten since): nothing to take out
+        ejection = self.outlier.record(address, failed, now)
+        if ejection is not None:
+            self._eject(ejection, now, out)
+
+    def _eject(self, ejection: Ejection, now: float, out: list[Output]) -> None:
+        out.extend(
+            self.control.eject(
+                ejection.address, ejection.until, ejection.reason, ejection.ejections, now
+            )
+        )
+        if self.control.judged_bad:
+            self._redispatch(now, out)
+
+    def _outlier_timer(self, now: float, out: list[Output]) -> None:
+        """Returns whose time is up, then the interval's verdicts if it is over."""
+        outlier = self.outlier
+        control = self.control
+        for address in outlier.due(now):
+            out.extend(control.restore(address, now))
+        tick = outlier.next_tick
+        if tick is not None and tick <= now:
+            order = [a for a in control.backends if a not in control.removing]
+            for ejection in outlier.tick(now, order):
+                self._eject(ejection, now, out)
+
+    def _first_byte_timeouts(self, now: float, out: list[Output]) -> None:
+        """Connections whose backend stayed silent too long after their client spoke."""
+        heap, due_at = self._first_byte_heap, self._first_byte_due
+        while heap and heap[0][0] <= now:
+            due, connection_id = heapq.heappop(heap)
+            if due_at.get(connection_id) != due:
+                continue  # answered, closed, or re-filed
+            del due_at[connection_id]
+            connection = self.connections.get(connection_id)
+            if connection is None or connection.backend is None:
+                continue
+            self._first_byte_seen.add(connection_id)
+            if connection.state is not _ESTABLISHED and connection.state is not _CLIENT_DONE:
+                continue  # the backend sent its EOF: an answer, not silence
+            self._first_byte_judged.add(connection_id)
+            self._verdict(connection.backend.address, True, now, out)
+
+    def _redispatch(self, now: float, out: list[Output]) -> None:
+        """Move the connects pending on backends judged bad to other backends."""
+        control = self.control
+        judged = control.judged_bad
+        while judged:
+            address = judged.pop(0)
+            if any(backend.address == address for backend in control.snapshot.backends):
+                continue  # still in rotation (panic): the connect may as well wait
+            pending = [
+                connection
+                for connection in self.connections.values()
+                if connection.state is _CONNECTING
+                and connection.backend is not None
+                and connection.backend.address == address
+            ]
+            for connection in pending:
+                connection.handle_into(_REDISPATCH, now, out)
+                self._settle(connection, now, out)
 
     def _cut_removed(self, now: float, out: list[Output]) -> None:
         """Cut what still runs on removed backends whose removal deadline passed."""
@@ -547,6 +728,8 @@ class ProxyCore:
         """
         if connection.state is _CLOSED:
             del self.connections[connection.connection_id]
+            if self._judging:
+                self._judge(connection, now, out)
             if self.process.state is _DRAINING and not self.connections:
                 out.extend(self._carry_out(self.process.handle(ProcessInput.IDLE, now, 0), now))
         else:
@@ -583,6 +766,9 @@ class ProxyCore:
             for connection in connections:
                 connection.handle_into(ConnInput.CUT, now, out)
             self.cut_count += len(connections)
+            self._first_byte_due.clear()
+            self._first_byte_seen.clear()
+            self._first_byte_judged.clear()
         out.extend(step.outputs)
         return out
 

@@ -41,6 +41,8 @@ class BackendStatistics:
     """The most ``active_connections`` at once since start."""
     removing: bool = False
     """A reload removed it; it still carries connections and is forgotten when they end."""
+    ejected_until: float | None = None
+    """Outlier ejection took it out of rotation until then (``[outlier]``); None if not."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
