@@ -875,9 +875,7 @@ class Simulation:
         monitor = self.monitor
         monitor.connection_closed(event, now)
         connection_id = event.connection_id
-        entry = self._client_of.pop(connection_id, None)
-        if entry is None:
-            return
+        entry = self._client_of.pop(connection_id)  # every connection is a client's here
         gave_up = connection_id in self._gave_up
         if gave_up:
             del self._gave_up[connection_id]
@@ -923,7 +921,7 @@ class Simulation:
                     continue  # a change of rate
                 self.clients += 1
                 client, attempt = self.clients, 1
-            elif heap:
+            elif heap and heap[0][0] <= horizon:  # later ones are still due at the end
                 event = heapq.heappop(heap)
                 self.retrying -= 1
                 self.retried += 1
@@ -931,10 +929,6 @@ class Simulation:
             else:
                 break
             now = event[0]
-            if now > horizon:
-                if attempt > 1:
-                    self.retrying += 1  # still to come when the run ends
-                break
             self.arrived += 1
             self.refused_after_stop += 1
             if times:
@@ -979,13 +973,9 @@ class Simulation:
     def _shutdown_write(self, action: ShutdownWrite, now: float) -> None:
         # One side sent EOF; the other finishes what it was sending and closes.
         if action.side is _SIDE_BACKEND:
-            socket = self._sockets.get(action.connection_id)
-            if socket is None:  # not established: cannot be, but the network's round trip then
-                at = now + self._latency()
-            else:
-                backend = socket[0]
-                delay = backend.delay if backend.behaviour == _SLOW else 0.0
-                at = now + backend.latency() + delay
+            backend = self._sockets[action.connection_id][0]  # established, or no EOF to shut
+            delay = backend.delay if backend.behaviour == _SLOW else 0.0
+            at = now + backend.latency() + delay
             kind = _BACKEND_EOF
         else:
             at, kind = now + self._latency(), _CLIENT_EOF
