@@ -350,11 +350,22 @@ def test_a_swarm_composes_with_drawn_faults() -> None:
 # -- the shipped scenarios run as before -----------------------------------------
 
 
-@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+WORLD_SCENARIOS = ("client-retries", "keepalive-requests", "random-failures")
+"""The shipped scenarios that show the new keys (tests/sim/test_world_engine.py)."""
+TODAYS = [path for path in SCENARIOS if path.stem not in WORLD_SCENARIOS]
+
+
+def test_the_world_scenarios_are_shipped() -> None:
+    assert sorted(set(p.stem for p in SCENARIOS) & set(WORLD_SCENARIOS)) == list(WORLD_SCENARIOS)
+    assert len(TODAYS) >= 10
+
+
+@pytest.mark.parametrize("path", TODAYS, ids=[p.stem for p in TODAYS])
 def test_a_shipped_scenario_is_todays_world(path: Path) -> None:
-    """No shipped scenario sets a new key, so each runs as it did before them:
-    every new field has its default, there is nothing to draw, and the
-    report of a run is the same with or without :func:`with_drawn_faults`."""
+    """No other shipped scenario sets a new key, so each runs as it did
+    before them: every new field has its default, there is nothing to draw,
+    and the report of a run is the same with or without
+    :func:`with_drawn_faults`."""
     loaded = load_scenario(path)
     new_defaults = SimConfig()
     for name in ("service", "backends", "fault_processes", "drawn_faults", "timer_jitter"):
