@@ -110,6 +110,9 @@ class ProxyCore:
         self._first_byte_due: dict[int, float] = {}
         """Connections whose backend has not answered their client's first bytes, and by when."""
         self._first_byte_heap: list[tuple[float, int]] = []
+        self._outlier_due: float | None = None
+        """The earliest of the detector's deadline and the first-byte watches'
+        (perhaps early: a stale watch), kept in one field for next_deadline."""
         self._first_byte_seen: set[int] = set()
         """Connections whose backend sent a byte, or that were judged by its absence."""
         self._first_byte_judged: set[int] = set()
@@ -237,6 +240,7 @@ class ProxyCore:
     def start(self, now: float) -> list[Output]:
         self.outlier.fleet = len(self.control.backends)
         self.outlier.start(now)
+        self._refresh_outlier_due()
         return list(self.control.start(now))
 
     def accept(self, now: float, client: tuple[str, int] | None = None) -> tuple[int, list[Output]]:
@@ -361,6 +365,7 @@ class ProxyCore:
         due = now + timeout
         self._first_byte_due[connection_id] = due
         heapq.heappush(self._first_byte_heap, (due, connection_id))
+        self._refresh_outlier_due()
 
     def backend_sent(self, connection_id: int, now: float) -> None:
         """The backend's first bytes for this connection arrived (later calls count nothing)."""
@@ -447,6 +452,7 @@ class ProxyCore:
             self._first_byte_heap.clear()
             self._first_byte_seen.clear()
             self._first_byte_judged.clear()
+        self._refresh_outlier_due()
         self._lead = self.timer_lead()
         for address in added:
             self._removal_deadlines.pop(address, None)
@@ -485,11 +491,9 @@ class ProxyCore:
             candidates.append(min(self._removal_deadlines.values()))
         if self.process.deadline is not None:
             candidates.append(self.process.deadline)
-        outlier = self.outlier.deadline
+        outlier = self._outlier_due
         if outlier is not None:
             candidates.append(outlier)
-        if self._first_byte_heap:
-            candidates.append(self._first_byte_heap[0][0])  # perhaps stale: early is harmless
         return min(candidates) if candidates else None
 
     def handle_timer(self, now: float) -> list[Output]:
@@ -521,9 +525,7 @@ class ProxyCore:
             self._settle(connection, now, out)
         if self._removal_deadlines:
             self._cut_removed(now, out)
-        if self._first_byte_heap and self._first_byte_heap[0][0] <= now:
-            self._first_byte_timeouts(now, out)
-        outlier = self.outlier.deadline
+        outlier = self._outlier_due
         if outlier is not None and outlier <= now:
             self._outlier_timer(now, out)
         if self.control.judged_bad:
@@ -570,6 +572,7 @@ class ProxyCore:
             self._eject(ejection, now, out)
 
     def _eject(self, ejection: Ejection, now: float, out: list[Output]) -> None:
+        self._refresh_outlier_due()  # its return is due
         out.extend(
             self.control.eject(
                 ejection.address, ejection.until, ejection.reason, ejection.ejections, now
@@ -579,7 +582,10 @@ class ProxyCore:
             self._redispatch(now, out)
 
     def _outlier_timer(self, now: float, out: list[Output]) -> None:
-        """Returns whose time is up, then the interval's verdicts if it is over."""
+        """First bytes overdue, returns whose time is up, then the interval's
+        verdicts if it is over."""
+        if self._first_byte_heap and self._first_byte_heap[0][0] <= now:
+            self._first_byte_timeouts(now, out)
         outlier = self.outlier
         control = self.control
         for address in outlier.due(now):
@@ -589,6 +595,14 @@ class ProxyCore:
             order = [a for a in control.backends if a not in control.removing]
             for ejection in outlier.tick(now, order):
                 self._eject(ejection, now, out)
+        self._refresh_outlier_due()
+
+    def _refresh_outlier_due(self) -> None:
+        due = self.outlier.deadline
+        heap = self._first_byte_heap
+        if heap and (due is None or heap[0][0] < due):
+            due = heap[0][0]
+        self._outlier_due = due
 
     def _first_byte_timeouts(self, now: float, out: list[Output]) -> None:
         """Connections whose backend stayed silent too long after their client spoke."""

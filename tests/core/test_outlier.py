@@ -744,3 +744,80 @@ def test_a_shutdown_cut_and_a_reload_clear_the_watches() -> None:
     proxy.shutdown(2.0)
     proxy.shutdown(2.0)  # a second one cuts at once
     assert proxy._first_byte_due == {}
+
+
+# -- the drivers' promise: no call files a timer sooner than timer_lead ------------------------
+
+
+@given(st.integers(min_value=0, max_value=2**32), st.booleans())
+def test_no_call_but_handle_timer_brings_the_next_deadline_inside_the_lead(
+    seed: int, redispatch: bool
+) -> None:
+    document = {
+        "timeouts": {"connect": 0.5},
+        "health": {"failure_threshold": 1, "probe_interval": 0.6, "probe_timeout": 0.1},
+        "outlier": {
+            "consecutive_resets": 2,
+            "failure_rate": 0.2,
+            "minimum_connections": 3,
+            "interval": 0.25,
+            "base_ejection_time": 0.4,
+            "first_byte_timeout": 0.3,
+            "max_ejection_percent": 50,
+            "redispatch_pending": redispatch,
+        },
+        "backends": [{"address": a} for a in FLEET],
+    }
+    proxy = ProxyCore(parse_config(document), random.Random(seed))
+    proxy.start(0.0)
+    lead = proxy.timer_lead(shutdown_possible=False)
+    assert lead == 0.3
+    draw = random.Random(seed)
+    pending: dict[int, int] = {}
+    probes: list[str] = []
+
+    def take(outputs: list[Output] | None) -> None:
+        for output in outputs or ():
+            if isinstance(output, ConnectBackend):
+                pending[output.connection_id] = output.attempt
+            elif isinstance(output, ProbeBackend):
+                probes.append(output.backend.address)
+
+    now = 0.0
+    wake = proxy.next_deadline()
+    for _ in range(400):
+        now += draw.expovariate(40.0)
+        if wake is not None and wake <= now:
+            take(proxy.handle_timer(now))
+            wake = proxy.next_deadline()
+            continue
+        roll = draw.random()
+        open_ids = [c for c in proxy.connections if c not in pending]
+        if roll < 0.3:
+            take(proxy.accept(now)[1])
+        elif roll < 0.55 and pending:
+            connection_id = draw.choice(sorted(pending))
+            attempt = pending.pop(connection_id)
+            if connection_id not in proxy.connections:
+                continue
+            if draw.random() < 0.3:
+                take(proxy.connect_failed(connection_id, attempt, now))
+            else:
+                take(proxy.connected(connection_id, attempt, now))
+        elif roll < 0.85 and open_ids:
+            connection_id = draw.choice(open_ids)
+            kind = draw.random()
+            if kind < 0.3:
+                proxy.client_sent(connection_id, now)
+            elif kind < 0.45:
+                proxy.backend_sent(connection_id, now)
+            elif kind < 0.75:
+                take(proxy.backend_error(connection_id, now))
+            else:
+                take(proxy.client_error(connection_id, now))
+        elif probes:
+            take(proxy.probe_result(probes.pop(0), draw.random() < 0.5, now))
+        new = proxy.next_deadline()
+        bound = now + lead if wake is None else min(wake, now + lead)
+        assert new is None or new >= bound, (new, bound)
+        wake = new
