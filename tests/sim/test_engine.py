@@ -173,10 +173,10 @@ def test_a_balancer_that_ignores_exclude_fails_bounded_retries() -> None:
     report = build_report(Simulation(scenario(sim_faults=[fault]), 1, balancer=_Forgetful).run())
     assert not report["ok"]
     failed = {row["name"]: row["first"] for row in report["invariants"] if not row["held"]}
-    # The retry to the backend that just refused is caught first; the core
-    # then refuses to start a connection on a backend out of rotation.
+    # The retry to the backend that just refused is caught, and so is the
+    # connection it starts on a backend out of rotation.
     assert "retries 10.9.0.1:80, already tried (10.9.0.1:80)" in failed["bounded retries"][0]
-    assert "CONNECTION_STARTED when state=UNHEALTHY" in failed["core accepted every input"][0]
+    assert "a connection started on 10.9.0.1:80 while UNHEALTHY" in failed["safe draining"][0]
 
 
 def test_flapping_alternates() -> None:

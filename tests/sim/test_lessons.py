@@ -278,7 +278,7 @@ def test_a_balancer_of_ones_own_is_checked_and_its_bug_caught(tmp_path: Path) ->
     forgetful = shown(page, "python docs/lessons/own-balancer/run.py Forgetful")
     assert "capacity.toml: 10 runs, every invariant held" in forgetful
     # The step it fails at is the one the draining lesson reads.
-    step = re.findall(r"drain.toml: .*\n(?:.*\n)*?.*step (\d+) .*when state=DRAINING", forgetful)
+    step = re.findall(r"drain.toml: .*\n(?:.*\n)*?.*step (\d+) .*while DRAINING", forgetful)
     assert step and f"grep '\"step\":{step[0]},'" in (LESSONS / "drain.md").read_text()
     # "drop the exclude parameter from pick and mypy says so"
     folder = tmp_path / "own-balancer"

@@ -368,7 +368,7 @@ def test_ignoring_connect_retries_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_retry_to_a_backend_already_tried_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    def pick_any(self: ProxyCore, exclude: object) -> Backend | None:
+    def pick_any(self: ProxyCore, exclude: object, key: object, now: float) -> Backend | None:
         return self.balancer.pick(self.control.snapshot, self.control.active_connections, ())
 
     monkeypatch.setattr(ProxyCore, "_pick", pick_any)
