@@ -2,7 +2,7 @@
 
 Not a test: run it by hand, ``python bench/sim_speed.py`` (``--minutes 5``
 for a quick look, ``--profile`` for the hot spots, ``--core`` to time the
-core alone). It runs one fixed scenario,
+core alone, ``--floor`` the bare event loop). It runs one fixed scenario,
 100 backends, 1,000 Poisson connections per second for one hour of simulated
 time, a crash and a recovery every 5 minutes and a blackhole every 15,
 with every invariant checked at every step, then the same arrival and duration
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import heapq
+import itertools
 import pstats
 import random
 import statistics
@@ -102,7 +104,8 @@ def run_core(connections: int, seed: int) -> float:
     ``next_deadline``, on the benchmark's fleet: no world, no heap, no checks.
     """
     config = parse_scenario(scenario_document(1.0), name="bench").config
-    core = ProxyCore(config, random.Random(seed))
+    # As both drivers run it: no HealthReport objects (they read them from the actions).
+    core = ProxyCore(config, random.Random(seed), health_reports=False)
     core.start(0.0)
     now = 0.0
     started = time.perf_counter()
@@ -117,6 +120,48 @@ def run_core(connections: int, seed: int) -> float:
     return (time.perf_counter() - started) / connections * 1e6
 
 
+def run_floor(connections: int, seed: int) -> float:
+    """The event loop alone: microseconds per connection, nothing decided or checked.
+
+    Four heap events a connection, as the simulator has them (the arrival,
+    the connect's answer, the first end of stream, the second), each popped
+    and handed to a handler that schedules the next: the least a discrete-event
+    loop in CPython pays for this world, before any core call or check.
+    """
+    rng = random.Random(seed)
+    heap: list[tuple[float, int, int, int]] = []
+    sequence = itertools.count().__next__
+    gap, hold = rng.expovariate, rng.expovariate
+    push, pop = heapq.heappush, heapq.heappop
+
+    def answer(event: tuple[float, int, int, int]) -> None:
+        push(heap, (event[0] + 0.001, sequence(), 2, event[3]))
+
+    def established(event: tuple[float, int, int, int]) -> None:
+        push(heap, (event[0] + hold(1.0 / MEAN_DURATION), sequence(), 3, event[3]))
+
+    def first_end(event: tuple[float, int, int, int]) -> None:
+        push(heap, (event[0] + 0.001, sequence(), 4, event[3]))
+
+    def second_end(event: tuple[float, int, int, int]) -> None:
+        pass
+
+    handlers = (None, answer, established, first_end, second_end)
+    arrival = (gap(RATE), sequence(), 1, 0)
+    count = 0
+    started = time.perf_counter()
+    while True:
+        if heap and heap[0] < arrival:
+            event = pop(heap)
+        else:
+            event, count = arrival, count + 1
+            if count > connections:
+                break
+            arrival = (event[0] + gap(RATE), sequence(), 1, count)
+        handlers[event[2]](event)  # type: ignore[misc]
+    return (time.perf_counter() - started) / connections * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
@@ -126,7 +171,19 @@ def main() -> None:
     parser.add_argument(
         "--core", action="store_true", help="time the core alone (no world, heap or checks)"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="time the bare event loop (four heap events a connection, no decision)",
+    )
     args = parser.parse_args()
+    if args.floor:
+        per_connection = min(run_floor(300_000, args.seed) for _ in range(3))
+        print(
+            f"event loop alone: {per_connection:.2f} us per connection "
+            f"({1e6 / per_connection:,.0f} connections/s)"
+        )
+        return
     if args.core:
         per_connection = run_core(200_000, args.seed)
         print(
