@@ -18,8 +18,11 @@ from typing import Any
 from loble.core import (
     AdminState,
     AdminStateChanged,
+    BackendEjected,
+    BackendReturned,
     BackendStateChanged,
     ConnectionClosed,
+    ConnectRedispatched,
     HealthState,
     LoggingConfig,
     Outcome,
@@ -69,6 +72,9 @@ class Journal:
             BackendStateChanged: self._state_changed,
             SnapshotPublished: self._snapshot,
             PanicChanged: self._panic,
+            BackendEjected: self._ejected,
+            BackendReturned: self._returned,
+            ConnectRedispatched: self._redispatched,
             ShutdownStarted: self._shutdown_started,
             ShutdownFinished: self._shutdown_finished,
         }
@@ -172,6 +178,33 @@ class Journal:
             old=output.old.value,
             new=output.new.value,
             reason=output.reason,
+        )
+
+    def _ejected(self, output: BackendEjected) -> None:
+        log(
+            self.logger,
+            logging.WARNING,
+            "backend ejected: outlier",
+            backend=output.address,
+            reason=output.reason,
+            until_seconds=round(output.until - output.at, 3),
+            ejections=output.ejections,
+        )
+
+    def _returned(self, output: BackendReturned) -> None:
+        log(self.logger, logging.INFO, "backend returned from ejection", backend=output.address)
+
+    def _redispatched(self, output: ConnectRedispatched) -> None:
+        # One line per client moved (debug): the warning is the ejection or
+        # the health change that caused it; the count is a metric, and the
+        # access log's attempts and tried fields show it per connection.
+        log(
+            self.logger,
+            logging.DEBUG,
+            "connect redispatched",
+            connection=output.connection_id,
+            backend=output.backend,
+            attempt=output.attempt,
         )
 
     def _snapshot(self, output: SnapshotPublished) -> None:

@@ -50,10 +50,12 @@ from starlette.routing import Route
 from loble import __version__
 from loble.core import (
     AdminState,
+    BackendEjected,
     BackendStateChanged,
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectRedispatched,
     HealthState,
     Outcome,
     ProcessState,
@@ -100,6 +102,19 @@ class Metrics:
             "loble_connect_failures",
             "Connect attempts that failed, by backend and reason (refused or timeout).",
             ("backend", "reason"),
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "loble_outlier_ejections",
+            "Outlier ejections ([outlier]), by backend.",
+            ("backend",),
+            registry=registry,
+        )
+        self.redispatched = Counter(
+            "loble_connect_redispatched",
+            "Pending connects given up because their backend was judged bad, by that "
+            "backend ([outlier] redispatch_pending): each is retried on another.",
+            ("backend",),
             registry=registry,
         )
         self.accepted = Counter(
@@ -176,6 +191,8 @@ class Metrics:
             ConnectBackend: self._record_connect,
             BackendStateChanged: self._record_transition,
             Reconfigured: self._record_reload,
+            BackendEjected: self._record_ejection,
+            ConnectRedispatched: self._record_redispatch,
         }
         self._byte_counters: dict[str, tuple[_Count, _Count]] = {}
         self._accepted: dict[str, Any] = {}
@@ -184,6 +201,8 @@ class Metrics:
 
     def _start_series(self, address: str) -> None:
         self.retries.labels(address)
+        self.ejections.labels(address)
+        self.redispatched.labels(address)
         for reason in ("refused", "timeout"):
             self.connect_failures.labels(address, reason)
         for result in ("success", "failure"):
@@ -264,6 +283,12 @@ class Metrics:
     def _record_reload(self, output: Reconfigured) -> None:
         for address in output.added:
             self._start_series(address)
+
+    def _record_ejection(self, output: BackendEjected) -> None:
+        self.ejections.labels(output.address).inc()
+
+    def _record_redispatch(self, output: ConnectRedispatched) -> None:
+        self.redispatched.labels(output.backend).inc()
 
     def _record_connect(self, output: ConnectBackend) -> None:
         if output.attempt > 1:
@@ -468,6 +493,11 @@ class _CoreCollector:
             "1 for the admin state each backend is in (ready, drain, maint), 0 for the others.",
             labels=("backend", "state"),
         )
+        ejected = GaugeMetricFamily(
+            "loble_backend_ejected",
+            "1 while outlier ejection keeps each backend out of rotation ([outlier]), else 0.",
+            labels=("backend",),
+        )
         age = GaugeMetricFamily(
             "loble_backend_state_age_seconds",
             "Seconds since each backend's health state last changed (since start if never).",
@@ -477,6 +507,7 @@ class _CoreCollector:
         now = clock() if clock is not None else None
         for backend in stats.backends:
             weight.add_metric((backend.address,), backend.weight)
+            ejected.add_metric((backend.address,), float(backend.ejected_until is not None))
             for admin_state in AdminState:
                 admin.add_metric(
                     (backend.address, admin_state.value), float(backend.admin is admin_state)
@@ -486,6 +517,7 @@ class _CoreCollector:
                 age.add_metric((backend.address,), max(0.0, now - since))
         yield weight
         yield admin
+        yield ejected
         yield age
         active = GaugeMetricFamily(
             "loble_backend_active_connections",

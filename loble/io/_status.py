@@ -2,9 +2,10 @@
 
 One JSON-ready dict built from the core's :meth:`~loble.core.ProxyCore.statistics`
 (states, admin states, weights, active and peak connections, last change
-and last probe) and the daemon's metrics (connections by outcome, bytes),
-with the process around them. Times the core keeps on its own clock become
-ages in seconds, which mean the same to every reader.
+and last probe, how long an outlier ejection still lasts) and the daemon's
+metrics (connections by outcome, bytes), with the process around them.
+Times the core keeps on its own clock become ages in seconds, which mean
+the same to every reader.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def status_document(
                 "last_probe_ok": backend.last_probe_ok,
                 "last_probe_seconds": _age(now, backend.last_probe_at),
                 "removing": backend.removing,
+                "ejected_for_seconds": _until(now, backend.ejected_until),
                 **figures,
             }
         )
@@ -65,6 +67,11 @@ def status_document(
         "eligible": list(stats.eligible),
         "backends": backends,
     }
+
+
+def _until(now: float, at: float | None) -> float | None:
+    """Seconds from ``now`` to ``at`` (an ejection's end), None if none."""
+    return None if at is None else round(max(0.0, at - now), 3)
 
 
 def _age(now: float, at: float | None) -> float | None:
