@@ -97,6 +97,9 @@ Handler = Callable[[Any], object]
 _EOF = Pumped.EOF
 _SOURCE_ERROR = Pumped.SOURCE_ERROR
 _CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
+_CLIENT_SPOKE, _BACKEND_SPOKE = 1, 2
+"""Bits of :attr:`Link.first_bytes`: whose first bytes the core was told of."""
+_BOTH_SPOKE = _CLIENT_SPOKE | _BACKEND_SPOKE
 
 RESOURCE_WARNING_INTERVAL = 1.0
 """Seconds between two warnings that connects found no socket (one per second at most)."""
@@ -245,6 +248,10 @@ class Conductor(Generic[LinkT]):
         self._connected_hooks = tuple(listener.backend_connected for listener in listeners)
         self._dropped_hooks = tuple(listener.link_dropped for listener in listeners)
         self._probed_hooks = tuple(listener.probed for listener in listeners)
+        self.active: Callable[[LinkT], None] = self._active
+        """Bytes moved on a link (:class:`Reports`): :meth:`_active`, or with the
+        first-byte timeout on, :meth:`_active_watching`."""
+        self._watch_first_bytes(core.watches_first_byte)
         self.path = make_path(self)
 
     # -- from the lifecycle ------------------------------------------------------------
@@ -296,6 +303,7 @@ class Conductor(Generic[LinkT]):
         outputs = self.core.reconfigure(config, self.now())
         self._touch_resolution = self.core.touch_resolution
         self._proxy_config(config)
+        self._watch_first_bytes(self.core.watches_first_byte)
         self._carry_out(outputs)
         self._wake()
         self._set_max_connections(config.listener.max_connections)
@@ -432,12 +440,48 @@ class Conductor(Generic[LinkT]):
         else:
             self._carry_out(core.backend_error(link.connection_id, self.now()))
 
-    def active(self, link: LinkT) -> None:
+    def _active(self, link: LinkT) -> None:
         """Bytes moved: push the idle deadline back, at most once per touch resolution."""
         now = self.now()
         if now >= link.touch_due:
             link.touch_due = now + self._touch_resolution
             self.core.touch(link.connection_id, now)
+
+    def _active_watching(self, link: LinkT) -> None:
+        """:meth:`_active`, and the first bytes each way told to the core
+        (``[outlier] first_byte_timeout``: ``client_sent``, ``backend_sent``).
+
+        The data paths call :attr:`active` whenever a copy wrote bytes, with
+        any copy method, so this sees the first write each way. It is
+        :attr:`active` only while the core watches first bytes: with the
+        timeout off, connections pay nothing for it.
+        """
+        seen = link.first_bytes
+        if seen != _BOTH_SPOKE:
+            now = self.now()
+            core = self.core
+            if not seen & _CLIENT_SPOKE and link.to_backend is not None and link.to_backend.total:
+                seen |= _CLIENT_SPOKE
+                core.client_sent(link.connection_id, now)  # files a deadline
+                timer = self.timer
+                if timer is not None:
+                    bound = core.wake_bound(now, timer.deadline)
+                    if bound < timer.deadline:
+                        timer.deadline = bound
+            if not seen & _BACKEND_SPOKE and link.to_client is not None and link.to_client.total:
+                seen |= _BACKEND_SPOKE
+                core.backend_sent(link.connection_id, now)
+            link.first_bytes = seen
+        self._active(link)
+
+    def _watch_first_bytes(self, watching: bool) -> None:
+        """Make :attr:`active` tell the core of first bytes, or not (start, reload)."""
+        if watching and getattr(self, "active", None) != self._active_watching:
+            # Connections already running were not watched from their start:
+            # they never will be (their backend may have spoken long ago).
+            for link in self.links.values():
+                link.first_bytes = _BOTH_SPOKE
+        self.active = self._active_watching if watching else self._active
 
     def released(self, link: LinkT) -> None:
         if link.released:

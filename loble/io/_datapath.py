@@ -122,6 +122,7 @@ class Link:
         "client",
         "connection_id",
         "ended",
+        "first_bytes",
         "listener",
         "peer_address",
         "proxy_protocol",
@@ -154,6 +155,9 @@ class Link:
         self.to_client: OneWay | None = None
         self.touch_due = 0.0
         """When activity is next worth telling the core (``ProxyCore.touch_resolution``)."""
+        self.first_bytes = 0
+        """With ``[outlier] first_byte_timeout``: which sides' first bytes the core
+        was told of (:data:`CLIENT_SPOKE`, :data:`BACKEND_SPOKE`); untouched otherwise."""
 
     def join(self, backend: socket.socket, address: str, pool: BufferPool) -> None:
         """The backend connected: build the two directions between the sockets."""
