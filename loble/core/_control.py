@@ -407,7 +407,16 @@ class ControlPlane:
                         timeout=self.health_config.probe_timeout,
                     )
                 )
-            self._schedule_probe(address, now)
+            # From when it was due, not when the timer fired: a driver's timer
+            # fires a little late (an event loop's wake-up, up to a millisecond),
+            # and filed from `now` every probe would add that to the schedule,
+            # bringing a backend back later and later (0.75-1 ms a probe, seen
+            # against the simulator). Late by a whole interval: from now.
+            following = due + self.health_config.probe_interval
+            if following > now:
+                self._file_probe(address, following)
+            else:
+                self._schedule_probe(address, now)
         return probes
 
     # -- internals ---------------------------------------------------------------
