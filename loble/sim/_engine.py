@@ -144,17 +144,21 @@ from typing import Any, Protocol
 from loble.core import (
     AdminInput,
     AdminStateChanged,
+    BackendEjected,
     BackendForgotten,
+    BackendReturned,
     BackendStateChanged,
     Balancer,
     CloseConnection,
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectRedispatched,
     HealthReport,
     LobleError,
     Outcome,
     Output,
+    PanicChanged,
     ProbeBackend,
     ProxyCore,
     Reconfigured,
@@ -206,6 +210,7 @@ _ARRIVALS_END = 11
 _OPERATION = 12
 _GIVE_UP = 13
 _RETRY = 14
+_FIRST_BYTE = 15
 EVENT_NAMES = (
     "arrival",
     "connect_ok",
@@ -222,6 +227,7 @@ EVENT_NAMES = (
     "operation",
     "give_up",
     "retry",
+    "first_byte",
 )
 _ADMIN_INPUTS = {
     "drain": AdminInput.DRAIN,
@@ -493,6 +499,10 @@ class Simulation:
             WeightChanged: monitor.weight_changed,
             Reconfigured: self._reconfigured,
             BackendForgotten: monitor.forgotten,
+            PanicChanged: monitor.panic_changed,
+            BackendEjected: monitor.backend_ejected,
+            BackendReturned: monitor.backend_returned,
+            ConnectRedispatched: monitor.connect_redispatched,
         }
         self.recorder = recorder
         if recorder is not None:
@@ -504,14 +514,27 @@ class Simulation:
         # A key left unset keeps the handler it always had: not a branch more
         # per connection (the variants are chosen here, once).
         requests = self._requests is not None
+        # Client addresses, for hashing: a generator of their own, so the
+        # run's own draws stay as they were.
+        self.population = clients.population
+        self._address_rng = random.Random(f"loble-clients:{seed}")
+        self._address_of: dict[int, str] = {}
+        """Followed clients still trying: the address their retries reuse."""
+        self._watches = self.core.watches_first_byte
+        on_arrival = self._on_arrival if not self.population else self._on_hashed_arrival
+        on_connect_ok = self._on_connect_ok_requests if requests else self._on_connect_ok
+        on_touch = self._on_request_touch if requests else self._on_touch
+        if self._watches:
+            self._plain_connect_ok = on_connect_ok
+            on_connect_ok = self._on_connect_ok_watched
         self._handlers: tuple[Callable[[tuple[Any, ...], float], None], ...] = (
-            self._on_client_arrival if self.clients_model else self._on_arrival,
-            self._on_connect_ok_requests if requests else self._on_connect_ok,
+            self._on_client_arrival if self.clients_model else on_arrival,
+            on_connect_ok,
             self._on_connect_refused,
             self._on_client_eof,
             self._on_backend_eof,
             self._on_backend_reset,
-            self._on_request_touch if requests else self._on_touch,
+            on_touch,
             self._on_probe_result,
             self._on_fault,
             self._on_fault_end,
@@ -520,6 +543,7 @@ class Simulation:
             self._on_operation,
             self._on_give_up,
             self._on_retry,
+            self._on_first_byte,
         )
 
     @property
@@ -800,6 +824,25 @@ class Simulation:
                 dispatch[type(output)](output, now)
         self._next_arrival(now)
 
+    def _client(self, address: str | None = None) -> tuple[str, int]:
+        """A client's address and a fresh source port (``[sim.clients] population``)."""
+        rng = self._address_rng
+        if address is None:
+            index = rng.randrange(self.population)
+            address = f"198.18.{index >> 8}.{index & 255}"
+        return address, rng.randrange(32768, 61000)
+
+    def _on_hashed_arrival(self, event: tuple[Any, ...], now: float) -> None:
+        """:meth:`_on_arrival` with a population: the core is told who the client is."""
+        if event[3]:
+            self.arrived += 1
+            client = self._client()
+            connection_id, outputs = self.core.accept(now, client=client)
+            self.monitor.client_address[connection_id] = client[0]
+            self.monitor.accepted_connection(connection_id, outputs)
+            self._apply(outputs, now)
+        self._next_arrival(now)
+
     def _next_arrival(self, now: float) -> None:
         """Schedule the next client, or a wake-up at the next change of rate.
 
@@ -845,7 +888,14 @@ class Simulation:
         self.arrived += 1
         monitor = self.monitor
         monitor.client_attempt(client, attempt)
-        connection_id, outputs = self.core.accept(now)
+        if self.population:
+            # A returning client comes back from the address it had.
+            address, port = self._client(self._address_of.get(client))
+            self._address_of[client] = address
+            connection_id, outputs = self.core.accept(now, client=(address, port))
+            monitor.client_address[connection_id] = address
+        else:
+            connection_id, outputs = self.core.accept(now)
         # Known before its outputs run: a refusal closes it among them.
         self._client_of[connection_id] = (client, attempt)
         monitor.accepted_connection(connection_id, outputs)
@@ -883,6 +933,8 @@ class Simulation:
         self._client_ended(entry[0], entry[1], gave_up or event.outcome in _RETRYABLE, now)
 
     def _client_ended(self, client: int, attempt: int, failed: bool, now: float) -> None:
+        if self._address_of and (not failed or attempt > self._retry_limit):
+            self._address_of.pop(client, None)
         if not failed:
             if attempt > 1:
                 self.clients_rescued += 1
@@ -1113,6 +1165,36 @@ class Simulation:
         heapq.heappush(self._heap, (at, sequence, kind, connection_id))
         self._sockets[connection_id] = (backend, moved, sequence, kind)
         self._plan_touch(connection_id, 0, now)
+
+    def _on_connect_ok_watched(self, event: tuple[Any, ...], now: float) -> None:
+        """A connect's answer with ``first_byte_timeout``: the first bytes each way.
+
+        The client speaks first, as it connects; without requests the
+        backend's first bytes cross a round trip later (a slow backend's
+        ``delay`` on top), and never from a backend that answers nothing once
+        connected. With requests they are the first request and response
+        (the response's end, as the request's schedule has it).
+        """
+        self._plain_connect_ok(event, now)
+        connection_id = event[3]
+        socket = self._sockets.get(connection_id)
+        if socket is None or connection_id not in self.core.connections:
+            return  # failed, stale, or closed at once
+        self.core.client_sent(connection_id, now)
+        backend = socket[0]
+        if backend.behaviour >= _HANGS:
+            return  # it answers nothing: the first-byte timeout will tell
+        schedule = self._schedules.get(connection_id)
+        if schedule is not None:
+            at = now + schedule[1][0]  # the first response
+        else:
+            at = now + backend.latency() + (backend.delay if backend.behaviour == _SLOW else 0.0)
+        self._schedule(at, _FIRST_BYTE, connection_id)
+
+    def _on_first_byte(self, event: tuple[Any, ...], now: float) -> None:
+        connection_id = event[3]
+        if connection_id in self._sockets and self._cut_at.get(connection_id, now) >= now:
+            self.core.backend_sent(connection_id, now)
 
     def _plan_touch(self, connection_id: int, index: int, last: float) -> None:
         """Schedule the connection's next activity: its next crossing after ``last``.

@@ -75,18 +75,22 @@ from dataclasses import dataclass
 from loble.core import (
     AdminState,
     AdminStateChanged,
+    BackendEjected,
     BackendForgotten,
+    BackendReturned,
     BackendStateChanged,
     CloseConnection,
     Config,
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectRedispatched,
     HealthInput,
     HealthReport,
     HealthState,
     Outcome,
     Output,
+    PanicChanged,
     ProcessState,
     ProxyCore,
     Reconfigured,
@@ -254,6 +258,37 @@ class Monitor:
         """Clients not yet through or failed for good: their last try."""
         self.given_up: dict[int, float] = {}
         """Connections whose client gave up, and when, until their close."""
+        # Traffic policy: backups, panic, outlier ejection, consistent hashing.
+        self.backup = {backend.address: backend.backup for backend in config.backends}
+        """Each backend's ``backup`` flag (used only with no primary eligible)."""
+        self.panic_threshold = config.balancer.panic_threshold
+        self.outlier = config.outlier
+        self.panic = False
+        """Panic as the core announced it (``PanicChanged``), begun and not ended."""
+        self.panic_periods: list[tuple[float, float | None]] = []
+        """[began, ended or None] of each panic, for the report."""
+        self.ejected: dict[str, float] = {}
+        """Backends the core announced ejected, and until when."""
+        self.ejections: list[tuple[float, str, float, str, int]] = []
+        """Every ejection: (at, backend, until, reason, ejections in a row)."""
+        self.returned: list[tuple[float, str]] = []
+        """Every return from an ejection: (at, backend)."""
+        self.redispatched: dict[int, int] = {}
+        """Connections whose attempt the core moved on (``ConnectRedispatched``):
+        the attempt it gave up, before the next one starts."""
+        self.redispatches = 0
+        self.client_address: dict[int, str] = {}
+        """Connections a driver told the client address of (``[sim.clients]
+        population``), until their first attempt starts."""
+        balancer = config.balancer
+        self.hashing = (
+            balancer.algorithm in ("maglev", "ring_hash")
+            and balancer.hash_key == "address"
+            and not balancer.slow_start
+        )
+        """Whether a client address must map to one backend per snapshot."""
+        self.picks: dict[int, dict[str, str]] = {}
+        """Per snapshot version: each client address's first-attempt backend."""
         self.violation_counts = dict.fromkeys(INVARIANTS, 0)
         self.violations: list[Violation] = []
 
@@ -417,7 +452,17 @@ class Monitor:
                 )
         else:
             number, started, tried = previous
-            if self.timer_step:
+            if self.redispatched:
+                redispatched = self.redispatched.pop(connection_id, None)
+                if redispatched is not None and redispatched != number:
+                    self.violate(
+                        BOUNDED_RETRIES,
+                        f"connection {connection_id}: attempt {redispatched} redispatched, "
+                        f"attempt {number} was in progress",
+                    )
+            else:
+                redispatched = None
+            if self.timer_step and redispatched is None:
                 self._abandoned(connection_id, number, started, now, connect_timeout)
             if attempt != number + 1:
                 self.violate(
@@ -441,11 +486,24 @@ class Monitor:
         # The attempt starts on the backend (the core's CONNECTION_STARTED):
         # it must be one a new connection may start on.
         self.holding[connection_id] = address
-        if self.state[address] is not _H:
+        if self.state[address] is not _H and not self.panic:
             self.violate(
                 SAFE_DRAINING,
                 f"a connection started on {address} while {self.state[address].name}",
             )
+        if self.ejected and address in self.ejected and not self.panic:
+            self.violate(
+                SAFE_DRAINING,
+                f"a connection started on {address} while ejected "
+                f"(until t={self.ejected[address]:.6f}), outside panic",
+            )
+        if self.backup[address] and any(not self.backup[a] for a in self._eligible()):
+            self.violate(
+                SAFE_DRAINING,
+                f"a connection started on backup {address} while a primary is eligible",
+            )
+        if self.client_address and attempt == 1:
+            self._hashed(connection_id, address)
         if address in self.barred:
             self.violate(
                 SAFE_DRAINING,
@@ -633,7 +691,18 @@ class Monitor:
             elif address not in live:
                 self._new_backend(address, backend.weight, config.health.active)
         removal = config.timeouts.removal
+        for backend in config.backends:
+            self.backup[backend.address] = backend.backup
+        self.panic_threshold = config.balancer.panic_threshold
+        self.outlier = config.outlier
+        balancer = config.balancer
+        self.hashing = (
+            balancer.algorithm in ("maglev", "ring_hash")
+            and balancer.hash_key == "address"
+            and not balancer.slow_start
+        )
         for address in removed:
+            self.ejected.pop(address, None)  # the core forgets the ejection: no return
             self.probe_sent_in.pop(address, None)  # the core forgets its probe too
             self.removing[address] = self.cut_after[address] = (
                 now + removal if removal > 0 else math.inf
@@ -709,6 +778,100 @@ class Monitor:
         elif outcome is _REFUSED and self.shutdown is None:
             self.violate(GRACEFUL_SHUTDOWN, f"connection {connection_id} refused while running")
 
+    def panic_changed(self, event: PanicChanged, now: float) -> None:
+        """Panic began or ended: it must be a change, and the core's rule's verdict."""
+        if event.panic is self.panic:
+            self.violate(NO_CHURN, f"panic={event.panic} announced, it was already")
+        self.panic = event.panic
+        if event.panic:
+            self.panic_periods.append((now, None))
+        elif self.panic_periods:
+            self.panic_periods[-1] = (self.panic_periods[-1][0], now)
+        self.membership_changed = self.pending = True
+
+    def backend_ejected(self, event: BackendEjected, now: float) -> None:
+        """An ejection: within the cap, leaving someone in rotation, for its due time."""
+        address, outlier = event.address, self.outlier
+        if address in self.ejected:
+            self.violate(NO_CHURN, f"{address} ejected while ejected already")
+        self.ejected[address] = event.until
+        self.ejections.append((now, address, event.until, event.reason, event.ejections))
+        fleet = sum(1 for a in self.addresses if a not in self.removing)
+        allowed = max(1, fleet * outlier.max_ejection_percent // 100)
+        if len(self.ejected) > allowed:
+            self.violate(
+                NO_CHURN,
+                f"{len(self.ejected)} backends ejected at once, at most {allowed} "
+                f"({outlier.max_ejection_percent}% of {fleet})",
+            )
+        if not self._eligible():
+            self.violate(NO_CHURN, f"ejecting {address} left no backend in rotation")
+        length = min(outlier.base_ejection_time * event.ejections, outlier.max_ejection_time)
+        if event.ejections < 1 or not (
+            event.until == now + length or (now + length <= now < event.until)
+        ):
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"{address} ejected at t={now:.6f} until t={event.until:.6f}, "
+                f"the {event.ejections}th ejection lasts {length:g} s",
+            )
+        self.membership_changed = self.pending = True
+
+    def backend_returned(self, event: BackendReturned, now: float) -> None:
+        """An ejected backend's time is up: exactly at ``until`` (or the late wake-up)."""
+        address = event.address
+        until = self.ejected.pop(address, None)
+        self.returned.append((now, address))
+        if until is None:
+            self.violate(NO_CHURN, f"{address} returned, but was not ejected")
+        elif not (
+            until <= now <= until + _LATE or (until <= now and self._late_covers(until, now))
+        ):
+            self.violate(
+                TIMEOUTS_ON_TIME,
+                f"{address} returned at t={now:.6f}, its ejection ended at t={until:.6f}",
+            )
+        self.membership_changed = self.pending = True
+
+    def connect_redispatched(self, event: ConnectRedispatched, now: float) -> None:
+        """The core gave up an attempt with no verdict: it ends on its backend now."""
+        connection_id = event.connection_id
+        self.redispatches += 1
+        pending = self.connecting.get(connection_id)
+        if pending is None or pending[0] != event.attempt:
+            self.violate(
+                BOUNDED_RETRIES,
+                f"connection {connection_id}: attempt {event.attempt} redispatched, "
+                "but it was not connecting",
+            )
+        address = self.holding.pop(connection_id, None)
+        if address != event.backend:
+            self.violate(
+                CONSERVATION,
+                f"connection {connection_id}: redispatched from {event.backend}, "
+                f"its attempt was on {address}",
+            )
+        if address is not None:
+            self._finished(address)
+        self.redispatched[connection_id] = event.attempt
+        self.pending = True
+
+    def _hashed(self, connection_id: int, address: str) -> None:
+        """A hashed client's first attempt: the same address, the same backend, per snapshot."""
+        client = self.client_address.pop(connection_id, None)
+        if client is None or self.version is None:
+            return
+        picks = self.picks.get(self.version)
+        if picks is None:
+            picks = self.picks[self.version] = {}
+        before = picks.setdefault(client, address)
+        if self.hashing and before != address:
+            self.violate(
+                NO_CHURN,
+                f"client {client} sent to {address}, it went to {before} on the same "
+                f"snapshot (version {self.version})",
+            )
+
     def shutdown_started(self, event: ShutdownStarted, now: float) -> None:
         if self.shutdown is not None:
             self.violate(GRACEFUL_SHUTDOWN, "shutdown started twice")
@@ -764,6 +927,13 @@ class Monitor:
             self.membership_changed = False
             if self._eligible() != self.published:
                 self.violate(NO_CHURN, "membership changed without a new snapshot")
+            if self._panic_expected() is not self.panic:
+                self.violate(
+                    NO_CHURN,
+                    f"panic should be {self._panic_expected()}, the core announced {self.panic}",
+                )
+        if self.ejected:
+            self._overdue_returns(self.now)
         version = self.core.snapshot.version
         if version != self.version:
             self.violate(NO_CHURN, f"snapshot version {version} was never published")
@@ -803,6 +973,8 @@ class Monitor:
         if statistics.process is ProcessState.STOPPED and (self.open or any(self.active.values())):
             self.violate(CONSERVATION, "the process stopped with connections open")
         # Left at the end: nothing may wait on a deadline that has passed.
+        if self.ejected:
+            self._overdue_returns(self.now)
         for connection_id, (attempt, started, _) in self.connecting.items():
             due = started + self._policy(connection_id)[0]
             if self.now > due + _LATE and not self._late_covers(due, self.now):
@@ -884,6 +1056,15 @@ class Monitor:
                 )
         self.connect_check_at = deadlines[0][0] + _LATE if deadlines else math.inf
 
+    def _overdue_returns(self, now: float) -> None:
+        """No ejection outlasts its ``until`` (but for a late wake-up covering it)."""
+        for address, until in self.ejected.items():
+            if now > until + _LATE and not self._late_covers(until, now):
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"{address} still ejected at t={now:.6f}, past its return at t={until:.6f}",
+                )
+
     def _success(self, address: str) -> None:
         self.consecutive_failures[address] = 0
         self.consecutive_successes[address] += 1
@@ -893,10 +1074,41 @@ class Monitor:
         self.consecutive_failures[address] += 1
 
     def _eligible(self) -> tuple[str, ...]:
+        """The core's rule, from what the monitor saw: healthy primaries left ready
+        and not ejected; with none, healthy backups; in panic, every ready primary."""
         state, barred = self.state, self.barred
-        return tuple(
-            address for address in self.addresses if state[address] is _H and address not in barred
-        )
+        if not self.ejected and self.panic_threshold == 0 and not any(self.backup.values()):
+            return tuple(
+                address
+                for address in self.addresses
+                if state[address] is _H and address not in barred
+            )
+        ready = [address for address in self.addresses if address not in barred]
+        up = [a for a in ready if state[a] is _H and a not in self.ejected]
+        primaries = [a for a in ready if not self.backup[a]]
+        healthy = [a for a in up if not self.backup[a]]
+        threshold = self.panic_threshold
+        panic = bool(threshold) and bool(primaries) and len(healthy) < threshold * len(primaries)
+        if panic and not healthy:
+            panic = not up
+        if panic:
+            return tuple(primaries)
+        if healthy or len(primaries) == len(ready):
+            return tuple(healthy)
+        return tuple(up)
+
+    def _panic_expected(self) -> bool:
+        """Whether the core's rule says panic now (the same reading as :meth:`_eligible`)."""
+        threshold = self.panic_threshold
+        if not threshold:
+            return False
+        state, barred = self.state, self.barred
+        ready = [address for address in self.addresses if address not in barred]
+        up = [a for a in ready if state[a] is _H and a not in self.ejected]
+        primaries = [a for a in ready if not self.backup[a]]
+        healthy = [a for a in up if not self.backup[a]]
+        panic = bool(primaries) and len(healthy) < threshold * len(primaries)
+        return panic and (bool(healthy) or not up)
 
     def _bar(self, address: str) -> None:
         if self.admin[address] is _READY and address not in self.removing:

@@ -8,6 +8,7 @@ wall clock, so the same run gives the same bytes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -231,12 +232,123 @@ def build_report(simulation: Simulation) -> dict[str, Any]:
         ],
         "invariants": invariants,
     }
+    policy = _traffic_policy(simulation, end)
+    if policy:
+        report["traffic_policy"] = policy
     sim = scenario.sim
     if sim.drawn_faults:
         report["drawn_faults"] = [
             fault_data(fault) for fault in sim.faults[len(sim.faults) - sim.drawn_faults :]
         ]
     return report
+
+
+def _traffic_policy(simulation: Simulation, end: float) -> dict[str, Any]:
+    """Panic periods, ejections, redispatches and hashing, each only if it occurred."""
+    monitor = simulation.monitor
+    policy: dict[str, Any] = {}
+    if monitor.panic_periods:
+        policy["panic"] = [
+            {"from": _round(began), "until": None if ended is None else _round(ended)}
+            for began, ended in monitor.panic_periods
+        ]
+        policy["panic_seconds"] = _round(
+            sum((end if ended is None else ended) - began for began, ended in monitor.panic_periods)
+        )
+    if monitor.ejections:
+        returned: dict[str, list[float]] = {}
+        for at, address in monitor.returned:
+            returned.setdefault(address, []).append(at)
+        per_backend: dict[str, dict[str, Any]] = {}
+        for at, address, until, _, _ in monitor.ejections:
+            row = per_backend.setdefault(address, {"ejections": 0, "seconds": 0.0})
+            row["ejections"] += 1
+            back = [t for t in returned.get(address, []) if t >= at]
+            row["seconds"] += (back[0] if back else min(until, end)) - at
+        for row in per_backend.values():
+            row["seconds"] = _round(row["seconds"])
+        policy["ejected"] = per_backend
+        policy["ejections"] = [
+            {
+                "at": _round(at),
+                "address": address,
+                "until": _round(until),
+                "reason": reason,
+                "ejections": ejections,
+            }
+            for at, address, until, reason, ejections in monitor.ejections
+        ]
+        policy["returned"] = [
+            {"at": _round(at), "address": address} for at, address in monitor.returned
+        ]
+    if monitor.redispatches:
+        policy["redispatched"] = monitor.redispatches
+    if simulation.population:
+        policy["hashing"] = {
+            "population": simulation.population,
+            "addresses_seen": len({a for picks in monitor.picks.values() for a in picks}),
+            "moves": hashing_moves(monitor.picks),
+        }
+    return policy
+
+
+def hashing_moves(picks: dict[int, dict[str, str]]) -> list[dict[str, Any]]:
+    """For each snapshot version after the first that clients saw: of the client
+    addresses seen on it and on the one before, how many went to another backend."""
+    moves: list[dict[str, Any]] = []
+    versions = sorted(picks)
+    for before, after in itertools.pairwise(versions):
+        common = [address for address in picks[after] if address in picks[before]]
+        moved = sum(1 for address in common if picks[after][address] != picks[before][address])
+        moves.append(
+            {
+                "from_version": before,
+                "to_version": after,
+                "clients": len(common),
+                "moved": moved,
+                "share": _round(moved / len(common)) if common else None,
+            }
+        )
+    return moves
+
+
+def policy_lines(policy: dict[str, Any]) -> list[str]:
+    """The traffic policy section, a line each, for people."""
+    lines = []
+    if "panic" in policy:
+        periods = ", ".join(
+            f"{row['from']:.3f}-{'end' if row['until'] is None else format(row['until'], '.3f')} s"
+            for row in policy["panic"]
+        )
+        lines.append(f"Panic: {policy['panic_seconds']:.3f} s in panic ({periods})")
+    if "ejected" in policy:
+        for address, row in policy["ejected"].items():
+            lengths = ", ".join(
+                f"{ejection['at']:.3f} s for {ejection['until'] - ejection['at']:g} s"
+                for ejection in policy["ejections"]
+                if ejection["address"] == address
+            )
+            lines.append(
+                f"Ejected: {address} {row['ejections']} times, {row['seconds']:.3f} s "
+                f"in all ({lengths})"
+            )
+    if "redispatched" in policy:
+        lines.append(
+            f"Redispatched: {policy['redispatched']} pending connects moved off a backend "
+            "judged bad"
+        )
+    if "hashing" in policy:
+        hashing = policy["hashing"]
+        moves = "; ".join(
+            f"v{row['from_version']}->v{row['to_version']} {row['moved']} of {row['clients']}"
+            + ("" if row["share"] is None else f" ({row['share']:.1%})")
+            for row in hashing["moves"]
+        )
+        lines.append(
+            f"Hashing: {hashing['addresses_seen']} of {hashing['population']} client "
+            f"addresses seen; moved at each new snapshot: {moves or 'none'}"
+        )
+    return lines
 
 
 def _requests(simulation: Simulation) -> dict[str, Any]:
@@ -477,6 +589,8 @@ def render_report(report: dict[str, Any], console: Console) -> None:
         console.print(attempts_line(clients["attempts"]))
     if requests:
         console.print(requests_line(clients["requests"]))
+    for line in policy_lines(report.get("traffic_policy", {})):
+        console.print(line)
     drawn = report.get("drawn_faults", [])
     if drawn:
         console.print(drawn_table(drawn))

@@ -145,7 +145,10 @@ _CLIENT_KEYS = (
     "connect_timeout",
     "retries",
     "retry_backoff",
+    "population",
 )
+LARGEST_POPULATION = 65_536
+"""The most client addresses: 198.18.0.0 to 198.18.255.255."""
 _NETWORK_KEYS = ("latency",)
 _SIM_BACKEND_KEYS = ("address", "service", "latency")
 _FAULT_PROCESS_KEYS = (
@@ -297,6 +300,11 @@ class ClientsConfig:
     (refused by the kernel or by Loble, or past ``connect_timeout``)."""
     retry_backoff: Distribution = NO_TIME
     """Seconds a client waits before each retry."""
+    population: int = 0
+    """Distinct client addresses (198.18.x.y, drawn for each client from a
+    generator of the run's seed of its own; a client's retries keep its
+    address), passed to the core's ``accept`` for hashing; 0: clients have
+    no address, as before."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -653,6 +661,9 @@ def _parse_clients(
         ),
         retry_backoff=_distribution(
             checker, f"{path}.retry_backoff", table, "retry_backoff", defaults.retry_backoff
+        ),
+        population=checker.value(
+            path, table, "population", defaults.population, integer(0, LARGEST_POPULATION)
         ),
     )
     if "requests" in table:
