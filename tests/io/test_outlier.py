@@ -16,11 +16,13 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+import tomllib
 from anyio.abc import SocketStream
 
 pytestmark = pytest.mark.anyio
@@ -261,3 +263,41 @@ async def test_first_bytes_cost_nothing_when_the_timeout_is_off(net: Any) -> Non
         conductor = daemon.conductor
         assert conductor.active == conductor._active
         assert (await net.request(daemon.listen_address)).startswith(b"a:")
+
+
+async def test_a_reload_turns_the_first_byte_watch_on_and_drops_a_removed_backends_gauge(
+    net: Any, tmp_path: Path
+) -> None:
+    async with net.loopback() as loop:
+        silent = SilentBackend()
+        await loop.tasks.start(silent.serve)
+        talker = await loop.backend("talker", mode="greet")
+        gone = await loop.backend("gone")
+        path = tmp_path / "loble.toml"
+        daemon = await loop.daemon(
+            [silent.address, talker.address, gone.address], config_path=path, metrics=METRICS
+        )
+        conductor = daemon.conductor
+        assert conductor.active == conductor._active
+        assert await gauge(net, daemon, "loble_backend_ejected", gone.address) == 0
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document["backends"] = document["backends"][:2]
+        document["outlier"] = {"first_byte_timeout": 0.3, "consecutive_resets": 1}
+        net.write_config(path, document)
+        await daemon.reload()
+        assert conductor.active == conductor._active_watching
+        _, body = await net.scrape(daemon.metrics_address)
+        series = net.samples(body)
+        assert ("loble_backend_ejected", frozenset({("backend", gone.address)})) not in series
+        # The connections after it are watched: the silent backend is judged.
+        streams = []
+        for _ in range(2):
+            stream = await anyio.connect_tcp(*daemon.listen_address)
+            streams.append(stream)
+            await stream.send(b"hello")
+        await net.wait_for(
+            lambda: loop.logs.find("backend ejected: outlier", backend=silent.address),
+            what="the silent backend's verdict",
+        )
+        for stream in streams:
+            await stream.aclose()
