@@ -340,13 +340,13 @@ def policy_lines(policy: dict[str, Any]) -> list[str]:
     if "hashing" in policy:
         hashing = policy["hashing"]
         moves = "; ".join(
-            f"v{row['from_version']}->v{row['to_version']} {row['moved']} of {row['clients']}"
+            f"v{row['from_version']}->v{row['to_version']} {row['moved']}/{row['clients']}"
             + ("" if row["share"] is None else f" ({row['share']:.1%})")
             for row in hashing["moves"]
         )
         lines.append(
-            f"Hashing: {hashing['addresses_seen']} of {hashing['population']} client "
-            f"addresses seen; moved at each new snapshot: {moves or 'none'}"
+            f"Hashing: {hashing['addresses_seen']} of {hashing['population']} addresses "
+            f"seen; moved per new snapshot: {moves or 'none'}"
         )
     return lines
 

@@ -174,7 +174,7 @@ def test_the_command_line_prints_the_policy_rows(capsys: pytest.CaptureFixture[s
     assert main(["sim", str(REPO / "scenarios" / "panic-mode.toml")]) == 0
     assert "Panic:" in capsys.readouterr().out
     assert main(["sim", str(REPO / "scenarios" / "consistent-hashing.toml")]) == 0
-    assert "Hashing: 500 of 500" in capsys.readouterr().out
+    assert "Hashing: 500 of 500 addresses" in capsys.readouterr().out
     assert main(["sim", str(REPO / "scenarios" / "redispatch.toml")]) == 0
     assert "Redispatched:" in capsys.readouterr().out
 
