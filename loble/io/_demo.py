@@ -64,6 +64,7 @@ from loble.core import (
 
 from ._daemon import Daemon
 from ._datapath import Link, format_address
+from ._demo_defaults import BREAK_EVERY, FIRST_BREAK, LIVE_RATE
 from ._demo_view import (
     HISTORY_SECONDS,
     BackendView,
@@ -74,7 +75,6 @@ from ._demo_view import (
     render,
 )
 from ._logging import LIBRARY_LOGGERS, log
-from .cli import BREAK_EVERY, FIRST_BREAK, LIVE_RATE
 
 __all__ = [
     "Clients",

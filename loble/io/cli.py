@@ -21,14 +21,7 @@ from typing import Any
 from loble.config import load_config
 from loble.core import Config, LobleError
 
-LIVE_RATE = 10.0
-"""``loble demo``'s client requests a second with the live view: enough for its sparklines."""
-PLAIN_RATE = 2.0
-"""... and with ``--plain``, where each is an access log line."""
-BREAK_EVERY = 30.0
-"""``loble demo``'s seconds between two rounds of its schedule (``--break-every``)."""
-FIRST_BREAK = 5.0
-"""... and from the start to the first round (``--first-break``)."""
+from ._demo_defaults import BREAK_EVERY, FIRST_BREAK, LIVE_RATE, PLAIN_RATE
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:

@@ -106,7 +106,9 @@ def test_a_retry_never_picks_an_excluded_backend(algorithm: str) -> None:
 
 
 def test_unknown_algorithm_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="round_robin, random, least_connections, p2c, maglev, ring_hash"):
+    with pytest.raises(
+        ValueError, match="round_robin, random, least_connections, p2c, maglev, ring_hash"
+    ):
         make_balancer("fastest", random.Random())
 
 

@@ -42,7 +42,7 @@ def test_the_simulator_imports_no_core_private() -> None:
 
 DAEMON_DEPENDENCIES = ("anyio", "hypercorn", "prometheus_client", "starlette", "trio", "uvicorn")
 
-PARSER_ONLY = {"loble.io", "loble.io.cli", "loble.io.admin_cli"}
+PARSER_ONLY = {"loble.io", "loble.io.cli", "loble.io.admin_cli", "loble.io._demo_defaults"}
 """The daemon's side of the ``loble`` parser: ``loble sim`` may load these and no more."""
 
 _LOADED = """
