@@ -34,6 +34,8 @@ from loble.io._datapath import Link, ProxyState, send_preface
 pytestmark = pytest.mark.anyio
 
 REFUSED = "PROXY protocol header refused: closing the client"
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+"""Debian installs it in /usr/sbin, which a CI user's PATH may lack."""
 CLIENT = ("203.0.113.7", 40123)
 """The client a trusted proxy's header names (TEST-NET-3: never a real peer here)."""
 FRONT = ("198.51.100.9", 443)
@@ -407,7 +409,7 @@ def test_a_preface_the_backend_cannot_take_at_once_is_held_and_goes_first() -> N
 # -- HAProxy behind Loble --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_haproxy_with_accept_proxy_sees_the_original_client(
     net: Any, tmp_path: Path, version: str
@@ -438,7 +440,8 @@ async def test_haproxy_with_accept_proxy_sees_the_original_client(
         ),
         encoding="utf-8",
     )
-    command = ["haproxy", "-db", "-f", str(config)]
+    assert HAPROXY is not None
+    command = [HAPROXY, "-db", "-f", str(config)]
     async with await anyio.open_process(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[listener.fileno()]
     ) as haproxy:

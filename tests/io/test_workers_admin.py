@@ -200,6 +200,8 @@ async def test_reload_through_the_one_address_adds_a_backend_on_every_worker(
             assert code == 200, done
             assert done["reloaded"] is True and done["added"] == [b.address]
             assert [(w["worker"], w["ok"]) for w in done["workers"]] == [(0, True), (1, True)]
+            # The log lines arrive through a pipe: wait for them, with a bound.
+            await net.wait_for(lambda: len(run.child.json_lines("configuration reloaded")) == 2)
             reloaded = run.child.json_lines("configuration reloaded")
             assert sorted(line["worker"] for line in reloaded) == [0, 1]
             total = net.backend_of(await run.status(), b.address)
@@ -209,6 +211,8 @@ async def test_reload_through_the_one_address_adds_a_backend_on_every_worker(
             path.write_text("[listener\n", encoding="utf-8")
             code, done = await net.admin_call(run.admin, "POST", "/reload", token=TOKEN)
             assert code == 400 and done["errors"]
+            rejected = "reload rejected: the running configuration stays"
+            await net.wait_for(lambda: run.child.json_lines(rejected))
             assert len(run.child.json_lines("configuration reloaded")) == 2
             assert [
                 line.get("worker")
