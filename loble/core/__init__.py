@@ -28,6 +28,7 @@ from ._balancers import (
 )
 from ._config import (
     ALGORITHMS,
+    HASHING_ALGORITHMS,
     AdminConfig,
     BackendConfig,
     BalancerConfig,
@@ -94,6 +95,7 @@ __all__ = [
     "ACCEPT_SKIP_ERRNOS",
     "ALGORITHMS",
     "BALANCERS",
+    "HASHING_ALGORITHMS",
     "PROXY_ERROR_REASONS",
     "RESET_OUTCOMES",
     "SHORTAGE_ERRNOS",

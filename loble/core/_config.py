@@ -21,6 +21,7 @@ from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
     "ALGORITHMS",
+    "HASHING_ALGORITHMS",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "RUNTIME_BACKENDS",
@@ -43,7 +44,9 @@ __all__ = [
     "send_proxy_versions",
 ]
 
-ALGORITHMS = ("round_robin", "random", "least_connections", "p2c", "maglev", "ring_hash")
+HASHING_ALGORITHMS = ("maglev", "ring_hash")
+"""The algorithms that pick by the client's address (``hash_key``)."""
+ALGORITHMS = ("round_robin", "random", "least_connections", "p2c", *HASHING_ALGORITHMS)
 HASH_KEYS = ("address", "address_port")
 WEIGHT = integer(1, 1_000_000)
 """The check of a backend's weight, in the config and for an operator's change."""

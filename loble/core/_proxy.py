@@ -148,6 +148,11 @@ class ProxyCore:
         return self.control.snapshot
 
     @property
+    def keyed(self) -> bool:
+        """Whether the balancer picks by the client: then :meth:`accept` wants its address."""
+        return self._keyed
+
+    @property
     def in_flight(self) -> int:
         return len(self.connections)
 

@@ -524,7 +524,7 @@ class Conductor(Generic[LinkT]):
         trusted = TrustedSources(config.listener.accept_proxy_from)
         self._trusted = trusted if trusted else None
         self._send_proxy = send_proxy_versions(config)
-        self._keyed = config.balancer.algorithm in HASHING_ALGORITHMS
+        self._keyed = self.core.keyed
 
     def _read_header(self, link: LinkT, trusted: TrustedSources) -> bool:
         """Whether ``link``'s client must send a header first: then the path reads it."""
@@ -776,10 +776,6 @@ def _local_address(link: Link) -> tuple[str, int] | None:
         return _ip_address(link.client.getsockname())
     except OSError:
         return None
-
-
-HASHING_ALGORITHMS = frozenset({"maglev", "ring_hash"})
-"""The balancers that pick by the client's address."""
 
 
 def _client_of(link: Link) -> tuple[str, int] | None:

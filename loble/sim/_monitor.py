@@ -73,6 +73,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loble.core import (
+    HASHING_ALGORITHMS,
     AdminState,
     AdminStateChanged,
     BackendEjected,
@@ -280,12 +281,7 @@ class Monitor:
         self.client_address: dict[int, str] = {}
         """Connections a driver told the client address of (``[sim.clients]
         population``), until their first attempt starts."""
-        balancer = config.balancer
-        self.hashing = (
-            balancer.algorithm in ("maglev", "ring_hash")
-            and balancer.hash_key == "address"
-            and not balancer.slow_start
-        )
+        self.hashing = _hashing(config)
         """Whether a client address must map to one backend per snapshot."""
         self.picks: dict[int, dict[str, str]] = {}
         """Per snapshot version: each client address's first-attempt backend."""
@@ -695,12 +691,7 @@ class Monitor:
             self.backup[backend.address] = backend.backup
         self.panic_threshold = config.balancer.panic_threshold
         self.outlier = config.outlier
-        balancer = config.balancer
-        self.hashing = (
-            balancer.algorithm in ("maglev", "ring_hash")
-            and balancer.hash_key == "address"
-            and not balancer.slow_start
-        )
+        self.hashing = _hashing(config)
         for address in removed:
             self.ejected.pop(address, None)  # the core forgets the ejection: no return
             self.probe_sent_in.pop(address, None)  # the core forgets its probe too
@@ -1139,3 +1130,14 @@ class Monitor:
             self.resets,
         ):
             total.setdefault(address, 0)
+
+
+def _hashing(config: Config) -> bool:
+    """Whether a client address must map to one backend while the snapshot stands:
+    a hashing balancer keyed by address alone, no slow start to send it elsewhere."""
+    balancer = config.balancer
+    return (
+        balancer.algorithm in HASHING_ALGORITHMS
+        and balancer.hash_key == "address"
+        and not balancer.slow_start
+    )

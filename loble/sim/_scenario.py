@@ -37,6 +37,7 @@ from typing import Any
 
 from loble.config import read_toml
 from loble.core import (
+    Check,
     Checker,
     Config,
     ConfigError,
@@ -688,25 +689,47 @@ def _distribution(
     """A bare number means a constant; a table names its ``kind`` and parameters."""
     if key not in table:
         return default
-    raw = table[key]
+    found = _parse_distribution(
+        checker, path, table[key], noun="distribution", constant=_number, parameter=_time_check
+    )
+    return default if found is None else found
+
+
+def _time_check(name: str) -> Check:
+    """The check of a distribution's parameter ``name``: a scale must be positive."""
+    return _scale if name in ("mean", "median") else _number
+
+
+def _parse_distribution(
+    checker: Checker,
+    path: str,
+    raw: Any,
+    *,
+    noun: str,
+    constant: Check,
+    parameter: Callable[[str], Check],
+) -> Distribution | None:
+    """``raw`` as a :class:`Distribution`: a bare number is a constant (checked by
+    ``constant``), a table names its ``kind`` and parameters (each checked by
+    ``parameter(name)``). None after an error, each one line naming the key."""
     if not isinstance(raw, Mapping):
-        problem = _number(raw)
+        problem = constant(raw)
         if problem is not None:
             checker.error(path, f"{raw!r} {problem}")
-            return default
+            return None
         return Distribution(kind="constant", value=float(raw))
     kind = _kind(checker, path, raw)
     if kind is None:
-        return default
+        return None
     valid = _DISTRIBUTION_KEYS[kind]
     checker.unknown_keys(path, raw, valid)
     before = len(checker.errors)
     parameters: dict[str, float] = {}
     for name in valid[1:]:
         if name not in raw:
-            checker.error(f"{path}.{name}", f"missing: a {kind} distribution needs {name}")
+            checker.error(f"{path}.{name}", f"missing: a {kind} {noun} needs {name}")
             continue
-        problem = (_scale if name in ("mean", "median") else _number)(raw[name])
+        problem = parameter(name)(raw[name])
         if problem is not None:
             checker.error(f"{path}.{name}", f"{raw[name]!r} {problem}")
             continue
@@ -716,7 +739,7 @@ def _distribution(
     if "low" in parameters and "high" in parameters and parameters["low"] > parameters["high"]:
         checker.error(f"{path}.high", f"{raw['high']!r} must be >= low")
     if len(checker.errors) > before:
-        return default
+        return None
     return Distribution(kind=kind, **parameters)
 
 
@@ -756,39 +779,16 @@ def _requests(checker: Checker, path: str, table: Mapping[str, Any]) -> Distribu
     """
     if "requests" not in table:
         return None
-    raw = table["requests"]
-    if not isinstance(raw, Mapping):
-        problem = _COUNT(raw)
-        if problem is not None:
-            checker.error(path, f"{raw!r} {problem}")
-            return None
-        return Distribution(kind="constant", value=float(raw))
-    kind = _kind(checker, path, raw)
-    if kind is None:
-        return None
-    valid = _DISTRIBUTION_KEYS[kind]
-    checker.unknown_keys(path, raw, valid)
-    before = len(checker.errors)
-    parameters: dict[str, float] = {}
-    for name in valid[1:]:
-        if name not in raw:
-            checker.error(f"{path}.{name}", f"missing: a {kind} count needs {name}")
-            continue
-        check = _COUNT if name in ("value", "low", "high") else _count_scale
-        if name == "sigma":
-            check = _number
-        problem = check(raw[name])
-        if problem is None and name == "sigma" and raw[name] > LARGEST_SIGMA:
-            problem = f"must be <= {LARGEST_SIGMA:g}"
-        if problem is not None:
-            checker.error(f"{path}.{name}", f"{raw[name]!r} {problem}")
-            continue
-        parameters[name] = float(raw[name])
-    if "low" in parameters and "high" in parameters and parameters["low"] > parameters["high"]:
-        checker.error(f"{path}.high", f"{raw['high']!r} must be >= low")
-    if len(checker.errors) > before:
-        return None
-    return Distribution(kind=kind, **parameters)
+    return _parse_distribution(
+        checker, path, table["requests"], noun="count", constant=_COUNT, parameter=_count_check
+    )
+
+
+def _count_check(name: str) -> Check:
+    """The check of a count distribution's parameter ``name``: whole numbers, but sigma."""
+    if name == "sigma":
+        return _number
+    return _COUNT if name in ("value", "low", "high") else _count_scale
 
 
 def _optional_seconds(

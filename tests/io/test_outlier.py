@@ -31,13 +31,10 @@ METRICS = {"enabled": True, "address": "127.0.0.1:0"}
 RESET = struct.pack("ii", 1, 0)
 
 
-class FlakyBackend:
-    """Answers ``name:`` plus the request, except every ``every``-th connection,
-    which it resets once the request is in (a crashing worker behind a live port)."""
+class Served:
+    """A backend on an OS-picked loopback port; each connection goes to ``_handle``."""
 
-    def __init__(self, name: str, every: int) -> None:
-        self.name = name
-        self.every = every
+    def __init__(self) -> None:
         self.accepted = 0
         self.port = 0
 
@@ -50,6 +47,19 @@ class FlakyBackend:
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         task_status.started()
         await listener.serve(self._handle)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        raise NotImplementedError
+
+
+class FlakyBackend(Served):
+    """Answers ``name:`` plus the request, except every ``every``-th connection,
+    which it resets once the request is in (a crashing worker behind a live port)."""
+
+    def __init__(self, name: str, every: int) -> None:
+        super().__init__()
+        self.name = name
+        self.every = every
 
     async def _handle(self, stream: SocketStream) -> None:
         self.accepted += 1
@@ -68,22 +78,8 @@ class FlakyBackend:
                 await stream.send_eof()
 
 
-class SilentBackend:
+class SilentBackend(Served):
     """Accepts, reads, and never sends a byte nor closes (a hung worker)."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.port = 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        task_status.started()
-        await listener.serve(self._handle)
 
     async def _handle(self, stream: SocketStream) -> None:
         self.accepted += 1
