@@ -9,7 +9,8 @@ objects.
 What a user of the library needs is exported here: what it takes to drive a
 :class:`ProxyCore` (its outputs, the enums they carry, its statistics, whose
 fault a socket error is, the operator's admin states and inputs), to write a
-balancer, to read and write PROXY protocol headers, and to parse a
+balancer, to read and write PROXY protocol headers, to judge a probe's
+reply (``judge_reply``), and to parse a
 configuration (with the schema helper the simulator's scenarios use too). The machines
 themselves (health, connection, process, control plane, timers) are the
 core's internals: tests that need them import the private modules.
@@ -76,6 +77,7 @@ from ._events import (
 )
 from ._faults import ACCEPT_SKIP_ERRNOS, SHORTAGE_ERRNOS, is_shortage, skips_one_client
 from ._health import HealthInput, HealthState
+from ._probe import REPLY_LIMIT, ProbeCheck, ProbeFailure, judge_reply
 from ._process import ProcessState
 from ._proxy import ProxyCore
 from ._proxy_protocol import (
@@ -97,6 +99,7 @@ __all__ = [
     "BALANCERS",
     "HASHING_ALGORITHMS",
     "PROXY_ERROR_REASONS",
+    "REPLY_LIMIT",
     "RESET_OUTCOMES",
     "SHORTAGE_ERRNOS",
     "Action",
@@ -140,6 +143,8 @@ __all__ = [
     "PanicChanged",
     "PowerOfTwoChoices",
     "ProbeBackend",
+    "ProbeCheck",
+    "ProbeFailure",
     "ProcessState",
     "ProxyCore",
     "ProxyHeader",
@@ -167,6 +172,7 @@ __all__ = [
     "encode_v2",
     "integer",
     "is_shortage",
+    "judge_reply",
     "make_balancer",
     "parse_address",
     "parse_config",

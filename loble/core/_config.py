@@ -17,6 +17,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._hashing import DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_RING_POINTS, is_prime
+from ._probe import PAYLOAD_LIMIT
 from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
@@ -106,6 +107,18 @@ class HealthConfig:
     probe_timeout: float = 1.0
     active: bool = False
     """Probe every backend, not only the unhealthy ones."""
+    probe_send: str = ""
+    """Bytes a probe writes once connected (as UTF-8; ``"PING\\r\\n"``); "" for
+    none. With no expectation the probe passes once they are written."""
+    probe_expect: str = ""
+    """A prefix the probe's reply must begin with (``"+PONG"``); "" for none."""
+    probe_expect_regex: str = ""
+    """A Python regular expression that must be found in the probe's reply
+    (``re.search``, over bytes); "" for none. At most one of the two expect keys."""
+    probe_jitter: float = 0.0
+    """Each probe's next interval is ``probe_interval * (1 + u)``, ``u`` drawn
+    uniform in ``[-probe_jitter, +probe_jitter]``, so the probes of many
+    backends do not march in step; 0: exactly ``probe_interval``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +212,13 @@ class BackendConfig:
     ``[balancer] send_proxy``'s."""
     backup: bool = False
     """Used only while no other (primary) backend is healthy (HAProxy's ``backup``)."""
+    probe_send: str = ""
+    """This backend's ``probe_send``; "" for ``[health] probe_send``."""
+    probe_expect: str = ""
+    """This backend's ``probe_expect``; "" for ``[health]``'s expectation (setting
+    either expect key here replaces both of ``[health]``'s)."""
+    probe_expect_regex: str = ""
+    """This backend's ``probe_expect_regex``; "" for ``[health]``'s expectation."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,6 +333,61 @@ def _share(raw: Any) -> str | None:
     if not 0.0 <= raw <= 1.0:
         return "must be from 0 to 1"
     return None
+
+
+def _fraction(maximum: float) -> Check:
+    """A number from 0 to ``maximum`` (a share of something, such as an interval)."""
+
+    def check(raw: Any) -> str | None:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            return "is not a number"
+        if not 0.0 <= raw <= maximum:
+            return f"must be from 0 to {maximum:g}"
+        return None
+
+    return check
+
+
+def _probe_bytes(raw: Any) -> str | None:
+    """``probe_send`` or ``probe_expect``: a string, at most PAYLOAD_LIMIT bytes as UTF-8."""
+    if not isinstance(raw, str):
+        return 'is not a string (bytes as text, such as "PING\\r\\n", or "" for none)'
+    try:
+        size = len(raw.encode())
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (a lone surrogate)"
+    if size > PAYLOAD_LIMIT:
+        return f"is {size} bytes as UTF-8: at most {PAYLOAD_LIMIT}"
+    return None
+
+
+def _probe_regex(raw: Any) -> str | None:
+    """``probe_expect_regex``: a Python regular expression, compiled here, over bytes."""
+    problem = _probe_bytes(raw)
+    if problem is not None:
+        return problem
+    try:
+        re.compile(raw.encode())
+    except re.error as error:
+        return f"is not a valid regular expression: {error}"
+    return None
+
+
+def _probe_keys(checker: Checker, path: str, table: Mapping[str, Any]) -> dict[str, str]:
+    """The three probe payload keys of ``[health]`` or of one backend ("" when unset)."""
+    keys = {
+        "probe_send": checker.value(path, table, "probe_send", "", _probe_bytes),
+        "probe_expect": checker.value(path, table, "probe_expect", "", _probe_bytes),
+        "probe_expect_regex": checker.value(path, table, "probe_expect_regex", "", _probe_regex),
+    }
+    if keys["probe_expect"] and keys["probe_expect_regex"]:
+        checker.error(
+            f"{path}.probe_expect_regex",
+            f"{keys['probe_expect_regex']!r} is set with {path}.probe_expect "
+            f"({keys['probe_expect']!r}): expect a prefix or a pattern, not both",
+        )
+        keys["probe_expect_regex"] = ""
+    return keys
 
 
 def _prime(minimum: int, maximum: int) -> Check:
@@ -446,6 +521,12 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             )
         ),
         active=checker.value("health", table, "active", _DEFAULT_HEALTH.active, boolean()),
+        probe_jitter=float(
+            checker.value(
+                "health", table, "probe_jitter", _DEFAULT_HEALTH.probe_jitter, _fraction(0.5)
+            )
+        ),
+        **_probe_keys(checker, "health", table),
     )
 
     table = _section(checker, data, "timeouts")
@@ -675,6 +756,14 @@ def _check_together(
             f"{health.probe_timeout!r} is longer than health.probe_interval "
             f"({health.probe_interval!r})",
         )
+    elif health.probe_timeout > health.probe_interval * (1 - health.probe_jitter):
+        # The same rule for the shortest interval the jitter draws.
+        checker.error(
+            "health.probe_jitter",
+            f"{health.probe_jitter!r} makes the shortest interval "
+            f"{health.probe_interval * (1 - health.probe_jitter):g} s, shorter than "
+            f"health.probe_timeout ({health.probe_timeout!r})",
+        )
     for name, section in (("metrics", metrics), ("admin", admin)):
         if section.enabled and _same_socket(section.address, listener.address):
             checker.error(
@@ -720,6 +809,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
         weight = checker.value(path, entry, "weight", 1, WEIGHT)
         send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
         backup = checker.value(path, entry, "backup", False, boolean())
+        probe_keys = _probe_keys(checker, path, entry)
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -733,7 +823,13 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             continue
         seen[key] = index
         backends.append(
-            BackendConfig(address=address, weight=weight, send_proxy=send_proxy, backup=backup)
+            BackendConfig(
+                address=address,
+                weight=weight,
+                send_proxy=send_proxy,
+                backup=backup,
+                **probe_keys,
+            )
         )
     return tuple(backends)
 
@@ -754,8 +850,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         section = getattr(config, name)
         result[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
     result["backends"] = [
-        {"address": backend.address, "weight": backend.weight, "send_proxy": backend.send_proxy}
-        for backend in config.backends
+        {f.name: getattr(backend, f.name) for f in fields(backend)} for backend in config.backends
     ]
     return result
 

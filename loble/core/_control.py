@@ -36,7 +36,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Mapping
 
 from ._admin import AdminInput, AdminState, next_admin_state
 from ._backend import Backend, Snapshot
@@ -57,6 +58,7 @@ from ._events import (
     WeightChanged,
 )
 from ._health import BackendHealth, HealthInput, HealthState, Thresholds, Transition
+from ._probe import CONNECT_ONLY, ProbeCheck
 
 __all__ = ["ControlPlane", "Probed"]
 
@@ -110,8 +112,19 @@ class Probed:
 
 
 class ControlPlane:
-    def __init__(self, backends: Iterable[Backend], health: HealthConfig | None = None) -> None:
+    def __init__(
+        self,
+        backends: Iterable[Backend],
+        health: HealthConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+        checks: Mapping[str, ProbeCheck] | None = None,
+    ) -> None:
         self.health_config = health or HealthConfig()
+        self._rng = rng or random.Random(0)
+        """Draws each probe interval's jitter (``[health] probe_jitter``), and only that."""
+        self.checks: Mapping[str, ProbeCheck] = checks or {}
+        """What each backend's probes send and expect (absent: connect only)."""
         self._thresholds = _thresholds(self.health_config)
         self.backends: dict[str, Backend] = {}
         """Every backend the core knows, in config order, then those a reload
@@ -311,16 +324,22 @@ class ControlPlane:
         return events
 
     def reconfigure(
-        self, backends: Iterable[Backend], health: HealthConfig, now: float
+        self,
+        backends: Iterable[Backend],
+        health: HealthConfig,
+        now: float,
+        checks: Mapping[str, ProbeCheck] | None = None,
     ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], list[Event]]:
-        """Apply a reload's backends and health settings, as a diff.
+        """Apply a reload's backends, health settings and probe checks, as a diff.
 
         Returns the addresses added, removed and reweighted, and the events:
         weight changes, backends forgotten at once (removed with nothing on
-        them), then the snapshot if it changed.
+        them), then the snapshot if it changed. The new checks apply from the
+        next probe sent (one in flight keeps the check it went out with).
         """
         wanted = {backend.address: backend for backend in backends}
         self.health_config = health
+        self.checks = checks or {}
         thresholds = self._thresholds = _thresholds(health)
         for record in self._health.values():
             record.thresholds = thresholds
@@ -405,6 +424,7 @@ class ControlPlane:
                     ProbeBackend(
                         backend=self.backends[address],
                         timeout=self.health_config.probe_timeout,
+                        check=self.checks.get(address, CONNECT_ONLY),
                     )
                 )
             # From when it was due, not when the timer fired: a driver's timer
@@ -412,7 +432,7 @@ class ControlPlane:
             # and filed from `now` every probe would add that to the schedule,
             # bringing a backend back later and later (0.75-1 ms a probe, seen
             # against the simulator). Late by a whole interval: from now.
-            following = due + self.health_config.probe_interval
+            following = due + self._interval()
             if following > now:
                 self._file_probe(address, following)
             else:
@@ -457,8 +477,18 @@ class ControlPlane:
             return False
         return self.health_config.active or self._health[address].state is not _HEALTHY
 
+    def _interval(self) -> float:
+        """The next probe interval: ``probe_interval``, stretched or shrunk by
+        a draw of ``probe_jitter``. No draw without jitter: the core's rng is
+        the balancer's too, and a run without jitter stays draw for draw as it was."""
+        health = self.health_config
+        jitter = health.probe_jitter
+        if not jitter:
+            return health.probe_interval
+        return health.probe_interval * (1.0 + self._rng.uniform(-jitter, jitter))
+
     def _schedule_probe(self, address: str, now: float) -> None:
-        due = now + self.health_config.probe_interval
+        due = now + self._interval()
         if due <= now:  # an interval lost in float rounding: never re-arm at now
             due = math.nextafter(now, math.inf)
         self._file_probe(address, due)

@@ -31,6 +31,7 @@ from typing import Any
 from ._admin import AdminState
 from ._backend import Backend
 from ._health import HealthInput, HealthState
+from ._probe import CONNECT_ONLY, ProbeCheck
 
 __all__ = [
     "Action",
@@ -134,10 +135,16 @@ class CloseConnection:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeBackend:
-    """Check ``backend`` (a TCP connect within ``timeout`` seconds) and report the result."""
+    """Check ``backend`` within ``timeout`` seconds and report the result.
+
+    The check is a TCP connect, then, as ``check`` says, a write of its
+    ``send`` and a read of the reply until ``judge_reply`` gives a verdict
+    (see ``_probe``): all of it within ``timeout``.
+    """
 
     backend: Backend
     timeout: float
+    check: ProbeCheck = CONNECT_ONLY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

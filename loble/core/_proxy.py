@@ -50,6 +50,7 @@ from ._errors import LobleError
 from ._events import ConnectionClosed, Outcome, Output, Reconfigured
 from ._hashing import hash_key
 from ._outlier import Ejection, OutlierDetector
+from ._probe import probe_checks
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
 from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue
@@ -99,6 +100,8 @@ class ProxyCore:
         self.control = ControlPlane(
             (Backend(address=b.address, weight=b.weight, backup=b.backup) for b in config.backends),
             config.health,
+            rng=rng,
+            checks=probe_checks(config),
         )
         self.control.panic_threshold = config.balancer.panic_threshold
         self.control.redispatch = config.outlier.redispatch_pending
@@ -212,8 +215,9 @@ class ProxyCore:
         asked after every call (both drivers use this on their hot paths). A
         driver that will never call :meth:`shutdown` may leave the drain out.
         """
-        timeouts = self.config.timeouts
-        leads = [timeouts.connect, timeouts.idle, self.config.health.probe_interval]
+        timeouts, health = self.config.timeouts, self.config.health
+        # A probe's interval is at its shortest by the jitter's share.
+        leads = [timeouts.connect, timeouts.idle, health.probe_interval * (1 - health.probe_jitter)]
         if shutdown_possible:
             leads.append(timeouts.drain)
         outlier = self.config.outlier
@@ -429,6 +433,7 @@ class ProxyCore:
             (Backend(address=b.address, weight=b.weight, backup=b.backup) for b in config.backends),
             config.health,
             now,
+            probe_checks(config),
         )
         self.config = config
         if _table_of(config) != _table_of(old):
@@ -809,8 +814,8 @@ def _balancer_for(config: Config, rng: random.Random) -> Balancer:
 
 
 def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
-    """Dotted paths of every key whose value differs, in schema order, then the
-    backends kept whose ``send_proxy`` changed (``backends[ADDRESS].send_proxy``:
+    """Dotted paths of every key whose value differs, in schema order, then each
+    key but the weight of the backends kept (``backends[ADDRESS].send_proxy``:
     the rest of a backend's change is in ``added``, ``removed``, ``reweighted``)."""
     changed: list[str] = []
     for section in fields(Config):
@@ -822,9 +827,14 @@ def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
         for key in fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 changed.append(f"{section.name}.{key.name}")
-    before_send = {backend.address: backend.send_proxy for backend in old.backends}
+    before = {backend.address: backend for backend in old.backends}
     for backend in new.backends:
-        was = before_send.get(backend.address)
-        if was is not None and was != backend.send_proxy:
-            changed.append(f"backends[{backend.address}].send_proxy")
+        was = before.get(backend.address)
+        if was is None or was == backend:
+            continue
+        for key in fields(backend):
+            if key.name not in ("address", "weight") and getattr(was, key.name) != getattr(
+                backend, key.name
+            ):
+                changed.append(f"backends[{backend.address}].{key.name}")
     return tuple(changed)

@@ -121,8 +121,9 @@ def check_of(heading: str, key: str) -> str | None:
             return f"(seconds without both bounds: {low_text!r})"
         return f"{low[1]} s to {high[1]} s"
     if kind == "is not a number":
-        if refusal(heading, key, -0.5) == refusal(heading, key, 1.5) == "must be from 0 to 1":
-            return "0 to 1"
+        bounds = re.fullmatch(r"must be from 0 to ([\d.]+)", refusal(heading, key, 1.5))
+        if bounds and refusal(heading, key, -0.5) == bounds[0]:
+            return f"0 to {bounds[1]}"
         return "(a number without its bounds)"
     if kind == "is not true or false":
         return "`true`, `false`"
@@ -270,5 +271,6 @@ def test_the_reading_of_the_checks_is_right() -> None:
         f"`{name}`" for name in _config.LOG_LEVELS
     )
     assert SCHEMA["[[backends]]"]["weight"].check == "1 to 1,000,000"
+    assert SCHEMA["[health]"]["probe_jitter"].check == "0 to 0.5"
     assert SCHEMA["[timeouts]"]["drain"].check == "0 s to 10^9 s"
     assert SCHEMA["[runtime]"]["pid_file"].check is None
