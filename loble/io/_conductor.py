@@ -57,7 +57,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from loble.core import (
     AdminInput,
-    Backend,
     CloseConnection,
     Config,
     ConnectBackend,
@@ -65,6 +64,7 @@ from loble.core import (
     HeaderParser,
     Output,
     ProbeBackend,
+    ProbeFailure,
     ProxyCore,
     ProxyProtocolError,
     ShutdownWrite,
@@ -155,16 +155,16 @@ class Listener(Protocol):
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         """The connection ended (``closed``) and the path released it: its final figures."""
 
-    def probed(self, address: str, ok: bool) -> None:
-        """A health probe of the backend at ``address`` finished: ``ok`` or not."""
+    def probed(self, address: str, failure: ProbeFailure | None) -> None:
+        """A health probe of the backend at ``address`` finished: passed (None), or why not."""
 
 
 class Conductor(Generic[LinkT]):
     """Drives one :class:`~loble.core.ProxyCore` for the daemon (see the module doc).
 
     ``make_path`` builds the data path, given this conductor to report to.
-    ``probe(backend, timeout)`` starts a health probe whose result comes
-    back through :meth:`probe_result`; ``stop_accepting()`` closes the
+    ``probe(action)`` starts the health probe a ``ProbeBackend`` orders, whose
+    result comes back through :meth:`probe_result`; ``stop_accepting()`` closes the
     listeners; ``stopped()`` is called once the core has stopped.
     ``budget`` is how many connections the descriptors carry (None: no limit).
     """
@@ -177,7 +177,7 @@ class Conductor(Generic[LinkT]):
         now: Callable[[], float],
         logger: logging.Logger,
         listeners: tuple[Listener, ...] = (),
-        probe: Callable[[Backend, float], object],
+        probe: Callable[[ProbeBackend], object],
         stop_accepting: Callable[[], object],
         stopped: Callable[[], object],
         budget: ConnectionBudget | None = None,
@@ -291,10 +291,11 @@ class Conductor(Generic[LinkT]):
     def handle_timer(self) -> None:
         self._carry_out(self.core.handle_timer(self.now()))
 
-    def probe_result(self, address: str, ok: bool) -> None:
+    def probe_result(self, address: str, failure: ProbeFailure | None) -> None:
+        """A probe of ``address`` finished: passed (None), or why it failed."""
         for hook in self._probed_hooks:
-            hook(address, ok)
-        self._carry_out(self.core.probe_result(address, ok, self.now()))
+            hook(address, failure)
+        self._carry_out(self.core.probe_result(address, failure is None, self.now()))
 
     # -- from the operator (reload, the admin API) ------------------------------------------
 
@@ -756,7 +757,7 @@ class Conductor(Generic[LinkT]):
                     hook(link, output)
 
     def _start_probe(self, output: ProbeBackend) -> None:
-        self._probe(output.backend, output.timeout)
+        self._probe(output)
 
     def _stop(self, output: StopAccepting) -> None:
         self._stop_accepting()

@@ -50,11 +50,11 @@ from starlette.applications import Starlette
 
 from loble.core import (
     AdminInput,
-    Backend,
     Config,
     ConfigError,
     HealthReport,
     LobleError,
+    ProbeBackend,
     ProxyCore,
     Reconfigured,
     parse_address,
@@ -292,8 +292,8 @@ class Daemon:
             self.copy_method, endpoints=endpoints, backends=len(self.config.backends)
         )
 
-        def start_probe(backend: Backend, timeout: float) -> None:
-            tasks.start_soon(self._probe, backend, timeout)
+        def start_probe(action: ProbeBackend) -> None:
+            tasks.start_soon(self._probe, action)
 
         if self.data_path_name == "callbacks":
             return Conductor[CallbackLink](
@@ -455,10 +455,10 @@ class Daemon:
                 drain_timeout=self.config.timeouts.drain,
             )
 
-    async def _probe(self, backend: Backend, timeout: float) -> None:
-        ok = await probe(backend, timeout)
+    async def _probe(self, action: ProbeBackend) -> None:
+        failure = await probe(action)
         if self.conductor is not None:
-            self.conductor.probe_result(backend.address, ok)
+            self.conductor.probe_result(action.backend.address, failure)
 
     def _count_bytes_in_flight(self) -> None:
         if self.conductor is not None:

@@ -41,17 +41,23 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import anyio
+from anyio.abc import SocketStream
 
 from loble.core import (
     PROXY_ERROR_REASONS,
+    REPLY_LIMIT,
     Backend,
     ConnectBackend,
     ConnectionClosed,
     HeaderParser,
+    ProbeBackend,
+    ProbeCheck,
+    ProbeFailure,
     ProxyHeader,
     ProxyProtocolError,
     Side,
     is_shortage,
+    judge_reply,
     skips_one_client,
 )
 
@@ -717,14 +723,39 @@ def set_reset(*sockets: socket.socket | None) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
 
 
-async def probe(backend: Backend, timeout: float) -> bool:
-    """A health probe: whether a TCP connect to ``backend`` succeeds within ``timeout``."""
-    with anyio.move_on_after(timeout):
+async def probe(action: ProbeBackend) -> ProbeFailure | None:
+    """A health probe as ``action`` orders it: None if it passed, else why not.
+
+    Connect, write the check's ``send``, then read until ``judge_reply`` has a
+    verdict, all within the action's timeout; never more than ``REPLY_LIMIT``
+    bytes are read. A check that expects nothing passes once the write is done.
+    """
+    backend, check = action.backend, action.check
+    connected = False
+    with anyio.move_on_after(action.timeout):
         try:
             stream = await anyio.connect_tcp(backend.host, backend.port)
         except OSError:
-            return False
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
-        return True
-    return False
+            return ProbeFailure.REFUSED
+        connected = True
+        try:
+            return await _exchange(stream, check)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+    return ProbeFailure.REPLY_TIMEOUT if connected else ProbeFailure.CONNECT_TIMEOUT
+
+
+async def _exchange(stream: SocketStream, check: ProbeCheck) -> ProbeFailure | None:
+    """The payload part of a probe, on a connected stream."""
+    try:
+        if check.send:
+            await stream.send(check.send)
+        reply = b""
+        verdict = judge_reply(check, reply)
+        while verdict is None:
+            reply += await stream.receive(REPLY_LIMIT - len(reply))
+            verdict = judge_reply(check, reply)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        return ProbeFailure.CLOSED  # closed or reset before a verdict
+    return None if verdict else ProbeFailure.MISMATCH

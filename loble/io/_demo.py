@@ -55,6 +55,7 @@ from loble.core import (
     ConnectionClosed,
     LobleError,
     Output,
+    ProbeFailure,
     ShutdownFinished,
     ShutdownStarted,
     SnapshotPublished,
@@ -374,7 +375,7 @@ class Watch:
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         pass
 
-    def probed(self, address: str, ok: bool) -> None:
+    def probed(self, address: str, failure: ProbeFailure | None) -> None:
         pass
 
 

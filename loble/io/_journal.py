@@ -27,6 +27,7 @@ from loble.core import (
     LoggingConfig,
     Outcome,
     PanicChanged,
+    ProbeFailure,
     Reconfigured,
     ShutdownFinished,
     ShutdownStarted,
@@ -85,17 +86,21 @@ class Journal:
     def backend_connected(self, address: str, seconds: float) -> None:
         pass  # the access log line has the connect time, from the core's event
 
-    def probed(self, address: str, ok: bool) -> None:
+    def probed(self, address: str, failure: ProbeFailure | None) -> None:
         # A probe that answers as the last one did is routine (debug); one
-        # whose answer changed is news (info).
+        # whose answer changed is news (info). A failure says why: a frozen
+        # backend times out awaiting the reply, a dead one refuses the connect.
+        ok = failure is None
         changed = self._probes.get(address) is not ok
         self._probes[address] = ok
+        reason = {} if failure is None else {"reason": failure.description}
         log(
             self.logger,
             logging.INFO if changed else logging.DEBUG,
             "probe",
             backend=address,
             ok=ok,
+            **reason,
         )
 
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:

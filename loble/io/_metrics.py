@@ -58,6 +58,7 @@ from loble.core import (
     ConnectRedispatched,
     HealthState,
     Outcome,
+    ProbeFailure,
     ProcessState,
     ProxyCore,
     Reconfigured,
@@ -147,8 +148,14 @@ class Metrics:
         )
         self.probes = Counter(
             "loble_probes",
-            "Health probes (TCP connects) by backend and result.",
+            "Health probes (TCP connects, with payload checks an exchange) by backend and result.",
             ("backend", "result"),
+            registry=registry,
+        )
+        self.probe_failures = Counter(
+            "loble_probe_failures",
+            "Failed health probes by backend and reason.",
+            ("backend", "reason"),
             registry=registry,
         )
         self.connect_time = _Histograms(
@@ -207,6 +214,8 @@ class Metrics:
             self.connect_failures.labels(address, reason)
         for result in ("success", "failure"):
             self.probes.labels(address, result)
+        for failure in ProbeFailure:
+            self.probe_failures.labels(address, failure.value)
         for old in HealthState:
             for new in HealthState:
                 if old is not new:
@@ -326,8 +335,12 @@ class Metrics:
             "bytes_to_client": int(self.bytes.value(address, TO_CLIENT)),
         }
 
-    def probed(self, address: str, ok: bool) -> None:
-        self.probes.labels(address, "success" if ok else "failure").inc()
+    def probed(self, address: str, failure: ProbeFailure | None) -> None:
+        if failure is None:
+            self.probes.labels(address, "success").inc()
+        else:
+            self.probes.labels(address, "failure").inc()
+            self.probe_failures.labels(address, failure.value).inc()
 
     def render(self) -> bytes:
         self.before_render()

@@ -26,12 +26,15 @@ from loble.core import (
     Outcome,
     Output,
     ProbeBackend,
+    ProbeCheck,
+    ProbeFailure,
     ProxyCore,
     ShutdownWrite,
     Side,
     SnapshotPublished,
     parse_config,
 )
+from loble.core._probe import CONNECT_ONLY
 from loble.io._conductor import Conductor
 from loble.io._copy import OneWay, Pumped
 from loble.io._datapath import Attempt, ConnectionBudget, Link, Reports
@@ -126,7 +129,7 @@ class Recorder:
         self.outputs: list[Output] = []
         self.connected: list[tuple[str, float]] = []
         self.dropped: list[tuple[int, Outcome]] = []
-        self.probe_results: list[tuple[str, bool]] = []
+        self.probe_results: list[tuple[str, ProbeFailure | None]] = []
         self.accepted: list[int] = []
 
     def _record(self, output: Output) -> None:
@@ -154,8 +157,8 @@ class Recorder:
     def link_accepted(self, link: Link) -> None:
         self.accepted.append(link.connection_id)
 
-    def probed(self, address: str, ok: bool) -> None:
-        self.probe_results.append((address, ok))
+    def probed(self, address: str, failure: ProbeFailure | None) -> None:
+        self.probe_results.append((address, failure))
 
 
 class Timer:
@@ -176,6 +179,7 @@ class Rig:
         self.core = ProxyCore(parse_config(document), random.Random(0))
         self.recorder = Recorder()
         self.probes: list[tuple[str, float]] = []
+        self.probe_checks: list[ProbeCheck] = []
         self.stopped_accepting = 0
         self.stopped = 0
         self.logger = logging.getLogger("loble.test.conductor")
@@ -185,7 +189,7 @@ class Rig:
             now=clock,
             logger=self.logger,
             listeners=(self.recorder,),
-            probe=lambda backend, timeout: self.probes.append((backend.address, timeout)),
+            probe=self._probe,
             stop_accepting=self._stop_accepting,
             stopped=self._stopped,
             budget=budget,
@@ -193,6 +197,10 @@ class Rig:
         path = self.conductor.path
         assert isinstance(path, FakePath)
         self.path = path
+
+    def _probe(self, action: ProbeBackend) -> None:
+        self.probes.append((action.backend.address, action.timeout))
+        self.probe_checks.append(action.check)
 
     def _stop_accepting(self) -> None:
         self.stopped_accepting += 1
@@ -619,8 +627,11 @@ def test_probes_and_stopping_go_to_the_lifecycle_s_hooks() -> None:
     clock.now += 1.0
     rig.conductor.handle_timer()
     assert sorted(rig.probes) == [(GOOD, 0.5), (OTHER, 0.5)]
-    rig.conductor.probe_result(GOOD, False)
-    assert rig.recorder.probe_results == [(GOOD, False)]
+    assert rig.probe_checks == [CONNECT_ONLY, CONNECT_ONLY]
+    rig.conductor.probe_result(GOOD, ProbeFailure.REPLY_TIMEOUT)
+    rig.conductor.probe_result(OTHER, None)
+    assert rig.recorder.probe_results == [(GOOD, ProbeFailure.REPLY_TIMEOUT), (OTHER, None)]
+    assert rig.core.statistics().backends[0].last_probe_ok is False
     link = rig.accept()
     rig.conductor.shutdown()
     assert rig.stopped_accepting == 1

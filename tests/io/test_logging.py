@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loble.core import LoggingConfig
+from loble.core import LoggingConfig, ProbeFailure
 from loble.io._journal import Journal
 from loble.io._logging import (
     LIBRARY_LOGGERS,
@@ -84,19 +84,21 @@ def test_a_probe_whose_answer_changed_is_info_a_repeat_is_debug() -> None:
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            seen.append((record.levelno, getattr(record, "fields", {}).get("ok")))
+            fields = getattr(record, "fields", {})
+            seen.append((record.levelno, fields.get("ok"), fields.get("reason")))
 
     logger.addHandler(Keep())
     logger.propagate = False
     journal = Journal(logger, LoggingConfig(), drain_timeout=30.0)
-    for ok in (False, False, False, True, True):
-        journal.probed("127.0.0.1:9101", ok)
+    failures = (ProbeFailure.REFUSED, ProbeFailure.MISMATCH, ProbeFailure.REPLY_TIMEOUT)
+    for failure in (*failures, None, None):
+        journal.probed("127.0.0.1:9101", failure)
     assert seen == [
-        (logging.INFO, False),
-        (logging.DEBUG, False),
-        (logging.DEBUG, False),
-        (logging.INFO, True),
-        (logging.DEBUG, True),
+        (logging.INFO, False, "connect refused"),
+        (logging.DEBUG, False, "reply did not match"),
+        (logging.DEBUG, False, "timed out awaiting the reply"),
+        (logging.INFO, True, None),
+        (logging.DEBUG, True, None),
     ]
 
 
