@@ -341,8 +341,9 @@ class ControlPlane:
         self.health_config = health
         self.checks = checks or {}
         thresholds = self._thresholds = _thresholds(health)
-        for record in self._health.values():
+        for address, record in self._health.items():
             record.thresholds = thresholds
+            record.payload_probed = self._payload_probed(address)
         events: list[Event] = []
         added: list[str] = []
         reweighted: list[str] = []
@@ -517,6 +518,7 @@ class ControlPlane:
         address = backend.address
         self.backends[address] = backend
         record = self._health[address] = BackendHealth(address, self._thresholds)
+        record.payload_probed = self._payload_probed(address)
         self.admin.setdefault(address, _READY)
         self._reports[address] = {
             health_input: HealthReport.of(address, health_input) for health_input in HealthInput
@@ -527,6 +529,10 @@ class ControlPlane:
             self.since[address] = (now, ADDED_REASON)
         elif now is not None:
             self.joined[address] = now  # in rotation at once, and cold
+
+    def _payload_probed(self, address: str) -> bool:
+        check = self.checks.get(address)
+        return check is not None and check.awaits_reply
 
     def _forget(self, address: str, now: float) -> BackendForgotten:
         self.removing.pop(address, None)

@@ -46,6 +46,13 @@ Rules that hold everywhere, and that this module alone enforces:
   few seconds of trouble would keep a backend out for as long as its longest
   connection lasts (a pub/sub session or a pooled connection: hours). Which
   backends get probed, and when, is the control plane's job.
+* **A payload check outweighs a connect.** A backend whose probes expect a
+  reply (``probe_expect``, ``probe_expect_regex``: :attr:`BackendHealth.payload_probed`)
+  can accept connects and answer nothing (a frozen process: the kernel
+  completes the handshake). There a connect that succeeded proves less than
+  a probe that failed, so while ``HEALTHY`` a passive success does not break
+  a run of failures (HAProxy counts ``fall`` from its checks alone); with
+  connect-only probes it does, being the same evidence as a probe success.
 * **Only probes earn recovery.** A passive success while ``DRAINING`` is the
   verdict of an attempt begun while the backend was still ``HEALTHY``: like a
   probe sent before a state change, it proves nothing about the backend
@@ -133,6 +140,7 @@ class BackendHealth:
         "address",
         "consecutive_failures",
         "consecutive_successes",
+        "payload_probed",
         "peak_connections",
         "state",
         "thresholds",
@@ -147,6 +155,9 @@ class BackendHealth:
         """The most ``active_connections`` ever reached, for the status page."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.payload_probed = False
+        """Whether its probes expect a reply (set by the control plane): then a
+        passive success does not break a run of failures."""
 
     def __repr__(self) -> str:
         return (
@@ -194,6 +205,13 @@ def _finished(health: BackendHealth) -> None:
 
 def _count_success(health: BackendHealth) -> None:
     health.consecutive_failures = 0
+    health.consecutive_successes += 1
+
+
+def _healthy_passive_success(health: BackendHealth) -> None:
+    """A connect succeeded: a success, but no answer to a payload probe's failures."""
+    if not health.payload_probed:
+        health.consecutive_failures = 0
     health.consecutive_successes += 1
 
 
@@ -247,7 +265,7 @@ _I = HealthInput
 TRANSITIONS: dict[tuple[HealthState, HealthInput], Rule] = {
     (_H, _I.CONNECTION_STARTED): _started,
     (_H, _I.CONNECTION_FINISHED): _finished,
-    (_H, _I.PASSIVE_SUCCESS): _count_success,
+    (_H, _I.PASSIVE_SUCCESS): _healthy_passive_success,
     (_H, _I.PASSIVE_FAILURE): _healthy_failure,
     (_H, _I.PROBE_SUCCESS): _count_success,
     (_H, _I.PROBE_FAILURE): _healthy_failure,

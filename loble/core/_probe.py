@@ -51,7 +51,7 @@ PAYLOAD_LIMIT = 16 * 1024
 """The most bytes a probe sends (and the longest ``probe_expect``): a check, not a transfer."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class ProbeCheck:
     """What a probe sends once connected, and what the reply must show.
 
@@ -70,6 +70,15 @@ class ProbeCheck:
             raise ValueError("a probe expects a prefix or a pattern, not both")
         if len(self.send) > PAYLOAD_LIMIT or len(self.expect) > PAYLOAD_LIMIT:
             raise ValueError(f"a probe sends and expects at most {PAYLOAD_LIMIT} bytes")
+
+    def __repr__(self) -> str:
+        # Only what is set: a connect-only probe's action reads as before payloads.
+        parts = [f"send={self.send!r}"] if self.send else []
+        if self.expect:
+            parts.append(f"expect={self.expect!r}")
+        if self.expect_regex is not None:
+            parts.append(f"expect_regex={self.expect_regex!r}")
+        return f"ProbeCheck({', '.join(parts)})"
 
     @property
     def awaits_reply(self) -> bool:

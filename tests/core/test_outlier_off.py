@@ -36,7 +36,7 @@ from loble.core import (
     parse_config,
 )
 
-CONNECT_ONLY_REPR = ", check=ProbeCheck(send=b'', expect=b'', expect_regex=None)"
+CONNECT_ONLY_REPR = ", check=ProbeCheck()"
 BEFORE = "028ece9365570e7cd3f2c72c1031bc2a413410419b528079ca6f62ac53888e32"
 BACKENDS = [f"10.9.0.{i}:80" for i in range(1, 6)]
 

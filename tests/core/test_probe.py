@@ -19,6 +19,8 @@ from loble.__main__ import main
 from loble.core import (
     REPLY_LIMIT,
     ConfigError,
+    HealthInput,
+    HealthState,
     ProbeBackend,
     ProbeCheck,
     ProbeFailure,
@@ -26,6 +28,7 @@ from loble.core import (
     judge_reply,
     parse_config,
 )
+from loble.core._health import BackendHealth, Thresholds
 from loble.core._probe import CONNECT_ONLY, PAYLOAD_LIMIT, probe_checks
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
@@ -354,3 +357,41 @@ def test_a_reload_gives_the_next_probes_the_new_check() -> None:
         f"backends[{A}].probe_expect",
     )
     assert [probe.check for _, probe in run_probes(proxy, 4.0)] == [CONNECT_ONLY] * 2
+
+
+def test_a_check_shows_only_what_is_set() -> None:
+    assert repr(CONNECT_ONLY) == "ProbeCheck()"
+    assert repr(PONG) == "ProbeCheck(send=b'PING\\r\\n', expect=b'+PONG')"
+    assert repr(ProbeCheck(expect_regex=re.compile(b"^220"))) == (
+        "ProbeCheck(expect_regex=re.compile(b'^220'))"
+    )
+
+
+# -- the health rule: a payload check outweighs a connect ---------------------------------
+
+
+@pytest.mark.parametrize(("payload", "out"), [(True, True), (False, False)])
+def test_a_connect_success_breaks_a_run_of_failures_only_without_a_payload_check(
+    payload: bool, out: bool
+) -> None:
+    record = BackendHealth(A, Thresholds(failure_threshold=3, success_threshold=2))
+    record.payload_probed = payload
+    for health_input in (
+        HealthInput.PROBE_FAILURE,
+        HealthInput.PROBE_FAILURE,
+        HealthInput.PASSIVE_SUCCESS,  # a frozen backend's kernel accepted a client
+        HealthInput.PROBE_FAILURE,
+    ):
+        transition = record.handle(health_input)
+    assert (record.state is HealthState.UNHEALTHY) is out
+    assert (transition is not None) is out
+
+
+def test_the_control_plane_marks_the_backends_whose_probes_expect_a_reply() -> None:
+    proxy = ProxyCore(
+        config(A, {"address": B, "probe_expect": "+OK"}, health={"probe_send": "PING\r\n"}),
+        random.Random(1),
+    )
+    assert [proxy.control.health(a).payload_probed for a in (A, B)] == [False, True]
+    proxy.reconfigure(config(A, B, health={"probe_expect_regex": "OK"}), 1.0)
+    assert [proxy.control.health(a).payload_probed for a in (A, B)] == [True, True]
