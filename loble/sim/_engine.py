@@ -40,7 +40,10 @@ probe fails when they land, as they would against a real process that went
 away. A silent host (``host_down``) kills nothing: an answer on its way
 still lands, and a connection established on a ``host_down`` or
 ``accept_hang`` backend hangs (it gets no end and no touch: the core's idle
-timeout closes it).
+timeout closes it). A probe that expects a reply (``[health] probe_expect``
+or ``probe_expect_regex``) takes one more round trip, and fails at its
+timeout on an ``accept_hang`` backend, which a connect-only probe passes;
+every reply a backend gives matches (the simulator models no wrong answer).
 
 A fault that changes what open connections see edits the heap: a ``kill``
 replaces a connection's own end with the FIN or the RST it gets, a
@@ -160,6 +163,7 @@ from loble.core import (
     Output,
     PanicChanged,
     ProbeBackend,
+    ProbeCheck,
     ProxyCore,
     Reconfigured,
     ShutdownFinished,
@@ -1250,14 +1254,20 @@ class Simulation:
 
     def _probe(self, action: ProbeBackend, now: float) -> None:
         backend = self.backends[action.backend.address]
-        self.monitor.probe_sent(backend.address)
+        self.monitor.probe_sent(backend.address, now)
         timeout = action.timeout
         rtt = backend.latency()
+        awaits_reply = action.check.awaits_reply
         if backend.behaviour == _BLACKHOLE or backend.behaviour == _HOST_DOWN:
             at, ok = now + timeout, False
         elif backend.refuses(now):
             at, ok = now + min(rtt, timeout), False
+        elif awaits_reply and backend.behaviour == _ACCEPT_HANG:
+            # The kernel accepts, nothing reads: a payload probe gets no reply.
+            at, ok = now + timeout, False
         else:
+            if awaits_reply:
+                rtt += backend.latency()  # the request and its reply: one more round trip
             if backend.behaviour == _SLOW:
                 rtt += backend.delay
             at, ok = (now + rtt, True) if rtt < timeout else (now + timeout, False)
@@ -1434,11 +1444,21 @@ def _event_record(step: int, now: float, event: tuple[Any, ...]) -> dict[str, An
 
 
 def _fields(output: Any) -> dict[str, Any]:
-    """An output as JSON-ready data: enums by value, a backend by its address."""
+    """An output as JSON-ready data: enums by value, a backend by its address, a
+    probe's check as text (left out when it only connects, as before payloads)."""
     data: dict[str, Any] = {}
     for name in output.__slots__:
         value = getattr(output, name)
-        if hasattr(value, "address"):
+        if isinstance(value, ProbeCheck):
+            if value.connect_only:
+                continue
+            pattern = value.expect_regex
+            value = {
+                "send": value.send.decode(errors="backslashreplace"),
+                "expect": value.expect.decode(errors="backslashreplace"),
+                "expect_regex": "" if pattern is None else pattern.pattern.decode(),
+            }
+        elif hasattr(value, "address"):
             value = value.address
         elif hasattr(value, "value") and not isinstance(value, (int, float)):
             value = value.value

@@ -59,6 +59,12 @@ things *happen*, and on time:
   driver tells the monitor each late wake-up (:attr:`Monitor.late_wake`):
   a core deadline from the one it is for may pass unhandled until it comes,
   and no longer; every other check is as strict as without jitter.
+  Probes are on time too (when the driver says when each is sent): a
+  backend's next probe comes no sooner than ``probe_interval * (1 -
+  probe_jitter)`` after the last one was due, and, unless something since
+  may have moved or skipped it (a probe still out when the next was due, a
+  reload), no later than ``probe_interval * (1 + probe_jitter)`` after it
+  was sent, or after a change of its state or admin state re-filed it.
 
 It also keeps what the report shows (outcomes, latencies, the timeline), since
 those are the same observations.
@@ -197,6 +203,11 @@ class Monitor:
         DRAINING needs)."""
         self.probe_sent_in: dict[str, HealthState] = {}
         """Backends with a probe out, and the state the monitor saw when it was sent."""
+        self.probe_interval = config.health.probe_interval
+        self.probe_jitter = config.health.probe_jitter
+        self.probe_window: dict[str, list[float]] = {}
+        """Each probed backend's window for its next probe: [not before, not
+        after]; "not after" is inf once something may have moved or skipped it."""
         self.recovering: list[str] = []
         """DRAINING backends whose probe run reached the threshold in this step."""
         self.admin = dict.fromkeys(self.addresses, _READY)
@@ -283,6 +294,9 @@ class Monitor:
         population``), until their first attempt starts."""
         self.hashing = _hashing(config)
         """Whether a client address must map to one backend per snapshot."""
+        self.payload_probed = _payload_probed(config)
+        """Backends whose probes expect a reply: a connect that succeeds does not
+        break their run of failures (a frozen backend still accepts)."""
         self.picks: dict[int, dict[str, str]] = {}
         """Per snapshot version: each client address's first-attempt backend."""
         self.violation_counts = dict.fromkeys(INVARIANTS, 0)
@@ -321,7 +335,8 @@ class Monitor:
         self.last_activity[connection_id] = now
         address = self.holding.get(connection_id)
         if address is not None:
-            self.consecutive_failures[address] = 0
+            if address not in self.payload_probed:
+                self.consecutive_failures[address] = 0
             self.consecutive_successes[address] += 1
 
     def activity(self, connection_id: int, now: float) -> None:
@@ -340,12 +355,50 @@ class Monitor:
             )
         self.last_activity[connection_id] = now
 
-    def probe_sent(self, address: str) -> None:
-        """The driver carries out a ``ProbeBackend`` for ``address``."""
+    def probe_sent(self, address: str, now: float | None = None) -> None:
+        """The driver carries out a ``ProbeBackend`` for ``address``; with ``now``,
+        when, and its spacing from the last one is checked."""
         self.probe_sent_in[address] = self.state[address]
+        if now is None:
+            return
+        # Sent at a late wake-up, it was due no sooner than the deadline woken for.
+        late = self.late_wake
+        due = late[0] if self.timer_step and late is not None and late[0] <= now else now
+        window = self.probe_window.get(address)
+        if window is not None:
+            earliest, latest = window
+            if now < earliest - _LATE:
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"{address} probed at t={now:.6f}, before t={earliest:.6f}: sooner than "
+                    f"probe_interval * (1 - probe_jitter) after its last probe was due",
+                )
+            if due > latest + _LATE:
+                self.violate(
+                    TIMEOUTS_ON_TIME,
+                    f"{address} probed at t={now:.6f} (due by t={due:.6f}), after "
+                    f"t={latest:.6f}: later than probe_interval * (1 + probe_jitter)",
+                )
+        interval, jitter = self.probe_interval, self.probe_jitter
+        self.probe_window[address] = [due + interval * (1 - jitter), now + interval * (1 + jitter)]
+
+    def _probe_refiled(self, address: str, now: float) -> None:
+        """The core may have filed ``address``'s next probe afresh at ``now`` (a
+        change of its state or admin state): due by an interval from now at the
+        latest, unless a probe still out may make it skip that one."""
+        window = self.probe_window.get(address)
+        if window is None:
+            return
+        if address in self.probe_sent_in:
+            window[1] = math.inf
+        else:
+            window[1] = max(window[1], now + self.probe_interval * (1 + self.probe_jitter))
 
     def probe_result(self, address: str, ok: bool) -> None:
         self.probes[address] += 1
+        window = self.probe_window.get(address)
+        if window is not None and self.now > window[0] + _LATE:
+            window[1] = math.inf  # out when the next may have been due: that one is skipped
         if ok:
             self._success(address)
         else:
@@ -598,6 +651,8 @@ class Monitor:
         elif not (old is _D and new is _U):
             self.violate(NO_FLAPPING, f"{address} {old.name}->{new.name} is not a transition")
         self.probe_run[address] = 0
+        if old is _H:
+            self._probe_refiled(address, now)
         if new is _U:
             if self.active[address]:
                 self.violate(
@@ -640,6 +695,7 @@ class Monitor:
             self.violate(NO_CHURN, f"{address}: an admin change to the same state was announced")
         self.admin[address] = event.new
         self._bar(address)
+        self._probe_refiled(address, now)
         self.membership_changed = self.pending = True
 
     def weight_changed(self, event: WeightChanged, now: float) -> None:
@@ -692,6 +748,7 @@ class Monitor:
         self.panic_threshold = config.balancer.panic_threshold
         self.outlier = config.outlier
         self.hashing = _hashing(config)
+        self.payload_probed = _payload_probed(config)
         for address in removed:
             self.ejected.pop(address, None)  # the core forgets the ejection: no return
             self.probe_sent_in.pop(address, None)  # the core forgets its probe too
@@ -702,6 +759,14 @@ class Monitor:
             if not self.active[address]:
                 self.leaving_idle.append(address)
         self.addresses = (*wanted, *self.removing)
+        # The next probes go on the new interval, the one filed may come sooner.
+        self.probe_interval = interval = config.health.probe_interval
+        self.probe_jitter = jitter = config.health.probe_jitter
+        for address, window in list(self.probe_window.items()):
+            if address in self.removing or address not in self.addresses:
+                del self.probe_window[address]
+            else:
+                window[:] = [min(window[0], now + interval * (1 - jitter)), math.inf]
         self.failure_threshold = config.health.failure_threshold
         self.success_threshold = config.health.success_threshold
         policy = (config.timeouts.connect, config.timeouts.idle, config.balancer.connect_retries)
@@ -723,6 +788,7 @@ class Monitor:
             )
         self.removing.pop(address, None)
         self.probe_sent_in.pop(address, None)
+        self.probe_window.pop(address, None)
         self.barred.discard(address)
         self.addresses = tuple(a for a in self.addresses if a != address)
 
@@ -1130,6 +1196,17 @@ class Monitor:
             self.resets,
         ):
             total.setdefault(address, 0)
+
+
+def _payload_probed(config: Config) -> frozenset[str]:
+    """The backends whose probes expect a reply: their own expect key, else [health]'s."""
+    health = config.health
+    default = bool(health.probe_expect or health.probe_expect_regex)
+    return frozenset(
+        backend.address
+        for backend in config.backends
+        if backend.probe_expect or backend.probe_expect_regex or default
+    )
 
 
 def _hashing(config: Config) -> bool:

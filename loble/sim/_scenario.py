@@ -88,8 +88,10 @@ BEHAVIOURS = (
   are refused; every established connection is reset.
 * ``host_down``: the host goes silent: connects and probes hang (until the
   connect or probe timeout), and so do open connections (until the idle timeout).
-* ``accept_hang``: connects and probes succeed (the kernel accepts), then
-  nothing answers: each new connection hangs until the idle timeout.
+* ``accept_hang``: connects and connect-only probes succeed (the kernel
+  accepts), then nothing answers: each new connection hangs until the idle
+  timeout, and a probe that expects a reply fails at its timeout (a frozen
+  process, SIGSTOP: only a payload check sees it).
 * ``blackhole``: connects and probes hang (until the connect or probe timeout).
 * ``reset``: connects succeed; the connections open when it starts are reset,
   and a share (``probability``) of the new ones is reset mid-stream.
