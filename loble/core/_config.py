@@ -95,6 +95,15 @@ class BalancerConfig:
     panic_threshold: float = 0.0
     """Below this share of healthy primary backends, spread over all of them,
     healthy or not (Envoy's ``healthy_panic_threshold``); 0: never."""
+    queue_size: int = 1024
+    """Clients that may wait at once for a backend with room, when every
+    eligible backend is at its ``max_connections`` (HAProxy's queue, bounded as
+    Envoy's ``max_pending_requests``, 1,024); beyond it a client is refused
+    (``queue_full``). 0: no queue, refused at once."""
+    queue_timeout: float = 5.0
+    """Seconds a client waits in that queue before it is refused
+    (``queue_timeout``): HAProxy's ``timeout queue``, which defaults to the
+    connect timeout, as this does to its default."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +208,11 @@ class BackendConfig:
     ``[balancer] send_proxy``'s."""
     backup: bool = False
     """Used only while no other (primary) backend is healthy (HAProxy's ``backup``)."""
+    max_connections: int = 0
+    """Connections this backend carries at once, connects in progress included
+    (HAProxy's server ``maxconn``): at the limit it is skipped, and with every
+    eligible backend at its limit new clients wait in the queue (``[balancer]
+    queue_size``, ``queue_timeout``). 0: no limit."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,6 +421,18 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         panic_threshold=float(
             checker.value(
                 "balancer", table, "panic_threshold", _DEFAULT_BALANCER.panic_threshold, _share
+            )
+        ),
+        queue_size=checker.value(
+            "balancer", table, "queue_size", _DEFAULT_BALANCER.queue_size, integer(0, 1_000_000)
+        ),
+        queue_timeout=float(
+            checker.value(
+                "balancer",
+                table,
+                "queue_timeout",
+                _DEFAULT_BALANCER.queue_timeout,
+                seconds(minimum=_SHORTEST),
             )
         ),
     )
@@ -720,6 +746,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
         weight = checker.value(path, entry, "weight", 1, WEIGHT)
         send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
         backup = checker.value(path, entry, "backup", False, boolean())
+        max_connections = checker.value(path, entry, "max_connections", 0, integer(0, 1_000_000))
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -733,7 +760,13 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
             continue
         seen[key] = index
         backends.append(
-            BackendConfig(address=address, weight=weight, send_proxy=send_proxy, backup=backup)
+            BackendConfig(
+                address=address,
+                weight=weight,
+                send_proxy=send_proxy,
+                backup=backup,
+                max_connections=max_connections,
+            )
         )
     return tuple(backends)
 
@@ -754,7 +787,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         section = getattr(config, name)
         result[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
     result["backends"] = [
-        {"address": backend.address, "weight": backend.weight, "send_proxy": backend.send_proxy}
+        {f.name: _plain(getattr(backend, f.name)) for f in fields(backend)}
         for backend in config.backends
     ]
     return result

@@ -44,6 +44,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectRedispatched",
     "ConnectionClosed",
+    "ConnectionQueued",
     "Event",
     "HealthReport",
     "Outcome",
@@ -92,6 +93,13 @@ class Outcome(enum.Enum):
     REMOVED = "removed"
     """Its backend was removed by a reload and the connection was still open
     ``[timeouts] removal`` seconds later: cut, with a reset."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """Waited ``[balancer] queue_timeout`` in the queue for a backend with room
+    (every eligible one at its ``max_connections``) and was refused: HAProxy's
+    termination code ``sQ``."""
+    QUEUE_FULL = "queue_full"
+    """Refused at once: every eligible backend was at its ``max_connections``
+    and ``[balancer] queue_size`` clients were waiting already."""
 
 
 # -- actions -----------------------------------------------------------------
@@ -334,6 +342,22 @@ class ConnectRedispatched:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionQueued:
+    """A new client waits: every eligible backend is at its ``max_connections``.
+
+    It is the ``queued``-th waiting (this one included), and is refused with
+    ``Outcome.QUEUE_TIMEOUT`` at ``deadline`` unless a backend has room
+    before. Its first ``ConnectBackend`` is its way out of the queue; clients
+    leave it in the order they came.
+    """
+
+    at: float
+    connection_id: int
+    queued: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownStarted:
     at: float
     in_flight: int
@@ -355,6 +379,7 @@ Event = (
     | ConnectionClosed
     | ConnectFailed
     | ConnectRedispatched
+    | ConnectionQueued
     | ShutdownStarted
     | ShutdownFinished
     | AdminStateChanged

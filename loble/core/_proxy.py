@@ -25,6 +25,15 @@ every decision they make is made here:
   report each connection's first bytes each way with :meth:`client_sent`
   and :meth:`backend_sent`.
 
+With a ``[[backends]] max_connections`` set, a backend at its limit is
+skipped, and a client for whom every eligible backend is at its limit waits
+in one bounded FIFO queue (``[balancer] queue_size``) until one has room or
+its ``queue_timeout`` passes (HAProxy's server ``maxconn`` and ``timeout
+queue``): :meth:`accept` then returns a ``ConnectionQueued`` and no action,
+and the client's ``ConnectBackend`` comes later, from whichever call freed
+the room (a connection's end, a backend's return, a reload). The driver holds
+the client's socket meanwhile and reads nothing from it.
+
 Each call returns a list of outputs: actions to carry out and events to log,
 in order. Reports for a connection the core has already closed, or for an
 attempt it has given up on, are stale and return nothing: an empty list,
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Collection
 from dataclasses import fields
 from typing import cast
@@ -47,7 +57,7 @@ from ._config import WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
-from ._events import ConnectionClosed, Outcome, Output, Reconfigured
+from ._events import ConnectionClosed, ConnectionQueued, Outcome, Output, Reconfigured
 from ._hashing import hash_key
 from ._outlier import Ejection, OutlierDetector
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
@@ -58,12 +68,12 @@ __all__ = ["ProxyCore"]
 
 # Module aliases for the enum members the hot paths test (a class attribute
 # read of an enum member costs ~80 ns in CPython 3.11, a global ~8 ns).
-_CONNECTING, _CLOSED = ConnState.CONNECTING, ConnState.CLOSED
+_CONNECTING, _CLOSED, _QUEUED = ConnState.CONNECTING, ConnState.CLOSED, ConnState.QUEUED
 _RUNNING, _DRAINING = ProcessState.RUNNING, ProcessState.DRAINING
 _CONNECT_OK, _CONNECT_FAILED = ConnInput.CONNECT_OK, ConnInput.CONNECT_FAILED
 _CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
 _CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
-_REDISPATCH = ConnInput.REDISPATCH
+_REDISPATCH, _DEQUEUE = ConnInput.REDISPATCH, ConnInput.DEQUEUE
 _ESTABLISHED, _CLIENT_DONE = ConnState.ESTABLISHED, ConnState.CLIENT_DONE
 _VERDICTS: dict[Outcome | None, bool] = {Outcome.BACKEND_RESET: True, Outcome.COMPLETED: False}
 """The outcomes that are a verdict on the backend for outlier ejection: failed or not."""
@@ -125,11 +135,17 @@ class ProxyCore:
         self._hash_port = config.balancer.hash_key == "address_port"
         self._slow_start = config.balancer.slow_start
         self._slow_start_floor = config.balancer.slow_start_floor
+        self._limits = _limits_of(config)
+        """Backends with a ``max_connections``, and it (none: nothing is ever full)."""
+        self._waiting: dict[int, Connection] = {}
+        """Queued connections (state ``QUEUED``), by id."""
+        self._queue: deque[int] = deque()
+        """Their ids in arrival order; ids no longer in :attr:`_waiting` are stale."""
         self._policy = self._make_policy(config)
         self._removal_deadlines: dict[str, float] = {}
         """Removed backends whose connections are cut at a deadline, and when."""
-        # Connection deadlines, one lane per kind (see _timers): connect, idle.
-        self._timers = TimerQueue(lanes=2)
+        # Connection deadlines, one lane per kind (see _timers): connect, idle, queue.
+        self._timers = TimerQueue(lanes=3)
         self._next_connection_id = 1
         self.cut_count = 0
         self.touch_resolution = self._policy.touch_resolution
@@ -155,6 +171,11 @@ class ProxyCore:
     @property
     def in_flight(self) -> int:
         return len(self.connections)
+
+    @property
+    def queued(self) -> int:
+        """Clients waiting for a backend with room (part of :attr:`in_flight`)."""
+        return len(self._waiting)
 
     @property
     def accepting(self) -> bool:
@@ -189,6 +210,7 @@ class ProxyCore:
                     peak_connections=health.peak_connections,
                     removing=address in removing,
                     ejected_until=ejected.get(address),
+                    max_connections=self._limits.get(address, 0),
                 )
             )
         return CoreStatistics(
@@ -200,6 +222,7 @@ class ProxyCore:
             eligible=snapshot.addresses,
             backends=tuple(backends),
             cut=self.cut_count,
+            queued=len(self._waiting),
         )
 
     def timer_lead(self, *, shutdown_possible: bool = True) -> float:
@@ -224,6 +247,8 @@ class ProxyCore:
             leads.append(outlier.base_ejection_time)
         if outlier.first_byte_timeout:
             leads.append(outlier.first_byte_timeout)  # client_sent files one
+        if _limits_of(self.config):
+            leads.append(self.config.balancer.queue_timeout)  # accept may queue
         return min(leads)
 
     def wake_bound(self, now: float, wake: float | None, *, lead: float | None = None) -> float:
@@ -274,10 +299,14 @@ class ProxyCore:
             connection.key = hash_key(f"{host}:{port}" if self._hash_port else host)
         out: list[Output] = []
         connection.open_into(now, out)
-        if connection.state is _CONNECTING:
+        state = connection.state
+        if state is _CONNECTING:
             self.connections[connection_id] = connection
             self._file_timer(connection, connection.deadline_at, 0)  # it has no entry yet
-        # else: no backend, closed at once; never in flight (the process is running)
+        elif state is _QUEUED:
+            self.connections[connection_id] = connection
+            self._file_timer(connection, connection.deadline_at, 2)
+        # else: refused, closed at once; never in flight (the process is running)
         return connection_id, out
 
     def shutdown(self, now: float) -> list[Output]:
@@ -338,6 +367,8 @@ class ProxyCore:
         out: list[Output] = list(self.control.probe_result(address, ok, now))
         if self.control.judged_bad:
             self._redispatch(now, out)
+        if self._waiting:
+            self._serve_queue(now, out)  # a backend back in rotation has room
         return out
 
     # -- the first-byte timeout ([outlier] first_byte_timeout) ---------------------
@@ -390,7 +421,10 @@ class ProxyCore:
         has no row for (``UNDRAIN`` in ``MAINT``) raises :class:`LobleError`
         with one line for the operator.
         """
-        return list(self.control.set_admin(address, admin_input, now))
+        out: list[Output] = list(self.control.set_admin(address, admin_input, now))
+        if self._waiting:
+            self._serve_queue(now, out)
+        return out
 
     def set_weight(self, address: str, weight: int, now: float) -> list[Output]:
         """An operator's new weight for one backend, for new connections.
@@ -437,10 +471,15 @@ class ProxyCore:
         self._hash_port = config.balancer.hash_key == "address_port"
         self._slow_start = config.balancer.slow_start
         self._slow_start_floor = config.balancer.slow_start_floor
+        limits = _limits_of(config)
+        limited = bool(limits) != bool(self._limits)
+        self._limits = limits
         if (
-            config.timeouts.connect != old.timeouts.connect
+            limited
+            or config.timeouts.connect != old.timeouts.connect
             or config.timeouts.idle != old.timeouts.idle
             or config.balancer.connect_retries != old.balancer.connect_retries
+            or config.balancer.queue_timeout != old.balancer.queue_timeout
         ):
             # A new policy for new connections; open ones keep theirs.
             self._policy = self._make_policy(config)
@@ -471,6 +510,8 @@ class ProxyCore:
             )
         ]
         out.extend(events)
+        if self._waiting:
+            self._serve_queue(now, out)  # limits raised, or removed, or backends added
         return out
 
     # -- time ------------------------------------------------------------------------------
@@ -535,6 +576,8 @@ class ProxyCore:
             self._outlier_timer(now, out)
         if self.control.judged_bad:
             self._redispatch(now, out)
+        if self._waiting:
+            self._serve_queue(now, out)  # an ejected backend's return
         out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
         if deadline is not None and deadline <= now:
@@ -551,7 +594,53 @@ class ProxyCore:
             idle_timeout=config.timeouts.idle,
             connect_retries=config.balancer.connect_retries,
             report=self.control.report if self.health_reports else self.control.judge,
+            queue=self._enqueue if self._limits else None,
+            queue_timeout=config.balancer.queue_timeout,
         )
+
+    def _enqueue(self, connection: Connection, now: float, out: list[Output]) -> Outcome | None:
+        """No backend was picked for a new connection: queue it, or say why not.
+
+        With no backend eligible at all it is ``NO_BACKEND`` as without limits
+        (a queue for backends that are down would only hold clients longer);
+        the eligible ones all full, it waits if the queue has room.
+        """
+        if not self.control.snapshot.backends:
+            return Outcome.NO_BACKEND
+        waiting = self._waiting
+        if len(waiting) >= self.config.balancer.queue_size:
+            return Outcome.QUEUE_FULL
+        connection_id = connection.connection_id
+        waiting[connection_id] = connection
+        self._queue.append(connection_id)
+        out.append(
+            ConnectionQueued(
+                at=now,
+                connection_id=connection_id,
+                queued=len(waiting),
+                deadline=connection.deadline_at,
+            )
+        )
+        return None
+
+    def _serve_queue(self, now: float, out: list[Output]) -> None:
+        """Give the queued connections, oldest first, the room there is now.
+
+        The head picks; when it finds none, nobody behind it can (they pick
+        from the same backends), so the queue waits for the next change.
+        """
+        waiting, queue = self._waiting, self._queue
+        while queue:
+            connection = waiting.get(queue[0])
+            if connection is None:
+                queue.popleft()  # closed while queued (timeout, reset, cut)
+                continue
+            connection.handle_into(_DEQUEUE, now, out)
+            if connection.state is _QUEUED:
+                return
+            queue.popleft()
+            del waiting[connection.connection_id]
+            self._file_timer(connection, connection.deadline_at, 0)
 
     def _judge(self, connection: Connection, now: float, out: list[Output]) -> None:
         """A closed connection's verdict on its backend, for outlier ejection."""
@@ -667,6 +756,12 @@ class ProxyCore:
         # is applied; the failed backend is excluded anyway).
         control = self.control
         balancer = self.balancer
+        limits = self._limits
+        if limits:
+            active = control.active_connections
+            full = [address for address, most in limits.items() if active(address) >= most]
+            if full:
+                exclude = (*exclude, *full)
         if self._keyed:
             keyed = cast("KeyedBalancer", balancer)
             backend = keyed.pick_for(key, control.snapshot, control.active_connections, exclude)
@@ -749,6 +844,10 @@ class ProxyCore:
             del self.connections[connection.connection_id]
             if self._judging:
                 self._judge(connection, now, out)
+            waiting = self._waiting
+            if waiting:
+                waiting.pop(connection.connection_id, None)
+                self._serve_queue(now, out)  # its backend, if it had one, has room
             if self.process.state is _DRAINING and not self.connections:
                 out.extend(self._carry_out(self.process.handle(ProcessInput.IDLE, now, 0), now))
         else:
@@ -762,10 +861,13 @@ class ProxyCore:
             timer_due = connection.timer_due
             if timer_due is None or deadline < timer_due:
                 self._file_timer(connection, deadline, self._lane(connection))
+            if self._waiting:
+                self._serve_queue(now, out)  # a retry left a backend, which has room
 
     @staticmethod
     def _lane(connection: Connection) -> int:
-        return 0 if connection.state is _CONNECTING else 1
+        state = connection.state
+        return 0 if state is _CONNECTING else 2 if state is _QUEUED else 1
 
     def _file_timer(self, connection: Connection, due: float, lane: int) -> None:
         # One live entry per connection: filing a new due time makes the old
@@ -785,11 +887,18 @@ class ProxyCore:
             for connection in connections:
                 connection.handle_into(ConnInput.CUT, now, out)
             self.cut_count += len(connections)
+            self._waiting.clear()
+            self._queue.clear()
             self._first_byte_due.clear()
             self._first_byte_seen.clear()
             self._first_byte_judged.clear()
         out.extend(step.outputs)
         return out
+
+
+def _limits_of(config: Config) -> dict[str, int]:
+    """Each backend's ``max_connections``, for those that have one."""
+    return {b.address: b.max_connections for b in config.backends if b.max_connections}
 
 
 def _table_of(config: Config) -> tuple[str, int, int]:

@@ -44,6 +44,8 @@ IMPACT = {
     Outcome.REFUSED_SHUTTING_DOWN: "clients refused while shutting down",
     Outcome.RESOURCE_EXHAUSTED: "clients refused for want of proxy resources",
     Outcome.REMOVED: "clients cut when their backend was removed",
+    Outcome.QUEUE_TIMEOUT: "clients refused after waiting queue_timeout (backends full)",
+    Outcome.QUEUE_FULL: "clients refused at once, the queue full (backends full)",
 }
 """What each way for a client to fail is called in the impact lines."""
 

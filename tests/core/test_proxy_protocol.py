@@ -472,7 +472,15 @@ def test_accept_proxy_from_is_canonical_and_printed_as_an_array() -> None:
     )
     printed = config_to_dict(config)
     assert printed["listener"]["accept_proxy_from"] == list(config.listener.accept_proxy_from)
-    assert printed["backends"] == [{"address": "127.0.0.1:1", "weight": 1, "send_proxy": ""}]
+    assert printed["backends"] == [
+        {
+            "address": "127.0.0.1:1",
+            "weight": 1,
+            "send_proxy": "",
+            "backup": False,
+            "max_connections": 0,
+        }
+    ]
     assert parse_config({"backends": backends({})}).listener.accept_proxy_from == ()
 
 
