@@ -294,6 +294,11 @@ def _refreshed(client: AdminClient, previous: Group) -> Group:
         return Group(Text(f"{error} (retrying)", style="bold red"), previous.renderables[-1])
 
 
+def _of_limit(active: object, limit: object) -> str:
+    """Active connections, and out of how many when the backend has a ``max_connections``."""
+    return f"{active}/{limit}" if limit else str(active)
+
+
 def status_view(document: Mapping[str, Any]) -> Group:
     """The status document as the header line above one row per backend."""
     from rich.table import Table
@@ -305,7 +310,8 @@ def status_view(document: Mapping[str, Any]) -> Group:
     header.append(
         f" · snapshot v{document.get('snapshot_version')}"
         f" · {document.get('in_flight')} in flight"
-        f" · {len(document.get('eligible', []))} of {len(backends)} backends eligible"
+        + (f" ({document['queued']} queued)" if document.get("queued") else "")
+        + f" · {len(document.get('eligible', []))} of {len(backends)} backends eligible"
         f" · up {_duration(document.get('uptime'))}"
         f" · pid {document.get('pid')}"
     )
@@ -334,7 +340,7 @@ def status_view(document: Mapping[str, Any]) -> Group:
             Text(state, STATE_STYLES.get(state, "")),
             Text(admin, ADMIN_STYLES.get(admin, "")),
             str(backend.get("weight")),
-            str(backend.get("active_connections")),
+            _of_limit(backend.get("active_connections"), backend.get("max_connections")),
             str(backend.get("peak_connections")),
             str(outcomes.get("completed", 0)),
             # As the status page counts: every outcome but "completed" is a

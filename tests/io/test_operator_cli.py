@@ -445,3 +445,33 @@ def test_the_table_shows_probes_removal_and_bytes_in_units() -> None:
         *("failed,", "0.5", "s", "ago"),
     ]
     assert row(text, "10.0.0.2:80")[-4:] == ["ok,", "0.5", "s", "ago"]
+
+
+def test_the_table_shows_a_backends_limit_and_the_queue() -> None:
+    backend = {
+        "address": "10.0.0.1:80",
+        "state": "healthy",
+        "admin": "ready",
+        "weight": 1,
+        "active_connections": 15,
+        "peak_connections": 15,
+        "max_connections": 15,
+        "connections": {},
+    }
+    document = {
+        "process": "running",
+        "snapshot_version": 1,
+        "in_flight": 18,
+        "queued": 3,
+        "eligible": ["10.0.0.1:80"],
+        "uptime": 60.0,
+        "pid": 42,
+        "worker": None,
+        "backends": [backend, {**backend, "address": "10.0.0.2:80", "max_connections": 0}],
+    }
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status_view(document))
+    text = console.export_text()
+    assert "· 18 in flight (3 queued) ·" in text.splitlines()[0]
+    assert row(text, "10.0.0.1:80")[4:6] == ["15/15", "15"]
+    assert row(text, "10.0.0.2:80")[4:6] == ["15", "15"]  # no limit: the count alone
