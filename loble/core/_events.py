@@ -268,9 +268,10 @@ class Reconfigured:
 
     Addresses are in config order (``removed`` in the old config's).
     ``changed`` names every configuration key whose value changed, as a
-    dotted path (``"balancer.algorithm"``), everything but the backends list,
-    which the other three fields describe. A reload that changes nothing
-    still says so, with every tuple empty.
+    dotted path (``"balancer.algorithm"``), then each changed key of a backend
+    kept, but its weight (``"backends[10.0.0.1:80].max_connections"``); the
+    other three fields describe the backends list. A reload that changes
+    nothing still says so, with every tuple empty.
     """
 
     at: float

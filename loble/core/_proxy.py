@@ -918,9 +918,9 @@ def _balancer_for(config: Config, rng: random.Random) -> Balancer:
 
 
 def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
-    """Dotted paths of every key whose value differs, in schema order, then the
-    backends kept whose ``send_proxy`` changed (``backends[ADDRESS].send_proxy``:
-    the rest of a backend's change is in ``added``, ``removed``, ``reweighted``)."""
+    """Dotted paths of every key whose value differs, in schema order, then each
+    changed key of a backend kept (``backends[ADDRESS].max_connections``; its
+    weight is in ``reweighted``, the rest of a change in ``added``, ``removed``)."""
     changed: list[str] = []
     for section in fields(Config):
         if section.name == "backends":
@@ -931,9 +931,14 @@ def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
         for key in fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 changed.append(f"{section.name}.{key.name}")
-    before_send = {backend.address: backend.send_proxy for backend in old.backends}
+    before = {backend.address: backend for backend in old.backends}
     for backend in new.backends:
-        was = before_send.get(backend.address)
-        if was is not None and was != backend.send_proxy:
-            changed.append(f"backends[{backend.address}].send_proxy")
+        was = before.get(backend.address)
+        if was is None or was == backend:
+            continue
+        for key in fields(backend):
+            if key.name not in ("address", "weight") and (
+                getattr(was, key.name) != getattr(backend, key.name)
+            ):
+                changed.append(f"backends[{backend.address}].{key.name}")
     return tuple(changed)

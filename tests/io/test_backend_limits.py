@@ -8,10 +8,13 @@ reaches a backend) until a connection ends, or is refused with a FIN at its
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import tomli_w
+import tomllib
 
 from loble.core import Outcome
 
@@ -106,3 +109,32 @@ async def test_a_client_that_waits_its_queue_timeout_gets_a_fin_and_is_counted(
             assert a.accepted == 1
         assert loop.logs.find("queue timeout: refusing clients that waited too long", clients=1)
         assert loop.logs.find("queue full: refusing clients at once", clients=1)
+
+
+async def test_a_reload_that_raises_the_limit_serves_the_waiting_client(
+    net: Any, tmp_path: Path
+) -> None:
+    async with net.loopback() as loop:
+        a = await loop.backend("a")
+        config = tmp_path / "loble.toml"
+        daemon = await loop.daemon(
+            [a.address],
+            limits={a.address: 1},
+            balancer={"queue_timeout": 60.0},
+            config_path=config,
+        )
+        async with await anyio.connect_tcp(*daemon.listen_address):
+            await net.wait_for(lambda: daemon.core.control.active_connections(a.address) == 1)
+            async with await anyio.connect_tcp(*daemon.listen_address) as waiting:
+                await waiting.send(b"reloaded")
+                await waiting.send_eof()
+                await net.wait_for(lambda: daemon.core.queued == 1)
+                document = tomllib.loads(config.read_text())
+                document["backends"][0]["max_connections"] = 2
+                config.write_text(tomli_w.dumps(document))
+                await daemon.reload()
+                with anyio.fail_after(10):
+                    assert await read_all(waiting) == b"a:reloaded"
+        assert loop.logs.find(
+            "configuration reloaded", changed=f"backends[{a.address}].max_connections"
+        )
