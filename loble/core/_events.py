@@ -46,6 +46,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionQueued",
     "Event",
+    "FirstByteTimeout",
     "HealthReport",
     "Outcome",
     "Output",
@@ -343,6 +344,18 @@ class ConnectRedispatched:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FirstByteTimeout:
+    """``backend`` sent nothing within ``[outlier] first_byte_timeout`` of the
+    client's first bytes on ``connection_id``: a failure verdict on it for
+    outlier ejection, as a reset is. The connection runs on, and its end is
+    no second verdict."""
+
+    at: float
+    connection_id: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionQueued:
     """A new client waits: every eligible backend is at its ``max_connections``.
 
@@ -381,6 +394,7 @@ Event = (
     | ConnectFailed
     | ConnectRedispatched
     | ConnectionQueued
+    | FirstByteTimeout
     | ShutdownStarted
     | ShutdownFinished
     | AdminStateChanged

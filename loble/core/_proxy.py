@@ -57,7 +57,14 @@ from ._config import WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
-from ._events import ConnectionClosed, ConnectionQueued, Outcome, Output, Reconfigured
+from ._events import (
+    ConnectionClosed,
+    ConnectionQueued,
+    FirstByteTimeout,
+    Outcome,
+    Output,
+    Reconfigured,
+)
 from ._hashing import hash_key
 from ._outlier import Ejection, OutlierDetector
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
@@ -657,11 +664,13 @@ class ProxyCore:
             return
         self._verdict(backend.address, failed, now, out)
 
-    def _verdict(self, address: str, failed: bool, now: float, out: list[Output]) -> None:
+    def _verdict(
+        self, address: str, failed: bool, now: float, out: list[Output], silent: bool = False
+    ) -> None:
         control = self.control
         if address in control.removing or address not in control.backends:
             return  # removed by a reload (or forgotten since): nothing to take out
-        ejection = self.outlier.record(address, failed, now)
+        ejection = self.outlier.record(address, failed, now, silent=silent)
         if ejection is not None:
             self._eject(ejection, now, out)
 
@@ -713,7 +722,9 @@ class ProxyCore:
             if connection.state is not _ESTABLISHED and connection.state is not _CLIENT_DONE:
                 continue  # the backend sent its EOF: an answer, not silence
             self._first_byte_judged.add(connection_id)
-            self._verdict(connection.backend.address, True, now, out)
+            address = connection.backend.address
+            out.append(FirstByteTimeout(at=now, connection_id=connection_id, backend=address))
+            self._verdict(address, True, now, out, silent=True)
 
     def _redispatch(self, now: float, out: list[Output]) -> None:
         """Move the connects pending on backends judged bad to other backends."""

@@ -24,6 +24,7 @@ from loble.core import (
     ConnectionClosed,
     ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthState,
     LoggingConfig,
     Outcome,
@@ -98,6 +99,7 @@ class Journal:
             BackendReturned: self._returned,
             ConnectRedispatched: self._redispatched,
             ConnectionQueued: self._queued_line,
+            FirstByteTimeout: self._first_byte_timeout,
             ShutdownStarted: self._shutdown_started,
             ShutdownFinished: self._shutdown_finished,
         }
@@ -160,6 +162,17 @@ class Journal:
                 "no backend eligible: closing clients at once",
                 clients=clients,
             )
+
+    def _first_byte_timeout(self, output: FirstByteTimeout) -> None:
+        # One line per connection (debug), as a redispatch: the warning is the
+        # ejection it may cause; the count is a metric.
+        log(
+            self.logger,
+            logging.DEBUG,
+            "backend silent past first_byte_timeout",
+            connection=output.connection_id,
+            backend=output.backend,
+        )
 
     def _queued_line(self, output: ConnectionQueued) -> None:
         clients = self._queued.due(output.at)

@@ -57,6 +57,7 @@ from loble.core import (
     ConnectionClosed,
     ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthState,
     Outcome,
     ProcessState,
@@ -113,6 +114,13 @@ class Metrics:
         self.ejections = Counter(
             "loble_outlier_ejections",
             "Outlier ejections ([outlier]), by backend.",
+            ("backend",),
+            registry=registry,
+        )
+        self.first_byte_timeouts = Counter(
+            "loble_first_byte_timeouts",
+            "Connections whose backend sent nothing within [outlier] first_byte_timeout "
+            "of the client's first bytes, by backend: each a failure for outlier ejection.",
             ("backend",),
             registry=registry,
         )
@@ -206,6 +214,7 @@ class Metrics:
             BackendEjected: self._record_ejection,
             ConnectRedispatched: self._record_redispatch,
             ConnectionQueued: self._record_queued,
+            FirstByteTimeout: self._record_first_byte_timeout,
         }
         self._byte_counters: dict[str, tuple[_Count, _Count]] = {}
         self._accepted: dict[str, Any] = {}
@@ -216,6 +225,7 @@ class Metrics:
         self.retries.labels(address)
         self.ejections.labels(address)
         self.redispatched.labels(address)
+        self.first_byte_timeouts.labels(address)
         for reason in ("refused", "timeout"):
             self.connect_failures.labels(address, reason)
         for result in ("success", "failure"):
@@ -299,6 +309,9 @@ class Metrics:
 
     def _record_ejection(self, output: BackendEjected) -> None:
         self.ejections.labels(output.address).inc()
+
+    def _record_first_byte_timeout(self, output: FirstByteTimeout) -> None:
+        self.first_byte_timeouts.labels(output.backend).inc()
 
     def _record_queued(self, output: ConnectionQueued) -> None:
         self.queued.inc()

@@ -155,6 +155,7 @@ from loble.core import (
     ConnectionClosed,
     ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthReport,
     LobleError,
     Outcome,
@@ -511,6 +512,7 @@ class Simulation:
             BackendReturned: monitor.backend_returned,
             ConnectRedispatched: monitor.connect_redispatched,
             ConnectionQueued: monitor.connection_queued,
+            FirstByteTimeout: monitor.first_byte_timeout,
         }
         self.recorder = recorder
         if recorder is not None:

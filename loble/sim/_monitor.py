@@ -16,7 +16,9 @@ tally satisfies Loble's guarantees:
   connections are cut (``REMOVED``) no earlier than its removal deadline.
 * **no flapping**: every transition is one of the five in the design and is
   backed by its full run of consecutive outcomes, counted from the verdicts
-  and probe results the monitor saw. A ``DRAINING`` backend comes back to
+  and probe results the monitor saw; so is every outlier ejection by
+  ``consecutive_resets``, counted from the connections' ends (a reset fails,
+  a completion succeeds) and the ``FirstByteTimeout`` verdicts. A ``DRAINING`` backend comes back to
   ``HEALTHY`` only after ``success_threshold`` probe successes in a row, each
   of a probe sent while it was draining, with no failure between them (a
   passive success there is no evidence either way).
@@ -94,6 +96,7 @@ from loble.core import (
     ConnectionClosed,
     ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthInput,
     HealthReport,
     HealthState,
@@ -291,6 +294,11 @@ class Monitor:
         """Connections whose attempt the core moved on (``ConnectRedispatched``):
         the attempt it gave up, before the next one starts."""
         self.redispatches = 0
+        self.failure_run: dict[str, int] = {}
+        """Outlier verdicts: each backend's failures in a row since its last
+        success, ejection or return (what ``consecutive_resets`` counts)."""
+        self.silent_judged: set[int] = set()
+        """Connections judged by a ``FirstByteTimeout``: their end is no verdict."""
         self.client_address: dict[int, str] = {}
         """Connections a driver told the client address of (``[sim.clients]
         population``), until their first attempt starts."""
@@ -731,7 +739,10 @@ class Monitor:
         self.outlier = config.outlier
         self.hashing = _hashing(config)
         self._limits(config)
+        if not config.outlier.first_byte_timeout:
+            self.silent_judged.clear()  # the core forgets which it judged
         for address in removed:
+            self.failure_run.pop(address, None)
             self.ejected.pop(address, None)  # the core forgets the ejection: no return
             self.probe_sent_in.pop(address, None)  # the core forgets its probe too
             self.removing[address] = self.cut_after[address] = (
@@ -851,6 +862,13 @@ class Monitor:
         connection_id, outcome = event.connection_id, event.outcome
         if self.queued or outcome is _QUEUE_TIMEOUT or outcome is _QUEUE_FULL:
             self._queue_closed(event, now)
+        if self.outlier.detecting and event.backend is not None:
+            if self.silent_judged and connection_id in self.silent_judged:
+                self.silent_judged.discard(connection_id)
+            elif outcome is _BACKEND_RESET:
+                self._verdict(event.backend, True)
+            elif outcome is _COMPLETED:
+                self._verdict(event.backend, False)
         address = self.holding.pop(connection_id, None)
         if address is not None:
             self._finished(address)  # the attempt still open ends with it
@@ -932,11 +950,35 @@ class Monitor:
             self.panic_periods[-1] = (self.panic_periods[-1][0], now)
         self.membership_changed = self.pending = True
 
+    def first_byte_timeout(self, event: FirstByteTimeout, now: float) -> None:
+        """A backend silent past ``first_byte_timeout``: a failure verdict, once."""
+        if not self.outlier.first_byte_timeout:
+            self.violate(NO_FLAPPING, f"a first-byte timeout on {event.backend} with none set")
+        self.silent_judged.add(event.connection_id)
+        self._verdict(event.backend, True)
+
+    def _verdict(self, address: str, failed: bool) -> None:
+        """One verdict for outlier ejection, as the core weighs it: none on a
+        backend ejected (its connections tell of the time before) or removed."""
+        if address in self.ejected or address in self.removing:
+            return
+        self.failure_run[address] = self.failure_run.get(address, 0) + 1 if failed else 0
+
     def backend_ejected(self, event: BackendEjected, now: float) -> None:
-        """An ejection: within the cap, leaving someone in rotation, for its due time."""
+        """An ejection: deserved, within the cap, leaving someone in rotation, for its due time."""
         address, outlier = event.address, self.outlier
         if address in self.ejected:
             self.violate(NO_CHURN, f"{address} ejected while ejected already")
+        run = self.failure_run.pop(address, 0)
+        words = event.reason.split(" ", 2)
+        if len(words) > 1 and words[1] == "consecutive":  # by count (else by rate)
+            threshold = outlier.consecutive_resets
+            if not threshold or run < threshold or words[0] != str(run):
+                self.violate(
+                    NO_FLAPPING,
+                    f"{address} ejected for {event.reason!r}: the monitor saw {run} failures "
+                    f"in a row (consecutive_resets {threshold})",
+                )
         self.ejected[address] = event.until
         self.ejections.append((now, address, event.until, event.reason, event.ejections))
         fleet = sum(1 for a in self.addresses if a not in self.removing)
@@ -964,6 +1006,7 @@ class Monitor:
         """An ejected backend's time is up: exactly at ``until`` (or the late wake-up)."""
         address = event.address
         until = self.ejected.pop(address, None)
+        self.failure_run.pop(address, None)  # back with clean tallies
         self.returned.append((now, address))
         if until is None:
             self.violate(NO_CHURN, f"{address} returned, but was not ejected")
