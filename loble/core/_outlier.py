@@ -116,12 +116,13 @@ class OutlierDetector:
         self,
         config: OutlierConfig,
         *,
-        may_eject: Callable[[str], bool] = lambda address: True,
+        may_eject: Callable[[str, Iterable[str]], bool] = lambda address, decided: True,
         fleet: int = 0,
     ) -> None:
         self.config = config
         self.may_eject = may_eject
-        """Whether ejecting this backend leaves somebody in rotation (the control plane's)."""
+        """Whether ejecting this backend, with the ejections already decided, leaves
+        somebody in rotation (the control plane's)."""
         self.fleet = fleet
         """How many backends there are (removed ones not counted): what the cap is a share of."""
         self.tallies: dict[str, Tally] = {}
@@ -259,7 +260,9 @@ class OutlierDetector:
     # -- internals ---------------------------------------------------------------------
 
     def _eject(self, address: str, tally: Tally, reason: str, now: float) -> Ejection | None:
-        if self.room <= 0 or not self.may_eject(address):
+        # The ejections decided before this one count, applied or not: an
+        # interval's verdicts are all decided before the first is applied.
+        if self.room <= 0 or not self.may_eject(address, self.ejected):
             return None  # no room: the next verdict tries again
         tally.ejections += 1
         until = now + self.ejection_time(tally.ejections)
