@@ -24,6 +24,7 @@ __all__ = [
     "HASHING_ALGORITHMS",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_CONNECTIONS",
     "RUNTIME_BACKENDS",
     "SEND_PROXY",
     "WEIGHT",
@@ -50,6 +51,8 @@ ALGORITHMS = ("round_robin", "random", "least_connections", "p2c", *HASHING_ALGO
 HASH_KEYS = ("address", "address_port")
 WEIGHT = integer(1, 1_000_000)
 """The check of a backend's weight, in the config and for an operator's change."""
+MAX_CONNECTIONS = integer(0, 1_000_000)
+"""The check of a backend's ``max_connections``, in the config and for an operator's change."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 RUNTIME_BACKENDS = ("asyncio", "uvloop", "trio")
@@ -746,7 +749,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
         weight = checker.value(path, entry, "weight", 1, WEIGHT)
         send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
         backup = checker.value(path, entry, "backup", False, boolean())
-        max_connections = checker.value(path, entry, "max_connections", 0, integer(0, 1_000_000))
+        max_connections = checker.value(path, entry, "max_connections", 0, MAX_CONNECTIONS)
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")

@@ -48,6 +48,7 @@ __all__ = [
     "Event",
     "FirstByteTimeout",
     "HealthReport",
+    "MaxConnectionsChanged",
     "Outcome",
     "Output",
     "ProbeBackend",
@@ -264,6 +265,17 @@ class WeightChanged:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MaxConnectionsChanged:
+    """An operator gave a backend a new ``max_connections`` (0: no limit), for the
+    next picks; a reload's is in its ``Reconfigured``. Connections open stay."""
+
+    at: float
+    address: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Reconfigured:
     """A reload was applied: always the first output of ``ProxyCore.reconfigure``.
 
@@ -399,6 +411,7 @@ Event = (
     | ShutdownFinished
     | AdminStateChanged
     | WeightChanged
+    | MaxConnectionsChanged
     | Reconfigured
     | BackendForgotten
     | BackendEjected

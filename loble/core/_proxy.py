@@ -16,7 +16,8 @@ every decision they make is made here:
 * ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes
   (:meth:`wake_bound` says when asking can be skipped);
 * call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`;
-* pass on an operator's requests with :meth:`admin` and :meth:`set_weight`,
+* pass on an operator's requests with :meth:`admin`, :meth:`set_weight` and
+  :meth:`set_max_connections`,
   and a reload's new, already validated configuration with
   :meth:`reconfigure` (ask :meth:`next_deadline` and :meth:`timer_lead`
   again after it: the timings may have changed);
@@ -53,7 +54,7 @@ from typing import cast
 from ._admin import AdminInput
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, KeyedBalancer, make_balancer
-from ._config import WEIGHT, Config
+from ._config import MAX_CONNECTIONS, WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
@@ -61,6 +62,7 @@ from ._events import (
     ConnectionClosed,
     ConnectionQueued,
     FirstByteTimeout,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     Reconfigured,
@@ -254,7 +256,7 @@ class ProxyCore:
             leads.append(outlier.base_ejection_time)
         if outlier.first_byte_timeout:
             leads.append(outlier.first_byte_timeout)  # client_sent files one
-        if _limits_of(self.config):
+        if self._limits:
             leads.append(self.config.balancer.queue_timeout)  # accept may queue
         return min(leads)
 
@@ -446,6 +448,36 @@ class ProxyCore:
             raise LobleError(f"backend {address}: weight {weight!r} {problem}")
         return list(self.control.set_weight(address, weight, now))
 
+    def set_max_connections(self, address: str, limit: int, now: float) -> list[Output]:
+        """An operator's new ``max_connections`` for one backend (0: none), for
+        the next picks (HAProxy's ``set maxconn server``); a reload sets the
+        configured one again, as it does a weight.
+
+        The bounds are a ``[[backends]] max_connections``'s; out of them, or
+        for an unknown backend, :class:`LobleError` with one line. Returns a
+        ``MaxConnectionsChanged`` if it changed, then whatever the room it
+        made started (the queue's clients' ``ConnectBackend``).
+        """
+        problem = MAX_CONNECTIONS(limit)
+        if problem is not None:
+            raise LobleError(f"backend {address}: max_connections {limit!r} {problem}")
+        self.control.require(address)
+        limits = self._limits
+        old = limits.get(address, 0)
+        if limit == old:
+            return []
+        if limit:
+            limits[address] = limit
+        else:
+            del limits[address]
+        if bool(limits) != bool(self._policy.queue):  # the first limit, or the last gone
+            self._policy = self._make_policy(self.config)
+            self._lead = self.timer_lead()
+        out: list[Output] = [MaxConnectionsChanged(at=now, address=address, old=old, new=limit)]
+        if self._waiting:
+            self._serve_queue(now, out)
+        return out
+
     def reconfigure(self, config: Config, now: float) -> list[Output]:
         """Apply a reload: a new, already validated configuration, as a diff.
 
@@ -480,6 +512,12 @@ class ProxyCore:
         self._slow_start_floor = config.balancer.slow_start_floor
         limits = _limits_of(config)
         limited = bool(limits) != bool(self._limits)
+        kept = {b.address for b in old.backends} & {b.address for b in config.backends}
+        for address in sorted(kept, key=[b.address for b in config.backends].index):
+            key = f"backends[{address}].max_connections"
+            # An operator's limit (set_max_connections) that the file's replaces.
+            if limits.get(address, 0) != self._limits.get(address, 0) and key not in changed:
+                changed = (*changed, key)
         self._limits = limits
         if (
             limited

@@ -27,6 +27,7 @@ from loble.core import (
     FirstByteTimeout,
     HealthState,
     LoggingConfig,
+    MaxConnectionsChanged,
     Outcome,
     PanicChanged,
     Reconfigured,
@@ -92,6 +93,7 @@ class Journal:
             Reconfigured: self._reconfigured,
             AdminStateChanged: self._admin_changed,
             WeightChanged: self._weight_changed,
+            MaxConnectionsChanged: self._limit_changed,
             BackendStateChanged: self._state_changed,
             SnapshotPublished: self._snapshot,
             PanicChanged: self._panic,
@@ -225,6 +227,16 @@ class Journal:
             self.logger,
             logging.INFO,
             "backend weight changed",
+            backend=output.address,
+            old=output.old,
+            new=output.new,
+        )
+
+    def _limit_changed(self, output: MaxConnectionsChanged) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "backend max_connections changed",
             backend=output.address,
             old=output.old,
             new=output.new,

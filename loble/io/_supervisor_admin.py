@@ -289,6 +289,10 @@ class SupervisorControl:
     async def set_weight(self, address: str, weight: int) -> dict[str, object]:
         return await self._change(address, "weight", {"weight": weight})
 
+    async def set_max_connections(self, address: str, limit: int) -> dict[str, object]:
+        # Each worker's limit, as the configured one is per process.
+        return await self._change(address, "max_connections", {"max_connections": limit})
+
     async def reload(self) -> dict[str, object]:
         check_reload(self.config_path, self.logger)  # an invalid file reaches no worker
         log(self.logger, logging.INFO, "reloading every worker", workers=len(self.workers))

@@ -112,6 +112,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     weight.add_argument("weight", metavar="N", type=int, help="the new weight")
     _admin_arguments(weight)
     weight.set_defaults(handler=_ctl)
+    limit = actions.add_parser(
+        "max-connections", help="set the backend's max_connections (0: no limit)"
+    )
+    limit.add_argument("backend", metavar="BACKEND", help="host:port, as in [[backends]]")
+    limit.add_argument("max_connections", metavar="N", type=int, help="the new limit")
+    _admin_arguments(limit)
+    limit.set_defaults(handler=_ctl)
 
     reload = commands.add_parser(
         "reload",
@@ -413,12 +420,17 @@ def _probe(backend: Mapping[str, Any]) -> Text:
 
 def _ctl(args: argparse.Namespace) -> int:
     client = _client(args)
-    path = f"/backends/{urllib.parse.quote(args.backend, safe='')}/{args.action}"
-    body = {"weight": args.weight} if args.action == "weight" else None
+    action = args.action.replace("-", "_")  # max-connections: the API's max_connections
+    path = f"/backends/{urllib.parse.quote(args.backend, safe='')}/{action}"
+    body: dict[str, object] | None = None
+    if action in ("weight", "max_connections"):
+        body = {action: getattr(args, action)}
     done = client.post(path, body)
+    limit = done.get("max_connections")
     print(
         f"{done.get('address', args.backend)}: {done.get('state')}, "
         f"admin {done.get('admin')}, weight {done.get('weight')}"
+        + (f", max_connections {limit}" if limit else "")
     )
     return 0
 

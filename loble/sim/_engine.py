@@ -158,6 +158,7 @@ from loble.core import (
     FirstByteTimeout,
     HealthReport,
     LobleError,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     PanicChanged,
@@ -513,6 +514,7 @@ class Simulation:
             ConnectRedispatched: monitor.connect_redispatched,
             ConnectionQueued: monitor.connection_queued,
             FirstByteTimeout: monitor.first_byte_timeout,
+            MaxConnectionsChanged: monitor.max_connections_changed,
         }
         self.recorder = recorder
         if recorder is not None:

@@ -100,6 +100,7 @@ from loble.core import (
     HealthInput,
     HealthReport,
     HealthState,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     PanicChanged,
@@ -775,6 +776,11 @@ class Monitor:
         self.probe_sent_in.pop(address, None)
         self.barred.discard(address)
         self.addresses = tuple(a for a in self.addresses if a != address)
+
+    def max_connections_changed(self, event: MaxConnectionsChanged, now: float) -> None:
+        """An operator's new limit: what the next starts are checked against."""
+        self.max_connections[event.address] = event.new
+        self.pending = True  # a raised limit must serve the queue in this step
 
     def connection_queued(self, event: ConnectionQueued, now: float) -> None:
         """A new client waits: only with no room, a queue not full, for its timeout."""

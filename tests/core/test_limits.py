@@ -21,6 +21,8 @@ from loble.core import (
     ConnectBackend,
     ConnectionClosed,
     ConnectionQueued,
+    LobleError,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     ProxyCore,
@@ -248,3 +250,26 @@ def test_limits_hold_and_the_queue_is_fifo_and_never_waits_beside_room(
         assert proxy.queued == len(queue) <= size
         if queue:  # waiting only while every backend is full
             assert all(most[a] and active[a] >= most[a] for a in addresses), active
+
+
+def test_an_operator_sets_a_limit_live() -> None:
+    proxy = core({A: 0})  # no limit: nothing queues
+    assert proxy.set_max_connections(A, 0, 0.0) == []  # unchanged: nothing said
+    opened(proxy)
+    assert proxy.set_max_connections(A, 1, 0.5) == [
+        MaxConnectionsChanged(at=0.5, address=A, old=0, new=1)
+    ]
+    assert proxy.timer_lead() == 2.0  # a queue timeout may be filed now
+    cid, outputs = proxy.accept(1.0)
+    assert isinstance(outputs[0], ConnectionQueued)
+    # Lowering a limit cuts nothing; raising one serves the queue at once.
+    outputs = proxy.set_max_connections(A, 2, 1.5)
+    assert connects(outputs) == [(cid, A)]
+    assert proxy.statistics().backends[0].max_connections == 2
+    with pytest.raises(LobleError, match=r"^backend 127.0.0.1:7001: max_connections -1 must"):
+        proxy.set_max_connections(A, -1, 2.0)
+    with pytest.raises(LobleError, match=r"no backend '10\.0\.0\.9:80'"):
+        proxy.set_max_connections("10.0.0.9:80", 3, 2.0)
+    # A reload sets the configured limit again, as it does a weight.
+    proxy.reconfigure(parse_config(document({A: 0})), 3.0)
+    assert proxy.statistics().backends[0].max_connections == 0

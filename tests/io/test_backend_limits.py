@@ -138,3 +138,44 @@ async def test_a_reload_that_raises_the_limit_serves_the_waiting_client(
         assert loop.logs.find(
             "configuration reloaded", changed=f"backends[{a.address}].max_connections"
         )
+
+
+async def test_the_admin_api_sets_a_limit_live_and_a_raised_one_serves_the_queue(
+    net: Any,
+) -> None:
+    token = "limits-token"
+    async with net.loopback() as loop:
+        a = await loop.backend("a")
+        daemon = await loop.daemon(
+            [a.address],
+            admin={"enabled": True, "address": "127.0.0.1:0", "token": token},
+            balancer={"queue_timeout": 60.0},
+        )
+        admin = daemon.admin_address
+        path = f"/backends/{a.address}/max_connections"
+        status, done = await net.admin_call(
+            admin, "POST", path, token=token, body={"max_connections": 1}
+        )
+        assert (status, done["max_connections"]) == (200, 1)
+        assert loop.logs.find("backend max_connections changed", backend=a.address, old=0, new=1)
+        async with await anyio.connect_tcp(*daemon.listen_address):
+            await net.wait_for(lambda: daemon.core.control.active_connections(a.address) == 1)
+            async with await anyio.connect_tcp(*daemon.listen_address) as waiting:
+                await waiting.send(b"live")
+                await waiting.send_eof()
+                await net.wait_for(lambda: daemon.core.queued == 1)
+                _, body = await net.admin_call(admin, "GET", "/status")
+                assert body["queued"] == 1
+                assert net.backend_of(body, a.address)["max_connections"] == 1
+                status, done = await net.admin_call(
+                    admin, "POST", f"{path}?max_connections=0", token=token
+                )
+                assert (status, done["max_connections"]) == (200, 0)  # no limit: it goes
+                with anyio.fail_after(10):
+                    assert await read_all(waiting) == b"a:live"
+        for bad, problem in (
+            ({"max_connections": -1}, "max_connections -1 must be >= 0"),
+            ({"max_connections": "many"}, "max_connections: 'many' is not a whole number"),
+        ):
+            status, refused = await net.admin_call(admin, "POST", path, token=token, body=bad)
+            assert status == 400 and problem in refused["error"], refused
