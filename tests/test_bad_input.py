@@ -317,3 +317,46 @@ def test_check_config_prints_max_connections_set_or_not(tmp_path: Path) -> None:
     result = loble("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert "max_connections = 50\n" in result.stdout
+
+
+BAD_LIMITS = {
+    "backends[0].max_connections": (
+        "[[backends]]\naddress",
+        "max_connections = -1",
+        "-1 must be >= 0",
+    ),
+    "balancer.queue_size": (
+        "[[backends]]",
+        '[balancer]\nqueue_size = "10"',
+        "'10' is not an integer",
+    ),
+    "balancer.queue_timeout": (
+        "[[backends]]",
+        "[balancer]\nqueue_timeout = 0",
+        "0 must be at least 0.001 seconds",
+    ),
+}
+
+
+@pytest.mark.parametrize(("key", "edit"), BAD_LIMITS.items())
+def test_a_bad_backend_limit_or_queue_key_is_one_line(
+    tmp_path: Path, key: str, edit: tuple[str, str, str]
+) -> None:
+    anchor, line, problem = edit
+    path = tmp_path / "limits.toml"
+    if anchor == "[[backends]]":
+        text = MINIMAL_CONFIG.replace(anchor, f"{line}\n\n{anchor}")
+    else:  # a key of the backend table itself
+        text = MINIMAL_CONFIG + f"{line}\n"
+    path.write_text(text, encoding="utf-8")
+    assert one_error(loble("check-config", str(path))) == f"error: {key}: {problem}"
+
+
+def test_check_config_prints_a_backends_max_connections(tmp_path: Path) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text(MINIMAL_CONFIG + "max_connections = 7\nbackup = true\n", encoding="utf-8")
+    result = loble("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    backend = result.stdout.split("[[backends]]")[1]
+    assert "max_connections = 7\n" in backend and "backup = true\n" in backend
+    assert "queue_size = 1024\n" in result.stdout and "queue_timeout = 5.0\n" in result.stdout

@@ -25,6 +25,7 @@ __all__ = [
     "HASHING_ALGORITHMS",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_CONNECTIONS",
     "RUNTIME_BACKENDS",
     "SEND_PROXY",
     "WEIGHT",
@@ -51,6 +52,8 @@ ALGORITHMS = ("round_robin", "random", "least_connections", "p2c", *HASHING_ALGO
 HASH_KEYS = ("address", "address_port")
 WEIGHT = integer(1, 1_000_000)
 """The check of a backend's weight, in the config and for an operator's change."""
+MAX_CONNECTIONS = integer(0, 1_000_000)
+"""The check of a backend's ``max_connections``, in the config and for an operator's change."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 RUNTIME_BACKENDS = ("asyncio", "uvloop", "trio")
@@ -96,6 +99,15 @@ class BalancerConfig:
     panic_threshold: float = 0.0
     """Below this share of healthy primary backends, spread over all of them,
     healthy or not (Envoy's ``healthy_panic_threshold``); 0: never."""
+    queue_size: int = 1024
+    """Clients that may wait at once for a backend with room, when every
+    eligible backend is at its ``max_connections`` (HAProxy's queue, bounded as
+    Envoy's ``max_pending_requests``, 1,024); beyond it a client is refused
+    (``queue_full``). 0: no queue, refused at once."""
+    queue_timeout: float = 5.0
+    """Seconds a client waits in that queue before it is refused
+    (``queue_timeout``): HAProxy's ``timeout queue``, which defaults to the
+    connect timeout, as this does to its default."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +231,11 @@ class BackendConfig:
     either expect key here replaces both of ``[health]``'s)."""
     probe_expect_regex: str = ""
     """This backend's ``probe_expect_regex``; "" for ``[health]``'s expectation."""
+    max_connections: int = 0
+    """Connections this backend carries at once, connects in progress included
+    (HAProxy's server ``maxconn``): at the limit it is skipped, and with every
+    eligible backend at its limit new clients wait in the queue (``[balancer]
+    queue_size``, ``queue_timeout``). 0: no limit."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -482,6 +499,18 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         panic_threshold=float(
             checker.value(
                 "balancer", table, "panic_threshold", _DEFAULT_BALANCER.panic_threshold, _share
+            )
+        ),
+        queue_size=checker.value(
+            "balancer", table, "queue_size", _DEFAULT_BALANCER.queue_size, integer(0, 1_000_000)
+        ),
+        queue_timeout=float(
+            checker.value(
+                "balancer",
+                table,
+                "queue_timeout",
+                _DEFAULT_BALANCER.queue_timeout,
+                seconds(minimum=_SHORTEST),
             )
         ),
     )
@@ -810,6 +839,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
         send_proxy = checker.value(path, entry, "send_proxy", "", _backend_send_proxy)
         backup = checker.value(path, entry, "backup", False, boolean())
         probe_keys = _probe_keys(checker, path, entry)
+        max_connections = checker.value(path, entry, "max_connections", 0, MAX_CONNECTIONS)
         problem = _address()(address)
         if problem is not None:
             checker.error(f"{path}.address", f"{address!r} {problem}")
@@ -829,6 +859,7 @@ def _parse_backends(checker: Checker, raw: Any) -> tuple[BackendConfig, ...]:
                 send_proxy=send_proxy,
                 backup=backup,
                 **probe_keys,
+                max_connections=max_connections,
             )
         )
     return tuple(backends)
@@ -850,7 +881,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         section = getattr(config, name)
         result[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
     result["backends"] = [
-        {f.name: getattr(backend, f.name) for f in fields(backend)} for backend in config.backends
+        {f.name: _plain(getattr(backend, f.name)) for f in fields(backend)}
+        for backend in config.backends
     ]
     return result
 

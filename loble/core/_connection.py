@@ -5,6 +5,9 @@ Theory of operation
 
 ::
 
+    QUEUED --DEQUEUE--> CONNECTING (a backend has room) or QUEUED (none yet)
+    QUEUED --QUEUE_TIMEOUT--> CLOSED (QUEUE_TIMEOUT)
+    QUEUED --CLIENT_ERROR, RESOURCE_EXHAUSTED or CUT--> CLOSED
     CONNECTING --CONNECT_OK--> ESTABLISHED
     CONNECTING --CONNECT_FAILED / CONNECT_TIMEOUT--> CONNECTING (next backend)
                                                   or CLOSED (CONNECT_FAILED)
@@ -18,7 +21,13 @@ Theory of operation
     any open state --REMOVED--> CLOSED (its backend's removal deadline passed)
 
 A connection starts by picking a backend. No backend eligible: it closes at
-once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
+once with ``NO_BACKEND``. Eligible backends that are all at their
+``max_connections``: the owner's queue hook (:attr:`ConnectionPolicy.queue`)
+either takes it (``QUEUED``, until a backend has room, when the owner sends
+``DEQUEUE``, or until its ``queue_timeout``) or refuses it (``QUEUE_FULL``).
+A queued connection has no backend and no attempt: nothing is reported on
+any backend until it leaves the queue. Otherwise each *attempt* goes to one
+backend:
 
 * it reports ``CONNECTION_STARTED`` to that backend when it begins and
   ``CONNECTION_FINISHED`` exactly once when it ends, so a backend's active
@@ -49,10 +58,11 @@ once with ``NO_BACKEND``. Otherwise each *attempt* goes to one backend:
 Half-close is exact: EOF from one side becomes "shut down the write side of
 the other" and the other direction keeps flowing until it ends too.
 
-Time: in ``CONNECTING`` the deadline is the connect timeout of the current
-attempt; in the open states it is ``idle_timeout`` after the last activity
-(:meth:`Connection.touch`). The owner (``ProxyCore``) keeps the timer and
-sends ``CONNECT_TIMEOUT`` or ``IDLE_TIMEOUT`` when :attr:`deadline` passes.
+Time: in ``QUEUED`` the deadline is the queue timeout; in ``CONNECTING`` the
+connect timeout of the current attempt; in the open states it is
+``idle_timeout`` after the last activity (:meth:`Connection.touch`). The
+owner (``ProxyCore``) keeps the timer and sends ``QUEUE_TIMEOUT``,
+``CONNECT_TIMEOUT`` or ``IDLE_TIMEOUT`` when :attr:`deadline` passes.
 
 How it ends on the wire: the ``CloseConnection`` of an outcome in
 :data:`RESET_OUTCOMES` (every stream cut short, by a peer or by the proxy's
@@ -99,6 +109,8 @@ __all__ = [
 class ConnState(enum.Enum):
     __hash__ = object.__hash__  # identity hashing in C; see _health.HealthState
 
+    QUEUED = "queued"
+    """Waiting for a backend with room (every eligible one at its ``max_connections``)."""
     CONNECTING = "connecting"
     ESTABLISHED = "established"
     CLIENT_DONE = "client_done"
@@ -128,6 +140,10 @@ class ConnInput(enum.Enum):
     passed: the connection is cut, no verdict on the backend."""
     REDISPATCH = "redispatch"
     """The backend of the pending attempt was judged bad: try another now."""
+    DEQUEUE = "dequeue"
+    """A queued connection's turn: pick a backend with room, if one has it now."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """A queued connection waited its ``queue_timeout``: refuse it."""
 
 
 Picker = Callable[[Collection[str], "int | None", float], "Backend | None"]
@@ -136,6 +152,12 @@ Picker = Callable[[Collection[str], "int | None", float], "Backend | None"]
 
 Reporter = Callable[[list[Output], str, HealthInput, float], None]
 """Appends a health report on a backend to the outputs, and whatever it caused."""
+
+Queuer = Callable[["Connection", float, list[Output]], "Outcome | None"]
+"""Takes a connection no backend was picked for into the queue (None; it may
+append what that caused to the outputs), or says why it is refused
+(``NO_BACKEND``: none eligible; ``QUEUE_FULL``). The connection's
+:attr:`~Connection.deadline_at` is its queue deadline already."""
 
 
 def _append_report(out: list[Output], address: str, health_input: HealthInput, now: float) -> None:
@@ -168,6 +190,8 @@ class ConnectionPolicy:
         "connect_timeout",
         "idle_timeout",
         "pick",
+        "queue",
+        "queue_timeout",
         "report",
         "touch_resolution",
     )
@@ -180,8 +204,13 @@ class ConnectionPolicy:
         idle_timeout: float,
         connect_retries: int,
         report: Reporter = _append_report,
+        queue: Queuer | None = None,
+        queue_timeout: float = 0.0,
     ) -> None:
         self.pick = pick
+        self.queue = queue
+        """None: no backend has a connection limit, so no pick fails for want of room."""
+        self.queue_timeout = queue_timeout
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.connect_retries = connect_retries
@@ -255,11 +284,19 @@ class Connection:
         if self.attempt:
             raise StateMachineError(f"connection {self.connection_id}: opened twice")
         self.opened_at = now
-        backend = self.policy.pick((), self.key, now)
-        if backend is None:
+        policy = self.policy
+        backend = policy.pick((), self.key, now)
+        if backend is not None:
+            self._begin_attempt(backend, now, out)
+        elif policy.queue is None:
             self._close(Outcome.NO_BACKEND, now, out)
         else:
-            self._begin_attempt(backend, now, out)
+            self.deadline_at = now + policy.queue_timeout
+            refused = policy.queue(self, now, out)
+            if refused is not None:
+                self._close(refused, now, out)
+            else:
+                self.state = _Q
 
     def handle_into(self, conn_input: ConnInput, now: float, out: list[Output]) -> None:
         """:meth:`handle`, appending to ``out`` (the owner's hot path)."""
@@ -278,9 +315,10 @@ class Connection:
     @property
     def deadline(self) -> float | None:
         """When this connection times out, if nothing happens before."""
-        if self.state is _C:
+        state = self.state
+        if state is _C or state is _Q:
             return self.deadline_at
-        if self.state is _CLOSED:
+        if state is _CLOSED:
             return None
         return self.last_activity + self.policy.idle_timeout
 
@@ -289,6 +327,8 @@ class Connection:
         """The input to send when :attr:`deadline` has passed."""
         if self.state is _C:
             return ConnInput.CONNECT_TIMEOUT
+        if self.state is _Q:
+            return ConnInput.QUEUE_TIMEOUT
         return ConnInput.IDLE_TIMEOUT
 
     # -- internals ---------------------------------------------------------------
@@ -443,6 +483,21 @@ def _redispatch(conn: Connection, now: float, out: list[Output]) -> None:
     conn._begin_attempt(backend, now, out)
 
 
+def _dequeue(conn: Connection, now: float, out: list[Output]) -> None:
+    backend = conn.policy.pick((), conn.key, now)
+    if backend is not None:
+        conn._begin_attempt(backend, now, out)
+
+
+def _refuse(outcome: Outcome) -> Rule:
+    """A queued connection's end: it never had a backend, so no attempt ends."""
+
+    def rule(conn: Connection, now: float, out: list[Output]) -> None:
+        conn._close(outcome, now, out)
+
+    return rule
+
+
 def _abort(outcome: Outcome) -> Rule:
     def rule(conn: Connection, now: float, out: list[Output]) -> None:
         # The close first, then what the attempt's end changed (a draining
@@ -463,7 +518,7 @@ def _half_close(side_done: ConnState, shut: Side) -> Rule:
     return rule
 
 
-_C, _E = ConnState.CONNECTING, ConnState.ESTABLISHED
+_Q, _C, _E = ConnState.QUEUED, ConnState.CONNECTING, ConnState.ESTABLISHED
 _CD, _BD = ConnState.CLIENT_DONE, ConnState.BACKEND_DONE
 _I = ConnInput
 # Enum members read through the class cost ~80 ns each (EnumType lookup);
@@ -473,6 +528,11 @@ _STARTED, _FINISHED = HealthInput.CONNECTION_STARTED, HealthInput.CONNECTION_FIN
 _SUCCESS, _FAILURE = HealthInput.PASSIVE_SUCCESS, HealthInput.PASSIVE_FAILURE
 
 TRANSITIONS: dict[tuple[ConnState, ConnInput], Rule] = {
+    (_Q, _I.DEQUEUE): _dequeue,
+    (_Q, _I.QUEUE_TIMEOUT): _refuse(Outcome.QUEUE_TIMEOUT),
+    (_Q, _I.CLIENT_ERROR): _refuse(Outcome.CLIENT_RESET),
+    (_Q, _I.CUT): _refuse(Outcome.CUT),
+    (_Q, _I.RESOURCE_EXHAUSTED): _refuse(Outcome.RESOURCE_EXHAUSTED),
     (_C, _I.CONNECT_OK): _connect_ok,
     (_C, _I.CONNECT_FAILED): _connect_failure(timed_out=False),
     (_C, _I.CONNECT_TIMEOUT): _connect_failure(timed_out=True),

@@ -269,9 +269,11 @@ class ControlPlane:
 
     # -- outlier ejection -----------------------------------------------------------
 
-    def may_eject(self, address: str) -> bool:
-        """Whether ejecting ``address`` leaves some backend in rotation."""
-        return bool(self._eligible({**self.ejected, address: 0.0})[0])
+    def may_eject(self, address: str, decided: Iterable[str] = ()) -> bool:
+        """Whether ejecting ``address`` leaves some backend in rotation, with the
+        ejections ``decided`` and not applied yet (an interval's, in turn) made too."""
+        ejected = {**self.ejected, **dict.fromkeys(decided, 0.0), address: 0.0}
+        return bool(self._eligible(ejected)[0])
 
     def eject(
         self, address: str, until: float, reason: str, ejections: int, now: float
@@ -504,6 +506,11 @@ class ControlPlane:
         maintenance, a re-add, or ``active`` switched on by a reload)."""
         if address not in self._probe_due and self._wants_probe(address):
             self._schedule_probe(address, now)
+
+    def require(self, address: str) -> None:
+        """:class:`LobleError` with one line unless ``address`` is a backend an
+        operator may change (known, and not removed by a reload)."""
+        self._known(address)
 
     def _known(self, address: str) -> None:
         if address not in self._health:

@@ -45,8 +45,11 @@ __all__ = [
     "ConnectFailed",
     "ConnectRedispatched",
     "ConnectionClosed",
+    "ConnectionQueued",
     "Event",
+    "FirstByteTimeout",
     "HealthReport",
+    "MaxConnectionsChanged",
     "Outcome",
     "Output",
     "ProbeBackend",
@@ -93,6 +96,13 @@ class Outcome(enum.Enum):
     REMOVED = "removed"
     """Its backend was removed by a reload and the connection was still open
     ``[timeouts] removal`` seconds later: cut, with a reset."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """Waited ``[balancer] queue_timeout`` in the queue for a backend with room
+    (every eligible one at its ``max_connections``) and was refused: HAProxy's
+    termination code ``sQ``."""
+    QUEUE_FULL = "queue_full"
+    """Refused at once: every eligible backend was at its ``max_connections``
+    and ``[balancer] queue_size`` clients were waiting already."""
 
 
 # -- actions -----------------------------------------------------------------
@@ -262,14 +272,26 @@ class WeightChanged:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MaxConnectionsChanged:
+    """An operator gave a backend a new ``max_connections`` (0: no limit), for the
+    next picks; a reload's is in its ``Reconfigured``. Connections open stay."""
+
+    at: float
+    address: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Reconfigured:
     """A reload was applied: always the first output of ``ProxyCore.reconfigure``.
 
     Addresses are in config order (``removed`` in the old config's).
     ``changed`` names every configuration key whose value changed, as a
-    dotted path (``"balancer.algorithm"``), everything but the backends list,
-    which the other three fields describe. A reload that changes nothing
-    still says so, with every tuple empty.
+    dotted path (``"balancer.algorithm"``), then each changed key of a backend
+    kept, but its weight (``"backends[10.0.0.1:80].max_connections"``); the
+    other three fields describe the backends list. A reload that changes
+    nothing still says so, with every tuple empty.
     """
 
     at: float
@@ -341,6 +363,34 @@ class ConnectRedispatched:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FirstByteTimeout:
+    """``backend`` sent nothing within ``[outlier] first_byte_timeout`` of the
+    client's first bytes on ``connection_id``: a failure verdict on it for
+    outlier ejection, as a reset is. The connection runs on, and its end is
+    no second verdict."""
+
+    at: float
+    connection_id: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionQueued:
+    """A new client waits: every eligible backend is at its ``max_connections``.
+
+    It is the ``queued``-th waiting (this one included), and is refused with
+    ``Outcome.QUEUE_TIMEOUT`` at ``deadline`` unless a backend has room
+    before. Its first ``ConnectBackend`` is its way out of the queue; clients
+    leave it in the order they came.
+    """
+
+    at: float
+    connection_id: int
+    queued: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownStarted:
     at: float
     in_flight: int
@@ -362,10 +412,13 @@ Event = (
     | ConnectionClosed
     | ConnectFailed
     | ConnectRedispatched
+    | ConnectionQueued
+    | FirstByteTimeout
     | ShutdownStarted
     | ShutdownFinished
     | AdminStateChanged
     | WeightChanged
+    | MaxConnectionsChanged
     | Reconfigured
     | BackendForgotten
     | BackendEjected

@@ -53,17 +53,33 @@ from dataclasses import dataclass
 
 from ._config import OutlierConfig
 
-__all__ = ["Ejection", "OutlierDetector", "Tally"]
+__all__ = ["Ejection", "OutlierDetector", "Tally", "run_reason"]
+
+
+def run_reason(run: int, silences: int) -> str:
+    """The reason of an ejection by ``consecutive_resets``: ``run`` failures in a
+    row, ``silences`` of them first-byte timeouts."""
+    if not silences:
+        return f"{run} consecutive resets"
+    if silences == run:
+        return f"{run} consecutive first-byte timeouts"
+    resets = run - silences
+    return (
+        f"{run} consecutive failures ({resets} reset{'s' * (resets != 1)}, "
+        f"{silences} first-byte timeout{'s' * (silences != 1)})"
+    )
 
 
 class Tally:
     """What one backend's connections said lately."""
 
-    __slots__ = ("ejections", "failed", "judged", "resets_in_a_row", "returned_at")
+    __slots__ = ("ejections", "failed", "judged", "resets_in_a_row", "returned_at", "silences")
 
     def __init__(self) -> None:
         self.resets_in_a_row = 0
         """Failures since the last success (or return)."""
+        self.silences = 0
+        """How many of them were first-byte timeouts, not resets."""
         self.judged = 0
         """Verdicts in the current interval."""
         self.failed = 0
@@ -80,7 +96,7 @@ class Tally:
         )
 
     def clear(self) -> None:
-        self.resets_in_a_row = self.judged = self.failed = 0
+        self.resets_in_a_row = self.silences = self.judged = self.failed = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,12 +116,13 @@ class OutlierDetector:
         self,
         config: OutlierConfig,
         *,
-        may_eject: Callable[[str], bool] = lambda address: True,
+        may_eject: Callable[[str, Iterable[str]], bool] = lambda address, decided: True,
         fleet: int = 0,
     ) -> None:
         self.config = config
         self.may_eject = may_eject
-        """Whether ejecting this backend leaves somebody in rotation (the control plane's)."""
+        """Whether ejecting this backend, with the ejections already decided, leaves
+        somebody in rotation (the control plane's)."""
         self.fleet = fleet
         """How many backends there are (removed ones not counted): what the cap is a share of."""
         self.tallies: dict[str, Tally] = {}
@@ -145,8 +162,13 @@ class OutlierDetector:
             self.next_tick = now + config.interval
         self._refresh()
 
-    def record(self, address: str, failed: bool, now: float) -> Ejection | None:
-        """One verdict on ``address``; an ejection if it makes one (by count)."""
+    def record(
+        self, address: str, failed: bool, now: float, *, silent: bool = False
+    ) -> Ejection | None:
+        """One verdict on ``address``; an ejection if it makes one (by count).
+
+        ``silent``: the failure is a first-byte timeout, not a reset (the
+        ejection's reason says which failures made the run)."""
         if address in self.ejected:
             return None
         tally = self.tallies.get(address)
@@ -154,14 +176,16 @@ class OutlierDetector:
             tally = self.tallies[address] = Tally()
         tally.judged += 1
         if not failed:
-            tally.resets_in_a_row = 0
+            tally.resets_in_a_row = tally.silences = 0
             return None
         tally.failed += 1
-        tally.resets_in_a_row += 1
+        run = tally.resets_in_a_row = tally.resets_in_a_row + 1
+        if silent:
+            tally.silences += 1
         threshold = self.config.consecutive_resets
-        if not threshold or tally.resets_in_a_row < threshold:
+        if not threshold or run < threshold:
             return None
-        return self._eject(address, tally, f"{tally.resets_in_a_row} consecutive resets", now)
+        return self._eject(address, tally, run_reason(run, tally.silences), now)
 
     def tick(self, now: float, order: Iterable[str]) -> list[Ejection]:
         """The interval is over: verdicts by rate, back-off, a fresh window.
@@ -236,7 +260,9 @@ class OutlierDetector:
     # -- internals ---------------------------------------------------------------------
 
     def _eject(self, address: str, tally: Tally, reason: str, now: float) -> Ejection | None:
-        if self.room <= 0 or not self.may_eject(address):
+        # The ejections decided before this one count, applied or not: an
+        # interval's verdicts are all decided before the first is applied.
+        if self.room <= 0 or not self.may_eject(address, self.ejected):
             return None  # no room: the next verdict tries again
         tally.ejections += 1
         until = now + self.ejection_time(tally.ejections)

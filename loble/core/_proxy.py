@@ -16,7 +16,8 @@ every decision they make is made here:
 * ask :meth:`next_deadline` and call :meth:`handle_timer` when it passes
   (:meth:`wake_bound` says when asking can be skipped);
 * call :meth:`shutdown` on SIGTERM/SIGINT; stop when :attr:`stopped`;
-* pass on an operator's requests with :meth:`admin` and :meth:`set_weight`,
+* pass on an operator's requests with :meth:`admin`, :meth:`set_weight` and
+  :meth:`set_max_connections`,
   and a reload's new, already validated configuration with
   :meth:`reconfigure` (ask :meth:`next_deadline` and :meth:`timer_lead`
   again after it: the timings may have changed);
@@ -24,6 +25,15 @@ every decision they make is made here:
 * with ``[outlier] first_byte_timeout`` set (:attr:`watches_first_byte`),
   report each connection's first bytes each way with :meth:`client_sent`
   and :meth:`backend_sent`.
+
+With a ``[[backends]] max_connections`` set, a backend at its limit is
+skipped, and a client for whom every eligible backend is at its limit waits
+in one bounded FIFO queue (``[balancer] queue_size``) until one has room or
+its ``queue_timeout`` passes (HAProxy's server ``maxconn`` and ``timeout
+queue``): :meth:`accept` then returns a ``ConnectionQueued`` and no action,
+and the client's ``ConnectBackend`` comes later, from whichever call freed
+the room (a connection's end, a backend's return, a reload). The driver holds
+the client's socket meanwhile and reads nothing from it.
 
 Each call returns a list of outputs: actions to carry out and events to log,
 in order. Reports for a connection the core has already closed, or for an
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Collection
 from dataclasses import fields
 from typing import cast
@@ -43,11 +54,19 @@ from typing import cast
 from ._admin import AdminInput
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, KeyedBalancer, make_balancer
-from ._config import WEIGHT, Config
+from ._config import MAX_CONNECTIONS, WEIGHT, Config
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
-from ._events import ConnectionClosed, Outcome, Output, Reconfigured
+from ._events import (
+    ConnectionClosed,
+    ConnectionQueued,
+    FirstByteTimeout,
+    MaxConnectionsChanged,
+    Outcome,
+    Output,
+    Reconfigured,
+)
 from ._hashing import hash_key
 from ._outlier import Ejection, OutlierDetector
 from ._probe import probe_checks
@@ -59,12 +78,12 @@ __all__ = ["ProxyCore"]
 
 # Module aliases for the enum members the hot paths test (a class attribute
 # read of an enum member costs ~80 ns in CPython 3.11, a global ~8 ns).
-_CONNECTING, _CLOSED = ConnState.CONNECTING, ConnState.CLOSED
+_CONNECTING, _CLOSED, _QUEUED = ConnState.CONNECTING, ConnState.CLOSED, ConnState.QUEUED
 _RUNNING, _DRAINING = ProcessState.RUNNING, ProcessState.DRAINING
 _CONNECT_OK, _CONNECT_FAILED = ConnInput.CONNECT_OK, ConnInput.CONNECT_FAILED
 _CLIENT_EOF, _BACKEND_EOF = ConnInput.CLIENT_EOF, ConnInput.BACKEND_EOF
 _CLIENT_ERROR, _BACKEND_ERROR = ConnInput.CLIENT_ERROR, ConnInput.BACKEND_ERROR
-_REDISPATCH = ConnInput.REDISPATCH
+_REDISPATCH, _DEQUEUE = ConnInput.REDISPATCH, ConnInput.DEQUEUE
 _ESTABLISHED, _CLIENT_DONE = ConnState.ESTABLISHED, ConnState.CLIENT_DONE
 _VERDICTS: dict[Outcome | None, bool] = {Outcome.BACKEND_RESET: True, Outcome.COMPLETED: False}
 """The outcomes that are a verdict on the backend for outlier ejection: failed or not."""
@@ -128,11 +147,17 @@ class ProxyCore:
         self._hash_port = config.balancer.hash_key == "address_port"
         self._slow_start = config.balancer.slow_start
         self._slow_start_floor = config.balancer.slow_start_floor
+        self._limits = _limits_of(config)
+        """Backends with a ``max_connections``, and it (none: nothing is ever full)."""
+        self._waiting: dict[int, Connection] = {}
+        """Queued connections (state ``QUEUED``), by id."""
+        self._queue: deque[int] = deque()
+        """Their ids in arrival order; ids no longer in :attr:`_waiting` are stale."""
         self._policy = self._make_policy(config)
         self._removal_deadlines: dict[str, float] = {}
         """Removed backends whose connections are cut at a deadline, and when."""
-        # Connection deadlines, one lane per kind (see _timers): connect, idle.
-        self._timers = TimerQueue(lanes=2)
+        # Connection deadlines, one lane per kind (see _timers): connect, idle, queue.
+        self._timers = TimerQueue(lanes=3)
         self._next_connection_id = 1
         self.cut_count = 0
         self.touch_resolution = self._policy.touch_resolution
@@ -158,6 +183,11 @@ class ProxyCore:
     @property
     def in_flight(self) -> int:
         return len(self.connections)
+
+    @property
+    def queued(self) -> int:
+        """Clients waiting for a backend with room (part of :attr:`in_flight`)."""
+        return len(self._waiting)
 
     @property
     def accepting(self) -> bool:
@@ -192,6 +222,7 @@ class ProxyCore:
                     peak_connections=health.peak_connections,
                     removing=address in removing,
                     ejected_until=ejected.get(address),
+                    max_connections=self._limits.get(address, 0),
                 )
             )
         return CoreStatistics(
@@ -203,6 +234,7 @@ class ProxyCore:
             eligible=snapshot.addresses,
             backends=tuple(backends),
             cut=self.cut_count,
+            queued=len(self._waiting),
         )
 
     def timer_lead(self, *, shutdown_possible: bool = True) -> float:
@@ -228,6 +260,8 @@ class ProxyCore:
             leads.append(outlier.base_ejection_time)
         if outlier.first_byte_timeout:
             leads.append(outlier.first_byte_timeout)  # client_sent files one
+        if self._limits:
+            leads.append(self.config.balancer.queue_timeout)  # accept may queue
         return min(leads)
 
     def wake_bound(self, now: float, wake: float | None, *, lead: float | None = None) -> float:
@@ -278,10 +312,14 @@ class ProxyCore:
             connection.key = hash_key(f"{host}:{port}" if self._hash_port else host)
         out: list[Output] = []
         connection.open_into(now, out)
-        if connection.state is _CONNECTING:
+        state = connection.state
+        if state is _CONNECTING:
             self.connections[connection_id] = connection
             self._file_timer(connection, connection.deadline_at, 0)  # it has no entry yet
-        # else: no backend, closed at once; never in flight (the process is running)
+        elif state is _QUEUED:
+            self.connections[connection_id] = connection
+            self._file_timer(connection, connection.deadline_at, 2)
+        # else: refused, closed at once; never in flight (the process is running)
         return connection_id, out
 
     def shutdown(self, now: float) -> list[Output]:
@@ -342,6 +380,8 @@ class ProxyCore:
         out: list[Output] = list(self.control.probe_result(address, ok, now))
         if self.control.judged_bad:
             self._redispatch(now, out)
+        if self._waiting:
+            self._serve_queue(now, out)  # a backend back in rotation has room
         return out
 
     # -- the first-byte timeout ([outlier] first_byte_timeout) ---------------------
@@ -394,7 +434,10 @@ class ProxyCore:
         has no row for (``UNDRAIN`` in ``MAINT``) raises :class:`LobleError`
         with one line for the operator.
         """
-        return list(self.control.set_admin(address, admin_input, now))
+        out: list[Output] = list(self.control.set_admin(address, admin_input, now))
+        if self._waiting:
+            self._serve_queue(now, out)
+        return out
 
     def set_weight(self, address: str, weight: int, now: float) -> list[Output]:
         """An operator's new weight for one backend, for new connections.
@@ -408,6 +451,36 @@ class ProxyCore:
         if problem is not None:
             raise LobleError(f"backend {address}: weight {weight!r} {problem}")
         return list(self.control.set_weight(address, weight, now))
+
+    def set_max_connections(self, address: str, limit: int, now: float) -> list[Output]:
+        """An operator's new ``max_connections`` for one backend (0: none), for
+        the next picks (HAProxy's ``set maxconn server``); a reload sets the
+        configured one again, as it does a weight.
+
+        The bounds are a ``[[backends]] max_connections``'s; out of them, or
+        for an unknown backend, :class:`LobleError` with one line. Returns a
+        ``MaxConnectionsChanged`` if it changed, then whatever the room it
+        made started (the queue's clients' ``ConnectBackend``).
+        """
+        problem = MAX_CONNECTIONS(limit)
+        if problem is not None:
+            raise LobleError(f"backend {address}: max_connections {limit!r} {problem}")
+        self.control.require(address)
+        limits = self._limits
+        old = limits.get(address, 0)
+        if limit == old:
+            return []
+        if limit:
+            limits[address] = limit
+        else:
+            del limits[address]
+        if bool(limits) != bool(self._policy.queue):  # the first limit, or the last gone
+            self._policy = self._make_policy(self.config)
+            self._lead = self.timer_lead()
+        out: list[Output] = [MaxConnectionsChanged(at=now, address=address, old=old, new=limit)]
+        if self._waiting:
+            self._serve_queue(now, out)
+        return out
 
     def reconfigure(self, config: Config, now: float) -> list[Output]:
         """Apply a reload: a new, already validated configuration, as a diff.
@@ -442,10 +515,21 @@ class ProxyCore:
         self._hash_port = config.balancer.hash_key == "address_port"
         self._slow_start = config.balancer.slow_start
         self._slow_start_floor = config.balancer.slow_start_floor
+        limits = _limits_of(config)
+        limited = bool(limits) != bool(self._limits)
+        kept = {b.address for b in old.backends} & {b.address for b in config.backends}
+        for address in sorted(kept, key=[b.address for b in config.backends].index):
+            key = f"backends[{address}].max_connections"
+            # An operator's limit (set_max_connections) that the file's replaces.
+            if limits.get(address, 0) != self._limits.get(address, 0) and key not in changed:
+                changed = (*changed, key)
+        self._limits = limits
         if (
-            config.timeouts.connect != old.timeouts.connect
+            limited
+            or config.timeouts.connect != old.timeouts.connect
             or config.timeouts.idle != old.timeouts.idle
             or config.balancer.connect_retries != old.balancer.connect_retries
+            or config.balancer.queue_timeout != old.balancer.queue_timeout
         ):
             # A new policy for new connections; open ones keep theirs.
             self._policy = self._make_policy(config)
@@ -476,6 +560,8 @@ class ProxyCore:
             )
         ]
         out.extend(events)
+        if self._waiting:
+            self._serve_queue(now, out)  # limits raised, or removed, or backends added
         return out
 
     # -- time ------------------------------------------------------------------------------
@@ -540,6 +626,8 @@ class ProxyCore:
             self._outlier_timer(now, out)
         if self.control.judged_bad:
             self._redispatch(now, out)
+        if self._waiting:
+            self._serve_queue(now, out)  # an ejected backend's return
         out.extend(self.control.handle_timer(now))
         deadline = self.process.deadline
         if deadline is not None and deadline <= now:
@@ -556,7 +644,53 @@ class ProxyCore:
             idle_timeout=config.timeouts.idle,
             connect_retries=config.balancer.connect_retries,
             report=self.control.report if self.health_reports else self.control.judge,
+            queue=self._enqueue if self._limits else None,
+            queue_timeout=config.balancer.queue_timeout,
         )
+
+    def _enqueue(self, connection: Connection, now: float, out: list[Output]) -> Outcome | None:
+        """No backend was picked for a new connection: queue it, or say why not.
+
+        With no backend eligible at all it is ``NO_BACKEND`` as without limits
+        (a queue for backends that are down would only hold clients longer);
+        the eligible ones all full, it waits if the queue has room.
+        """
+        if not self.control.snapshot.backends:
+            return Outcome.NO_BACKEND
+        waiting = self._waiting
+        if len(waiting) >= self.config.balancer.queue_size:
+            return Outcome.QUEUE_FULL
+        connection_id = connection.connection_id
+        waiting[connection_id] = connection
+        self._queue.append(connection_id)
+        out.append(
+            ConnectionQueued(
+                at=now,
+                connection_id=connection_id,
+                queued=len(waiting),
+                deadline=connection.deadline_at,
+            )
+        )
+        return None
+
+    def _serve_queue(self, now: float, out: list[Output]) -> None:
+        """Give the queued connections, oldest first, the room there is now.
+
+        The head picks; when it finds none, nobody behind it can (they pick
+        from the same backends), so the queue waits for the next change.
+        """
+        waiting, queue = self._waiting, self._queue
+        while queue:
+            connection = waiting.get(queue[0])
+            if connection is None:
+                queue.popleft()  # closed while queued (timeout, reset, cut)
+                continue
+            connection.handle_into(_DEQUEUE, now, out)
+            if connection.state is _QUEUED:
+                return
+            queue.popleft()
+            del waiting[connection.connection_id]
+            self._file_timer(connection, connection.deadline_at, 0)
 
     def _judge(self, connection: Connection, now: float, out: list[Output]) -> None:
         """A closed connection's verdict on its backend, for outlier ejection."""
@@ -573,11 +707,13 @@ class ProxyCore:
             return
         self._verdict(backend.address, failed, now, out)
 
-    def _verdict(self, address: str, failed: bool, now: float, out: list[Output]) -> None:
+    def _verdict(
+        self, address: str, failed: bool, now: float, out: list[Output], silent: bool = False
+    ) -> None:
         control = self.control
         if address in control.removing or address not in control.backends:
             return  # removed by a reload (or forgotten since): nothing to take out
-        ejection = self.outlier.record(address, failed, now)
+        ejection = self.outlier.record(address, failed, now, silent=silent)
         if ejection is not None:
             self._eject(ejection, now, out)
 
@@ -629,7 +765,9 @@ class ProxyCore:
             if connection.state is not _ESTABLISHED and connection.state is not _CLIENT_DONE:
                 continue  # the backend sent its EOF: an answer, not silence
             self._first_byte_judged.add(connection_id)
-            self._verdict(connection.backend.address, True, now, out)
+            address = connection.backend.address
+            out.append(FirstByteTimeout(at=now, connection_id=connection_id, backend=address))
+            self._verdict(address, True, now, out, silent=True)
 
     def _redispatch(self, now: float, out: list[Output]) -> None:
         """Move the connects pending on backends judged bad to other backends."""
@@ -672,6 +810,12 @@ class ProxyCore:
         # is applied; the failed backend is excluded anyway).
         control = self.control
         balancer = self.balancer
+        limits = self._limits
+        if limits:
+            active = control.active_connections
+            full = [address for address, most in limits.items() if active(address) >= most]
+            if full:
+                exclude = (*exclude, *full)
         if self._keyed:
             keyed = cast("KeyedBalancer", balancer)
             backend = keyed.pick_for(key, control.snapshot, control.active_connections, exclude)
@@ -754,6 +898,10 @@ class ProxyCore:
             del self.connections[connection.connection_id]
             if self._judging:
                 self._judge(connection, now, out)
+            waiting = self._waiting
+            if waiting:
+                waiting.pop(connection.connection_id, None)
+                self._serve_queue(now, out)  # its backend, if it had one, has room
             if self.process.state is _DRAINING and not self.connections:
                 out.extend(self._carry_out(self.process.handle(ProcessInput.IDLE, now, 0), now))
         else:
@@ -767,10 +915,13 @@ class ProxyCore:
             timer_due = connection.timer_due
             if timer_due is None or deadline < timer_due:
                 self._file_timer(connection, deadline, self._lane(connection))
+            if self._waiting:
+                self._serve_queue(now, out)  # a retry left a backend, which has room
 
     @staticmethod
     def _lane(connection: Connection) -> int:
-        return 0 if connection.state is _CONNECTING else 1
+        state = connection.state
+        return 0 if state is _CONNECTING else 2 if state is _QUEUED else 1
 
     def _file_timer(self, connection: Connection, due: float, lane: int) -> None:
         # One live entry per connection: filing a new due time makes the old
@@ -790,11 +941,18 @@ class ProxyCore:
             for connection in connections:
                 connection.handle_into(ConnInput.CUT, now, out)
             self.cut_count += len(connections)
+            self._waiting.clear()
+            self._queue.clear()
             self._first_byte_due.clear()
             self._first_byte_seen.clear()
             self._first_byte_judged.clear()
         out.extend(step.outputs)
         return out
+
+
+def _limits_of(config: Config) -> dict[str, int]:
+    """Each backend's ``max_connections``, for those that have one."""
+    return {b.address: b.max_connections for b in config.backends if b.max_connections}
 
 
 def _table_of(config: Config) -> tuple[str, int, int]:
@@ -815,8 +973,8 @@ def _balancer_for(config: Config, rng: random.Random) -> Balancer:
 
 def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
     """Dotted paths of every key whose value differs, in schema order, then each
-    key but the weight of the backends kept (``backends[ADDRESS].send_proxy``:
-    the rest of a backend's change is in ``added``, ``removed``, ``reweighted``)."""
+    changed key of a backend kept (``backends[ADDRESS].max_connections``; its
+    weight is in ``reweighted``, the rest of a change in ``added``, ``removed``)."""
     changed: list[str] = []
     for section in fields(Config):
         if section.name == "backends":
@@ -833,8 +991,8 @@ def _changed_keys(old: Config, new: Config) -> tuple[str, ...]:
         if was is None or was == backend:
             continue
         for key in fields(backend):
-            if key.name not in ("address", "weight") and getattr(was, key.name) != getattr(
-                backend, key.name
+            if key.name not in ("address", "weight") and (
+                getattr(was, key.name) != getattr(backend, key.name)
             ):
                 changed.append(f"backends[{backend.address}].{key.name}")
     return tuple(changed)

@@ -43,6 +43,8 @@ class BackendStatistics:
     """A reload removed it; it still carries connections and is forgotten when they end."""
     ejected_until: float | None = None
     """Outlier ejection took it out of rotation until then (``[outlier]``); None if not."""
+    max_connections: int = 0
+    """Its ``[[backends]] max_connections``: at that many active it is skipped; 0: no limit."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,3 +66,5 @@ class CoreStatistics:
     those a reload removed that still carry connections."""
     cut: int
     """Connections cut by shutdown so far."""
+    queued: int = 0
+    """Clients waiting for a backend with room (counted in ``in_flight`` too)."""

@@ -9,7 +9,8 @@ An ASGI app (Starlette, served by hypercorn through :mod:`._http`) on
   and peak connections, weight, admin state, connections by outcome, bytes
   and last probe, with the process state and snapshot version (JSON);
 * ``POST /backends/{backend}/drain``, ``/undrain``, ``/maintenance``,
-  ``/ready`` and ``POST /backends/{backend}/weight`` (``{"weight": N}``)
+  ``/ready``, ``POST /backends/{backend}/weight`` (``{"weight": N}``) and
+  ``POST /backends/{backend}/max_connections`` (``{"max_connections": N}``)
   change one backend through the core's control plane;
 * ``POST /reload`` reloads the configuration file, as SIGHUP does.
 
@@ -64,6 +65,9 @@ class Control(Protocol):
     async def set_weight(self, address: str, weight: int) -> dict[str, object]:
         """Set a backend's weight; :class:`UnknownBackend` or :class:`LobleError` if not."""
 
+    async def set_max_connections(self, address: str, limit: int) -> dict[str, object]:
+        """Set a backend's ``max_connections`` (0: none); as :meth:`set_weight`."""
+
     async def reload(self) -> dict[str, object]:
         """Reload the configuration file; :class:`LobleError` (every problem) if invalid."""
 
@@ -113,12 +117,15 @@ def admin_app(control: Control, token: str, logger: logging.Logger) -> Starlette
         action = request.path_params["action"]
         try:
             if action == "weight":
-                weight = await _weight(request)
+                weight = await _count(request, "weight")
                 done = await control.set_weight(backend, weight)
+            elif action == "max_connections":
+                limit = await _count(request, "max_connections")
+                done = await control.set_max_connections(backend, limit)
             elif action in ADMIN_ACTIONS:
                 done = await control.admin(backend, ADMIN_ACTIONS[action])
             else:
-                known = ", ".join([*ADMIN_ACTIONS, "weight"])
+                known = ", ".join([*ADMIN_ACTIONS, "weight", "max_connections"])
                 return JSONResponse(
                     {"error": f"no action {action!r}; one of {known}"}, status_code=404
                 )
@@ -150,17 +157,17 @@ def admin_app(control: Control, token: str, logger: logging.Logger) -> Starlette
     )
 
 
-async def _weight(request: Request) -> int:
-    """The weight a ``POST .../weight`` asks for: ``{"weight": N}`` or ``?weight=N``."""
-    raw: object = request.query_params.get("weight")
+async def _count(request: Request, key: str) -> int:
+    """The number a ``POST .../KEY`` asks for: ``{"KEY": N}`` or ``?KEY=N``."""
+    raw: object = request.query_params.get(key)
     if raw is None:
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
-            raise LobleError('weight: the body is not JSON; send {"weight": N}') from None
-        raw = body.get("weight") if isinstance(body, dict) else None
+            raise LobleError(f'{key}: the body is not JSON; send {{"{key}": N}}') from None
+        raw = body.get(key) if isinstance(body, dict) else None
     if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
         return int(raw)
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
-    raise LobleError(f'weight: {raw!r} is not a whole number; send {{"weight": N}}')
+    raise LobleError(f'{key}: {raw!r} is not a whole number; send {{"{key}": N}}')

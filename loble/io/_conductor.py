@@ -323,6 +323,13 @@ class Conductor(Generic[LinkT]):
         self._carry_out(outputs)
         return outputs
 
+    def set_max_connections(self, address: str, limit: int) -> list[Output]:
+        """An operator's new ``max_connections`` for one backend (LobleError if refused)."""
+        outputs = self.core.set_max_connections(address, limit, self.now())
+        self._carry_out(outputs)
+        self._wake()  # the first limit makes a queue timeout possible, sooner than the lead
+        return outputs
+
     def _wake(self) -> None:
         # An operator's input may file a deadline sooner than the timer lead
         # promises for connection inputs (a removal cut-off, probing that

@@ -583,6 +583,11 @@ class Daemon:
         conductor.set_weight(address, weight)
         return self._backend_status(address)
 
+    async def set_max_connections(self, address: str, limit: int) -> dict[str, object]:
+        conductor = self._running(address)
+        conductor.set_max_connections(address, limit)
+        return self._backend_status(address)
+
     def _running(self, address: str) -> AnyConductor:
         if self.conductor is None:
             raise LobleError("the daemon is not running")
@@ -598,6 +603,7 @@ class Daemon:
                     "state": backend.state.value,
                     "admin": backend.admin.value,
                     "weight": backend.weight,
+                    "max_connections": backend.max_connections,
                 }
         raise UnknownBackend(f"no backend {address!r}")
 

@@ -22,9 +22,12 @@ from loble.core import (
     BackendReturned,
     BackendStateChanged,
     ConnectionClosed,
+    ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthState,
     LoggingConfig,
+    MaxConnectionsChanged,
     Outcome,
     PanicChanged,
     ProbeFailure,
@@ -46,6 +49,26 @@ NO_BACKEND_LOG_INTERVAL = 1.0
 Handler = Callable[[Any], object]
 
 _NO_BACKEND = Outcome.NO_BACKEND
+_QUEUE_REFUSALS = (Outcome.QUEUE_FULL, Outcome.QUEUE_TIMEOUT)
+
+
+class _Tally:
+    """A line about clients that may come by thousands a second, once a second at
+    most (``NO_BACKEND_LOG_INTERVAL``), counting the ones since the last line."""
+
+    __slots__ = ("count", "logged")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.logged = -math.inf
+
+    def due(self, at: float) -> int:
+        """Count one; the count to log if a line is due now, else 0."""
+        self.count += 1
+        if at - self.logged < NO_BACKEND_LOG_INTERVAL:
+            return 0
+        count, self.count, self.logged = self.count, 0, at
+        return count
 
 
 class Journal:
@@ -57,8 +80,9 @@ class Journal:
         self._drain_timeout = drain_timeout
         self._shutdown_began = 0.0
         self._probes: dict[str, bool] = {}
-        self._refused = 0
-        self._refused_logged = -math.inf
+        self._refused = _Tally()
+        self._queued = _Tally()
+        self._queue_refused = {outcome: _Tally() for outcome in _QUEUE_REFUSALS}
 
     def reconfigure(self, config: LoggingConfig, drain_timeout: float) -> None:
         """A reload: the access log and the drain timeout may have changed."""
@@ -70,12 +94,15 @@ class Journal:
             Reconfigured: self._reconfigured,
             AdminStateChanged: self._admin_changed,
             WeightChanged: self._weight_changed,
+            MaxConnectionsChanged: self._limit_changed,
             BackendStateChanged: self._state_changed,
             SnapshotPublished: self._snapshot,
             PanicChanged: self._panic,
             BackendEjected: self._ejected,
             BackendReturned: self._returned,
             ConnectRedispatched: self._redispatched,
+            ConnectionQueued: self._queued_line,
+            FirstByteTimeout: self._first_byte_timeout,
             ShutdownStarted: self._shutdown_started,
             ShutdownFinished: self._shutdown_finished,
         }
@@ -106,6 +133,8 @@ class Journal:
     def link_dropped(self, link: Link, closed: ConnectionClosed) -> None:
         if closed.outcome is _NO_BACKEND:
             self._no_backend(closed.at)
+        elif closed.outcome in _QUEUE_REFUSALS:
+            self._queue_refusal(closed)
         if not self._access_log:
             return
         connected_at = closed.connected_at
@@ -132,16 +161,50 @@ class Journal:
     def _no_backend(self, at: float) -> None:
         # Every client is being turned away: an error, but one line a second
         # at most, however many clients arrive.
-        self._refused += 1
-        if at - self._refused_logged >= NO_BACKEND_LOG_INTERVAL:
+        clients = self._refused.due(at)
+        if clients:
             log(
                 self.logger,
                 logging.ERROR,
                 "no backend eligible: closing clients at once",
-                clients=self._refused,
+                clients=clients,
             )
-            self._refused_logged = at
-            self._refused = 0
+
+    def _first_byte_timeout(self, output: FirstByteTimeout) -> None:
+        # One line per connection (debug), as a redispatch: the warning is the
+        # ejection it may cause; the count is a metric.
+        log(
+            self.logger,
+            logging.DEBUG,
+            "backend silent past first_byte_timeout",
+            connection=output.connection_id,
+            backend=output.backend,
+        )
+
+    def _queued_line(self, output: ConnectionQueued) -> None:
+        clients = self._queued.due(output.at)
+        if clients:
+            log(
+                self.logger,
+                logging.WARNING,
+                "backends at max_connections: clients queued",
+                clients=clients,
+                waiting=output.queued,
+            )
+
+    def _queue_refusal(self, closed: ConnectionClosed) -> None:
+        clients = self._queue_refused[closed.outcome].due(closed.at)
+        if clients:
+            full = closed.outcome is Outcome.QUEUE_FULL
+            log(
+                self.logger,
+                logging.ERROR,
+                "queue full: refusing clients at once"
+                if full
+                else "queue timeout: refusing clients that waited too long",
+                clients=clients,
+                outcome=closed.outcome.value,
+            )
 
     def _reconfigured(self, output: Reconfigured) -> None:
         log(
@@ -169,6 +232,16 @@ class Journal:
             self.logger,
             logging.INFO,
             "backend weight changed",
+            backend=output.address,
+            old=output.old,
+            new=output.new,
+        )
+
+    def _limit_changed(self, output: MaxConnectionsChanged) -> None:
+        log(
+            self.logger,
+            logging.INFO,
+            "backend max_connections changed",
             backend=output.address,
             old=output.old,
             new=output.new,

@@ -55,7 +55,9 @@ from loble.core import (
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthState,
     Outcome,
     ProbeFailure,
@@ -72,7 +74,12 @@ TO_BACKEND = "to_backend"
 TO_CLIENT = "to_client"
 
 _CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-_WITHOUT_BACKEND = (Outcome.NO_BACKEND, Outcome.REFUSED_SHUTTING_DOWN)
+_WITHOUT_BACKEND = (
+    Outcome.NO_BACKEND,
+    Outcome.REFUSED_SHUTTING_DOWN,
+    Outcome.QUEUE_FULL,
+    Outcome.QUEUE_TIMEOUT,
+)
 _DURATION_BUCKETS = (0.001, 0.01, 0.1, 1, 10, 60, 300, 1800, 3600)
 
 
@@ -109,6 +116,19 @@ class Metrics:
             "loble_outlier_ejections",
             "Outlier ejections ([outlier]), by backend.",
             ("backend",),
+            registry=registry,
+        )
+        self.first_byte_timeouts = Counter(
+            "loble_first_byte_timeouts",
+            "Connections whose backend sent nothing within [outlier] first_byte_timeout "
+            "of the client's first bytes, by backend: each a failure for outlier ejection.",
+            ("backend",),
+            registry=registry,
+        )
+        self.queued = Counter(
+            "loble_queued",
+            "Clients that waited in the queue because every eligible backend was at its "
+            "max_connections (each ends served, or refused: queue_timeout).",
             registry=registry,
         )
         self.redispatched = Counter(
@@ -200,6 +220,8 @@ class Metrics:
             Reconfigured: self._record_reload,
             BackendEjected: self._record_ejection,
             ConnectRedispatched: self._record_redispatch,
+            ConnectionQueued: self._record_queued,
+            FirstByteTimeout: self._record_first_byte_timeout,
         }
         self._byte_counters: dict[str, tuple[_Count, _Count]] = {}
         self._accepted: dict[str, Any] = {}
@@ -210,6 +232,7 @@ class Metrics:
         self.retries.labels(address)
         self.ejections.labels(address)
         self.redispatched.labels(address)
+        self.first_byte_timeouts.labels(address)
         for reason in ("refused", "timeout"):
             self.connect_failures.labels(address, reason)
         for result in ("success", "failure"):
@@ -295,6 +318,12 @@ class Metrics:
 
     def _record_ejection(self, output: BackendEjected) -> None:
         self.ejections.labels(output.address).inc()
+
+    def _record_first_byte_timeout(self, output: FirstByteTimeout) -> None:
+        self.first_byte_timeouts.labels(output.backend).inc()
+
+    def _record_queued(self, output: ConnectionQueued) -> None:
+        self.queued.inc()
 
     def _record_redispatch(self, output: ConnectRedispatched) -> None:
         self.redispatched.labels(output.backend).inc()
@@ -511,6 +540,11 @@ class _CoreCollector:
             "1 while outlier ejection keeps each backend out of rotation ([outlier]), else 0.",
             labels=("backend",),
         )
+        limit = GaugeMetricFamily(
+            "loble_backend_max_connections",
+            "Each backend's max_connections ([[backends]]), 0 for none.",
+            labels=("backend",),
+        )
         age = GaugeMetricFamily(
             "loble_backend_state_age_seconds",
             "Seconds since each backend's health state last changed (since start if never).",
@@ -521,6 +555,7 @@ class _CoreCollector:
         for backend in stats.backends:
             weight.add_metric((backend.address,), backend.weight)
             ejected.add_metric((backend.address,), float(backend.ejected_until is not None))
+            limit.add_metric((backend.address,), backend.max_connections)
             for admin_state in AdminState:
                 admin.add_metric(
                     (backend.address, admin_state.value), float(backend.admin is admin_state)
@@ -531,6 +566,7 @@ class _CoreCollector:
         yield weight
         yield admin
         yield ejected
+        yield limit
         yield age
         active = GaugeMetricFamily(
             "loble_backend_active_connections",
@@ -554,6 +590,11 @@ class _CoreCollector:
             "loble_connections_in_flight",
             "Client connections open now, from accept to close.",
             value=stats.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "loble_queue_length",
+            "Clients waiting now for a backend with room (part of the connections in flight).",
+            value=stats.queued,
         )
         yield GaugeMetricFamily(
             "loble_snapshot_version",

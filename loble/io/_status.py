@@ -51,6 +51,7 @@ def status_document(
                 "last_probe_seconds": _age(now, backend.last_probe_at),
                 "removing": backend.removing,
                 "ejected_for_seconds": _until(now, backend.ejected_until),
+                "max_connections": backend.max_connections,
                 **figures,
             }
         )
@@ -63,6 +64,7 @@ def status_document(
         "process": stats.process.value,
         "accepting": stats.accepting,
         "in_flight": stats.in_flight,
+        "queued": stats.queued,
         "snapshot_version": stats.snapshot_version,
         "eligible": list(stats.eligible),
         "backends": backends,

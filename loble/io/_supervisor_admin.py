@@ -81,7 +81,13 @@ _ADMIN_ORDER = ("ready", "drain", "maint")
 _PROCESS_ORDER = ("running", "draining", "stopped")
 """Each from best to worst: where workers disagree, the sum shows the worst."""
 
-_SUMMED = ("active_connections", "peak_connections", "bytes_to_backend", "bytes_to_client")
+_SUMMED = (
+    "active_connections",
+    "peak_connections",
+    "max_connections",
+    "bytes_to_backend",
+    "bytes_to_client",
+)
 
 
 # -- the workers' side -------------------------------------------------------------------
@@ -184,6 +190,7 @@ def combined_status(
         else "unreachable",
         "accepting": bool(documents) and all(d.get("accepting") for d in documents),
         "in_flight": sum(int(d.get("in_flight", 0)) for d in documents),
+        "queued": sum(int(d.get("queued", 0)) for d in documents),
         "snapshot_version": max((int(d.get("snapshot_version", 0)) for d in documents), default=0),
         "eligible": eligible,
         "backends": list(backends.values()),
@@ -281,6 +288,10 @@ class SupervisorControl:
 
     async def set_weight(self, address: str, weight: int) -> dict[str, object]:
         return await self._change(address, "weight", {"weight": weight})
+
+    async def set_max_connections(self, address: str, limit: int) -> dict[str, object]:
+        # Each worker's limit, as the configured one is per process.
+        return await self._change(address, "max_connections", {"max_connections": limit})
 
     async def reload(self) -> dict[str, object]:
         check_reload(self.config_path, self.logger)  # an invalid file reaches no worker

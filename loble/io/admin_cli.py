@@ -112,6 +112,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     weight.add_argument("weight", metavar="N", type=int, help="the new weight")
     _admin_arguments(weight)
     weight.set_defaults(handler=_ctl)
+    limit = actions.add_parser(
+        "max-connections", help="set the backend's max_connections (0: no limit)"
+    )
+    limit.add_argument("backend", metavar="BACKEND", help="host:port, as in [[backends]]")
+    limit.add_argument("max_connections", metavar="N", type=int, help="the new limit")
+    _admin_arguments(limit)
+    limit.set_defaults(handler=_ctl)
 
     reload = commands.add_parser(
         "reload",
@@ -294,6 +301,11 @@ def _refreshed(client: AdminClient, previous: Group) -> Group:
         return Group(Text(f"{error} (retrying)", style="bold red"), previous.renderables[-1])
 
 
+def _of_limit(active: object, limit: object) -> str:
+    """Active connections, and out of how many when the backend has a ``max_connections``."""
+    return f"{active}/{limit}" if limit else str(active)
+
+
 def status_view(document: Mapping[str, Any]) -> Group:
     """The status document as the header line above one row per backend."""
     from rich.table import Table
@@ -305,7 +317,8 @@ def status_view(document: Mapping[str, Any]) -> Group:
     header.append(
         f" · snapshot v{document.get('snapshot_version')}"
         f" · {document.get('in_flight')} in flight"
-        f" · {len(document.get('eligible', []))} of {len(backends)} backends eligible"
+        + (f" ({document['queued']} queued)" if document.get("queued") else "")
+        + f" · {len(document.get('eligible', []))} of {len(backends)} backends eligible"
         f" · up {_duration(document.get('uptime'))}"
         f" · pid {document.get('pid')}"
     )
@@ -334,7 +347,7 @@ def status_view(document: Mapping[str, Any]) -> Group:
             Text(state, STATE_STYLES.get(state, "")),
             Text(admin, ADMIN_STYLES.get(admin, "")),
             str(backend.get("weight")),
-            str(backend.get("active_connections")),
+            _of_limit(backend.get("active_connections"), backend.get("max_connections")),
             str(backend.get("peak_connections")),
             str(outcomes.get("completed", 0)),
             # As the status page counts: every outcome but "completed" is a
@@ -407,12 +420,17 @@ def _probe(backend: Mapping[str, Any]) -> Text:
 
 def _ctl(args: argparse.Namespace) -> int:
     client = _client(args)
-    path = f"/backends/{urllib.parse.quote(args.backend, safe='')}/{args.action}"
-    body = {"weight": args.weight} if args.action == "weight" else None
+    action = args.action.replace("-", "_")  # max-connections: the API's max_connections
+    path = f"/backends/{urllib.parse.quote(args.backend, safe='')}/{action}"
+    body: dict[str, object] | None = None
+    if action in ("weight", "max_connections"):
+        body = {action: getattr(args, action)}
     done = client.post(path, body)
+    limit = done.get("max_connections")
     print(
         f"{done.get('address', args.backend)}: {done.get('state')}, "
         f"admin {done.get('admin')}, weight {done.get('weight')}"
+        + (f", max_connections {limit}" if limit else "")
     )
     return 0
 

@@ -156,9 +156,12 @@ from loble.core import (
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthReport,
     LobleError,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     PanicChanged,
@@ -265,7 +268,13 @@ BEHAVIOUR_NAMES = tuple(_FIRST_NAME[code] for code in range(len(_FIRST_NAME)))
 """Each code's name, for a backend's timeline ("up", not its alias "recover")."""
 _SIDE_BACKEND = Side.BACKEND  # an enum member read through its class costs ~80 ns
 _COMPLETED = Outcome.COMPLETED
-_RETRYABLE = (Outcome.NO_BACKEND, Outcome.CONNECT_FAILED, Outcome.REFUSED_SHUTTING_DOWN)
+_RETRYABLE = (
+    Outcome.NO_BACKEND,
+    Outcome.CONNECT_FAILED,
+    Outcome.REFUSED_SHUTTING_DOWN,
+    Outcome.QUEUE_FULL,
+    Outcome.QUEUE_TIMEOUT,
+)
 """Outcomes after which a client tries again: refused by Loble or by the
 kernel, or every attempt failed; nothing was carried (see _client_closed)."""
 _CUTS = (_CRASH, _RESET, _KILL, _HOST_DOWN)
@@ -507,6 +516,9 @@ class Simulation:
             BackendEjected: monitor.backend_ejected,
             BackendReturned: monitor.backend_returned,
             ConnectRedispatched: monitor.connect_redispatched,
+            ConnectionQueued: monitor.connection_queued,
+            FirstByteTimeout: monitor.first_byte_timeout,
+            MaxConnectionsChanged: monitor.max_connections_changed,
         }
         self.recorder = recorder
         if recorder is not None:

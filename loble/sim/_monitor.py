@@ -16,7 +16,9 @@ tally satisfies Loble's guarantees:
   connections are cut (``REMOVED``) no earlier than its removal deadline.
 * **no flapping**: every transition is one of the five in the design and is
   backed by its full run of consecutive outcomes, counted from the verdicts
-  and probe results the monitor saw. A ``DRAINING`` backend comes back to
+  and probe results the monitor saw; so is every outlier ejection by
+  ``consecutive_resets``, counted from the connections' ends (a reset fails,
+  a completion succeeds) and the ``FirstByteTimeout`` verdicts. A ``DRAINING`` backend comes back to
   ``HEALTHY`` only after ``success_threshold`` probe successes in a row, each
   of a probe sent while it was draining, with no failure between them (a
   passive success there is no evidence either way).
@@ -31,6 +33,13 @@ tally satisfies Loble's guarantees:
   removed backend is forgotten only once nothing is active on it.
 * **graceful shutdown**: nothing is cut before the drain deadline, nothing is
   accepted after shutdown begins, and the drain never overruns its deadline.
+* **connection limits**: no attempt starts on a backend already carrying its
+  ``max_connections``; a client is queued only while every eligible backend
+  is at its limit, and refused ``queue_full`` only with ``queue_size``
+  waiting; the queue never holds a client while a backend has room (checked
+  at the end of every step), clients leave it in the order they came (no new
+  client goes ahead of them), and none waits past its ``queue_timeout``,
+  which refuses it exactly then.
 
 Safety alone lets a core that does nothing pass, so three checks watch that
 things *happen*, and on time:
@@ -91,10 +100,13 @@ from loble.core import (
     ConnectBackend,
     ConnectFailed,
     ConnectionClosed,
+    ConnectionQueued,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthInput,
     HealthReport,
     HealthState,
+    MaxConnectionsChanged,
     Outcome,
     Output,
     PanicChanged,
@@ -117,6 +129,7 @@ GRACEFUL_SHUTDOWN = "graceful shutdown"
 DRAINING_ENDS = "draining ends"
 BOUNDED_RETRIES = "bounded retries"
 TIMEOUTS_ON_TIME = "timeouts on time"
+CONNECTION_LIMITS = "connection limits"
 CORE_INPUTS = "core accepted every input"
 INVARIANTS = (
     SAFE_DRAINING,
@@ -127,6 +140,7 @@ INVARIANTS = (
     DRAINING_ENDS,
     BOUNDED_RETRIES,
     TIMEOUTS_ON_TIME,
+    CONNECTION_LIMITS,
     CORE_INPUTS,
 )
 
@@ -149,6 +163,9 @@ _COMPLETED, _IDLE_TIMEOUT, _CONNECT_FAILED = (
 _BACKEND_RESET, _CUT, _REFUSED = Outcome.BACKEND_RESET, Outcome.CUT, Outcome.REFUSED_SHUTTING_DOWN
 _REMOVED = Outcome.REMOVED
 _CLIENT_RESET = Outcome.CLIENT_RESET
+_QUEUE_TIMEOUT, _QUEUE_FULL = Outcome.QUEUE_TIMEOUT, Outcome.QUEUE_FULL
+_QUEUED_ENDS = (_QUEUE_TIMEOUT, _CLIENT_RESET, _CUT, Outcome.RESOURCE_EXHAUSTED)
+"""How a queued connection may end without leaving the queue for a backend."""
 _READY = AdminState.READY
 
 
@@ -289,6 +306,11 @@ class Monitor:
         """Connections whose attempt the core moved on (``ConnectRedispatched``):
         the attempt it gave up, before the next one starts."""
         self.redispatches = 0
+        self.failure_run: dict[str, int] = {}
+        """Outlier verdicts: each backend's failures in a row since its last
+        success, ejection or return (what ``consecutive_resets`` counts)."""
+        self.silent_judged: set[int] = set()
+        """Connections judged by a ``FirstByteTimeout``: their end is no verdict."""
         self.client_address: dict[int, str] = {}
         """Connections a driver told the client address of (``[sim.clients]
         population``), until their first attempt starts."""
@@ -299,8 +321,22 @@ class Monitor:
         break their run of failures (a frozen backend still accepts)."""
         self.picks: dict[int, dict[str, str]] = {}
         """Per snapshot version: each client address's first-attempt backend."""
+        self._limits(config)
+        self.queued: dict[int, float] = {}
+        """Connections seen queued (``ConnectionQueued``), in arrival order, and
+        their queue deadlines, until they leave the queue or end."""
+        self.queued_total = 0
+        self.queue_waits: list[float] = []
+        """Seconds each client that left the queue for a backend waited in it."""
+        self._queued_at: dict[int, float] = {}
         self.violation_counts = dict.fromkeys(INVARIANTS, 0)
         self.violations: list[Violation] = []
+
+    def _limits(self, config: Config) -> None:
+        self.max_connections = {b.address: b.max_connections for b in config.backends}
+        """Each backend's ``max_connections`` (0: none)."""
+        self.queue_size = config.balancer.queue_size
+        self.queue_timeout = config.balancer.queue_timeout
 
     def violate(self, invariant: str, message: str) -> None:
         self.violation_counts[invariant] += 1
@@ -559,6 +595,15 @@ class Monitor:
                 f"a connection started on {address} while admin={self.admin[address].name}"
                 f"{', removed by a reload' if address in self.removing else ''}",
             )
+        limit = self.max_connections.get(address, 0)
+        if limit and self.active[address] >= limit:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"a connection started on {address} carrying {self.active[address]}, "
+                f"its max_connections {limit}",
+            )
+        if self.queued and attempt == 1:
+            self._left_queue(connection_id, now)
         self.started[address] += 1
         self.active[address] += 1
         due = now + connect_timeout
@@ -581,6 +626,8 @@ class Monitor:
         self.passive_failures[address] += 1
         self._failure(address)
         self.probe_run[address] = 0
+        if self.queued:
+            self.pending = True  # room freed: end_step checks the queue moved
 
     def health_report(self, report: HealthReport, now: float) -> None:
         """A health report from a driver of the control plane alone, with no connections.
@@ -749,7 +796,11 @@ class Monitor:
         self.outlier = config.outlier
         self.hashing = _hashing(config)
         self.payload_probed = _payload_probed(config)
+        self._limits(config)
+        if not config.outlier.first_byte_timeout:
+            self.silent_judged.clear()  # the core forgets which it judged
         for address in removed:
+            self.failure_run.pop(address, None)
             self.ejected.pop(address, None)  # the core forgets the ejection: no return
             self.probe_sent_in.pop(address, None)  # the core forgets its probe too
             self.removing[address] = self.cut_after[address] = (
@@ -792,8 +843,104 @@ class Monitor:
         self.barred.discard(address)
         self.addresses = tuple(a for a in self.addresses if a != address)
 
+    def max_connections_changed(self, event: MaxConnectionsChanged, now: float) -> None:
+        """An operator's new limit: what the next starts are checked against."""
+        self.max_connections[event.address] = event.new
+        self.pending = True  # a raised limit must serve the queue in this step
+
+    def connection_queued(self, event: ConnectionQueued, now: float) -> None:
+        """A new client waits: only with no room, a queue not full, for its timeout."""
+        connection_id, queued = event.connection_id, self.queued
+        if len(queued) >= self.queue_size:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} queued with {len(queued)} waiting, "
+                f"queue_size {self.queue_size}",
+            )
+        if event.queued != len(queued) + 1:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} queued as number {event.queued}, "
+                f"the monitor counts {len(queued) + 1}",
+            )
+        if event.deadline != now + self.queue_timeout:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} queued until t={event.deadline:.6f}, "
+                f"not its queue_timeout {self.queue_timeout} s on",
+            )
+        self._no_room(f"connection {connection_id} queued")
+        if not self._eligible():
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} queued with no backend eligible (no_backend)",
+            )
+        queued[connection_id] = event.deadline
+        self._queued_at[connection_id] = now
+        self.queued_total += 1
+        self.pending = True
+        if event.deadline + _LATE < self.connect_check_at:
+            self.connect_check_at = event.deadline + _LATE
+
+    def _left_queue(self, connection_id: int, now: float) -> None:
+        """A first attempt starts: the oldest queued client's, or a new one's with none waiting."""
+        queued = self.queued
+        head = next(iter(queued))
+        if connection_id not in queued:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"new connection {connection_id} went to a backend ahead of "
+                f"{len(queued)} queued (the first, {head})",
+            )
+            return
+        if connection_id != head:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} left the queue ahead of connection {head}",
+            )
+        deadline = queued.pop(connection_id)
+        if now > deadline + _LATE and not self._late_covers(deadline, now):
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} left the queue at t={now:.6f}, "
+                f"past its queue timeout at t={deadline:.6f}",
+            )
+        self.queue_waits.append(now - self._queued_at.pop(connection_id))
+
+    def _no_room(self, what: str) -> None:
+        """Every eligible backend must be at its limit for ``what`` to be right."""
+        limits, active = self.max_connections, self.active
+        room = [a for a in self._eligible() if not limits.get(a) or active[a] < limits[a]]
+        if room:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"{what} while {', '.join(room)} had room "
+                f"({', '.join(f'{active[a]}/{limits.get(a) or 0}' for a in room)})",
+            )
+
+    def _overdue_queue(self, now: float) -> None:
+        """No client waits in the queue past its deadline (but for a late wake-up)."""
+        for connection_id, deadline in self.queued.items():
+            if now <= deadline + _LATE or self._late_covers(deadline, now):
+                return  # in arrival order: the later ones are due later still
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} still queued past its queue timeout "
+                f"at t={deadline:.6f}",
+            )
+            return
+
     def connection_closed(self, event: ConnectionClosed, now: float) -> None:
         connection_id, outcome = event.connection_id, event.outcome
+        if self.queued or outcome is _QUEUE_TIMEOUT or outcome is _QUEUE_FULL:
+            self._queue_closed(event, now)
+        if self.outlier.detecting and event.backend is not None:
+            if self.silent_judged and connection_id in self.silent_judged:
+                self.silent_judged.discard(connection_id)
+            elif outcome is _BACKEND_RESET:
+                self._verdict(event.backend, True)
+            elif outcome is _COMPLETED:
+                self._verdict(event.backend, False)
         address = self.holding.pop(connection_id, None)
         if address is not None:
             self._finished(address)  # the attempt still open ends with it
@@ -835,6 +982,35 @@ class Monitor:
         elif outcome is _REFUSED and self.shutdown is None:
             self.violate(GRACEFUL_SHUTDOWN, f"connection {connection_id} refused while running")
 
+    def _queue_closed(self, event: ConnectionClosed, now: float) -> None:
+        connection_id, outcome = event.connection_id, event.outcome
+        self.pending = True  # room freed, perhaps: end_step checks the queue moved
+        deadline = self.queued.pop(connection_id, None)
+        if deadline is None:
+            if outcome is _QUEUE_TIMEOUT:
+                self.violate(CONNECTION_LIMITS, f"connection {connection_id} timed out of no queue")
+            elif outcome is _QUEUE_FULL:
+                if len(self.queued) < self.queue_size:
+                    self.violate(
+                        CONNECTION_LIMITS,
+                        f"connection {connection_id} refused queue_full with "
+                        f"{len(self.queued)} waiting, queue_size {self.queue_size}",
+                    )
+                self._no_room(f"connection {connection_id} refused queue_full")
+            return
+        self._queued_at.pop(connection_id, None)
+        if outcome not in _QUEUED_ENDS:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} ended {outcome.value} from the queue",
+            )
+        elif outcome is _QUEUE_TIMEOUT and now + _LATE < deadline:
+            self.violate(
+                CONNECTION_LIMITS,
+                f"connection {connection_id} timed out of the queue at t={now:.6f}, "
+                f"before its deadline at t={deadline:.6f}",
+            )
+
     def panic_changed(self, event: PanicChanged, now: float) -> None:
         """Panic began or ended: it must be a change, and the core's rule's verdict."""
         if event.panic is self.panic:
@@ -846,11 +1022,35 @@ class Monitor:
             self.panic_periods[-1] = (self.panic_periods[-1][0], now)
         self.membership_changed = self.pending = True
 
+    def first_byte_timeout(self, event: FirstByteTimeout, now: float) -> None:
+        """A backend silent past ``first_byte_timeout``: a failure verdict, once."""
+        if not self.outlier.first_byte_timeout:
+            self.violate(NO_FLAPPING, f"a first-byte timeout on {event.backend} with none set")
+        self.silent_judged.add(event.connection_id)
+        self._verdict(event.backend, True)
+
+    def _verdict(self, address: str, failed: bool) -> None:
+        """One verdict for outlier ejection, as the core weighs it: none on a
+        backend ejected (its connections tell of the time before) or removed."""
+        if address in self.ejected or address in self.removing:
+            return
+        self.failure_run[address] = self.failure_run.get(address, 0) + 1 if failed else 0
+
     def backend_ejected(self, event: BackendEjected, now: float) -> None:
-        """An ejection: within the cap, leaving someone in rotation, for its due time."""
+        """An ejection: deserved, within the cap, leaving someone in rotation, for its due time."""
         address, outlier = event.address, self.outlier
         if address in self.ejected:
             self.violate(NO_CHURN, f"{address} ejected while ejected already")
+        run = self.failure_run.pop(address, 0)
+        words = event.reason.split(" ", 2)
+        if len(words) > 1 and words[1] == "consecutive":  # by count (else by rate)
+            threshold = outlier.consecutive_resets
+            if not threshold or run < threshold or words[0] != str(run):
+                self.violate(
+                    NO_FLAPPING,
+                    f"{address} ejected for {event.reason!r}: the monitor saw {run} failures "
+                    f"in a row (consecutive_resets {threshold})",
+                )
         self.ejected[address] = event.until
         self.ejections.append((now, address, event.until, event.reason, event.ejections))
         fleet = sum(1 for a in self.addresses if a not in self.removing)
@@ -878,6 +1078,7 @@ class Monitor:
         """An ejected backend's time is up: exactly at ``until`` (or the late wake-up)."""
         address = event.address
         until = self.ejected.pop(address, None)
+        self.failure_run.pop(address, None)  # back with clean tallies
         self.returned.append((now, address))
         if until is None:
             self.violate(NO_CHURN, f"{address} returned, but was not ejected")
@@ -979,6 +1180,10 @@ class Monitor:
             self.violate(NO_CHURN, "an eligible backend's weight changed without a new snapshot")
         if self.now > self.connect_check_at:
             self._overdue_connects(self.now)
+            if self.queued:
+                self._overdue_queue(self.now)
+        if self.queued:
+            self._no_room(f"{len(self.queued)} clients queued at the end of the step")
         if self.membership_changed:
             # A state change that kept membership (DRAINING -> UNHEALTHY) publishes nothing.
             self.membership_changed = False
@@ -1040,6 +1245,8 @@ class Monitor:
                     f"connection {connection_id}: attempt {attempt} started at t={started:.6f} "
                     f"still connecting when the run ended, past its connect timeout",
                 )
+        if self.queued:
+            self._overdue_queue(self.now)
         for connection_id, last in self.last_activity.items():
             due = last + self._policy(connection_id)[1]
             if self.now > due + _LATE and not self._late_covers(due, self.now):
@@ -1112,6 +1319,10 @@ class Monitor:
                     f"past its connect timeout at t={due:.6f}",
                 )
         self.connect_check_at = deadlines[0][0] + _LATE if deadlines else math.inf
+        if self.queued:  # and the queue's oldest deadline
+            head = next(iter(self.queued.values())) + _LATE
+            if head < self.connect_check_at:
+                self.connect_check_at = head
 
     def _overdue_returns(self, now: float) -> None:
         """No ejection outlasts its ``until`` (but for a late wake-up covering it)."""

@@ -68,6 +68,8 @@ OUTCOME_COLOURS = {
     "refused_after_stop": "#f06292",
     "resource_exhausted": "#37474f",
     "removed": "#1565c0",
+    "queue_timeout": "#ff8f00",
+    "queue_full": "#b71c1c",
 }
 OUTCOME_NAMES = {
     "truncated": "truncated (FIN)",

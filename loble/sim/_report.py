@@ -44,6 +44,8 @@ IMPACT = {
     Outcome.REFUSED_SHUTTING_DOWN: "clients refused while shutting down",
     Outcome.RESOURCE_EXHAUSTED: "clients refused for want of proxy resources",
     Outcome.REMOVED: "clients cut when their backend was removed",
+    Outcome.QUEUE_TIMEOUT: "clients refused after waiting queue_timeout (backends full)",
+    Outcome.QUEUE_FULL: "clients refused at once, the queue full (backends full)",
 }
 """What each way for a client to fail is called in the impact lines."""
 
@@ -283,6 +285,21 @@ def _traffic_policy(simulation: Simulation, end: float) -> dict[str, Any]:
         ]
     if monitor.redispatches:
         policy["redispatched"] = monitor.redispatches
+    full = monitor.outcomes[Outcome.QUEUE_FULL]
+    if monitor.queued_total or full:
+        waits = sorted(monitor.queue_waits)
+        queue: dict[str, Any] = {
+            "queued": monitor.queued_total,
+            "served": len(waits),
+            "timed_out": monitor.outcomes[Outcome.QUEUE_TIMEOUT],
+            "refused_full": full,
+        }
+        if waits:
+            queue["wait_ms"] = {
+                label: _round(percentile(waits, fraction) * 1000)
+                for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+            }
+        policy["queue"] = queue
     if simulation.population:
         policy["hashing"] = {
             "population": simulation.population,
@@ -336,6 +353,20 @@ def policy_lines(policy: dict[str, Any]) -> list[str]:
         lines.append(
             f"Redispatched: {policy['redispatched']} pending connects moved off a backend "
             "judged bad"
+        )
+    if "queue" in policy:
+        queue = policy["queue"]
+        wait = queue.get("wait_ms")
+        waited = (
+            ""
+            if wait is None
+            else f" (wait p50 {wait['p50']:.3f} ms, p99 {wait['p99']:.3f} ms, "
+            f"max {wait['max']:.3f} ms)"
+        )
+        lines.append(
+            f"Queue: {queue['queued']} clients waited for a backend with room; "
+            f"{queue['served']} were served{waited}, {queue['timed_out']} refused at "
+            f"queue_timeout, {queue['refused_full']} refused with the queue full"
         )
     if "hashing" in policy:
         hashing = policy["hashing"]

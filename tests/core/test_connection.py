@@ -45,7 +45,14 @@ RESETTING = {
     Outcome.IDLE_TIMEOUT,
 }
 """The outcomes that must close with RST: written out here, not read from the core."""
-FIN = {Outcome.COMPLETED, Outcome.NO_BACKEND, Outcome.CONNECT_FAILED, Outcome.REFUSED_SHUTTING_DOWN}
+FIN = {
+    Outcome.COMPLETED,
+    Outcome.NO_BACKEND,
+    Outcome.CONNECT_FAILED,
+    Outcome.REFUSED_SHUTTING_DOWN,
+    Outcome.QUEUE_TIMEOUT,
+    Outcome.QUEUE_FULL,
+}
 """The outcomes that close with FIN: the stream ended, or nothing was carried yet."""
 In = ConnInput
 S = ConnState
@@ -88,7 +95,25 @@ def established() -> Connection:
     return conn
 
 
+def queued(refusal: Outcome | None = None) -> tuple[Connection, list[Backend]]:
+    """A connection opened while no backend had room; put one in the list to make room."""
+    room: list[Backend] = []
+    policy = ConnectionPolicy(
+        pick=picker(room),  # type: ignore[arg-type]
+        connect_timeout=5.0,
+        idle_timeout=60.0,
+        connect_retries=2,
+        queue=lambda connection, now, out: refusal,
+        queue_timeout=3.0,
+    )
+    return Connection(7, policy), room
+
+
 def in_state(state: ConnState) -> Connection:
+    if state is S.QUEUED:
+        conn, _ = queued()
+        conn.open(0.0)
+        return conn
     conn = established()
     if state is S.CLIENT_DONE:
         conn.handle(In.CLIENT_EOF, 2.0)
@@ -115,6 +140,55 @@ def test_open_picks_and_connects() -> None:
     assert conn.timeout_input is In.CONNECT_TIMEOUT
     with pytest.raises(StateMachineError, match="opened twice"):
         conn.open(0.0)
+
+
+def test_with_no_room_the_queue_takes_it_with_no_report_on_any_backend() -> None:
+    conn, room = queued()
+    assert conn.open(1.0) == []
+    assert (conn.state, conn.deadline, conn.timeout_input) == (S.QUEUED, 4.0, In.QUEUE_TIMEOUT)
+    assert conn.handle(In.DEQUEUE, 2.0) == []  # still no room: it waits on
+    assert conn.state is S.QUEUED
+    room.append(BACKENDS[1])
+    assert conn.handle(In.DEQUEUE, 2.5) == [
+        HealthReport(address=BACKENDS[1].address, input=HealthInput.CONNECTION_STARTED),
+        ConnectBackend(connection_id=7, attempt=1, backend=BACKENDS[1]),
+    ]
+    assert (conn.state, conn.deadline) == (S.CONNECTING, 7.5)  # its connect timeout now
+
+
+@pytest.mark.parametrize(
+    ("conn_input", "outcome"),
+    [
+        (In.QUEUE_TIMEOUT, Outcome.QUEUE_TIMEOUT),
+        (In.CLIENT_ERROR, Outcome.CLIENT_RESET),
+        (In.CUT, Outcome.CUT),
+        (In.RESOURCE_EXHAUSTED, Outcome.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_a_queued_connection_ends_without_an_attempt(
+    conn_input: ConnInput, outcome: Outcome
+) -> None:
+    conn, _ = queued()
+    conn.open(1.0)
+    outputs = conn.handle(conn_input, 4.0)
+    assert reports(outputs) == []  # it never had a backend
+    assert outputs[0] == close_connection(7, outcome)
+    closed = outputs[1]
+    assert isinstance(closed, ConnectionClosed)
+    assert (closed.backend, closed.attempts, closed.outcome, closed.opened_at) == (
+        None,
+        0,
+        outcome,
+        1.0,
+    )
+
+
+@pytest.mark.parametrize("refusal", [Outcome.QUEUE_FULL, Outcome.NO_BACKEND])
+def test_the_queue_may_refuse_it(refusal: Outcome) -> None:
+    conn, _ = queued(refusal)
+    outputs = conn.open(1.0)
+    assert outputs[0] == CloseConnection(connection_id=7, outcome=refusal, reset=False)
+    assert conn.state is S.CLOSED
 
 
 def test_no_backend_closes_at_once() -> None:

@@ -17,6 +17,7 @@ from loble.core import (
     ConnectBackend,
     ConnectionClosed,
     ConnectRedispatched,
+    FirstByteTimeout,
     HealthInput,
     HealthReport,
     HealthState,
@@ -29,7 +30,7 @@ from loble.core import (
     parse_config,
 )
 from loble.core._connection import TRANSITIONS, ConnInput, ConnState
-from loble.core._outlier import OutlierDetector
+from loble.core._outlier import OutlierDetector, run_reason
 
 FLEET = [f"10.8.0.{i}:80" for i in range(1, 6)]
 
@@ -681,7 +682,10 @@ def test_a_silent_backend_is_a_failure_once() -> None:
     proxy.client_sent(silent, 1.5)
     proxy.client_sent(silent, 1.9)  # only the first counts
     assert proxy.next_deadline() == 3.5
-    assert proxy.handle_timer(3.5) == []  # one failure of two: nothing to say yet
+    # One failure of two: said, and nothing more yet.
+    assert proxy.handle_timer(3.5) == [
+        FirstByteTimeout(at=3.5, connection_id=silent, backend=address)
+    ]
     assert proxy.outlier.tallies[address].resets_in_a_row == 1
     assert silent in proxy.connections  # left alone
     proxy.backend_sent(silent, 4.0)  # late: the verdict stands
@@ -717,6 +721,8 @@ def test_a_silent_backend_can_be_ejected_by_it() -> None:
     outputs = proxy.handle_timer(2.0)
     (ejected,) = of(BackendEjected, outputs)
     assert ejected.address == address
+    assert ejected.reason == "1 consecutive first-byte timeouts"
+    assert outputs.index(of(FirstByteTimeout, outputs)[0]) < outputs.index(ejected)
     assert not of(BackendEjected, end_stream(proxy, silent, True, 3.0))
 
 
@@ -821,3 +827,33 @@ def test_no_call_but_handle_timer_brings_the_next_deadline_inside_the_lead(
         bound = now + lead if wake is None else min(wake, now + lead)
         assert new is None or new >= bound, (new, bound)
         wake = new
+
+
+def test_a_run_of_resets_and_silences_says_which_made_it() -> None:
+    assert run_reason(3, 0) == "3 consecutive resets"
+    assert run_reason(2, 2) == "2 consecutive first-byte timeouts"
+    assert run_reason(3, 1) == "3 consecutive failures (2 resets, 1 first-byte timeout)"
+    proxy = core(first_byte_timeout=1, consecutive_resets=2)
+    silent, address, _ = open_stream(proxy, 1.0)
+    proxy.client_sent(silent, 1.0)
+    proxy.handle_timer(2.0)
+    reset, other, _ = open_stream(proxy, 2.0)
+    while other != address:  # round robin: the next one on the same backend
+        end_stream(proxy, reset, False, 2.0)
+        reset, other, _ = open_stream(proxy, 2.0)
+    (ejected,) = of(BackendEjected, end_stream(proxy, reset, True, 2.5))
+    assert ejected.reason == "2 consecutive failures (1 reset, 1 first-byte timeout)"
+
+
+def test_two_verdicts_of_one_interval_never_eject_the_last_backend_together() -> None:
+    # Both backends fail at the rate, and the cap allows both: the interval's
+    # second ejection is weighed with the first, though not applied yet
+    # (found by the property above: each used to see the other in rotation).
+    pair = ["10.8.2.1:80", "10.8.2.2:80"]
+    proxy = core(
+        pair, failure_rate=0.5, minimum_connections=2, interval=1.0, max_ejection_percent=100
+    )
+    assert not of(BackendEjected, traffic(proxy, 0.0, 8, {pair[0]: 1, pair[1]: 1}))
+    outputs = proxy.handle_timer(1.0)
+    assert [e.address for e in of(BackendEjected, outputs)] == [pair[0]]
+    assert proxy.snapshot.addresses == (pair[1],)

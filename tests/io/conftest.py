@@ -272,6 +272,10 @@ class Loopback:
             if name == "weights":
                 for entry, weight in zip(document["backends"], values.values(), strict=True):
                     entry["weight"] = weight
+            elif name == "limits":  # {address: max_connections}
+                for entry in document["backends"]:
+                    if entry["address"] in values:
+                        entry["max_connections"] = values[entry["address"]]
             else:
                 document[name] = values
         logger = logging.getLogger(f"loble.test.{len(self.daemons)}.{id(self)}")

@@ -445,3 +445,49 @@ def test_the_table_shows_probes_removal_and_bytes_in_units() -> None:
         *("failed,", "0.5", "s", "ago"),
     ]
     assert row(text, "10.0.0.2:80")[-4:] == ["ok,", "0.5", "s", "ago"]
+
+
+def test_the_table_shows_a_backends_limit_and_the_queue() -> None:
+    backend = {
+        "address": "10.0.0.1:80",
+        "state": "healthy",
+        "admin": "ready",
+        "weight": 1,
+        "active_connections": 15,
+        "peak_connections": 15,
+        "max_connections": 15,
+        "connections": {},
+    }
+    document = {
+        "process": "running",
+        "snapshot_version": 1,
+        "in_flight": 18,
+        "queued": 3,
+        "eligible": ["10.0.0.1:80"],
+        "uptime": 60.0,
+        "pid": 42,
+        "worker": None,
+        "backends": [backend, {**backend, "address": "10.0.0.2:80", "max_connections": 0}],
+    }
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status_view(document))
+    text = console.export_text()
+    assert "· 18 in flight (3 queued) ·" in text.splitlines()[0]
+    assert row(text, "10.0.0.1:80")[4:6] == ["15/15", "15"]
+    assert row(text, "10.0.0.2:80")[4:6] == ["15", "15"]  # no limit: the count alone
+
+
+async def test_ctl_max_connections_sets_the_limit_and_status_shows_it(net: Any) -> None:
+    async with net.loopback() as lab:
+        a = await lab.backend("a")
+        daemon = await lab.daemon([a.address], admin=ADMIN)
+        admin = ("--admin", admin_of(daemon))
+        ran = await loble("ctl", "max-connections", a.address, "5", *admin, token=TOKEN)
+        assert (ran.code, ran.out) == (
+            0,
+            f"{a.address}: healthy, admin ready, weight 1, max_connections 5\n",
+        )
+        assert row((await loble("status", *admin)).out, a.address)[4] == "0/5"
+        ran = await loble("ctl", "max-connections", a.address, "0", *admin, token=TOKEN)
+        assert ran.out == f"{a.address}: healthy, admin ready, weight 1\n"
+        assert daemon.core.statistics().backends[0].max_connections == 0

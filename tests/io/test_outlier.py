@@ -245,6 +245,14 @@ async def test_a_silent_backend_is_judged_within_the_first_byte_timeout(
         assert 0.3 <= judged < 1.0
         assert not loop.logs.find("backend ejected: outlier", backend=talker.address)
         assert await gauge(net, daemon, "loble_backend_ejected", silent.address) == 1
+        assert loop.logs.find(
+            "backend ejected: outlier",
+            backend=silent.address,
+            reason="1 consecutive first-byte timeouts",
+        )
+        assert loop.logs.find("backend silent past first_byte_timeout", backend=silent.address)
+        assert daemon.metrics.first_byte_timeouts.labels(silent.address)._value.get() == 1
+        assert daemon.metrics.first_byte_timeouts.labels(talker.address)._value.get() == 0
         # The connection itself is left alone.
         assert daemon.core.statistics().in_flight == 2
         for stream in streams:

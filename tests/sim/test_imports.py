@@ -104,7 +104,7 @@ def test_every_command_still_has_its_help(capsys: pytest.CaptureFixture[str]) ->
 def test_ctl_offers_the_admin_apis_actions() -> None:
     # admin_cli names them from the core's AdminInput, not from the admin API's module.
     ctl = _subcommands(build_parser())["ctl"]
-    assert list(_subcommands(ctl)) == [*ADMIN_ACTIONS, "weight"]
+    assert list(_subcommands(ctl)) == [*ADMIN_ACTIONS, "weight", "max-connections"]
 
 
 def test_the_daemon_is_imported_on_first_use() -> None:

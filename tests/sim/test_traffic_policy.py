@@ -18,7 +18,10 @@ from loble.core import (
     BackendEjected,
     BackendReturned,
     ConnectBackend,
+    ConnectionClosed,
     ConnectRedispatched,
+    FirstByteTimeout,
+    Outcome,
     PanicChanged,
     ProxyCore,
     Snapshot,
@@ -196,6 +199,7 @@ def test_first_byte_timeout_ejects_a_backend_that_accepts_and_says_nothing() -> 
     assert report["ok"], report["invariants"]
     ejections = report["traffic_policy"]["ejections"]
     assert ejections and ejections[0]["address"] == B and ejections[0]["at"] > 2.0
+    assert ejections[0]["reason"] == "3 consecutive first-byte timeouts"
     # With requests, the first response is the backend's first byte.
     loaded = parse_scenario(
         document(
@@ -376,3 +380,49 @@ def test_a_hashing_balancer_that_ignores_the_client_is_caught() -> None:
     assert churn["violations"] and "same snapshot" in churn["first"][0]
     # The real one holds.
     assert build_report(Simulation(loaded, 1).run())["ok"]
+
+
+def closed(monitor: Monitor, connection_id: int, address: str, outcome: Outcome) -> None:
+    """A connection accepted, connected and ended on ``address`` (opened here too)."""
+    if connection_id not in monitor.open:
+        monitor.accepted_connection(connection_id, [])
+        connect(monitor, connection_id, address)
+    event = ConnectionClosed(
+        at=monitor.now,
+        connection_id=connection_id,
+        backend=address,
+        outcome=outcome,
+        attempts=1,
+        opened_at=0.0,
+        connected_at=0.0,
+    )
+    monitor.connection_closed(event, monitor.now)
+
+
+def test_an_ejection_by_count_must_follow_that_many_failures_in_a_row() -> None:
+    monitor = policy_monitor(backends=THREE, outlier={"consecutive_resets": 2})
+    for number, outcome in enumerate([Outcome.BACKEND_RESET, Outcome.COMPLETED], 1):
+        closed(monitor, number, A, outcome)
+    closed(monitor, 3, A, Outcome.BACKEND_RESET)
+    reason = "2 consecutive resets"
+    monitor.backend_ejected(
+        BackendEjected(at=0.0, address=A, until=30.0, reason=reason, ejections=1), 0.0
+    )
+    assert names(monitor) == ["no flapping"]  # a completion broke the run: one in a row
+    monitor = policy_monitor(backends=THREE, outlier={"consecutive_resets": 2})
+    closed(monitor, 1, A, Outcome.BACKEND_RESET)
+    monitor.first_byte_timeout(FirstByteTimeout(at=0.0, connection_id=2, backend=A), 0.0)
+    assert names(monitor) == ["no flapping"]  # no first_byte_timeout is set
+    monitor = policy_monitor(
+        backends=THREE, outlier={"consecutive_resets": 2, "first_byte_timeout": 1.0}
+    )
+    closed(monitor, 1, A, Outcome.BACKEND_RESET)
+    monitor.accepted_connection(2, [])
+    connect(monitor, 2, A)
+    monitor.first_byte_timeout(FirstByteTimeout(at=0.0, connection_id=2, backend=A), 0.0)
+    closed(monitor, 2, A, Outcome.COMPLETED)  # judged already: its end is no verdict
+    reason = "2 consecutive failures (1 reset, 1 first-byte timeout)"
+    monitor.backend_ejected(
+        BackendEjected(at=0.0, address=A, until=30.0, reason=reason, ejections=1), 0.0
+    )
+    assert names(monitor) == []
