@@ -384,9 +384,11 @@ def _probe_regex(raw: Any) -> str | None:
     if problem is not None:
         return problem
     try:
-        re.compile(raw.encode())
+        pattern = re.compile(raw.encode())
     except re.error as error:
         return f"is not a valid regular expression: {error}"
+    if raw and pattern.search(b"") is not None:
+        return "matches an empty reply, so a backend that answers nothing would pass"
     return None
 
 

@@ -538,8 +538,12 @@ class ControlPlane:
             self.joined[address] = now  # in rotation at once, and cold
 
     def _payload_probed(self, address: str) -> bool:
+        # Only where healthy backends are probed ([health] active): there a
+        # probe's success ends a run of failures. Without active probes none
+        # comes while it is healthy, and its passive successes must, or rare
+        # failures far apart would add up to a fall.
         check = self.checks.get(address)
-        return check is not None and check.awaits_reply
+        return self.health_config.active and check is not None and check.awaits_reply
 
     def _forget(self, address: str, now: float) -> BackendForgotten:
         self.removing.pop(address, None)

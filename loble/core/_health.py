@@ -52,7 +52,9 @@ Rules that hold everywhere, and that this module alone enforces:
   completes the handshake). There a connect that succeeded proves less than
   a probe that failed, so while ``HEALTHY`` a passive success does not break
   a run of failures (HAProxy counts ``fall`` from its checks alone); with
-  connect-only probes it does, being the same evidence as a probe success.
+  connect-only probes it does, being the same evidence as a probe success,
+  and so it does without ``[health] active`` (no probe comes while the
+  backend is healthy to end a run, and failures far apart must not add up).
 * **Only probes earn recovery.** A passive success while ``DRAINING`` is the
   verdict of an attempt begun while the backend was still ``HEALTHY``: like a
   probe sent before a state change, it proves nothing about the backend

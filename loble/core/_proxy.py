@@ -617,6 +617,10 @@ class ProxyCore:
         if len(expired) > 1:
             expired.sort(key=_deadline_order)
         for _, _, connection in expired:
+            if connection.timer_due is not None:
+                # Re-filed since it was found due: an earlier one's end made
+                # room and it left the queue for a backend (a fresh deadline).
+                continue
             connection.handle_into(connection.timeout_input, now, out)
             self._settle(connection, now, out)
         if self._removal_deadlines:

@@ -1410,8 +1410,11 @@ class Monitor:
 
 
 def _payload_probed(config: Config) -> frozenset[str]:
-    """The backends whose probes expect a reply: their own expect key, else [health]'s."""
+    """The backends whose probes expect a reply (their own expect key, else
+    [health]'s) while healthy ones are probed (``active``): the core's rule."""
     health = config.health
+    if not health.active:
+        return frozenset()
     default = bool(health.probe_expect or health.probe_expect_regex)
     return frozenset(
         backend.address

@@ -19,6 +19,7 @@ from loble.core import (
     AdminInput,
     CloseConnection,
     ConnectBackend,
+    ConnectFailed,
     ConnectionClosed,
     ConnectionQueued,
     LobleError,
@@ -273,3 +274,22 @@ def test_an_operator_sets_a_limit_live() -> None:
     # A reload sets the configured limit again, as it does a weight.
     proxy.reconfigure(parse_config(document({A: 0})), 3.0)
     assert proxy.statistics().backends[0].max_connections == 0
+
+
+def test_a_client_dequeued_by_a_timer_is_not_timed_out_by_the_same_call() -> None:
+    # A late wake finds both due: the first's idle timeout and the second's
+    # queue timeout. The first's end makes room, the second goes to the
+    # backend with a fresh connect deadline: the same call must not time it out.
+    document_ = document({A: 1})
+    document_["balancer"]["queue_timeout"] = 10.0
+    document_["timeouts"] = {"idle": 10.0, "connect": 5.0}
+    proxy = ProxyCore(parse_config(document_), random.Random(1))
+    proxy.start(0.0)
+    first, _ = opened(proxy)
+    waiting, _ = proxy.accept(1.0)
+    outputs = proxy.handle_timer(11.5)
+    assert closes(outputs) == [(first, Outcome.IDLE_TIMEOUT)]
+    assert connects(outputs) == [(waiting, A)]
+    assert not [o for o in outputs if isinstance(o, ConnectFailed)]
+    assert proxy.control.health(A).consecutive_failures == 0
+    assert proxy.connected(waiting, 1, 11.6) is not None

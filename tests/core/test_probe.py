@@ -19,6 +19,7 @@ from loble.__main__ import main
 from loble.core import (
     REPLY_LIMIT,
     ConfigError,
+    ConnectBackend,
     HealthInput,
     HealthState,
     ProbeBackend,
@@ -226,6 +227,11 @@ def test_text_is_sent_as_utf8() -> None:
             f"as UTF-8: at most {PAYLOAD_LIMIT}",
         ),
         (
+            {"health": {"probe_expect_regex": "(\\+PONG)?"}},
+            "health.probe_expect_regex: '(\\\\+PONG)?' matches an empty reply, so a backend "
+            "that answers nothing would pass",
+        ),
+        (
             {"health": {"probe_jitter": 0.6}},
             "health.probe_jitter: 0.6 must be from 0 to 0.5",
         ),
@@ -388,10 +394,37 @@ def test_a_connect_success_breaks_a_run_of_failures_only_without_a_payload_check
 
 
 def test_the_control_plane_marks_the_backends_whose_probes_expect_a_reply() -> None:
+    active = {"probe_send": "PING\r\n", "active": True}
     proxy = ProxyCore(
-        config(A, {"address": B, "probe_expect": "+OK"}, health={"probe_send": "PING\r\n"}),
+        config(A, {"address": B, "probe_expect": "+OK"}, health=active),
         random.Random(1),
     )
     assert [proxy.control.health(a).payload_probed for a in (A, B)] == [False, True]
-    proxy.reconfigure(config(A, B, health={"probe_expect_regex": "OK"}), 1.0)
+    proxy.reconfigure(config(A, B, health={"probe_expect_regex": "OK", "active": True}), 1.0)
     assert [proxy.control.health(a).payload_probed for a in (A, B)] == [True, True]
+    # Without active probes no probe ends a healthy backend's run of failures:
+    # its connects must, or rare failures far apart would add up to a fall.
+    proxy.reconfigure(config(A, B, health={"probe_expect_regex": "OK"}), 2.0)
+    assert [proxy.control.health(a).payload_probed for a in (A, B)] == [False, False]
+
+
+def test_without_active_probes_rare_connect_failures_do_not_add_up() -> None:
+    document = {
+        "health": {"probe_send": "PING\r\n", "probe_expect": "+PONG"},
+        "balancer": {"connect_retries": 0},
+        "backends": [{"address": A}, {"address": B}],
+    }
+    proxy = ProxyCore(parse_config(document), random.Random(1))
+    proxy.start(0.0)
+    now = 0.0
+    for round_ in range(3):  # failure_threshold 3: one refused connect among 20 good ones
+        for number in range(20):
+            now += 0.01
+            cid, outputs = proxy.accept(now)
+            (connect,) = [o for o in outputs if isinstance(o, ConnectBackend)]
+            if number == 0 and connect.backend.address == A:
+                proxy.connect_failed(cid, 1, now)
+            else:
+                proxy.connected(cid, connect.attempt, now)
+        assert proxy.control.health(A).consecutive_failures == 0, round_
+    assert proxy.control.state(A) is HealthState.HEALTHY

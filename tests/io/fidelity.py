@@ -77,6 +77,10 @@ TOLERANCES = {
 within 50 ms; with round robin, the same backend for every spaced arrival."""
 
 SPACING = 0.010
+ACCEPT_LATENCY = 0.002
+"""Seconds allowed from a real client's connect to the daemon's pick: two first
+picks closer than this, counting each client's late start, may come in either
+order on a loaded two-core machine."""
 """Seconds: a pick this close to a state change (in either run), or to
 another client's retry, may be made on the other side of it in the other
 run (the daemon's scheduling noise, a loaded machine's included). A retry's
@@ -842,11 +846,13 @@ def _spaced(run: SimRun, real: RealRun, transitions: list[dict[str, Any]]) -> se
         rebuilds.append((min(times) - SPACING, max(times) + SPACING))
     rebuilds.sort(key=lambda window: window[1])
     picks: list[tuple[float, float, float, int]] = []
+    firsts: list[tuple[float, float, int]] = []
     for planned, seen in zip(run.clients, real.clients, strict=True):
         if not planned.picks or planned.saw == "refused_by_kernel":
             continue
         first = planned.picks[0]
         picks.append((first, min(first, seen.started), max(first, seen.started), planned.index))
+        firsts.append((min(first, seen.started), max(first, seen.started), planned.index))
         for before, retry in itertools.pairwise(planned.picks):
             windows.append((before - SPACING, retry + 2 * SPACING, planned.index))
             picks.append((retry, before, retry, planned.index))
@@ -864,6 +870,18 @@ def _spaced(run: SimRun, real: RealRun, transitions: list[dict[str, Any]]) -> se
             tainted = high if tainted is None else max(tainted, high)
         if tainted is not None:
             dirty.add(index)
+    # Two first picks that may fall in either order (each anywhere from its
+    # planned to its real start, and an accept's latency on) may swap their
+    # backends: only theirs, round robin's position moves on alike. A client
+    # started late on a loaded machine overtakes the next one so.
+    firsts.sort()
+    reach, reached_by = -math.inf, -1
+    for low, high, index in firsts:
+        high += ACCEPT_LATENCY
+        if low <= reach:
+            dirty.update((index, reached_by))
+        if high > reach:
+            reach, reached_by = high, index
     return {p.index for p in run.clients if p.picks} - dirty
 
 
