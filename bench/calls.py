@@ -18,6 +18,7 @@ Loads, each against a backend in this script that answers every read at once:
     python bench/calls.py
     python bench/calls.py --loble-baseline /path/to/an/earlier/checkout
     python bench/calls.py --env LOBLE_DATA_PATH=tasks --runtime trio
+    python bench/calls.py --loads new_conns --top 25   # and which functions make them
 """
 
 from __future__ import annotations
@@ -128,10 +129,14 @@ def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"loble did not listen on {port} within {START_TIMEOUT} s")
 
 
+Calls = dict[str, int]
+"""Calls per function in one profile: ``file:line(name)`` -> count."""
+
+
 def profiled_calls(
     python: str, source: Path | None, load: str, work: int, backend: int, args: argparse.Namespace
-) -> int:
-    """Total calls in a profile of ``loble run`` that served ``work`` units of ``load``."""
+) -> Calls:
+    """Calls per function in a profile of ``loble run`` that served ``work`` units of ``load``."""
     with tempfile.TemporaryDirectory(prefix="loble-calls-") as tmp:
         port = free_port()
         conf = Path(tmp) / "loble.toml"
@@ -162,7 +167,11 @@ def profiled_calls(
                 process.wait()
         if not profile.exists():
             raise RuntimeError(f"no profile written: {err.decode(errors='replace')[-400:]}")
-        return int(pstats.Stats(str(profile)).total_calls)  # type: ignore[attr-defined]
+        stats = pstats.Stats(str(profile)).stats  # type: ignore[attr-defined]
+        return {
+            f"{Path(file).name}:{line}({name})": int(counts[1])
+            for (file, line, name), counts in stats.items()
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loble-baseline", type=Path, help="another Loble checkout, measured the same way"
     )
+    parser.add_argument(
+        "--top", type=int, default=0, help="also list the N functions called most per unit"
+    )
     args = parser.parse_args(argv)
     subjects: list[tuple[str, Path | None]] = [("loble", None)]
     if args.loble_baseline is not None:
@@ -195,10 +207,19 @@ def main(argv: list[str] | None = None) -> int:
                 many = profiled_calls(
                     args.loble_python, source, load, args.many, backend.port, args
                 )
-                per = (many - few) / (args.many - args.few)
+                units = args.many - args.few
+                per = (sum(many.values()) - sum(few.values())) / units
                 results[(name, load)] = per
                 unit = "request" if load == "keepalive" else "connection"
                 print(f"{name:10} {load:10} {per:8.1f} Python calls per {unit}", flush=True)
+                if args.top:
+                    each = {
+                        function: (count - few.get(function, 0)) / units
+                        for function, count in many.items()
+                    }
+                    ranked = sorted(each.items(), key=lambda item: -item[1])[: args.top]
+                    for function, calls in ranked:
+                        print(f"    {calls:7.2f}  {function}")
     finally:
         backend.close()
     if args.loble_baseline is not None:

@@ -67,6 +67,7 @@ from loble.core import (
     ProbeFailure,
     ProxyCore,
     ProxyProtocolError,
+    ShutdownFinished,
     ShutdownWrite,
     Side,
     StopAccepting,
@@ -188,8 +189,13 @@ class Conductor(Generic[LinkT]):
         self.logger = logger
         self.links: dict[int, LinkT] = {}
         """Open connections by the core's id: the conductor files and drops them."""
-        self.timer: Timer | None = None
-        """The lifecycle's timer, moved earlier when a call may have filed a sooner deadline."""
+        self._timer: Timer | None = None
+        self._timer_near = False
+        """Whether the timer's deadline is at most the core's timer lead from the last
+        call: then it stays so as time goes on, and no call need look at it again
+        until the timer is replaced (:attr:`timer`)."""
+        self._stop_announced = False
+        """Whether the core announced its stop (``ShutdownFinished``)."""
         self._probe = probe
         self._stop_accepting = stop_accepting
         self._stopped = stopped
@@ -233,6 +239,7 @@ class Conductor(Generic[LinkT]):
             ProbeBackend: self._start_probe,
             StopAccepting: self._stop,
             ConnectionClosed: self._drop,
+            ShutdownFinished: self._stop_seen,
         }
         # One table: for each kind of output, the listeners' functions first
         # (so they see a connection before its record is dropped), then the
@@ -253,6 +260,16 @@ class Conductor(Generic[LinkT]):
         first-byte timeout on, :meth:`_active_watching`."""
         self._watch_first_bytes(core.watches_first_byte)
         self.path = make_path(self)
+
+    @property
+    def timer(self) -> Timer | None:
+        """The lifecycle's timer, moved earlier when a call may have filed a sooner deadline."""
+        return self._timer
+
+    @timer.setter
+    def timer(self, timer: Timer | None) -> None:
+        self._timer = timer
+        self._timer_near = False  # a new deadline, perhaps far: look at it again
 
     # -- from the lifecycle ------------------------------------------------------------
 
@@ -717,21 +734,22 @@ class Conductor(Generic[LinkT]):
             except BaseException:
                 queue.clear()  # after a failure, never replay stale orders later
                 raise
-        core = self.core
-        if core.stopped:
+        if self._stop_announced:
             self._stopped()
             return
         # No timer the call filed is due before now + the core's timer lead
         # (ProxyCore.wake_bound): wake by then at the latest. Cheaper than
         # asking next_deadline() after every call, and it moves the timer once
         # per lead, not per connection; the timer task asks next_deadline()
-        # itself when it wakes.
-        timer = self.timer
-        if timer is not None:
+        # itself when it wakes. Once the deadline is within the lead it stays
+        # so until the timer is replaced: most calls look at nothing.
+        timer = self._timer
+        if timer is not None and not self._timer_near:
             wake = timer.deadline
-            bound = core.wake_bound(self.now(), wake)
+            bound = self.core.wake_bound(self.now(), wake)
             if bound < wake:
                 timer.deadline = bound
+            self._timer_near = True
 
     # One method per kind of action, found by type (most outputs, e.g. health
     # reports, need nothing here): a dict lookup instead of a chain of
@@ -751,6 +769,9 @@ class Conductor(Generic[LinkT]):
         link = self.links.get(output.connection_id)
         if link is not None:
             self.path.close(link, output.reset)
+
+    def _stop_seen(self, output: ShutdownFinished) -> None:
+        self._stop_announced = True  # the process stopped: every later call says so
 
     def _drop(self, output: ConnectionClosed) -> None:
         # The core has closed it: out of the table. Its figures are final once

@@ -64,7 +64,7 @@ from ._admin import UnknownBackend, admin_app
 from ._callbacks import CallbackLink, CallbackPath
 from ._conductor import Conductor, Listener
 from ._copy import BufferPool
-from ._datapath import connection_budget, format_address, probe
+from ._datapath import connection_budget, format_address, prepare_listener, probe
 from ._http import GRACEFUL_SECONDS, bind_tcp, serve_asgi
 from ._journal import Journal
 from ._logging import LEVELS, formatter_for, log
@@ -421,7 +421,7 @@ class Daemon:
         raw: list[socket.socket] = []
         for listener in listeners:
             sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-            sock.setblocking(False)
+            prepare_listener(sock)
             raw.append(sock)
         try:
             with scope:

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import os
 import socket
+import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import pytest
 
 from loble.core import HealthState, Outcome
 from loble.io._copy import POOL_LIMIT, SPLICE_AVAILABLE
+from loble.io._datapath import accept_batch, prepare_listener
 
 pytestmark = pytest.mark.anyio
 
@@ -494,3 +496,31 @@ async def test_environment_variables_choose_the_data_path_and_copy(
         assert await net.request(daemon.listen_address) == b"a:ping"
         assert (daemon.data_path_name, daemon.copy_method.value) == ("tasks", "recv_into")
         assert lab.logs.find("listening", data_path="tasks", copy="recv_into")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_an_accepted_client_is_nonblocking_close_on_exec_and_nodelay(family: int) -> None:
+    # Where Linux's inheritance is counted on, this is what checks it holds:
+    # the listener is set once and each client must come out set too.
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen()
+        prepare_listener(listener)
+        with socket.create_connection(listener.getsockname()[:2]):
+            accepted: list[tuple[socket.socket, object]] = []
+
+            def on_client(client: socket.socket, address: object) -> bool:
+                accepted.append((client, address))
+                return True
+
+            deadline = time.monotonic() + 5
+            while not accepted and time.monotonic() < deadline:
+                assert accept_batch(listener, on_client) is None
+            ((client, address),) = accepted
+            with client:
+                assert client.family == family and client.type == socket.SOCK_STREAM
+                assert client.gettimeout() == 0.0 and not os.get_blocking(client.fileno())
+                assert not os.get_inheritable(client.fileno())
+                assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert address == client.getpeername()
