@@ -17,7 +17,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._hashing import DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_RING_POINTS, is_prime
-from ._probe import PAYLOAD_LIMIT
+from ._probe import CONNECT_ONLY, PAYLOAD_LIMIT, ProbeCheck
 from ._schema import Check, Checker, boolean, choice, integer, seconds
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "config_to_dict",
     "parse_address",
     "parse_config",
+    "probe_checks",
     "send_proxy_versions",
 ]
 
@@ -892,3 +893,24 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """A value as a TOML writer takes it: an array as a list."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def probe_checks(config: Config) -> dict[str, ProbeCheck]:
+    """Each backend's check, by address: its own ``probe_send`` and expectation,
+    each "" falling back on ``[health]``'s. The two expect keys go together: a
+    backend that sets either ignores both of ``[health]``'s."""
+    health = config.health
+    checks: dict[str, ProbeCheck] = {}
+    for backend in config.backends:
+        send = backend.probe_send or health.probe_send
+        if backend.probe_expect or backend.probe_expect_regex:
+            expect, regex = backend.probe_expect, backend.probe_expect_regex
+        else:
+            expect, regex = health.probe_expect, health.probe_expect_regex
+        check = ProbeCheck(
+            send=send.encode(),
+            expect=expect.encode(),
+            expect_regex=re.compile(regex.encode()) if regex else None,
+        )
+        checks[backend.address] = CONNECT_ONLY if check == CONNECT_ONLY else check
+    return checks

@@ -21,7 +21,7 @@ and the simulator and the daemon agree on what a check means:
   is a failure, and so is the backend's close (or reset) or the timeout
   before one (the driver's to see: it says which with a :class:`ProbeFailure`).
 
-Which check each backend gets is :func:`probe_checks`, from the configuration:
+Which check each backend gets is ``_config.probe_checks``, from the configuration:
 a backend's own ``probe_send`` and expectation, else ``[health]``'s.
 """
 
@@ -30,10 +30,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._config import Config
 
 __all__ = [
     "CONNECT_ONLY",
@@ -42,7 +38,6 @@ __all__ = [
     "ProbeCheck",
     "ProbeFailure",
     "judge_reply",
-    "probe_checks",
 ]
 
 REPLY_LIMIT = 16 * 1024
@@ -146,24 +141,3 @@ _DESCRIPTIONS = {
     ProbeFailure.MISMATCH: "reply did not match",
     ProbeFailure.CLOSED: "closed before the reply matched",
 }
-
-
-def probe_checks(config: Config) -> dict[str, ProbeCheck]:
-    """Each backend's check, by address: its own ``probe_send`` and expectation,
-    each "" falling back on ``[health]``'s. The two expect keys go together: a
-    backend that sets either ignores both of ``[health]``'s."""
-    health = config.health
-    checks: dict[str, ProbeCheck] = {}
-    for backend in config.backends:
-        send = backend.probe_send or health.probe_send
-        if backend.probe_expect or backend.probe_expect_regex:
-            expect, regex = backend.probe_expect, backend.probe_expect_regex
-        else:
-            expect, regex = health.probe_expect, health.probe_expect_regex
-        check = ProbeCheck(
-            send=send.encode(),
-            expect=expect.encode(),
-            expect_regex=re.compile(regex.encode()) if regex else None,
-        )
-        checks[backend.address] = CONNECT_ONLY if check == CONNECT_ONLY else check
-    return checks

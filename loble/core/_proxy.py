@@ -54,7 +54,7 @@ from typing import cast
 from ._admin import AdminInput
 from ._backend import Backend, Snapshot
 from ._balancers import Balancer, KeyedBalancer, make_balancer
-from ._config import MAX_CONNECTIONS, WEIGHT, Config
+from ._config import MAX_CONNECTIONS, WEIGHT, Config, probe_checks
 from ._connection import Connection, ConnectionPolicy, ConnInput, ConnState, close_connection
 from ._control import ControlPlane
 from ._errors import LobleError
@@ -69,7 +69,6 @@ from ._events import (
 )
 from ._hashing import hash_key
 from ._outlier import Ejection, OutlierDetector
-from ._probe import probe_checks
 from ._process import ProcessInput, ProcessLifecycle, ProcessState, ProcessStep
 from ._statistics import BackendStatistics, CoreStatistics
 from ._timers import TimerQueue

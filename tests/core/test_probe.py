@@ -29,8 +29,9 @@ from loble.core import (
     judge_reply,
     parse_config,
 )
+from loble.core._config import probe_checks
 from loble.core._health import BackendHealth, Thresholds
-from loble.core._probe import CONNECT_ONLY, PAYLOAD_LIMIT, probe_checks
+from loble.core._probe import CONNECT_ONLY, PAYLOAD_LIMIT
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
 PONG = ProbeCheck(send=b"PING\r\n", expect=b"+PONG")
