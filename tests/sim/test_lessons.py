@@ -291,3 +291,38 @@ def test_a_balancer_of_ones_own_is_checked_and_its_bug_caught(tmp_path: Path) ->
     result = subprocess.run(mypy, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode == 1, result.stdout
     assert '"type[LeastOfThree]"; expected "str": "Callable[[Random], Balancer]"' in result.stdout
+
+
+def erlang_c(offered: float, servers: int) -> float:
+    """Erlang's delay formula, from its definition: the last term of B's sum
+    weighted c/(c - a), over the same sum with that weight on its last term."""
+    terms = [k * math.log(offered) - math.lgamma(k + 1) for k in range(servers + 1)]
+    top = max(terms)
+    weights = [math.exp(term - top) for term in terms]
+    waiting = weights[-1] * servers / (servers - offered)
+    return waiting / (sum(weights[:-1]) + waiting)
+
+
+def test_the_queue_measures_up_to_erlang_c_and_b() -> None:
+    page = LESSONS / "queue.md"
+    output = shown(page, "python docs/lessons/queue/compare.py")
+    pool = load_scenario(LESSONS / "queue" / "pool.toml")
+    clients, network, balancer = pool.sim.clients, pool.sim.network, pool.config.balancer
+    assert clients.arrival == "poisson" and clients.duration.kind == "exponential"
+    assert network.latency.kind == "constant" and balancer.connect_retries == 0
+    assert not pool.sim.faults and balancer.queue_timeout >= 60 and balancer.queue_size >= 1000
+    places = sum(backend.max_connections for backend in pool.config.backends)
+    hold = clients.duration.mean + 2 * network.latency.value  # the connect and the close
+    offered = clients.rate * hold
+    delay, lost = erlang_c(offered, places), erlang_b(offered, places)
+    mean_wait = delay * hold / (places - offered)
+    assert f"Erlang C({offered:.2f}, {places}) = {delay:.1%} wait" in output
+    assert f"{mean_wait * 1000:.1f} ms on average" in output
+    assert f"Erlang B({offered:.2f}, {places}) = {lost:.2%} refused" in output
+    waited = rows(output, "with the queue")
+    refused = rows(output, "queue_size = 0")
+    assert set(waited) == set(refused) == {"round_robin", "random", "least_connections", "p2c"}
+    for name, cells in waited.items():
+        assert abs(percent(cells[0]) - delay) <= 0.10 * delay, name  # one pool, any balancer
+        assert abs(float(cells[1]) / 1000 - mean_wait) <= 0.20 * mean_wait, name
+        assert abs(percent(refused[name][0]) - lost) <= 0.10 * lost, name
