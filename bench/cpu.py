@@ -15,17 +15,24 @@ Subjects: ``haproxy`` and ``loble`` as in ``bench/run.py``, and ``floor``:
     python bench/cpu.py                                  # keep-alive, 3 rounds
     python bench/cpu.py --load new_conns --rounds 5
     python bench/cpu.py --only loble --env LOBLE_COPY=splice
+    python bench/cpu.py --load new_conns --only loble --profile 30   # and where it goes
+
+``--profile N`` adds one more run of Loble under ``cProfile`` (slower: the
+profiler's own cost is in it) and lists its Python calls per request and
+the N functions with the most time of their own, per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pstats
 import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from _loads import run_wrk
 from _procs import Registry, process_tree, raise_nofile
@@ -46,6 +53,54 @@ class Floor(Proxy):
             str(port),
             str(backend),
         ]
+
+
+class Profiled(Loble):
+    """Loble under ``cProfile``, which writes its profile to ``output`` as it exits."""
+
+    name = "loble-profiled"
+    label = "Loble under cProfile"
+
+    def __init__(self, python: str, repo: Path, output: Path) -> None:
+        super().__init__(python, repo)
+        self.output = output
+
+    def _python(self) -> list[str]:
+        return [self.python, "-m", "cProfile", "-o", str(self.output)]
+
+
+def print_profile(output: Path, requests: int, top: int) -> None:
+    """Calls per request, and the ``top`` functions by their own time, per request."""
+    stats = pstats.Stats(str(output))
+    table = stats.stats  # type: ignore[attr-defined]
+    total = sum(counts[1] for counts in table.values())
+    print(
+        f"\nunder cProfile: {total / requests:.1f} Python calls per request "
+        "(start-up and shutdown included)"
+    )
+    print("  own us/request  calls/request  function")
+    ranked = sorted(table.items(), key=lambda item: -item[1][2])[:top]
+    for (file, line, name), counts in ranked:
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        print(f"  {counts[2] / requests * 1e6:14.2f}  {counts[1] / requests:13.2f}  {where}")
+
+
+def measure(reg: Registry, proxy: Proxy, backend: int, tag: str, args: argparse.Namespace) -> Any:
+    """One warm-up and one measured ``wrk`` run through ``proxy``: the result and its CPU."""
+    running = proxy.start(reg, backend, tag)
+    assert running.started is not None
+    pid = running.started.pid
+    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
+    warm = run_wrk(reg, "wrk", running.port, duration=1, **wrk)
+    user0, system0 = cpu_seconds(pid)
+    result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
+    user1, system1 = cpu_seconds(pid)
+    proxy.stop(reg, running)
+    requests = result.get("requests", 0)
+    if not requests:
+        raise RuntimeError(f"{proxy.name}: wrk completed no request")
+    result["all_requests"] = requests + warm.get("requests", 0)
+    return result, user1 - user0, system1 - system0
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -69,6 +124,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of each measured run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for Loble")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also profile Loble: N functions"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -90,28 +148,18 @@ def main() -> int:
     nofile = raise_nofile(8192)
     reg = Registry(Path(tempfile.mkdtemp(prefix="loble-cpu-")))
     results: dict[str, list[tuple[float, float, float, float]]] = {p.name: [] for p in proxies}
-    close = args.load == "new_conns"
     try:
         backend = start_http_backend(reg, "nginx", nofile)
         for round_number in range(1, args.rounds + 1):
             for proxy in proxies:
-                running = proxy.start(reg, backend, f"{proxy.name}-{round_number}")
-                assert running.started is not None
-                pid = running.started.pid
-                wrk = {"connections": args.connections, "threads": 1, "close": close}
-                run_wrk(reg, "wrk", running.port, duration=1, **wrk)  # warm-up
-                user0, system0 = cpu_seconds(pid)
-                result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
-                user1, system1 = cpu_seconds(pid)
-                proxy.stop(reg, running)
-                requests = result.get("requests", 0)
-                if not requests:
-                    raise RuntimeError(f"{proxy.name}: wrk completed no request")
+                tag = f"{proxy.name}-{round_number}"
+                result, user, system = measure(reg, proxy, backend, tag, args)
+                requests = result["requests"]
                 row = (
                     result["requests_per_s"],
                     result.get("latency_p99_ms", float("nan")),
-                    (user1 - user0) / requests * 1e6,
-                    (system1 - system0) / requests * 1e6,
+                    user / requests * 1e6,
+                    system / requests * 1e6,
                 )
                 results[proxy.name].append(row)
                 print(
@@ -121,6 +169,12 @@ def main() -> int:
                     + (f"  WARNING: {result['warning']}" if "warning" in result else ""),
                     flush=True,
                 )
+        if args.profile:
+            output = reg.workdir / "loble.prof"
+            # The warm-up is in the profile too: its requests count.
+            profiled = Profiled(sys.executable, REPO, output)
+            result, _, _ = measure(reg, profiled, backend, "profiled", args)
+            print_profile(output, result["all_requests"], args.profile)
     finally:
         reg.close()
         shutil.rmtree(reg.workdir, ignore_errors=True)
