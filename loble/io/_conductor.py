@@ -200,6 +200,9 @@ class Conductor(Generic[LinkT]):
         self._stop_accepting = stop_accepting
         self._stopped = stopped
         self._queue: deque[Output] = deque()
+        """Outputs of calls made while others are being carried out, to run after them."""
+        self._carrying = False
+        """Whether outputs are being carried out further up the stack."""
         self._touch_resolution = core.touch_resolution
         self._resource_warned = -math.inf
         self._resource_failures = 0
@@ -717,23 +720,30 @@ class Conductor(Generic[LinkT]):
 
     def _carry_out(self, outputs: list[Output]) -> None:
         """Do what the core asked, in order, each output's handlers in turn. Never blocks."""
-        queue = self._queue
-        if queue:
-            # Under way further up the stack: these run after what is queued.
-            queue.extend(outputs)
+        if self._carrying:
+            # Under way further up the stack: these run after what it is
+            # carrying out and what is queued (see the module doc).
+            self._queue.extend(outputs)
             return
         if outputs:
-            queue.extend(outputs)
             dispatch = self._dispatch
+            queue = self._queue
+            self._carrying = True
             try:
-                while queue:
-                    output = queue[0]  # stays queued while it runs: see the module doc
+                # This call's outputs in order, then what calls made meanwhile
+                # queued: the common case (nothing queued) touches no queue.
+                for output in outputs:
                     for handler in dispatch.get(type(output), ()):
                         handler(output)
-                    queue.popleft()
+                while queue:
+                    output = queue.popleft()
+                    for handler in dispatch.get(type(output), ()):
+                        handler(output)
             except BaseException:
                 queue.clear()  # after a failure, never replay stale orders later
                 raise
+            finally:
+                self._carrying = False
         if self._stop_announced:
             self._stopped()
             return
