@@ -3,7 +3,8 @@
 A :class:`Conductor` owns the :class:`~loble.core.ProxyCore`, the clock it
 reads and the table of connections (:class:`~._datapath.Link` by the core's
 connection id). Reports from the data path (:class:`~._datapath.Reports`)
-become core calls; the core's outputs are carried out from one FIFO queue:
+become core calls; the core's outputs are carried out in order, first come
+first served:
 
 * actions go to whoever can do them: connects, half-closes and closes to
   the data path, probes and "stop accepting" to the lifecycle's hooks;
@@ -16,8 +17,10 @@ become core calls; the core's outputs are carried out from one FIFO queue:
 Carrying out an order can make the network answer at once (a half-close
 that fails reports the broken side): that report's outputs join the back of
 the queue and run after the ones before them, in the order the core made
-them. A call made while the queue is being worked through is never run
-inside another: the queue not being empty is the whole of that rule.
+them. A call made while outputs are being carried out is never run inside
+another: a flag that says so is the whole of that rule, and a call's own
+outputs go straight from its list, only those of calls made meanwhile
+through the queue.
 
 The conductor also keeps the process inside its descriptors. It counts the
 connections that hold sockets (from the path's ``accepted`` to its
