@@ -516,12 +516,13 @@ class ProxyCore:
         self._slow_start_floor = config.balancer.slow_start_floor
         limits = _limits_of(config)
         limited = bool(limits) != bool(self._limits)
-        kept = {b.address for b in old.backends} & {b.address for b in config.backends}
-        for address in sorted(kept, key=[b.address for b in config.backends].index):
-            key = f"backends[{address}].max_connections"
+        kept = {b.address for b in old.backends}
+        for backend in config.backends:
+            address, key = backend.address, f"backends[{backend.address}].max_connections"
             # An operator's limit (set_max_connections) that the file's replaces.
-            if limits.get(address, 0) != self._limits.get(address, 0) and key not in changed:
-                changed = (*changed, key)
+            if address in kept and limits.get(address, 0) != self._limits.get(address, 0):
+                if key not in changed:
+                    changed = (*changed, key)
         self._limits = limits
         if (
             limited

@@ -35,7 +35,7 @@ from anyio.abc import Process, SocketStream, TaskGroup
 from prometheus_client.parser import text_string_to_metric_families
 
 from loble.config import load_config
-from loble.core import parse_config
+from loble.core import Outcome, parse_config
 from loble.io import Daemon
 from loble.io._copy import SPLICE_AVAILABLE
 from loble.io._loop import new_event_loop
@@ -129,6 +129,13 @@ async def request(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
             except (anyio.BrokenResourceError, OSError):
                 pass  # closed on us already: what arrived, if anything, tells
             return await read_all(stream)
+
+
+def outcomes(daemon: Any, outcome: Outcome) -> float:
+    """How many connections ended with ``outcome``, summed over backends (the metric)."""
+    return sum(
+        count for (_, ended), count in daemon.metrics.connections.items() if ended == outcome.value
+    )
 
 
 def free_ports(count: int) -> list[int]:

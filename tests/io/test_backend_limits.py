@@ -18,18 +18,9 @@ import tomllib
 
 from loble.core import Outcome
 
-from .conftest import read_all, request, scrape
+from .conftest import outcomes, read_all, request, scrape
 
 pytestmark = pytest.mark.anyio
-
-
-def outcomes(daemon: Any, outcome: Outcome) -> float:
-    return sum(
-        sample.value
-        for metric in daemon.metrics.connections.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome.value
-    )
 
 
 async def test_a_full_backend_is_skipped_and_then_clients_wait_their_turn(net: Any) -> None:

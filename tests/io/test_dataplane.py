@@ -24,18 +24,9 @@ from loble.core import HealthState, Outcome
 from loble.io._copy import POOL_LIMIT, SPLICE_AVAILABLE
 from loble.io._datapath import accept_batch, prepare_listener
 
+from .conftest import outcomes
+
 pytestmark = pytest.mark.anyio
-
-
-def outcomes(daemon: Any, outcome: Outcome) -> float:
-    """How many connections ended with ``outcome``, summed over backends."""
-    counter = daemon.metrics.connections
-    return sum(
-        sample.value
-        for metric in counter.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome.value
-    )
 
 
 def served_by(reply: bytes) -> str:

@@ -17,6 +17,8 @@ import pytest
 
 from loble.core import Outcome
 
+from .conftest import outcomes
+
 pytestmark = pytest.mark.anyio
 
 CHUNK = b"x" * 65536
@@ -83,16 +85,6 @@ class Recorder:
             except (anyio.BrokenResourceError, ConnectionResetError, OSError):
                 how = "reset"
             self.endings.append(how)
-
-
-def outcomes(daemon: Any, outcome: Outcome) -> float:
-    """How many connections ended with ``outcome``, summed over backends."""
-    return sum(
-        sample.value
-        for metric in daemon.metrics.connections.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome.value
-    )
 
 
 async def test_a_completed_exchange_still_ends_with_fin_both_ways(

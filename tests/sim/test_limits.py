@@ -64,6 +64,14 @@ def start(watcher: Monitor, connection_id: int, address: str) -> None:
     watcher.connected(connection_id, watcher.now)
 
 
+def full(**changes: Any) -> Monitor:
+    """A monitor that saw both backends take their one connection each."""
+    watcher = monitor(**changes)
+    start(watcher, 1, A)
+    start(watcher, 2, B)
+    return watcher
+
+
 def queue(watcher: Monitor, connection_id: int, queued: int, deadline: float | None = None) -> None:
     watcher.accepted_connection(connection_id, [])
     due = watcher.now + watcher.queue_timeout if deadline is None else deadline
@@ -102,32 +110,24 @@ def test_queueing_beside_room_or_past_the_size_or_off_its_timeout_is_caught() ->
     start(watcher, 1, A)
     queue(watcher, 2, 1)  # B has room
     assert names(watcher) == ["connection limits"]
-    watcher = monitor(balancer={"queue_size": 1})
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full(balancer={"queue_size": 1})
     queue(watcher, 3, 1)
     assert names(watcher) == []
     queue(watcher, 4, 2)  # the queue holds one
     assert names(watcher) == ["connection limits"]
-    watcher = monitor()
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full()
     queue(watcher, 3, 1, deadline=99.0)
     assert names(watcher) == ["connection limits"]
 
 
 def test_leaving_the_queue_out_of_order_or_being_overtaken_is_caught() -> None:
-    watcher = monitor()
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full()
     queue(watcher, 3, 1)
     queue(watcher, 4, 2)
     close(watcher, 1, Outcome.COMPLETED, A)
     start(watcher, 5, A)  # a new client ahead of the queue
     assert names(watcher) == ["connection limits"]
-    watcher = monitor()
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full()
     queue(watcher, 3, 1)
     queue(watcher, 4, 2)
     close(watcher, 1, Outcome.COMPLETED, A)
@@ -138,9 +138,7 @@ def test_leaving_the_queue_out_of_order_or_being_overtaken_is_caught() -> None:
 
 
 def test_a_queue_that_waits_beside_room_at_the_end_of_a_step_is_caught() -> None:
-    watcher = monitor()
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full()
     queue(watcher, 3, 1)
     watcher.end_step()
     assert names(watcher) == []
@@ -150,16 +148,12 @@ def test_a_queue_that_waits_beside_room_at_the_end_of_a_step_is_caught() -> None
 
 
 def test_a_queue_timeout_early_late_or_out_of_no_queue_is_caught() -> None:
-    watcher = monitor(balancer={"queue_timeout": 2.0})
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full(balancer={"queue_timeout": 2.0})
     queue(watcher, 3, 1)
     watcher.now = 1.0
     close(watcher, 3, Outcome.QUEUE_TIMEOUT, None)  # due at 2.0
     assert names(watcher) == ["connection limits"]
-    watcher = monitor(balancer={"queue_timeout": 2.0})
-    start(watcher, 1, A)
-    start(watcher, 2, B)
+    watcher = full(balancer={"queue_timeout": 2.0})
     queue(watcher, 3, 1)
     watcher.now = 2.5
     watcher.end_step()
