@@ -520,9 +520,9 @@ class ProxyCore:
         for backend in config.backends:
             address, key = backend.address, f"backends[{backend.address}].max_connections"
             # An operator's limit (set_max_connections) that the file's replaces.
-            if address in kept and limits.get(address, 0) != self._limits.get(address, 0):
-                if key not in changed:
-                    changed = (*changed, key)
+            replaced = limits.get(address, 0) != self._limits.get(address, 0)
+            if address in kept and replaced and key not in changed:
+                changed = (*changed, key)
         self._limits = limits
         if (
             limited
