@@ -19,6 +19,7 @@ Loads, each against a backend in this script that answers every read at once:
     python bench/calls.py --loble-baseline /path/to/an/earlier/checkout
     python bench/calls.py --env LOBLE_DATA_PATH=tasks --runtime trio
     python bench/calls.py --loads new_conns --top 25   # and which functions make them
+    python bench/calls.py --loads new_conns --by-file  # and which modules
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 Calls = dict[str, int]
-"""Calls per function in one profile: ``file:line(name)`` -> count."""
+"""Calls per function in one profile: ``file:line(name)`` -> count (and, under
+``BY_CALLER`` + a file's name, the builtins that file's functions called)."""
+
+BY_CALLER = "builtins called from "
 
 
 def profiled_calls(
@@ -168,10 +172,38 @@ def profiled_calls(
         if not profile.exists():
             raise RuntimeError(f"no profile written: {err.decode(errors='replace')[-400:]}")
         stats = pstats.Stats(str(profile)).stats  # type: ignore[attr-defined]
-        return {
+        calls = {
             f"{Path(file).name}:{line}({name})": int(counts[1])
             for (file, line, name), counts in stats.items()
         }
+        # A builtin's calls also count under the file of each caller ("by
+        # file" lists them there: the layer that made them).
+        for (file, _, _), counts in stats.items():
+            if file != "~":
+                continue
+            for (caller_file, _, _), caller_counts in counts[4].items():
+                key = f"{BY_CALLER}{Path(caller_file).name}"
+                calls[key] = calls.get(key, 0) + int(caller_counts[1])
+        return calls
+
+
+def total(calls: Calls) -> int:
+    """All the calls of one profile (not the per-caller copies of builtins' counts)."""
+    return sum(count for function, count in calls.items() if not function.startswith(BY_CALLER))
+
+
+def by_file(few: Calls, many: Calls, units: int) -> list[tuple[str, float, float]]:
+    """Per unit of work, by source file: the calls of its functions and of the
+    builtins it called (``recv_into``, ``dict.get``...), most first."""
+    files: dict[str, list[float]] = {}
+    for function, count in many.items():
+        per = (count - few.get(function, 0)) / units
+        if function.startswith(BY_CALLER):
+            files.setdefault(function[len(BY_CALLER) :], [0.0, 0.0])[1] += per
+        elif not function.startswith("~:"):
+            files.setdefault(function.split(":", 1)[0], [0.0, 0.0])[0] += per
+    rows = [(where, own, builtins) for where, (own, builtins) in files.items()]
+    return sorted(rows, key=lambda row: -(row[1] + row[2]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--top", type=int, default=0, help="also list the N functions called most per unit"
     )
+    parser.add_argument(
+        "--by-file", action="store_true", help="also list the calls per unit by source file"
+    )
     args = parser.parse_args(argv)
     subjects: list[tuple[str, Path | None]] = [("loble", None)]
     if args.loble_baseline is not None:
@@ -208,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.loble_python, source, load, args.many, backend.port, args
                 )
                 units = args.many - args.few
-                per = (sum(many.values()) - sum(few.values())) / units
+                per = (total(many) - total(few)) / units
                 results[(name, load)] = per
                 unit = "request" if load == "keepalive" else "connection"
                 print(f"{name:10} {load:10} {per:8.1f} Python calls per {unit}", flush=True)
@@ -216,10 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                     each = {
                         function: (count - few.get(function, 0)) / units
                         for function, count in many.items()
+                        if not function.startswith(BY_CALLER)
                     }
                     ranked = sorted(each.items(), key=lambda item: -item[1])[: args.top]
                     for function, calls in ranked:
                         print(f"    {calls:7.2f}  {function}")
+                if args.by_file:
+                    print("    functions + builtins they call = calls per unit, file")
+                    for where, own, builtins in by_file(few, many, units):
+                        if own + builtins < 0.05:
+                            break
+                        print(f"    {own:7.2f} + {builtins:6.2f} = {own + builtins:7.2f}  {where}")
     finally:
         backend.close()
     if args.loble_baseline is not None:

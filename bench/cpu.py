@@ -16,6 +16,18 @@ Subjects: ``haproxy`` and ``loble`` as in ``bench/run.py``, and ``floor``:
     python bench/cpu.py --load new_conns --rounds 5
     python bench/cpu.py --only loble --env LOBLE_COPY=splice
     python bench/cpu.py --load new_conns --only loble --profile 30   # and where it goes
+    python bench/cpu.py --load new_conns --loble-baseline ../loble-before  # a change, interleaved
+    python bench/cpu.py --load new_conns --strace      # system calls per request, by name
+
+With ``--load new_conns`` it ends with Loble's budget per new connection
+against issue 16's targets: Python (user) time, kernel (system) time beside
+the floor's, and Python calls per connection, counted by ``bench/calls.py``
+in a profile of a fixed number of connections (``--no-calls``: skip that).
+
+``--strace`` adds one more run of each subject with ``strace -c -f``
+attached for the measured part (slower: strace stops the proxy at every
+system call, so only the counts mean anything) and prints each system
+call's count per request, side by side.
 
 ``--profile N`` adds one more run of Loble under ``cProfile`` (slower: the
 profiler's own cost is in it) and lists its Python calls per request and
@@ -28,6 +40,7 @@ import argparse
 import os
 import pstats
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -37,6 +50,8 @@ from typing import Any
 from _loads import run_wrk
 from _procs import Registry, process_tree, raise_nofile
 from _refs import INSTALL_HINT, HAProxy, Loble, Proxy, start_http_backend
+from calls import Backend as EchoBackend
+from calls import profiled_calls, total
 
 REPO = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -103,6 +118,47 @@ def measure(reg: Registry, proxy: Proxy, backend: int, tag: str, args: argparse.
     return result, user1 - user0, system1 - system0
 
 
+def traced(reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace) -> dict[str, float]:
+    """System calls per request of ``proxy`` under the load, from ``strace -c -f``."""
+    running = proxy.start(reg, backend, f"{proxy.name}-strace")
+    assert running.started is not None
+    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
+    run_wrk(reg, "wrk", running.port, duration=1, **wrk)
+    summary = reg.workdir / f"{proxy.name}.strace"
+    pids = [f"-p{pid}" for pid in process_tree(running.started.pid)]
+    tracer = reg.start("strace", ["strace", "-c", "-f", "-o", str(summary), *pids])
+    try:
+        result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
+    finally:
+        tracer.popen.send_signal(signal.SIGINT)  # detach: strace writes its summary
+        tracer.popen.wait(timeout=30)
+        proxy.stop(reg, running)
+    requests = result.get("requests", 0)
+    if not requests:
+        raise RuntimeError(f"{proxy.name}: wrk completed no request under strace")
+    counts: dict[str, float] = {}
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3]) / requests
+    return counts
+
+
+def print_syscalls(table: dict[str, dict[str, float]]) -> None:
+    """Each system call's count per request, one column per subject."""
+    names = list(table)
+    calls = sorted({call for counts in table.values() for call in counts})
+    calls.sort(key=lambda call: -max(counts.get(call, 0.0) for counts in table.values()))
+    print("\nsystem calls per request (strace -c -f):")
+    print(f"  {'':18}" + "".join(f"{name:>12}" for name in names))
+    for call in calls:
+        row = [table[name].get(call, 0.0) for name in names]
+        if max(row) >= 0.01:
+            print(f"  {call:18}" + "".join(f"{value:12.2f}" for value in row))
+    print(f"  {'all':18}" + "".join(f"{sum(table[name].values()):12.2f}" for name in names))
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, system) seconds of *pid* and its descendants so far."""
     user = system = 0.0
@@ -127,14 +183,26 @@ def main() -> int:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="also profile Loble: N functions"
     )
+    parser.add_argument(
+        "--loble-baseline", type=Path, help="another Loble checkout, as subject loble-base"
+    )
+    parser.add_argument(
+        "--strace", action="store_true", help="also count system calls per request (strace -c)"
+    )
+    parser.add_argument(
+        "--no-calls", action="store_true", help="new_conns: skip counting calls per connection"
+    )
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
+    for tool in ("nginx", "wrk", *(("strace",) if args.strace else ())):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: {INSTALL_HINT}")
             return 2
     wanted = args.only.split(",")
     loble = Loble(sys.executable, REPO)
     subjects: dict[str, Proxy] = {"haproxy": HAProxy(4000), "floor": Floor(), "loble": loble}
+    if args.loble_baseline is not None:
+        subjects["loble-base"] = Loble(sys.executable, REPO, args.loble_baseline.resolve())
+        wanted.append("loble-base")
     proxies = []
     for proxy in (subjects[name] for name in wanted):
         reason = proxy.unavailable()
@@ -169,6 +237,8 @@ def main() -> int:
                     + (f"  WARNING: {result['warning']}" if "warning" in result else ""),
                     flush=True,
                 )
+        if args.strace:
+            print_syscalls({proxy.name: traced(reg, proxy, backend, args) for proxy in proxies})
         if args.profile:
             output = reg.workdir / "loble.prof"
             # The warm-up is in the profile too: its requests count.
@@ -179,13 +249,64 @@ def main() -> int:
         reg.close()
         shutil.rmtree(reg.workdir, ignore_errors=True)
     print(f"\nmedians of {args.rounds} interleaved rounds, {args.load}:")
+    medians: dict[str, tuple[float, ...]] = {}
     for name, rows in results.items():
-        rate, p99, user, system = (statistics.median(column) for column in zip(*rows, strict=True))
+        rate, p99, user, system = medians[name] = tuple(
+            statistics.median(column) for column in zip(*rows, strict=True)
+        )
         print(
             f"  {name:8} {rate:9,.0f} req/s  p99 {p99:.2f} ms  user {user:5.2f} us  "
             f"system {system:5.2f} us  total {user + system:6.2f} us per request"
         )
+    if "haproxy" in medians:
+        for name in ("loble", "loble-base"):
+            if name in medians:
+                ratio = medians[name][0] / medians["haproxy"][0]
+                print(f"  {name} against haproxy: {ratio:.2f}x the rate")
+    if args.load == "new_conns" and "loble" in medians:
+        print_budget(medians, None if args.no_calls else calls_per_connection())
     return 0
+
+
+PYTHON_TARGET_US = 20.0
+KERNEL_MARGIN_US = 5.0
+CALLS_TARGET = 100.0
+
+
+def calls_per_connection(few: int = 200, many: int = 1200) -> float:
+    """Python calls per new connection: ``bench/calls.py``'s count (two profiled runs)."""
+    options = argparse.Namespace(runtime="asyncio", env=[])
+    backend = EchoBackend()
+    try:
+        counts = [
+            total(profiled_calls(sys.executable, None, "new_conns", work, backend.port, options))
+            for work in (few, many)
+        ]
+    finally:
+        backend.close()
+    return (counts[1] - counts[0]) / (many - few)
+
+
+def print_budget(medians: dict[str, tuple[float, ...]], calls: float | None) -> None:
+    """Loble's CPU per new connection against issue 16's targets."""
+    _, _, user, system = medians["loble"]
+    print("\nbudget per new connection (issue 16's targets):")
+    verdict = "met" if user <= PYTHON_TARGET_US else f"{user - PYTHON_TARGET_US:.1f} us over"
+    print(f"  Python (user)    {user:6.2f} us   target <= {PYTHON_TARGET_US:.0f} us: {verdict}")
+    if "floor" in medians:
+        floor = medians["floor"][3]
+        bound = floor + KERNEL_MARGIN_US
+        verdict = "met" if system <= bound else f"{system - bound:.1f} us over"
+        print(
+            f"  kernel (system)  {system:6.2f} us   target <= the floor's {floor:.2f} "
+            f"+ {KERNEL_MARGIN_US:.0f} us: {verdict}"
+        )
+    if calls is not None:
+        verdict = "met" if calls <= CALLS_TARGET else f"{calls - CALLS_TARGET:.0f} over"
+        print(
+            f"  Python calls     {calls:6.1f}      target <= {CALLS_TARGET:.0f}: {verdict} "
+            "(bench/calls.py, connections one at a time)"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -81,4 +82,126 @@ def test_a_failing_callback_is_reported_and_the_rest_of_the_batch_runs() -> None
         for pair in pairs:
             for sock in pair:
                 sock.close()
+        loop.close()
+
+
+class _Turns:
+    """Counts the loop's polls (its selector's ``select`` calls) on ``loop``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.count = 0
+        selector = loop._selector  # type: ignore[attr-defined]
+        polling = selector.select
+
+        def counted(timeout: float | None = None) -> Any:
+            self.count += 1
+            return polling(timeout)
+
+        selector.select = counted
+
+
+def _rescue(loop: asyncio.AbstractEventLoop, seconds: float = 10.0) -> threading.Timer:
+    """Stop ``loop`` from another thread after ``seconds`` (a bound, if a test hangs)."""
+    rescue = threading.Timer(seconds, loop.call_soon_threadsafe, (loop.stop,))
+    rescue.start()
+    return rescue
+
+
+def test_one_select_runs_lobles_callbacks_until_the_loop_has_work() -> None:
+    # A byte passed back and forth between two socket pairs, 50 times, by
+    # callbacks alone: one loop turn polls again and again, and the turn
+    # ends when a callback gives the loop work (here call_soon).
+    loop = new_event_loop()
+    (a, a_peer), (b, b_peer) = socket.socketpair(), socket.socketpair()
+    hops: list[int] = []
+    try:
+        readiness, _ = readiness_for(loop)
+        assert readiness is not None
+        done = loop.create_future()
+
+        def hop(sock: socket.socket, onward: socket.socket) -> None:
+            sock.recv(1)
+            hops.append(sock.fileno())
+            if len(hops) == 50:
+                loop.call_soon(done.set_result, None)
+            else:
+                onward.send(b"x")
+
+        readiness.add_reader(a.fileno(), hop, a, b_peer)
+        readiness.add_reader(b.fileno(), hop, b, a_peer)
+        a_peer.send(b"x")
+        turns = _Turns(loop)
+        rescue = _rescue(loop)
+        loop.run_until_complete(done)
+        assert rescue.is_alive()  # ended by the callback's work, not the rescue
+        rescue.cancel()
+        assert len(hops) == 50
+        assert hops[:2] == [a.fileno(), b.fileno()]
+        assert turns.count <= 3  # a turn per hop without the inner polling
+    finally:
+        for sock in (a, a_peer, b, b_peer):
+            sock.close()
+        loop.close()
+
+
+def test_a_due_timer_and_the_loops_own_sockets_end_the_inner_polling() -> None:
+    # A descriptor that is always readable (never drained) keeps Loble's
+    # callbacks busy; the loop's timer still fires on time and its own
+    # reader still runs.
+    loop = new_event_loop()
+    (busy, busy_peer), (own, own_peer) = socket.socketpair(), socket.socketpair()
+    seen = {"busy": 0, "own": 0}
+    try:
+        readiness, _ = readiness_for(loop)
+        assert readiness is not None
+
+        def spin() -> None:
+            seen["busy"] += 1
+
+        def own_read() -> None:
+            own.recv(1)
+            seen["own"] += 1
+            loop.remove_reader(own.fileno())
+
+        readiness.add_reader(busy.fileno(), spin)
+        busy_peer.send(b"x")
+        loop.add_reader(own.fileno(), own_read)
+        own_peer.send(b"x")
+        timed = loop.create_future()
+        loop.call_later(0.05, timed.set_result, "timer")
+        rescue = _rescue(loop)
+        assert loop.run_until_complete(timed) == "timer"
+        assert rescue.is_alive()  # ended by the timer, not the rescue
+        rescue.cancel()
+        assert seen["own"] == 1
+        assert seen["busy"] > 0
+    finally:
+        for sock in (busy, busy_peer, own, own_peer):
+            sock.close()
+        loop.close()
+
+
+def test_a_stop_from_a_callback_ends_the_inner_polling() -> None:
+    loop = new_event_loop()
+    busy, busy_peer = socket.socketpair()
+    try:
+        readiness, _ = readiness_for(loop)
+        assert readiness is not None
+        stopped: list[bool] = []
+
+        def stop_once() -> None:
+            if not stopped:
+                stopped.append(True)
+                loop.stop()
+
+        readiness.add_reader(busy.fileno(), stop_once)
+        busy_peer.send(b"x")  # never drained: readable on every poll
+        rescue = _rescue(loop)
+        loop.run_forever()
+        assert rescue.is_alive()  # the loop stopped itself, not the rescue
+        rescue.cancel()
+        assert stopped == [True]
+    finally:
+        busy.close()
+        busy_peer.close()
         loop.close()
