@@ -404,7 +404,22 @@ class CallbackPath:
             self._failed(link)
 
     def shutdown_write(self, link: CallbackLink, side: Side) -> None:
-        shut_write(self._reports, link, side)
+        epoll = self._epoll
+        if epoll is not None and epoll.defers:
+            # After the next poll's batch: if that batch brings the peer's
+            # own close (wrk, an HTTP/1.0 client: they close once the answer
+            # is in), the connection closes whole and no shutdown is needed.
+            epoll.defer(self._shut_later, link, side)
+        else:
+            shut_write(self._reports, link, side)
+
+    def _shut_later(self, link: CallbackLink, side: Side) -> None:
+        if link.released:
+            return  # closed meanwhile: its close sent the FIN
+        try:
+            shut_write(self._reports, link, side)
+        except Exception:
+            self._failed(link)
 
     def _failed(self, link: CallbackLink) -> None:
         # A bug, so what is registered is unknown: unregister everything

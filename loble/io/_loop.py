@@ -81,6 +81,21 @@ class Readiness:
         self._masks: dict[int, int] = {}
         """What each registered fd is registered for; 0 when only watched for hangups."""
         self._removed: set[int] = set()
+        self.deferred: list[tuple[Callback, tuple[Any, ...]]] = []
+        """Calls to make once the next batch's callbacks have run (:meth:`defer`)."""
+        self.defers = False
+        """Whether :meth:`defer` is honoured: only where the poller flushes (see
+        :class:`ReadinessSelector`); elsewhere a caller does at once what it would defer."""
+
+    def defer(self, callback: Callback, *args: Any) -> None:
+        """Call ``callback(*args)`` after the callbacks of the next poll's batch.
+
+        The poll after a deferral does not wait (its timeout is 0), so a
+        deferred call runs within one loop turn. What it is for: the half-close
+        of a side whose peer may close in the meantime (then the call finds the
+        connection closed and does nothing, one system call less).
+        """
+        self.deferred.append((callback, args))
 
     def registered(self, fd: int) -> bool:
         return fd in self._masks
@@ -151,7 +166,25 @@ class Readiness:
             epoll.modify(fd, mask)
 
     def dispatch(self, events: list[tuple[int, int]]) -> None:
-        """Run the callbacks of one batch of polled ``(fd, events)``."""
+        """Run the callbacks of one batch of polled ``(fd, events)``, then the calls
+        deferred before the batch was polled."""
+        due = self.deferred
+        if not due:
+            self._dispatch(events)  # what it defers waits in that same list
+            return
+        self.deferred = []
+        self._dispatch(events)
+        for callback, args in due:
+            try:
+                callback(*args)
+            except Exception as error:  # a bug: report it, run the rest
+                if self.loop is None:
+                    raise
+                self.loop.call_exception_handler(
+                    {"message": "deferred readiness call failed", "exception": error}
+                )
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
         removed = self._removed
         if removed:
             removed.clear()
@@ -218,11 +251,12 @@ class ReadinessSelector(selectors.EpollSelector):
         self._epoll: select.epoll = vars(self)["_selector"]
         self._keys: dict[int, selectors.SelectorKey] = vars(self)["_fd_to_key"]
         self.readiness = Readiness(self._epoll, None)
+        self.readiness.defers = True
         self._loop_state: dict[str, Any] | None = None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        wait = _epoll_wait(timeout)
         epoll, keys, readiness = self._epoll, self._keys, self.readiness
+        wait = 0.0 if readiness.deferred else _epoll_wait(timeout)
         while True:
             try:
                 polled = epoll.poll(wait)
@@ -244,6 +278,8 @@ class ReadinessSelector(selectors.EpollSelector):
                 if events:
                     ready.append((key, events))
             if not ours:
+                if readiness.deferred:
+                    readiness.dispatch(ours)  # nothing else came: run them now
                 return ready
             readiness.dispatch(ours)
             if ready:
@@ -255,7 +291,7 @@ class ReadinessSelector(selectors.EpollSelector):
             again = self._next_wait()
             if again is None:
                 return ready
-            wait = again
+            wait = 0.0 if readiness.deferred else again
 
     def _next_wait(self) -> float | None:
         """How long to poll again without returning to the loop; None: return.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import threading
 from typing import Any
 
 import pytest
 
-from loble.io._loop import EPOLL_AVAILABLE, new_event_loop, readiness_for
+from loble.io._loop import EPOLL_AVAILABLE, Readiness, new_event_loop, readiness_for
 
 pytestmark = pytest.mark.skipif(not EPOLL_AVAILABLE, reason="epoll is Linux only")
 
@@ -205,3 +206,29 @@ def test_a_stop_from_a_callback_ends_the_inner_polling() -> None:
         busy.close()
         busy_peer.close()
         loop.close()
+
+
+def test_a_call_deferred_during_a_batch_runs_once_after_the_next() -> None:
+    epoll = select.epoll()
+    a, b = socket.socketpair()
+    try:
+        readiness = Readiness(epoll, None)
+        ran: list[str] = []
+
+        def reader() -> None:
+            readiness.defer(ran.append, "deferred")
+
+        readiness.add_reader(a.fileno(), reader)
+        readiness.dispatch([(a.fileno(), select.EPOLLIN)])  # nothing deferred before it
+        assert ran == []  # deferred past the batch that made it
+        readiness.dispatch([])
+        assert ran == ["deferred"]
+        readiness.dispatch([])
+        readiness.dispatch([(a.fileno(), select.EPOLLIN)])
+        assert ran == ["deferred"]  # once, however many batches follow
+        readiness.dispatch([])
+        assert ran == ["deferred", "deferred"]
+    finally:
+        a.close()
+        b.close()
+        epoll.close()
