@@ -18,6 +18,8 @@ Subjects: ``haproxy`` and ``loble`` as in ``bench/run.py``, and ``floor``:
     python bench/cpu.py --load new_conns --only loble --profile 30   # and where it goes
     python bench/cpu.py --load new_conns --loble-baseline ../loble-before  # a change, interleaved
     python bench/cpu.py --load new_conns --strace      # system calls per request, by name
+    python bench/cpu.py --load new_conns --syscalls    # the same counted by perf stat
+    python bench/cpu.py --load new_conns --kernel      # where the kernel's time goes
 
 With ``--load new_conns`` it ends with Loble's budget per new connection
 against issue 16's targets: Python (user) time, kernel (system) time beside
@@ -27,7 +29,15 @@ in a profile of a fixed number of connections (``--no-calls``: skip that).
 ``--strace`` adds one more run of each subject with ``strace -c -f``
 attached for the measured part (slower: strace stops the proxy at every
 system call, so only the counts mean anything) and prints each system
-call's count per request, side by side.
+call's count per request, side by side. ``--syscalls`` counts the calls
+that matter here with ``perf stat`` on their tracepoints instead, in the
+kernel, so the processes' timing is as in the measured runs (a half-close
+that a client's own close makes unneeded shows only there). It needs
+``perf`` (Debian: ``linux-perf``) and tracefs mounted (as root: ``mount -t
+tracefs nodev /sys/kernel/tracing``). ``--kernel`` records one more run
+of each subject with ``perf record -g`` and splits its kernel time per
+request by path: each system call, the receive softirq, the wakeup of a
+peer blocked on a socket.
 
 ``--profile N`` adds one more run of Loble under ``cProfile`` (slower: the
 profiler's own cost is in it) and lists its Python calls per request and
@@ -118,26 +128,70 @@ def measure(reg: Registry, proxy: Proxy, backend: int, tag: str, args: argparse.
     return result, user1 - user0, system1 - system0
 
 
-def traced(reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace) -> dict[str, float]:
-    """System calls per request of ``proxy`` under the load, from ``strace -c -f``."""
-    running = proxy.start(reg, backend, f"{proxy.name}-strace")
+SYSCALLS = [
+    "accept4",
+    "socket",
+    "connect",
+    "getpeername",
+    "getsockname",
+    "setsockopt",
+    "getsockopt",
+    "ioctl",
+    "fcntl",
+    "recvfrom",
+    "sendto",
+    "splice",
+    "shutdown",
+    "close",
+    "epoll_ctl",
+    "epoll_wait",
+]
+"""The system calls ``--syscalls`` counts (``perf stat`` opens a counter per call and CPU)."""
+
+SOFTWARE = ("page-faults", "context-switches", "cpu-migrations")
+"""Kernel work that is no system call, counted beside them (in parentheses; not in "all")."""
+
+
+def traced(
+    reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace, tool: str
+) -> dict[str, float]:
+    """System calls per request of ``proxy`` under the load, by name.
+
+    ``tool`` is ``strace`` (``strace -c -f``: every call, but each one stops
+    the proxy, so the timing between the processes changes) or ``perf``
+    (``perf stat`` on the syscall tracepoints of :data:`SYSCALLS`: counted
+    in the kernel, the timing as in the measured runs).
+    """
+    running = proxy.start(reg, backend, f"{proxy.name}-{tool}")
     assert running.started is not None
     wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
     run_wrk(reg, "wrk", running.port, duration=1, **wrk)
-    summary = reg.workdir / f"{proxy.name}.strace"
-    pids = [f"-p{pid}" for pid in process_tree(running.started.pid)]
-    tracer = reg.start("strace", ["strace", "-c", "-f", "-o", str(summary), *pids])
+    summary = reg.workdir / f"{proxy.name}.{tool}"
+    pids = ",".join(str(pid) for pid in process_tree(running.started.pid))
+    if tool == "strace":
+        argv = ["strace", "-c", "-f", "-o", str(summary), *(f"-p{p}" for p in pids.split(","))]
+    else:
+        events = ",".join([*(f"syscalls:sys_enter_{call}" for call in SYSCALLS), *SOFTWARE])
+        argv = ["perf", "stat", "-x", ",", "-o", str(summary), "-e", events, "-p", pids]
+    tracer = reg.start(tool, argv)
     try:
         result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
     finally:
-        tracer.popen.send_signal(signal.SIGINT)  # detach: strace writes its summary
+        tracer.popen.send_signal(signal.SIGINT)  # detach: the tool writes its summary
         tracer.popen.wait(timeout=30)
         proxy.stop(reg, running)
     requests = result.get("requests", 0)
     if not requests:
-        raise RuntimeError(f"{proxy.name}: wrk completed no request under strace")
+        raise RuntimeError(f"{proxy.name}: wrk completed no request under {tool}")
     counts: dict[str, float] = {}
     for line in summary.read_text().splitlines():
+        if tool == "perf":
+            # count,unit,event,...
+            fields = line.split(",")
+            if len(fields) >= 3 and fields[0].isdigit():
+                name = fields[2].split("sys_enter_", 1)[-1]
+                counts[name if name not in SOFTWARE else f"({name})"] = int(fields[0]) / requests
+            continue
         fields = line.split()
         # % time, seconds, usecs/call, calls, [errors,] syscall
         if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
@@ -145,18 +199,89 @@ def traced(reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace) 
     return counts
 
 
-def print_syscalls(table: dict[str, dict[str, float]]) -> None:
+PERF_FREQUENCY = 4000
+"""Samples a second of CPU that ``--kernel`` takes (each one stands for 250 us)."""
+
+KERNEL_PATHS = (
+    "net_rx_action",
+    "sock_def_readable",
+    "try_to_wake_up",
+    *(f"__x64_sys_{call}" for call in SYSCALLS),
+)
+"""Where ``--kernel`` splits the kernel's time: the receive softirq, waking a
+peer blocked on a socket (and the wakeup itself), each system call's entry.
+They overlap (a send runs the receiver's softirq on loopback)."""
+
+
+def kernel_profile(
+    reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """Kernel CPU per request (us) of ``proxy`` on each of :data:`KERNEL_PATHS`, from
+    ``perf record -g`` during one more run (callers' time included)."""
+    running = proxy.start(reg, backend, f"{proxy.name}-kernel")
+    assert running.started is not None
+    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
+    run_wrk(reg, "wrk", running.port, duration=1, **wrk)
+    data = reg.workdir / f"{proxy.name}.perf"
+    pids = ",".join(str(pid) for pid in process_tree(running.started.pid))
+    argv = ["perf", "record", "-q", "-g", "-F", str(PERF_FREQUENCY), "-o", str(data), "-p", pids]
+    recorder = reg.start("perf-record", argv)
+    try:
+        result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
+    finally:
+        recorder.popen.send_signal(signal.SIGINT)
+        recorder.popen.wait(timeout=60)
+        proxy.stop(reg, running)
+    requests = result.get("requests", 0)
+    if not requests:
+        raise RuntimeError(f"{proxy.name}: wrk completed no request under perf record")
+    report = ["perf", "report", "-i", str(data), "--children", "--sort", "sym", "-g", "none", "-q"]
+    lines: dict[str, str] = {}
+    for columns in ("sample,sym", ""):
+        fields = ["-F", columns] if columns else []  # default: children %, self %, symbol
+        status, out, _ = reg.run("perf-report", [*report, *fields], timeout=300)
+        if status != 0:
+            raise RuntimeError(f"perf report exited with {status}")
+        lines[columns] = out
+    # Every sample has one symbol of its own: their sum is all the samples.
+    samples = sum(int(line.split()[0]) for line in lines["sample,sym"].splitlines() if line.split())
+    per_request = samples * 1e6 / PERF_FREQUENCY / requests  # us of all the CPU sampled
+    costs: dict[str, float] = {}
+    for line in lines[""].splitlines():
+        fields = line.split()
+        # share of the samples with the symbol on the stack, its own share, [k], symbol
+        if len(fields) >= 4 and fields[0].endswith("%") and fields[2] == "[k]":
+            costs[fields[3]] = float(fields[0][:-1]) / 100 * per_request
+    return {
+        path: costs.get(path, 0.0) for path in ("entry_SYSCALL_64_after_hwframe", *KERNEL_PATHS)
+    }
+
+
+def print_kernel(table: dict[str, dict[str, float]]) -> None:
+    names = list(table)
+    print(f"\nkernel CPU per request, us (perf record -g -F {PERF_FREQUENCY}, callers' included):")
+    print(f"  {'':26}" + "".join(f"{name:>12}" for name in names))
+    for path in next(iter(table.values())):
+        row = [table[name][path] for name in names]
+        if max(row) >= 0.05:
+            print(f"  {path:26}" + "".join(f"{value:12.2f}" for value in row))
+
+
+def print_syscalls(table: dict[str, dict[str, float]], tool: str) -> None:
     """Each system call's count per request, one column per subject."""
     names = list(table)
     calls = sorted({call for counts in table.values() for call in counts})
     calls.sort(key=lambda call: -max(counts.get(call, 0.0) for counts in table.values()))
-    print("\nsystem calls per request (strace -c -f):")
+    print(f"\nsystem calls per request ({'strace -c -f' if tool == 'strace' else 'perf stat'}):")
     print(f"  {'':18}" + "".join(f"{name:>12}" for name in names))
     for call in calls:
         row = [table[name].get(call, 0.0) for name in names]
         if max(row) >= 0.01:
             print(f"  {call:18}" + "".join(f"{value:12.2f}" for value in row))
-    print(f"  {'all':18}" + "".join(f"{sum(table[name].values()):12.2f}" for name in names))
+    every = [
+        sum(v for call, v in table[name].items() if not call.startswith("(")) for name in names
+    ]
+    print(f"  {'all':18}" + "".join(f"{value:12.2f}" for value in every))
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -190,10 +315,26 @@ def main() -> int:
         "--strace", action="store_true", help="also count system calls per request (strace -c)"
     )
     parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="also count system calls per request with perf stat (timing undisturbed)",
+    )
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="also split the kernel's CPU per request by path (perf record)",
+    )
+    parser.add_argument(
         "--no-calls", action="store_true", help="new_conns: skip counting calls per connection"
     )
     args = parser.parse_args()
-    for tool in ("nginx", "wrk", *(("strace",) if args.strace else ())):
+    needed = (
+        "nginx",
+        "wrk",
+        *(("strace",) if args.strace else ()),
+        *(("perf",) if args.syscalls or args.kernel else ()),
+    )
+    for tool in needed:
         if shutil.which(tool) is None:
             print(f"{tool} is missing: {INSTALL_HINT}")
             return 2
@@ -237,8 +378,16 @@ def main() -> int:
                     + (f"  WARNING: {result['warning']}" if "warning" in result else ""),
                     flush=True,
                 )
-        if args.strace:
-            print_syscalls({proxy.name: traced(reg, proxy, backend, args) for proxy in proxies})
+        for tool in ("strace", "perf"):
+            if getattr(args, "strace" if tool == "strace" else "syscalls"):
+                print_syscalls(
+                    {proxy.name: traced(reg, proxy, backend, args, tool) for proxy in proxies},
+                    tool,
+                )
+        if args.kernel:
+            print_kernel(
+                {proxy.name: kernel_profile(reg, proxy, backend, args) for proxy in proxies}
+            )
         if args.profile:
             output = reg.workdir / "loble.prof"
             # The warm-up is in the profile too: its requests count.
