@@ -415,7 +415,7 @@ class CallbackPath:
 
     def _shut_later(self, link: CallbackLink, side: Side) -> None:
         if link.released:
-            return  # closed meanwhile: its close sent the FIN
+            return  # closed meanwhile: its close ended the stream (FIN, or RST if meant)
         try:
             shut_write(self._reports, link, side)
         except Exception:

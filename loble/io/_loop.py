@@ -173,16 +173,22 @@ class Readiness:
             self._dispatch(events)  # what it defers waits in that same list
             return
         self.deferred = []
-        self._dispatch(events)
-        for callback, args in due:
-            try:
-                callback(*args)
-            except Exception as error:  # a bug: report it, run the rest
-                if self.loop is None:
-                    raise
-                self.loop.call_exception_handler(
-                    {"message": "deferred readiness call failed", "exception": error}
-                )
+        ran = 0
+        try:
+            self._dispatch(events)
+            for callback, args in due:
+                ran += 1
+                try:
+                    callback(*args)
+                except Exception as error:  # a bug: report it, run the rest
+                    if self.loop is None:
+                        raise
+                    self.loop.call_exception_handler(
+                        {"message": "deferred readiness call failed", "exception": error}
+                    )
+        finally:
+            if ran < len(due):  # interrupted: what has not run runs after the next batch
+                self.deferred[:0] = due[ran:]
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         removed = self._removed
@@ -253,6 +259,7 @@ class ReadinessSelector(selectors.EpollSelector):
         self.readiness = Readiness(self._epoll, None)
         self.readiness.defers = True
         self._loop_state: dict[str, Any] | None = None
+        self._clock: Callable[[], float] = _monotonic
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         epoll, keys, readiness = self._epoll, self._keys, self.readiness
@@ -308,12 +315,15 @@ class ReadinessSelector(selectors.EpollSelector):
                 return None
             # asyncio's BaseEventLoop internals, stable since 3.4 (as _selector).
             state = self._loop_state = vars(loop)
+            # Timers are due in the loop's time(): monotonic unless overridden.
+            overridden = type(loop).time is not asyncio.BaseEventLoop.time
+            self._clock = loop.time if overridden else _monotonic
         if state["_ready"] or state["_stopping"]:
             return None
         scheduled = state["_scheduled"]
         if not scheduled:
             return -1.0
-        left = scheduled[0]._when - _monotonic()  # the loop's time()
+        left = scheduled[0]._when - self._clock()
         if left <= state["_clock_resolution"]:
             return None
         # epoll.poll rounds a timeout up to its milliseconds itself.

@@ -20,7 +20,7 @@ from loble.core import Side
 from loble.io import _callbacks
 from loble.io._callbacks import CallbackLink, CallbackPath
 from loble.io._copy import BufferPool, CopyMethod
-from loble.io._loop import EPOLL_AVAILABLE, new_event_loop
+from loble.io._loop import EPOLL_AVAILABLE, new_event_loop, readiness_for
 
 pytestmark = pytest.mark.skipif(not EPOLL_AVAILABLE, reason="the loop's epoll set is Linux only")
 
@@ -138,6 +138,37 @@ def test_a_broken_socket_found_by_the_deferred_half_close_is_reported() -> None:
         while not reports.failed:
             await asyncio.sleep(0)
         assert reports.failed == [(link, Side.CLIENT)]
+        path.dispose()
+
+    _run(test)
+
+
+def test_a_half_close_ordered_inside_a_batch_goes_out_with_the_loop_idle() -> None:
+    # The order comes from a readiness callback (as the conductor's do), and
+    # the loop has no timer but the test's bound: the poll after the batch
+    # must not wait for it.
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        readiness, _ = readiness_for(loop)
+        assert readiness is not None
+        client, peer = socket.socketpair()
+        trigger, pull = socket.socketpair()
+        path = CallbackPath(Released(), BufferPool(CopyMethod.RECV_INTO), time.monotonic)  # type: ignore[arg-type]
+        link = CallbackLink(client, None, "test")
+
+        def order() -> None:
+            trigger.recv(1)
+            readiness.remove_reader(trigger.fileno())
+            path.shutdown_write(link, Side.CLIENT)
+
+        readiness.add_reader(trigger.fileno(), order)
+        pull.send(b"x")
+        started = time.monotonic()
+        assert await _eof_seen(peer) == b""
+        assert time.monotonic() - started < BOUND / 2  # not the bound's timer
+        path.close(link, reset=False)
+        for sock in (peer, trigger, pull):
+            sock.close()
         path.dispose()
 
     _run(test)

@@ -232,3 +232,45 @@ def test_a_call_deferred_during_a_batch_runs_once_after_the_next() -> None:
         a.close()
         b.close()
         epoll.close()
+
+
+def test_a_failing_deferred_call_is_reported_and_the_others_run() -> None:
+    loop = new_event_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        readiness, _ = readiness_for(loop)
+        assert readiness is not None
+        ran: list[str] = []
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        readiness.defer(broken)
+        readiness.defer(ran.append, "after")
+        readiness.dispatch([])
+        assert ran == ["after"]
+        assert isinstance(reported[0]["exception"], RuntimeError)
+    finally:
+        loop.close()
+
+
+def test_deferred_calls_an_interruption_stopped_run_after_the_next_batch() -> None:
+    epoll = select.epoll()
+    try:
+        readiness = Readiness(epoll, None)
+        ran: list[str] = []
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        readiness.defer(ran.append, "first")
+        readiness.defer(interrupt)
+        readiness.defer(ran.append, "last")
+        with pytest.raises(KeyboardInterrupt):
+            readiness.dispatch([])
+        assert ran == ["first"]
+        readiness.dispatch([])
+        assert ran == ["first", "last"]  # not lost: a FIN it would send still goes
+    finally:
+        epoll.close()
