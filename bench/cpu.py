@@ -54,6 +54,7 @@ import signal
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,36 @@ SOFTWARE = ("page-faults", "context-switches", "cpu-migrations")
 """Kernel work that is no system call, counted beside them (in parentheses; not in "all")."""
 
 
+def observed(
+    reg: Registry,
+    proxy: Proxy,
+    backend: int,
+    args: argparse.Namespace,
+    tool: str,
+    argv: Callable[[list[int]], list[str]],
+) -> int:
+    """One more run of ``proxy`` under the load with ``tool`` attached for its
+    measured part (``argv`` of the proxy's pids); the requests it completed.
+
+    The tool is interrupted (SIGINT) at the end, when it writes its output.
+    """
+    running = proxy.start(reg, backend, f"{proxy.name}-{tool}")
+    assert running.started is not None
+    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
+    run_wrk(reg, "wrk", running.port, duration=1, **wrk)
+    watcher = reg.start(tool, argv(list(process_tree(running.started.pid))))
+    try:
+        result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
+    finally:
+        watcher.popen.send_signal(signal.SIGINT)  # detach: the tool writes its output
+        watcher.popen.wait(timeout=60)
+        proxy.stop(reg, running)
+    requests = int(result.get("requests", 0))
+    if not requests:
+        raise RuntimeError(f"{proxy.name}: wrk completed no request under {tool}")
+    return requests
+
+
 def traced(
     reg: Registry, proxy: Proxy, backend: int, args: argparse.Namespace, tool: str
 ) -> dict[str, float]:
@@ -162,27 +193,16 @@ def traced(
     (``perf stat`` on the syscall tracepoints of :data:`SYSCALLS`: counted
     in the kernel, the timing as in the measured runs).
     """
-    running = proxy.start(reg, backend, f"{proxy.name}-{tool}")
-    assert running.started is not None
-    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
-    run_wrk(reg, "wrk", running.port, duration=1, **wrk)
     summary = reg.workdir / f"{proxy.name}.{tool}"
-    pids = ",".join(str(pid) for pid in process_tree(running.started.pid))
-    if tool == "strace":
-        argv = ["strace", "-c", "-f", "-o", str(summary), *(f"-p{p}" for p in pids.split(","))]
-    else:
+
+    def argv(pids: list[int]) -> list[str]:
+        if tool == "strace":
+            return ["strace", "-c", "-f", "-o", str(summary), *(f"-p{pid}" for pid in pids)]
         events = ",".join([*(f"syscalls:sys_enter_{call}" for call in SYSCALLS), *SOFTWARE])
-        argv = ["perf", "stat", "-x", ",", "-o", str(summary), "-e", events, "-p", pids]
-    tracer = reg.start(tool, argv)
-    try:
-        result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
-    finally:
-        tracer.popen.send_signal(signal.SIGINT)  # detach: the tool writes its summary
-        tracer.popen.wait(timeout=30)
-        proxy.stop(reg, running)
-    requests = result.get("requests", 0)
-    if not requests:
-        raise RuntimeError(f"{proxy.name}: wrk completed no request under {tool}")
+        joined = ",".join(map(str, pids))
+        return ["perf", "stat", "-x", ",", "-o", str(summary), "-e", events, "-p", joined]
+
+    requests = observed(reg, proxy, backend, args, tool, argv)
     counts: dict[str, float] = {}
     for line in summary.read_text().splitlines():
         if tool == "perf":
@@ -205,11 +225,10 @@ PERF_FREQUENCY = 4000
 KERNEL_PATHS = (
     "net_rx_action",
     "sock_def_readable",
-    "try_to_wake_up",
     *(f"__x64_sys_{call}" for call in SYSCALLS),
 )
 """Where ``--kernel`` splits the kernel's time: the receive softirq, waking a
-peer blocked on a socket (and the wakeup itself), each system call's entry.
+peer blocked on a socket, each system call's entry.
 They overlap (a send runs the receiver's softirq on loopback)."""
 
 
@@ -218,23 +237,14 @@ def kernel_profile(
 ) -> dict[str, float]:
     """Kernel CPU per request (us) of ``proxy`` on each of :data:`KERNEL_PATHS`, from
     ``perf record -g`` during one more run (callers' time included)."""
-    running = proxy.start(reg, backend, f"{proxy.name}-kernel")
-    assert running.started is not None
-    wrk = {"connections": args.connections, "threads": 1, "close": args.load == "new_conns"}
-    run_wrk(reg, "wrk", running.port, duration=1, **wrk)
     data = reg.workdir / f"{proxy.name}.perf"
-    pids = ",".join(str(pid) for pid in process_tree(running.started.pid))
-    argv = ["perf", "record", "-q", "-g", "-F", str(PERF_FREQUENCY), "-o", str(data), "-p", pids]
-    recorder = reg.start("perf-record", argv)
-    try:
-        result = run_wrk(reg, "wrk", running.port, duration=args.duration, **wrk)
-    finally:
-        recorder.popen.send_signal(signal.SIGINT)
-        recorder.popen.wait(timeout=60)
-        proxy.stop(reg, running)
-    requests = result.get("requests", 0)
-    if not requests:
-        raise RuntimeError(f"{proxy.name}: wrk completed no request under perf record")
+
+    def argv(pids: list[int]) -> list[str]:
+        joined = ",".join(map(str, pids))
+        frequency = str(PERF_FREQUENCY)
+        return ["perf", "record", "-q", "-g", "-F", frequency, "-o", str(data), "-p", joined]
+
+    requests = observed(reg, proxy, backend, args, "perf-record", argv)
     report = ["perf", "report", "-i", str(data), "--children", "--sort", "sym", "-g", "none", "-q"]
     lines: dict[str, str] = {}
     for columns in ("sample,sym", ""):
